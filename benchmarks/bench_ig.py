@@ -1,0 +1,121 @@
+"""igfast against Captum against the model's own forward+backward floor.
+
+For each workload, n_steps and method, the three variants run interleaved (floor,
+igfast, Captum in turn, repeated), after a correctness check, single-threaded; the
+table gives median times and ratios of medians.
+
+    python benchmarks/bench_ig.py            # the full grid
+    python benchmarks/bench_ig.py --quick    # a smoke run (seconds)
+    python benchmarks/bench_ig.py --json out.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import igfast  # noqa: E402
+from igfast.quadrature import alphas_and_weights  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+try:
+    from captum.attr import IntegratedGradients as CaptumIG
+except ImportError:  # the table then shows igfast and the floor only
+    CaptumIG = None
+
+
+def make_floor(model, x, baseline, target, n_steps, method):
+    """One forward and one backward (input gradients only) on the interpolated batch."""
+    alphas, _ = alphas_and_weights(method, n_steps)
+    alphas = alphas.to(x.dtype).view((-1,) + (1,) * x.dim())
+    path = (baseline + alphas * (x - baseline)).reshape((-1,) + x.shape[1:])
+    path.requires_grad_()
+    rows_target = target.repeat(n_steps).unsqueeze(1)
+
+    def floor():
+        output = model(path).gather(1, rows_target).sum()
+        return torch.autograd.grad(output, path)[0]
+
+    return floor
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(variants, repeats, device):
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench(workload_key, n_steps, method, repeats, device):
+    model, x, baseline, target = WORKLOADS[workload_key].build(device)
+    ours = igfast.IntegratedGradients(model)
+    variants = {
+        "floor": make_floor(model, x, baseline, target, n_steps, method),
+        "igfast": lambda: ours.attribute(x, baseline, target=target, n_steps=n_steps, method=method),
+    }
+    if CaptumIG is not None:
+        theirs = CaptumIG(model)
+        variants["captum"] = lambda: theirs.attribute(x, baseline, target=target, n_steps=n_steps, method=method)
+        difference = (variants["igfast"]() - variants["captum"]().detach()).abs().max().item()
+        assert difference < 1e-4, f"igfast and Captum disagree by {difference}"
+    for run in variants.values():  # warm-up
+        run()
+    medians = time_interleaved(variants, repeats, device)
+    row = {"workload": workload_key, "n_steps": n_steps, "method": method, "device": device,
+           **{f"{name}_ms": 1e3 * t for name, t in medians.items()},
+           "igfast_over_floor": medians["igfast"] / medians["floor"]}
+    if "captum" in medians:
+        row["captum_over_floor"] = medians["captum"] / medians["floor"]
+        row["speedup_over_captum"] = medians["captum"] / medians["igfast"]
+    return row
+
+
+def print_table(rows):
+    header = f"{'workload':9} {'steps':>5} {'method':18} {'floor ms':>9} {'igfast ms':>9} {'captum ms':>9} {'ig/floor':>8} {'cap/floor':>9} {'speedup':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        captum = (f"{r['captum_ms']:9.2f} {'':0}" if "captum_ms" in r else f"{'-':>9} ")
+        print(f"{r['workload']:9} {r['n_steps']:5d} {r['method']:18} {r['floor_ms']:9.2f} {r['igfast_ms']:9.2f} "
+              f"{captum}{r['igfast_over_floor']:8.2f} {r.get('captum_over_floor', float('nan')):9.2f} "
+              f"{r.get('speedup_over_captum', float('nan')):7.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few sizes and repeats (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU timings stable)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = [16] if args.quick else [16, 50, 200]
+    methods = ["gausslegendre"] if args.quick else ["gausslegendre", "riemann_trapezoid"]
+    repeats = args.repeats or (3 if args.quick else 15)
+    print(f"igfast {igfast.__version__} ({igfast.info()['path']}), torch {torch.__version__}, "
+          f"device {args.device}, threads {args.threads}, {repeats} interleaved repeats, medians")
+    rows = [bench(w, n, m, repeats, args.device) for w in WORKLOADS for n in steps for m in methods]
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

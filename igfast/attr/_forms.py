@@ -1,0 +1,130 @@
+"""Captum's argument forms: inputs, baselines and additional forward arguments.
+
+Each function accepts every form ``captum.attr.IntegratedGradients`` accepts and
+turns it into the one canonical form the engine uses, or raises an error that names
+the argument and the expected form.
+"""
+
+import numbers
+from typing import Any, Optional, Tuple
+
+import torch
+
+from ..dtypes import dtype_policy
+from ..engine import Chunk
+from ..errors import ArgumentError
+
+
+def format_inputs(inputs: Any) -> Tuple[Tuple[torch.Tensor, ...], bool]:
+    """(tuple of detached input tensors, whether the caller passed a tuple)."""
+    is_tuple = isinstance(inputs, tuple)
+    formatted = inputs if is_tuple else (inputs,)
+    if not formatted:
+        raise ArgumentError("`inputs` must hold at least one tensor; got an empty tuple.")
+    for index, tensor in enumerate(formatted):
+        name = f"inputs[{index}]" if is_tuple else "inputs"
+        if not isinstance(tensor, torch.Tensor):
+            raise ArgumentError(
+                f"`{name}` must be a torch.Tensor (or `inputs` a tuple of tensors); "
+                f"got {type(tensor).__name__}."
+            )
+        dtype_policy(tensor.dtype, name)
+        if tensor.dim() == 0:
+            raise ArgumentError(
+                f"`{name}` must have a batch dimension (dim 0 indexes examples); "
+                "got a 0-dim tensor."
+            )
+    batch_sizes = {t.shape[0] for t in formatted}
+    if len(batch_sizes) > 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in formatted)
+        raise ArgumentError(
+            "All `inputs` must have the same number of examples (dim 0); "
+            f"got shapes {shapes}."
+        )
+    return tuple(t.detach() for t in formatted), is_tuple
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor)
+
+
+def format_baselines(
+    baselines: Any, inputs: Tuple[torch.Tensor, ...], argument: str = "baselines"
+) -> Tuple[torch.Tensor, ...]:
+    """One baseline tensor per input, shaped (B, ...) or (1, ...), in the input's
+    dtype and on its device. Scalars become (1, ...) tensors."""
+    if baselines is None:
+        baselines = (0.0,) * len(inputs)
+    elif not isinstance(baselines, tuple):
+        baselines = (baselines,)
+    if len(baselines) != len(inputs):
+        raise ArgumentError(
+            f"`{argument}` must give one baseline per input tensor: got "
+            f"{len(baselines)} baselines for {len(inputs)} inputs."
+        )
+    formatted = []
+    for index, (baseline, x) in enumerate(zip(baselines, inputs)):
+        name = f"{argument}[{index}]" if len(inputs) > 1 else argument
+        feature_shape = tuple(x.shape[1:])
+        if _is_number(baseline) or (
+            isinstance(baseline, torch.Tensor) and baseline.dim() == 0
+        ):
+            value = baseline.item() if isinstance(baseline, torch.Tensor) else baseline
+            formatted.append(
+                torch.full((1,) + feature_shape, value, dtype=x.dtype, device=x.device)
+            )
+            continue
+        if not isinstance(baseline, torch.Tensor):
+            raise ArgumentError(
+                f"`{name}` must be a number or a torch.Tensor; "
+                f"got {type(baseline).__name__}."
+            )
+        if tuple(baseline.shape[1:]) != feature_shape or baseline.shape[0] not in (
+            1, x.shape[0]
+        ):
+            raise ArgumentError(
+                f"`{name}` must have the input's shape {tuple(x.shape)} or "
+                f"{(1,) + feature_shape} (broadcast over the batch); "
+                f"got {tuple(baseline.shape)}."
+            )
+        formatted.append(baseline.detach().to(device=x.device, dtype=x.dtype))
+    return tuple(formatted)
+
+
+def full_batch(baseline: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A (B, ...) contiguous tensor from a (B or 1, ...) baseline, for model calls."""
+    if baseline.shape[0] == batch_size:
+        return baseline
+    return baseline.expand((batch_size,) + tuple(baseline.shape[1:])).contiguous()
+
+
+def format_additional_forward_args(args: Any) -> Optional[Tuple[Any, ...]]:
+    """None, or a tuple of arguments passed after the inputs (Captum wraps a single
+    non-tuple argument)."""
+    if args is None:
+        return None
+    return args if isinstance(args, tuple) else (args,)
+
+
+def expand_additional_forward_args(
+    args: Optional[Tuple[Any, ...]], chunk: Chunk
+) -> Optional[Tuple[Any, ...]]:
+    """The arguments for a chunk's rows: tensors with a dimension are repeated for
+    every step (step-major, as Captum repeats them); everything else passes as is."""
+    if args is None:
+        return None
+    expanded = []
+    for index, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor) or arg.dim() == 0:
+            expanded.append(arg)
+            continue
+        if not chunk.covers_batch:
+            if arg.shape[0] != chunk.batch_size:
+                raise ArgumentError(
+                    f"`additional_forward_args[{index}]` must have one row per example "
+                    f"({chunk.batch_size}) when chunks split the batch; "
+                    f"got shape {tuple(arg.shape)}."
+                )
+            arg = arg[chunk.example_begin:chunk.example_end]
+        expanded.append(arg.repeat((chunk.steps,) + (1,) * (arg.dim() - 1)))
+    return tuple(expanded)

@@ -1,0 +1,67 @@
+"""Forward calls and gradients with respect to the path, in Captum's calling form.
+
+``compute_gradients`` has the signature of ``captum._utils.gradient.compute_gradients``
+so that it can sit in ``IntegratedGradients.gradient_func``, a slot that Captum's
+LayerIntegratedGradients overwrites with its own function. Unlike Captum it takes
+the gradient of all rows in one backward call (ones as output gradients) instead of
+``autograd.grad`` over ``unbind(outputs)``, which costs one graph node per row.
+"""
+
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+from ..errors import ArgumentError, TargetError
+from ._target import select_targets
+
+
+def run_forward(
+    forward_func: Callable,
+    inputs: Tuple[torch.Tensor, ...],
+    target: Any = None,
+    additional_forward_args: Optional[Tuple[Any, ...]] = None,
+) -> torch.Tensor:
+    """forward_func(*inputs, *additional_forward_args), then the target's values."""
+    args = additional_forward_args if additional_forward_args is not None else ()
+    if not isinstance(args, tuple):
+        args = (args,)
+    output = forward_func(*inputs, *args)
+    if not isinstance(output, torch.Tensor):
+        raise ArgumentError(
+            "`forward_func` must return a torch.Tensor (one row per example); "
+            f"got {type(output).__name__}. Wrap the model to return the logits tensor."
+        )
+    return select_targets(output, target)
+
+
+def check_one_value_per_row(outputs: torch.Tensor, rows: int, target: Any) -> None:
+    if outputs.dim() == 0 or outputs.shape[0] != rows:
+        raise ArgumentError(
+            f"`forward_func` must return one output row per input row ({rows} rows); "
+            f"got an output of shape {tuple(outputs.shape)}."
+        )
+    if outputs[0].numel() != 1:
+        hint = "pass `target`" if target is None else "pass a `target` that selects one value"
+        raise TargetError(
+            "Target not provided when necessary, cannot take gradient with respect to "
+            f"multiple outputs: the forward output keeps shape {tuple(outputs.shape[1:])} "
+            f"per example; {hint} (an int for (N, C) outputs, a tuple for higher ranks)."
+        )
+
+
+def compute_gradients(
+    forward_fn: Callable,
+    inputs: Tuple[torch.Tensor, ...],
+    target_ind: Any = None,
+    additional_forward_args: Optional[Tuple[Any, ...]] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Gradients of the targeted outputs (summed over rows) with respect to inputs."""
+    with torch.enable_grad():
+        outputs = run_forward(forward_fn, inputs, target_ind, additional_forward_args)
+        check_one_value_per_row(outputs, inputs[0].shape[0], target_ind)
+        # Rows are independent examples, so one backward with unit output gradients
+        # gives every row's gradient at once; inputs the output ignores get zeros.
+        return torch.autograd.grad(
+            outputs, inputs, grad_outputs=torch.ones_like(outputs),
+            allow_unused=True, materialize_grads=True,
+        )

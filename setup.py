@@ -1,0 +1,60 @@
+"""Builds the optional extension igfast._C; all metadata lives in pyproject.toml.
+
+Switches (environment variables):
+  IGFAST_NO_EXTENSION=1  install the pure-PyTorch package only
+  FORCE_CUDA=1           compile the CUDA kernels even when no GPU is visible
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip() not in ("", "0")
+
+
+def _extension_kwargs():
+    if _flag("IGFAST_NO_EXTENSION"):
+        print("igfast: IGFAST_NO_EXTENSION set, installing the pure-PyTorch package", file=sys.stderr)
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print(
+            "igfast: torch is not importable in the build environment, so the extension "
+            "is skipped (install torch first and use `pip install --no-build-isolation .`)",
+            file=sys.stderr,
+        )
+        return {}
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++20"]
+    with_cuda = cpp_extension.CUDA_HOME is not None and (
+        _flag("FORCE_CUDA") or (torch.cuda.is_available() and torch.version.cuda is not None)
+    )
+    extension_class = cpp_extension.CppExtension
+    extra = {"cxx": cxx_flags}
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        extension_class = cpp_extension.CUDAExtension
+        extra["nvcc"] = ["-O3", "-std=c++20"]
+        cxx_flags.append("-DIGFAST_WITH_CUDA")
+    extension = extension_class(
+        name="igfast._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=extra,
+    )
+    return {
+        "ext_modules": [extension],
+        "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    }
+
+
+setup(**_extension_kwargs())

@@ -1,0 +1,99 @@
+"""Bad input gets an exception that names the argument, and that is an instance of
+the type Captum raises in the same case (so `except` clauses written for Captum
+still work)."""
+
+import warnings
+
+import pytest
+import torch
+
+import igfast
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+class Linear3(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x, y=None):
+        return self.lin(x if y is None else x + y)
+
+
+X = torch.randn(5, 4)
+
+# (case id, inputs, attribute kwargs, words the message must contain,
+#  whether Captum raises too)
+CASES = [
+    ("baseline_count", (X, X), dict(baselines=(0, 0, 0), target=0), ["baselines", "3", "2"], True),
+    ("baseline_shape", X, dict(baselines=torch.zeros(2, 4), target=0), ["baselines", "(2, 4)"], True),
+    ("baseline_type", X, dict(baselines="zero", target=0), ["baselines", "str"], True),
+    ("target_out_of_range_int", X, dict(target=3), ["target", "3", "out of range"], True),
+    ("target_out_of_range_list", X, dict(target=[0, 1, 2, 3, 0]), ["target", "3", "out of range"], True),
+    ("target_out_of_range_tensor", X, dict(target=torch.tensor([0, 1, 2, 7, 0])), ["target", "7"], True),
+    ("target_float", X, dict(target=1.0), ["target", "float"], True),
+    ("target_2d_tensor", X, dict(target=torch.zeros(5, 1, dtype=torch.long)), ["target", "(5, 1)"], True),
+    ("target_too_many_indices", X, dict(target=(0, 1)), ["target"], True),
+    ("target_missing", X, dict(), ["target", "Target not provided"], True),
+    ("unknown_method", X, dict(target=0, method="simpson"), ["method", "simpson"], True),
+    ("n_steps_zero", X, dict(target=0, n_steps=0), ["n_steps", ">= 1"], True),
+    ("n_steps_one_riemann", X, dict(target=0, n_steps=1, method="riemann_left"), ["n_steps", ">= 2"], True),
+    ("n_steps_negative", X, dict(target=0, n_steps=-3), ["n_steps"], True),
+    ("bool_inputs", X > 0, dict(target=0), ["inputs", "bool"], True),
+    ("integer_inputs", X.long(), dict(target=0), ["inputs", "int64"], False),
+    ("batch_mismatch", (X, torch.randn(3, 4)), dict(target=0), ["inputs", "(5, 4)", "(3, 4)"], False),
+    ("internal_batch_size_zero", X, dict(target=0, internal_batch_size=0), ["internal_batch_size"], False),
+    ("internal_batch_size_float", X, dict(target=0, internal_batch_size=2.5), ["internal_batch_size"], False),
+    ("inputs_list", [X], dict(target=0), ["inputs", "list"], True),
+]
+
+
+@pytest.mark.parametrize("inputs, kwargs, words, captum_raises",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(inputs, kwargs, words, captum_raises):
+    model = Linear3()
+    with pytest.raises(Exception) as ours:
+        igfast.IntegratedGradients(model).attribute(inputs, **kwargs)
+    assert isinstance(ours.value, (ValueError, TypeError)), type(ours.value)
+    message = str(ours.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    if captum_raises:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(Exception) as theirs:
+                captum_attr.IntegratedGradients(model).attribute(inputs, **kwargs)
+        assert isinstance(ours.value, type(theirs.value)), (
+            f"Captum raises {type(theirs.value).__name__}, igfast {type(ours.value).__name__}"
+        )
+
+
+def test_forward_returning_a_scalar_is_rejected():
+    ig = igfast.IntegratedGradients(lambda x: x.sum())
+    with pytest.raises(igfast.ArgumentError, match="one output row per input row"):
+        ig.attribute(X)
+
+
+def test_forward_returning_a_tuple_is_rejected():
+    ig = igfast.IntegratedGradients(lambda x: (x.sum(1),))
+    with pytest.raises(igfast.ArgumentError, match="must return a torch.Tensor"):
+        ig.attribute(X)
+
+
+def test_forward_func_must_be_callable():
+    with pytest.raises(igfast.ArgumentError, match="forward_func"):
+        igfast.IntegratedGradients(42)
+
+
+def test_delta_with_mismatched_attributions():
+    ig = igfast.IntegratedGradients(Linear3())
+    with pytest.raises(AssertionError, match="end_point"):
+        ig.compute_convergence_delta(torch.zeros(3, 4), None, X, target=0)
+
+
+def test_empty_batch_gives_empty_attributions():
+    empty = torch.randn(0, 4)
+    result = igfast.IntegratedGradients(Linear3()).attribute(empty, target=0)
+    assert result.shape == (0, 4)

@@ -1,0 +1,79 @@
+"""Grad modes, model invariance, devices and dtypes (float32/64 kept; half types
+handled as Captum handles them)."""
+
+import copy
+
+import pytest
+import torch
+
+import igfast
+from models import MLP, SmallConvNet
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+def test_same_result_under_no_grad_and_inference_mode():
+    torch.manual_seed(0)
+    model = SmallConvNet().eval()
+    x = torch.randn(3, 3, 8, 8)
+    ig = igfast.IntegratedGradients(model)
+    expected = ig.attribute(x, target=[0, 1, 4], n_steps=6)
+    with torch.no_grad():
+        under_no_grad = ig.attribute(x, target=[0, 1, 4], n_steps=6)
+    with torch.inference_mode():
+        # Inputs made in inference mode (e.g. by a data pipeline) work too.
+        under_inference = ig.attribute(x.clone(), target=[0, 1, 4], n_steps=6)
+    assert torch.equal(expected, under_no_grad)
+    assert torch.equal(expected, under_inference)
+
+
+def test_model_and_inputs_left_unchanged():
+    torch.manual_seed(0)
+    model = SmallConvNet().train()  # no batch-norm or dropout: train mode is harmless
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    x_before = x.detach().clone()
+    attributions = igfast.IntegratedGradients(model).attribute(x, target=1, n_steps=4)
+    assert model.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert x.grad is None and torch.equal(x.detach(), x_before)
+    assert not attributions.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_dtypes_are_kept(dtype):
+    model = MLP().to(dtype)
+    x = torch.randn(3, 6, dtype=dtype)
+    attributions, delta = igfast.IntegratedGradients(model).attribute(x, target=0, return_convergence_delta=True)
+    assert attributions.dtype == dtype and delta.dtype == dtype
+    assert attributions.device == x.device
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_half_types_as_captum(dtype, method):
+    """Half inputs give float32 attributions (as Captum), whose error against a float64
+    reference is at most twice Captum's own error in the same dtype."""
+    torch.manual_seed(0)
+    model64 = MLP(num_in=6, hidden=16, num_out=4, activation=torch.nn.Tanh).double().eval()
+    model = copy.deepcopy(model64).to(dtype)
+    x = torch.randn(8, 6).to(dtype)
+    baseline = (0.1 * torch.randn(1, 6)).to(dtype)
+    kwargs = dict(baselines=baseline, target=2, n_steps=20, method=method)
+    ours = igfast.IntegratedGradients(model).attribute(x, **kwargs)
+    theirs = captum_attr.IntegratedGradients(model).attribute(x, **kwargs)
+    reference = igfast.IntegratedGradients(model64).attribute(
+        x.double(), baselines=baseline.double(), target=2, n_steps=20, method=method)
+    assert ours.dtype == theirs.dtype == torch.float32
+    our_error = (ours.double() - reference).abs().max().item()
+    captum_error = (theirs.double() - reference).abs().max().item()
+    assert our_error <= 2 * captum_error + 1e-6, (our_error, captum_error)
+
+
+def test_info_says_which_path_runs():
+    info = igfast.info()
+    assert info["path"] in ("kernels", "pure-pytorch")
+    assert info["path"] == "pure-pytorch" or info["extension"]
+    assert isinstance(info["reason"], str) and info["reason"]

@@ -1,0 +1,132 @@
+"""igfast.IntegratedGradients against captum.attr.IntegratedGradients over the product
+of input form x baseline form x target form x method x internal_batch_size x
+multiply_by_inputs x return_convergence_delta, on every model of tests/models.py,
+in float32 (within 1e-5) and float64 (within 1e-10)."""
+
+import itertools
+import warnings
+import zlib
+
+import pytest
+import torch
+
+import igfast
+from igfast.quadrature import SUPPORTED_METHODS
+
+from conftest import PARITY_COMPARISONS
+from models import CASES, build_model
+
+captum_attr = pytest.importorskip("captum.attr")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+BATCH = 3
+N_STEPS = 7
+
+
+def seed_of(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def input_forms(case, inputs):
+    if len(inputs) == 1:
+        return [("tensor", inputs[0]), ("tuple", inputs)]
+    return [("tuple", inputs)]
+
+
+def baseline_forms(inputs, generator):
+    def like(x, batch):
+        return torch.randn((batch,) + x.shape[1:], generator=generator, dtype=torch.float64).to(x.dtype)
+
+    forms = [
+        ("none", None),
+        ("scalar", 0.5 if len(inputs) == 1 else tuple(0.5 for _ in inputs)),
+        ("full", tuple(like(x, x.shape[0]) for x in inputs)),
+        ("broadcast", tuple(like(x, 1) for x in inputs)),
+    ]
+    if len(inputs) > 1:
+        forms.append(("mixed", (1,) + tuple(like(x, 1) for x in inputs[1:])))
+    return forms
+
+
+def as_single(form, baselines):
+    """A tuple of one baseline becomes the bare baseline when the input is a tensor."""
+    if form == "tensor" and isinstance(baselines, tuple):
+        return baselines[0]
+    return baselines
+
+
+def resolve(target, batch):
+    return target(batch) if callable(target) else target
+
+
+def assert_close(ours, theirs, tolerance, what):
+    ours_t = ours if isinstance(ours, tuple) else (ours,)
+    theirs_t = theirs if isinstance(theirs, tuple) else (theirs,)
+    assert isinstance(ours, tuple) == isinstance(theirs, tuple), f"{what}: form differs"
+    for a, b in zip(ours_t, theirs_t):
+        assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
+        difference = (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
+        assert difference <= tolerance, f"{what}: max |igfast - captum| = {difference:.3g}"
+
+
+@pytest.mark.parametrize("method", SUPPORTED_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_parity_with_captum(case, dtype, method):
+    model = build_model(case, dtype)
+    generator = torch.Generator().manual_seed(seed_of(case.name, str(dtype), method))
+    inputs = case.draw_inputs(BATCH, dtype, generator)
+    extra = case.additional_forward_args(BATCH, dtype) if case.additional_forward_args else None
+    ours_ig = igfast.IntegratedGradients(model)
+    for (form, x), (baseline_name, baselines), target in itertools.product(
+        input_forms(case, inputs), baseline_forms(inputs, generator), case.targets
+    ):
+        target = resolve(target, BATCH)
+        baselines = as_single(form, baselines)
+        for internal_batch_size, multiply_by_inputs, with_delta in itertools.product(
+            [None, BATCH, 2 * BATCH + 1], [True, False], [True, False]
+        ):
+            kwargs = dict(
+                baselines=baselines, target=target, additional_forward_args=extra,
+                n_steps=N_STEPS, method=method, internal_batch_size=internal_batch_size,
+                return_convergence_delta=with_delta,
+            )
+            what = f"{case.name} {form} baselines={baseline_name} target={target!r} {kwargs}"
+            ours = igfast.IntegratedGradients(model, multiply_by_inputs).attribute(x, **kwargs)
+            theirs = captum_attr.IntegratedGradients(model, multiply_by_inputs).attribute(x, **kwargs)
+            PARITY_COMPARISONS["count"] += 1
+            if with_delta:
+                assert_close(ours[0], theirs[0], TOLERANCE[dtype], what)
+                assert_close(ours[1], theirs[1], TOLERANCE[dtype], what + " delta")
+                # The delta equals compute_convergence_delta of the same attributions.
+                recomputed = ours_ig.compute_convergence_delta(
+                    ours[0], baselines, x, target=target, additional_forward_args=extra
+                )
+                assert torch.equal(recomputed, ours[1]), what
+            else:
+                assert_close(ours, theirs, TOLERANCE[dtype], what)
+
+
+@pytest.mark.parametrize("method", SUPPORTED_METHODS)
+def test_parity_default_steps_larger_batch(method):
+    """Captum's defaults (50 steps) on a batch of 16 of the conv net."""
+    case = next(c for c in CASES if c.name == "conv_net")
+    model = build_model(case, torch.float32)
+    generator = torch.Generator().manual_seed(seed_of("default", method))
+    (x,) = case.draw_inputs(16, torch.float32, generator)
+    target = torch.randint(0, 5, (16,), generator=generator)
+    ours = igfast.IntegratedGradients(model).attribute(x, target=target, method=method, return_convergence_delta=True)
+    theirs = captum_attr.IntegratedGradients(model).attribute(x, target=target, method=method, return_convergence_delta=True)
+    PARITY_COMPARISONS["count"] += 1
+    assert_close(ours, theirs, 1e-5, method)
+
+
+def test_internal_batch_size_below_batch_warns_like_captum():
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(5, 4)
+    with pytest.warns(UserWarning, match="Internal batch size cannot be less"):
+        ours = igfast.IntegratedGradients(model).attribute(x, target=1, internal_batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = captum_attr.IntegratedGradients(model).attribute(x, target=1, internal_batch_size=2)
+    assert_close(ours, theirs, 1e-5, "ibs < batch")
