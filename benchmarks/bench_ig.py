@@ -1,8 +1,9 @@
 """igfast against Captum against the model's own forward+backward floor.
 
-For each workload, n_steps and method, the three variants run interleaved (floor,
-igfast, Captum in turn, repeated), after a correctness check, single-threaded; the
-table gives median times and ratios of medians.
+For each workload, n_steps and method, the variants run interleaved (floor, igfast
+with its kernels, igfast on the pure-PyTorch path, Captum, in turn, repeated), after
+a correctness check, single-threaded; the table gives median times and ratios of
+medians ("speedup" is Captum's time over igfast's).
 
     python benchmarks/bench_ig.py            # the full grid
     python benchmarks/bench_ig.py --quick    # a smoke run (seconds)
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import igfast  # noqa: E402
+from igfast import ops  # noqa: E402
 from igfast.quadrature import alphas_and_weights  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
@@ -68,6 +70,11 @@ def bench(workload_key, n_steps, method, repeats, device):
         "floor": make_floor(model, x, baseline, target, n_steps, method),
         "igfast": lambda: ours.attribute(x, baseline, target=target, n_steps=n_steps, method=method),
     }
+    if ops.kernels_available(device):
+        def pure():
+            with ops.kernels_disabled():
+                return ours.attribute(x, baseline, target=target, n_steps=n_steps, method=method)
+        variants["igfast_pure"] = pure
     if CaptumIG is not None:
         theirs = CaptumIG(model)
         variants["captum"] = lambda: theirs.attribute(x, baseline, target=target, n_steps=n_steps, method=method)
@@ -79,6 +86,8 @@ def bench(workload_key, n_steps, method, repeats, device):
     row = {"workload": workload_key, "n_steps": n_steps, "method": method, "device": device,
            **{f"{name}_ms": 1e3 * t for name, t in medians.items()},
            "igfast_over_floor": medians["igfast"] / medians["floor"]}
+    if "igfast_pure" in medians:
+        row["pure_over_floor"] = medians["igfast_pure"] / medians["floor"]
     if "captum" in medians:
         row["captum_over_floor"] = medians["captum"] / medians["floor"]
         row["speedup_over_captum"] = medians["captum"] / medians["igfast"]
@@ -86,13 +95,15 @@ def bench(workload_key, n_steps, method, repeats, device):
 
 
 def print_table(rows):
-    header = f"{'workload':9} {'steps':>5} {'method':18} {'floor ms':>9} {'igfast ms':>9} {'captum ms':>9} {'ig/floor':>8} {'cap/floor':>9} {'speedup':>7}"
+    header = (f"{'workload':9} {'steps':>5} {'method':18} {'floor ms':>9} {'igfast ms':>9} {'captum ms':>9} "
+              f"{'ig/floor':>8} {'pure/floor':>10} {'cap/floor':>9} {'speedup':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         captum = (f"{r['captum_ms']:9.2f} {'':0}" if "captum_ms" in r else f"{'-':>9} ")
         print(f"{r['workload']:9} {r['n_steps']:5d} {r['method']:18} {r['floor_ms']:9.2f} {r['igfast_ms']:9.2f} "
-              f"{captum}{r['igfast_over_floor']:8.2f} {r.get('captum_over_floor', float('nan')):9.2f} "
+              f"{captum}{r['igfast_over_floor']:8.2f} {r.get('pure_over_floor', float('nan')):10.2f} "
+              f"{r.get('captum_over_floor', float('nan')):9.2f} "
               f"{r.get('speedup_over_captum', float('nan')):7.2f}")
 
 

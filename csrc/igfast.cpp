@@ -1,8 +1,13 @@
 // The one place that says what the igfast ops are: every schema of the
-// `igfast` namespace is defined here; backends register implementations in
-// their own translation units (csrc/cpu, csrc/cuda).
+// `igfast` namespace is defined here, with the checks all backends share;
+// backends register their kernels in their own translation units (csrc/cpu,
+// csrc/cuda). Shapes: inputs x (B, ...), baselines x' (B or 1, ...), alphas
+// (n,), a chunk of steps [step_begin, step_end) gives k = step_end - step_begin
+// path rows per example, laid out step-major: row s * B + i.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "igfast.h"
 
 // Importing igfast._C from Python loads this library, which runs the
 // TORCH_LIBRARY registrations below; the module itself is empty.
@@ -14,10 +19,105 @@ extern "C" PyObject* PyInit__C(void) {
 namespace igfast {
 
 // Bumped whenever an op schema changes, so Python can refuse a stale build.
-int64_t abi_version() { return 1; }
+int64_t abi_version() { return 2; }
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "igfast: `", name,
+              "` must be float16, bfloat16, float32 or float64; got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                       const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), "igfast: `", a_name, "` (on ", a.device(), ") and `",
+              b_name, "` (on ", b.device(), ") must be on the same device");
+}
+
+void check_feature_shapes(const at::Tensor& t, const char* name, const at::Tensor& reference,
+                          const char* reference_name) {
+  TORCH_CHECK(t.dim() == reference.dim() && t.sizes().slice(1) == reference.sizes().slice(1),
+              "igfast: `", name, "` must have the feature shape of `", reference_name,
+              "` (all dimensions after the first); got ", t.sizes(), " and ", reference.sizes());
+}
+
+}  // namespace
+
+at::ScalarType compute_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
+  return compute_dtype(input_dtype);
+}
+
+void check_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
+                            const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
+  check_float(inputs, "inputs");
+  TORCH_CHECK(inputs.dim() >= 1, "igfast: `inputs` needs a batch dimension; got a 0-dim tensor");
+  TORCH_CHECK(baselines.scalar_type() == inputs.scalar_type(), "igfast: `baselines` must have the dtype of `inputs` (",
+              inputs.scalar_type(), "); got ", baselines.scalar_type());
+  check_feature_shapes(baselines, "baselines", inputs, "inputs");
+  TORCH_CHECK(baselines.size(0) == 1 || baselines.size(0) == inputs.size(0),
+              "igfast: `baselines` must have 1 or ", inputs.size(0), " rows; got ", baselines.size(0));
+  TORCH_CHECK(alphas.dim() == 1, "igfast: `alphas` must be 1-D; got shape ", alphas.sizes());
+  TORCH_CHECK(at::isFloatingType(alphas.scalar_type()), "igfast: `alphas` must be floating point; got ",
+              alphas.scalar_type());
+  TORCH_CHECK(0 <= step_begin && step_begin <= step_end && step_end <= alphas.size(0),
+              "igfast: the chunk [step_begin, step_end) = [", step_begin, ", ", step_end,
+              ") must lie within the ", alphas.size(0), " alphas");
+  check_same_device(baselines, "baselines", inputs, "inputs");
+  check_same_device(alphas, "alphas", inputs, "inputs");
+}
+
+void check_accumulate_steps(const at::Tensor& accumulator, const at::Tensor& grads,
+                            const at::Tensor& weights) {
+  check_float(grads, "grads");
+  TORCH_CHECK(accumulator.scalar_type() == accumulate_dtype(grads.scalar_type()),
+              "igfast: `accumulator` must be ", accumulate_dtype(grads.scalar_type()), " for ",
+              grads.scalar_type(), " grads; got ", accumulator.scalar_type());
+  TORCH_CHECK(accumulator.dim() >= 1, "igfast: `accumulator` needs a batch dimension");
+  TORCH_CHECK(accumulator.is_contiguous(), "igfast: `accumulator` must be contiguous (it is written in place)");
+  check_feature_shapes(grads, "grads", accumulator, "accumulator");
+  TORCH_CHECK(weights.dim() == 1, "igfast: `weights` must be 1-D; got shape ", weights.sizes());
+  TORCH_CHECK(at::isFloatingType(weights.scalar_type()), "igfast: `weights` must be floating point; got ",
+              weights.scalar_type());
+  TORCH_CHECK(grads.size(0) == weights.size(0) * accumulator.size(0), "igfast: `grads` must have ",
+              weights.size(0), " steps x ", accumulator.size(0), " examples = ",
+              weights.size(0) * accumulator.size(0), " rows; got ", grads.size(0));
+  check_same_device(grads, "grads", accumulator, "accumulator");
+  check_same_device(weights, "weights", accumulator, "accumulator");
+}
+
+void check_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& inputs,
+                               const at::Tensor& baselines) {
+  check_float(inputs, "inputs");
+  TORCH_CHECK(inputs.dim() >= 1, "igfast: `inputs` needs a batch dimension; got a 0-dim tensor");
+  TORCH_CHECK(accumulator.scalar_type() == accumulate_dtype(inputs.scalar_type()),
+              "igfast: `accumulator` must be ", accumulate_dtype(inputs.scalar_type()), " for ",
+              inputs.scalar_type(), " inputs; got ", accumulator.scalar_type());
+  TORCH_CHECK(accumulator.sizes() == inputs.sizes(), "igfast: `accumulator` must have the shape of `inputs` ",
+              inputs.sizes(), "; got ", accumulator.sizes());
+  TORCH_CHECK(baselines.scalar_type() == inputs.scalar_type(), "igfast: `baselines` must have the dtype of `inputs`");
+  check_feature_shapes(baselines, "baselines", inputs, "inputs");
+  TORCH_CHECK(baselines.size(0) == 1 || baselines.size(0) == inputs.size(0),
+              "igfast: `baselines` must have 1 or ", inputs.size(0), " rows; got ", baselines.size(0));
+  check_same_device(accumulator, "accumulator", inputs, "inputs");
+  check_same_device(baselines, "baselines", inputs, "inputs");
+}
 
 TORCH_LIBRARY(igfast, m) {
   m.def("abi_version() -> int", &abi_version);
+  // The path points of steps [step_begin, step_end): (k * B, ...) step-major.
+  m.def("interpolate_path(Tensor inputs, Tensor baselines, Tensor alphas, int step_begin, int step_end) -> Tensor");
+  // accumulator += sum_k weights[k] * grads[k] in place (accumulate dtype).
+  m.def("accumulate_steps(Tensor(a!) accumulator, Tensor grads, Tensor weights) -> ()");
+  // accumulator * (inputs - baselines): the attributions when multiplying by inputs.
+  m.def("scale_by_difference(Tensor accumulator, Tensor inputs, Tensor baselines) -> Tensor");
 }
 
 }  // namespace igfast

@@ -4,31 +4,29 @@ from typing import Any, Dict
 
 import torch
 
-from . import _ext
-
-
-def _fused_kernels_registered() -> bool:
-    return _ext.extension_loaded() and hasattr(torch.ops.igfast, "interpolate_path")
+from . import _ext, ops
 
 
 def info() -> Dict[str, Any]:
-    """Versions and the path igfast takes on this machine.
+    """Versions, the kernels built, and the path igfast takes on each device.
 
-    Returns a dict with ``torch``, ``extension`` (bool), ``path`` ("kernels" or
-    "pure-pytorch") and ``reason`` (why that path runs).
+    Returns a dict with ``igfast`` and ``torch`` versions, ``extension`` (whether
+    igfast._C loaded), ``kernels`` ({"cpu": bool, "cuda": bool}), ``path``
+    ("kernels" or "pure-pytorch", on the CPU) and ``reason`` (why that path runs),
+    and ``cuda_path`` / ``cuda_reason`` likewise when a GPU is visible.
     """
     from . import __version__
 
-    if not _ext.extension_loaded():
-        path, reason = "pure-pytorch", _ext.why_not_loaded()
-    elif not _fused_kernels_registered():
-        path, reason = "pure-pytorch", "igfast._C is loaded but registers no fused kernels"
-    else:
-        path, reason = "kernels", "igfast._C is loaded"
-    return {
+    state: Dict[str, Any] = {
         "igfast": __version__,
         "torch": torch.__version__,
         "extension": _ext.extension_loaded(),
-        "path": path,
-        "reason": reason,
+        "kernels": {device: ops.kernels_available(device) for device in ("cpu", "cuda")},
     }
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        prefix = "" if device == "cpu" else "cuda_"
+        reason = ops.why_not_kernels(device)
+        state[prefix + "path"] = "pure-pytorch" if reason else "kernels"
+        state[prefix + "reason"] = reason or f"igfast._C provides the {device} kernels"
+    return state

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import reference as ops
+from . import ops
 from .dtypes import dtype_policy
 
 

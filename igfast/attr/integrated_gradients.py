@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
-from .. import reference as ops
+from .. import ops
 from ..engine import Chunk, integrate_gradients, plan_chunks
 from ..errors import ArgumentError
 from ..quadrature import alphas_and_weights, validate_method_and_steps

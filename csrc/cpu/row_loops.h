@@ -1,0 +1,60 @@
+// Inner loops over one contiguous row of features, shared by the CPU kernels.
+// They are written over raw __restrict pointers so that the compiler vectorises
+// them (checked with -fopt-info-vec; see the note in interpolate_cpu.cpp).
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace igfast::cpu {
+
+// Features per task: big enough to amortise a task, small enough that a row of
+// differences (in opmath) stays in L1/L2 while it is reused for every step.
+constexpr int64_t kFeatureBlock = 4096;
+
+// Tasks of at least this many element updates, so small calls stay on one thread.
+constexpr int64_t kMinWorkPerTask = 32768;
+
+inline int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work_per_task));
+}
+
+// d = (x - b), rounded to the input dtype first (as PyTorch and Captum form it),
+// then held in opmath for the multiply.
+template <typename scalar_t, typename opmath_t>
+inline void difference_row(const scalar_t* __restrict x, const scalar_t* __restrict b,
+                           opmath_t* __restrict d, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    d[j] = static_cast<opmath_t>(static_cast<scalar_t>(x[j] - b[j]));
+  }
+}
+
+// out = b + a * d, computed in opmath and rounded once to the input dtype.
+template <typename scalar_t, typename opmath_t>
+inline void interpolate_row(scalar_t* __restrict out, const scalar_t* __restrict b,
+                            const opmath_t* __restrict d, opmath_t a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(b[j]) + a * d[j]);
+  }
+}
+
+// acc += w * g, in the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+inline void axpy_row(acc_t* __restrict acc, const scalar_t* __restrict g, acc_t w, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] += w * static_cast<acc_t>(g[j]);
+  }
+}
+
+// out = acc * (x - b), the difference rounded to the input dtype first.
+template <typename scalar_t, typename acc_t>
+inline void scale_row(acc_t* __restrict out, const acc_t* __restrict acc,
+                      const scalar_t* __restrict x, const scalar_t* __restrict b, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = acc[j] * static_cast<acc_t>(static_cast<scalar_t>(x[j] - b[j]));
+  }
+}
+
+}  // namespace igfast::cpu

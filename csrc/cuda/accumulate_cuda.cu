@@ -1,0 +1,106 @@
+// CUDA kernels of igfast::accumulate_steps and igfast::scale_by_difference.
+// accumulate_steps: each thread owns a pack of accumulator elements, keeps it in
+// registers while it reads the k gradient rows, and writes it back once.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "cuda/launch.cuh"
+#include "igfast.h"
+
+namespace igfast::cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t, int N>
+__global__ void accumulate_steps_kernel(acc_t* __restrict__ acc, const scalar_t* __restrict__ grads,
+                                        const acc_t* __restrict__ weights, int64_t steps, int64_t elements) {
+  using GradPack = Pack<scalar_t, N>;
+  const int64_t packs = elements / N;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t element = p * N;
+    acc_t sum[N];
+#pragma unroll
+    for (int v = 0; v < N; ++v) sum[v] = acc[element + v];
+#pragma unroll 4
+    for (int64_t s = 0; s < steps; ++s) {
+      const GradPack g = *reinterpret_cast<const GradPack*>(grads + s * elements + element);
+      const acc_t w = weights[s];
+#pragma unroll
+      for (int v = 0; v < N; ++v) sum[v] += w * static_cast<acc_t>(g.v[v]);
+    }
+#pragma unroll
+    for (int v = 0; v < N; ++v) acc[element + v] = sum[v];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void scale_by_difference_kernel(acc_t* __restrict__ out, const acc_t* __restrict__ acc,
+                                           const scalar_t* __restrict__ x, const scalar_t* __restrict__ b,
+                                           int64_t elements, int64_t features, bool broadcast_baseline) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < elements;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const scalar_t baseline = b[broadcast_baseline ? j % features : j];
+    out[j] = acc[j] * static_cast<acc_t>(static_cast<scalar_t>(x[j] - baseline));
+  }
+}
+
+void accumulate_steps_cuda(at::Tensor accumulator, const at::Tensor& grads_in, const at::Tensor& weights_in) {
+  check_accumulate_steps(accumulator, grads_in, weights_in);
+  const c10::cuda::OptionalCUDAGuard guard(accumulator.device());
+  const at::Tensor grads = grads_in.contiguous();
+  const at::Tensor weights = weights_in.to(accumulator.scalar_type()).contiguous();
+  const int64_t elements = accumulator.numel();
+  const int64_t steps = weights.size(0);
+  if (elements == 0 || steps == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "accumulate_steps_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int N = VectorWidth<scalar_t>::value;
+    const scalar_t* g = grads.const_data_ptr<scalar_t>();
+    acc_t* acc = accumulator.mutable_data_ptr<acc_t>();
+    const acc_t* w = weights.const_data_ptr<acc_t>();
+    if (elements % N == 0 && aligned16(g)) {
+      accumulate_steps_kernel<scalar_t, acc_t, N><<<blocks_for(elements / N), kThreads, 0, stream>>>(
+          acc, g, w, steps, elements);
+    } else {
+      accumulate_steps_kernel<scalar_t, acc_t, 1><<<blocks_for(elements), kThreads, 0, stream>>>(
+          acc, g, w, steps, elements);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor scale_by_difference_cuda(const at::Tensor& accumulator_in, const at::Tensor& inputs_in,
+                                    const at::Tensor& baselines_in) {
+  check_scale_by_difference(accumulator_in, inputs_in, baselines_in);
+  const c10::cuda::OptionalCUDAGuard guard(inputs_in.device());
+  const at::Tensor accumulator = accumulator_in.contiguous();
+  const at::Tensor inputs = inputs_in.contiguous();
+  const at::Tensor baselines = baselines_in.contiguous();
+  at::Tensor out = at::empty_like(accumulator, at::MemoryFormat::Contiguous);
+  const int64_t elements = out.numel();
+  if (elements == 0) return out;
+  const int64_t features = features_per_example(inputs);
+  const bool broadcast_baseline = baselines.size(0) == 1;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "scale_by_difference_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scale_by_difference_kernel<scalar_t, acc_t><<<blocks_for(elements), kThreads, 0, stream>>>(
+        out.mutable_data_ptr<acc_t>(), accumulator.const_data_ptr<acc_t>(), inputs.const_data_ptr<scalar_t>(),
+        baselines.const_data_ptr<scalar_t>(), elements, features, broadcast_baseline);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(igfast, CUDA, m) {
+  m.impl("accumulate_steps", &accumulate_steps_cuda);
+  m.impl("scale_by_difference", &scale_by_difference_cuda);
+}
+
+}  // namespace igfast::cuda

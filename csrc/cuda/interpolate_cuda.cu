@@ -1,0 +1,94 @@
+// CUDA kernel of igfast::interpolate_path. Each thread owns a few consecutive
+// features of one example: it reads x and x' once, then writes that slice of the
+// path for every step of the chunk (step-major rows). With 16-byte aligned rows
+// (features divisible by the vector width) it moves whole 16-byte packs.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/launch.cuh"
+#include "igfast.h"
+
+namespace igfast::cuda {
+namespace {
+
+template <typename scalar_t, typename opmath_t, int N>
+__global__ void interpolate_path_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b,
+                                        const opmath_t* __restrict__ alphas, scalar_t* __restrict__ out,
+                                        int64_t steps, int64_t batch, int64_t features,
+                                        bool broadcast_baseline) {
+  using PackT = Pack<scalar_t, N>;
+  const int64_t packs = batch * features / N;
+  const int64_t step_stride = batch * features;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t element = p * N;
+    const int64_t feature = element % features;
+    const int64_t example = element / features;
+    const PackT xs = *reinterpret_cast<const PackT*>(x + element);
+    const PackT bs = *reinterpret_cast<const PackT*>(b + (broadcast_baseline ? feature : element));
+    opmath_t base[N];
+    opmath_t difference[N];
+#pragma unroll
+    for (int v = 0; v < N; ++v) {
+      base[v] = static_cast<opmath_t>(bs.v[v]);
+      // Rounded to the input dtype first, as PyTorch forms x - x'.
+      difference[v] = static_cast<opmath_t>(static_cast<scalar_t>(xs.v[v] - bs.v[v]));
+    }
+    scalar_t* row = out + example * features + feature;
+    for (int64_t s = 0; s < steps; ++s) {
+      const opmath_t a = alphas[s];
+      PackT result;
+#pragma unroll
+      for (int v = 0; v < N; ++v) result.v[v] = static_cast<scalar_t>(base[v] + a * difference[v]);
+      *reinterpret_cast<PackT*>(row + s * step_stride) = result;
+    }
+  }
+}
+
+at::Tensor interpolate_path_cuda(const at::Tensor& inputs_in, const at::Tensor& baselines_in,
+                                 const at::Tensor& alphas_in, int64_t step_begin, int64_t step_end) {
+  check_interpolate_path(inputs_in, baselines_in, alphas_in, step_begin, step_end);
+  const c10::cuda::OptionalCUDAGuard guard(inputs_in.device());
+  const at::Tensor inputs = inputs_in.contiguous();
+  const at::Tensor baselines = baselines_in.contiguous();
+  const at::Tensor alphas =
+      alphas_in.slice(0, step_begin, step_end).to(compute_dtype(inputs.scalar_type())).contiguous();
+  const int64_t steps = step_end - step_begin;
+  const int64_t batch = inputs.size(0);
+  const int64_t features = features_per_example(inputs);
+  std::vector<int64_t> shape = inputs.sizes().vec();
+  shape[0] = steps * batch;
+  at::Tensor path = at::empty(shape, inputs.options());
+  if (path.numel() == 0) return path;
+  const bool broadcast_baseline = baselines.size(0) == 1;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "interpolate_path_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    constexpr int N = VectorWidth<scalar_t>::value;
+    const scalar_t* x = inputs.const_data_ptr<scalar_t>();
+    const scalar_t* b = baselines.const_data_ptr<scalar_t>();
+    scalar_t* out = path.mutable_data_ptr<scalar_t>();
+    const bool vectorised = features % N == 0 && aligned16(x) && aligned16(b) && aligned16(out);
+    if (vectorised) {
+      interpolate_path_kernel<scalar_t, opmath_t, N><<<blocks_for(batch * features / N), kThreads, 0, stream>>>(
+          x, b, alphas.const_data_ptr<opmath_t>(), out, steps, batch, features, broadcast_baseline);
+    } else {
+      interpolate_path_kernel<scalar_t, opmath_t, 1><<<blocks_for(batch * features), kThreads, 0, stream>>>(
+          x, b, alphas.const_data_ptr<opmath_t>(), out, steps, batch, features, broadcast_baseline);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return path;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(igfast, CUDA, m) {
+  m.impl("interpolate_path", &interpolate_path_cuda);
+}
+
+}  // namespace igfast::cuda

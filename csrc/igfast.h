@@ -1,0 +1,29 @@
+// Shared declarations of the igfast ops: the argument checks every backend runs
+// before its kernel, and the dtype rules (mirroring igfast/dtypes.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace igfast {
+
+int64_t abi_version();
+
+// dtype of alpha * (x - x'): PyTorch's opmath (float for half types).
+at::ScalarType compute_dtype(at::ScalarType input_dtype);
+// dtype of the weighted sum over steps: float for half types, else the input dtype.
+at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
+
+// Validate the arguments of each op (TORCH_CHECK with a message naming the argument).
+void check_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
+                            const at::Tensor& alphas, int64_t step_begin, int64_t step_end);
+void check_accumulate_steps(const at::Tensor& accumulator, const at::Tensor& grads,
+                            const at::Tensor& weights);
+void check_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& inputs,
+                               const at::Tensor& baselines);
+
+// Number of feature elements per example (product of all but the first dimension).
+inline int64_t features_per_example(const at::Tensor& t) {
+  return t.dim() == 0 ? 1 : (t.size(0) == 0 ? t.numel() : t.numel() / t.size(0));
+}
+
+}  // namespace igfast

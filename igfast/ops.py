@@ -1,0 +1,150 @@
+"""The fused ops of igfast: the compiled kernels (torch.ops.igfast.*) where the
+extension provides them for a tensor's device, the pure-PyTorch reference elsewhere.
+
+Each op has a fake (meta) implementation so ``torch.compile(fullgraph=True)`` can
+trace it, and the two pure functions have autograd formulas. ``accumulate_steps``
+writes in place and is not differentiable (it ends the pipeline).
+
+``kernels_available(device)`` and ``why_not_kernels(device)`` say which path runs;
+``kernels_disabled()`` forces the reference path (tests, benchmarks).
+"""
+
+import contextlib
+from functools import lru_cache
+from typing import Iterator, Optional
+
+import torch
+
+from . import _ext, reference
+from .dtypes import dtype_policy
+
+OP_NAMES = ("interpolate_path", "accumulate_steps", "scale_by_difference")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_enabled = True
+
+
+@lru_cache(maxsize=None)
+def _registered(device_type: str) -> bool:
+    key = _DISPATCH_KEYS.get(device_type)
+    return (
+        _ext.extension_loaded()
+        and key is not None
+        and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"igfast::{op}", key) for op in OP_NAMES)
+    )
+
+
+def kernels_available(device) -> bool:
+    """Whether the compiled kernels run for tensors on ``device``."""
+    return _enabled and _registered(torch.device(device).type)
+
+
+def why_not_kernels(device) -> Optional[str]:
+    """None when the kernels run on ``device``, else the reason."""
+    device_type = torch.device(device).type
+    if not _ext.extension_loaded():
+        return _ext.why_not_loaded()
+    if not _enabled:
+        return "kernels disabled by igfast.ops.kernels_disabled()"
+    if not _registered(device_type):
+        return f"igfast._C was built without {device_type} kernels"
+    return None
+
+
+@contextlib.contextmanager
+def kernels_disabled() -> Iterator[None]:
+    """Run the pure-PyTorch path inside this block, even when kernels are built."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def interpolate_path(inputs, baselines, alphas, step_begin: int, step_end: int) -> torch.Tensor:
+    """Path points of steps [step_begin, step_end), (k * B, ...) step-major."""
+    if kernels_available(inputs.device):
+        return torch.ops.igfast.interpolate_path(inputs, baselines, alphas, step_begin, step_end)
+    return reference.interpolate_path(inputs, baselines, alphas, step_begin, step_end)
+
+
+def accumulate_steps(accumulator, grads, weights) -> None:
+    """accumulator += sum_k weights[k] * grads[k], in place."""
+    if kernels_available(accumulator.device):
+        torch.ops.igfast.accumulate_steps(accumulator, grads, weights)
+    else:
+        reference.accumulate_steps(accumulator, grads, weights)
+
+
+def scale_by_difference(accumulator, inputs, baselines) -> torch.Tensor:
+    """accumulator * (inputs - baselines)."""
+    if kernels_available(inputs.device):
+        return torch.ops.igfast.scale_by_difference(accumulator, inputs, baselines)
+    return reference.scale_by_difference(accumulator, inputs, baselines)
+
+
+def _sum_to_baseline(grad: torch.Tensor, baselines: torch.Tensor) -> torch.Tensor:
+    """Reduce a (B, ...) gradient to the baseline's (B or 1, ...) shape and dtype."""
+    if baselines.shape[0] == 1 and grad.shape[0] != 1:
+        grad = grad.sum(0, keepdim=True)
+    return grad.to(baselines.dtype)
+
+
+def _register_fake_and_autograd() -> None:
+    @torch.library.register_fake("igfast::interpolate_path")
+    def _(inputs, baselines, alphas, step_begin, step_end):
+        steps = step_end - step_begin
+        return inputs.new_empty((steps * inputs.shape[0],) + tuple(inputs.shape[1:]))
+
+    @torch.library.register_fake("igfast::accumulate_steps")
+    def _(accumulator, grads, weights):
+        return None
+
+    @torch.library.register_fake("igfast::scale_by_difference")
+    def _(accumulator, inputs, baselines):
+        return torch.empty_like(accumulator)
+
+    # d path / d x = alpha_k and d path / d x' = 1 - alpha_k: both gradients are
+    # weighted sums over steps, which is exactly what accumulate_steps computes.
+    def interpolate_setup(ctx, inputs, output):
+        x, baselines, alphas, step_begin, step_end = inputs
+        ctx.save_for_backward(x, baselines, alphas)
+        ctx.steps = (step_begin, step_end)
+
+    def interpolate_backward(ctx, grad_path):
+        x, baselines, alphas = ctx.saved_tensors
+        step_begin, step_end = ctx.steps
+        accumulate = dtype_policy(x.dtype).accumulate
+        chunk_alphas = alphas[step_begin:step_end].to(accumulate)
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            total = torch.zeros(x.shape, dtype=accumulate, device=x.device)
+            torch.ops.igfast.accumulate_steps(total, grad_path, chunk_alphas)
+            grad_x = total.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            total = torch.zeros(x.shape, dtype=accumulate, device=x.device)
+            torch.ops.igfast.accumulate_steps(total, grad_path, 1 - chunk_alphas)
+            grad_b = _sum_to_baseline(total, baselines)
+        return grad_x, grad_b, None, None, None
+
+    torch.library.register_autograd(
+        "igfast::interpolate_path", interpolate_backward, setup_context=interpolate_setup
+    )
+
+    def scale_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def scale_backward(ctx, grad):
+        accumulator, x, baselines = ctx.saved_tensors
+        grad_accumulator = grad * (x - baselines) if ctx.needs_input_grad[0] else None
+        grad_x = (grad * accumulator).to(x.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = _sum_to_baseline(-grad * accumulator, baselines) if ctx.needs_input_grad[2] else None
+        return grad_accumulator, grad_x, grad_b
+
+    torch.library.register_autograd(
+        "igfast::scale_by_difference", scale_backward, setup_context=scale_setup
+    )
+
+
+if _ext.extension_loaded() and hasattr(torch.ops.igfast, "interpolate_path"):
+    _register_fake_and_autograd()

@@ -1,0 +1,229 @@
+"""The compiled ops against the pure-PyTorch reference (and a float64 oracle), on
+every device and dtype; opcheck, torch.compile, autograd, errors, empty inputs.
+
+Skipped where the extension was not built (CI builds it and checks that it did).
+"""
+
+import zlib
+
+import pytest
+import torch
+
+import igfast
+from igfast import ops, reference
+from igfast.dtypes import dtype_policy
+from igfast.quadrature import alphas_and_weights
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["float32", "float64", "float16", "bfloat16"]
+
+
+def require_kernels(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not ops.kernels_available(device):
+        pytest.skip(f"kernels not built for {device}: {ops.why_not_kernels(device)}")
+
+
+def generator_for(*parts):
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def randn(shape, dtype, device, generator):
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).to(device)
+
+
+def assert_matches_reference(kernel, ref, oracle, dtype):
+    """float32 within 1e-6 relative, float64 within 1e-12; half types: error against
+    the float64 oracle at most twice the reference's error in the same dtype."""
+    assert kernel.dtype == ref.dtype and kernel.shape == ref.shape
+    assert torch.isfinite(kernel).all()
+    if kernel.numel() == 0:
+        return
+    if dtype in (torch.float32, torch.float64):
+        rtol = 1e-6 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(kernel, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+    else:
+        kernel_error = (kernel.double() - oracle).abs().max().item()
+        ref_error = (ref.double() - oracle).abs().max().item()
+        assert kernel_error <= 2 * ref_error + 1e-12, (kernel_error, ref_error)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("broadcast", [False, True], ids=["full_baseline", "broadcast_baseline"])
+@pytest.mark.parametrize("shape, chunk", [((4, 5), (0, 7)), ((3, 2, 33), (2, 5)), ((2, 3, 64, 64), (6, 7)), ((5, 8), (3, 3))])
+def test_interpolate_path(device, dtype, broadcast, shape, chunk):
+    require_kernels(device)
+    g = generator_for("interpolate", str(dtype), broadcast, shape, chunk)
+    x = randn(shape, dtype, device, g)
+    b = randn((1 if broadcast else shape[0],) + shape[1:], dtype, device, g)
+    alphas = alphas_and_weights("gausslegendre", 7)[0].to(device)
+    kernel = torch.ops.igfast.interpolate_path(x, b, alphas, *chunk)
+    ref = reference.interpolate_path(x, b, alphas, *chunk)
+    steps = chunk[1] - chunk[0]
+    a = alphas[chunk[0]:chunk[1]].view((steps,) + (1,) * x.dim())
+    oracle = (b.double() + a * (x.double() - b.double())).reshape(ref.shape)
+    assert_matches_reference(kernel, ref, oracle, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_interpolate_path_non_contiguous(device):
+    require_kernels(device)
+    g = generator_for("non-contiguous")
+    x = randn((6, 5, 4), torch.float32, device, g).transpose(1, 2)
+    b = randn((6, 5, 4), torch.float32, device, g).transpose(1, 2)[:1]
+    alphas = torch.rand(9, generator=g, dtype=torch.float64).to(device)
+    torch.testing.assert_close(
+        torch.ops.igfast.interpolate_path(x, b, alphas, 1, 8),
+        reference.interpolate_path(x, b, alphas, 1, 8), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("steps, shape", [(1, (3, 4)), (7, (4, 3, 10)), (50, (2, 4100)), (3, (5, 1))])
+def test_accumulate_steps(device, dtype, steps, shape):
+    require_kernels(device)
+    g = generator_for("accumulate", str(dtype), steps, shape)
+    accumulate = dtype_policy(dtype).accumulate
+    grads = randn((steps * shape[0],) + shape[1:], dtype, device, g)
+    weights = torch.rand(steps, generator=g, dtype=torch.float64).to(device)
+    # The accumulator starts from random values (not zeros): they must be kept and added to.
+    start = randn(shape, accumulate, device, g)
+    kernel, ref = start.clone(), start.clone()
+    torch.ops.igfast.accumulate_steps(kernel, grads, weights)
+    reference.accumulate_steps(ref, grads, weights)
+    oracle = start.double() + (weights.view((steps,) + (1,) * len(shape)) * grads.double().view((steps,) + shape)).sum(0)
+    assert_matches_reference(kernel, ref, oracle, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("broadcast", [False, True], ids=["full_baseline", "broadcast_baseline"])
+def test_scale_by_difference(device, dtype, broadcast):
+    require_kernels(device)
+    g = generator_for("scale", str(dtype), broadcast)
+    x = randn((4, 3, 7), dtype, device, g)
+    b = randn((1 if broadcast else 4, 3, 7), dtype, device, g)
+    accumulator = randn((4, 3, 7), dtype_policy(dtype).accumulate, device, g)
+    kernel = torch.ops.igfast.scale_by_difference(accumulator, x, b)
+    ref = reference.scale_by_difference(accumulator, x, b)
+    oracle = accumulator.double() * (x.double() - b.double())
+    assert_matches_reference(kernel, ref, oracle, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs_give_empty_results(device):
+    require_kernels(device)
+    alphas = torch.rand(4, dtype=torch.float64, device=device)
+    empty = torch.randn(0, 3, device=device)
+    assert torch.ops.igfast.interpolate_path(empty, empty[:0], alphas, 0, 4).shape == (0, 3)
+    x = torch.randn(2, 3, device=device)
+    assert torch.ops.igfast.interpolate_path(x, x, alphas, 2, 2).shape == (0, 3)
+    accumulator = torch.randn(0, 3, device=device)
+    torch.ops.igfast.accumulate_steps(accumulator, torch.randn(0, 3, device=device), alphas)
+    assert torch.ops.igfast.scale_by_difference(accumulator, empty, empty[:0]).shape == (0, 3)
+
+
+BAD_CALLS = [
+    ("inputs_integer", lambda d: torch.ops.igfast.interpolate_path(torch.ones(2, 3, dtype=torch.int64, device=d), torch.ones(2, 3, dtype=torch.int64, device=d), torch.rand(4, device=d), 0, 4), "inputs"),
+    ("baselines_dtype", lambda d: torch.ops.igfast.interpolate_path(torch.rand(2, 3, device=d), torch.rand(2, 3, dtype=torch.float64, device=d), torch.rand(4, device=d), 0, 4), "baselines"),
+    ("baselines_shape", lambda d: torch.ops.igfast.interpolate_path(torch.rand(2, 3, device=d), torch.rand(2, 4, device=d), torch.rand(4, device=d), 0, 4), "baselines"),
+    ("baselines_rows", lambda d: torch.ops.igfast.interpolate_path(torch.rand(4, 3, device=d), torch.rand(2, 3, device=d), torch.rand(4, device=d), 0, 4), "baselines"),
+    ("alphas_2d", lambda d: torch.ops.igfast.interpolate_path(torch.rand(2, 3, device=d), torch.rand(2, 3, device=d), torch.rand(4, 1, device=d), 0, 4), "alphas"),
+    ("chunk_out_of_range", lambda d: torch.ops.igfast.interpolate_path(torch.rand(2, 3, device=d), torch.rand(2, 3, device=d), torch.rand(4, device=d), 2, 5), "chunk"),
+    ("chunk_reversed", lambda d: torch.ops.igfast.interpolate_path(torch.rand(2, 3, device=d), torch.rand(2, 3, device=d), torch.rand(4, device=d), 3, 1), "chunk"),
+    ("grads_rows", lambda d: torch.ops.igfast.accumulate_steps(torch.zeros(2, 3, device=d), torch.rand(5, 3, device=d), torch.rand(2, device=d)), "grads"),
+    ("grads_complex", lambda d: torch.ops.igfast.accumulate_steps(torch.zeros(2, 3, device=d), torch.rand(4, 3, dtype=torch.complex64, device=d), torch.rand(2, device=d)), "grads"),
+    ("accumulator_dtype", lambda d: torch.ops.igfast.accumulate_steps(torch.zeros(2, 3, dtype=torch.float64, device=d), torch.rand(4, 3, device=d), torch.rand(2, device=d)), "accumulator"),
+    ("accumulator_non_contiguous", lambda d: torch.ops.igfast.accumulate_steps(torch.zeros(3, 2, device=d).t(), torch.rand(4, 3, device=d), torch.rand(2, device=d)), "contiguous"),
+    ("weights_2d", lambda d: torch.ops.igfast.accumulate_steps(torch.zeros(2, 3, device=d), torch.rand(4, 3, device=d), torch.rand(2, 1, device=d)), "weights"),
+    ("scale_shape", lambda d: torch.ops.igfast.scale_by_difference(torch.zeros(2, 4, device=d), torch.rand(2, 3, device=d), torch.rand(2, 3, device=d)), "accumulator"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("call, word", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_arguments_raise_clear_errors(device, call, word):
+    require_kernels(device)
+    with pytest.raises(RuntimeError, match=word):
+        call(device)
+
+
+@pytest.mark.cuda
+def test_tensors_on_different_devices_raise():
+    require_kernels("cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.igfast.interpolate_path(torch.rand(2, 3, device="cuda"), torch.rand(2, 3), torch.rand(4, device="cuda"), 0, 4)
+
+
+def opcheck_samples(device):
+    g = generator_for("opcheck", device)
+    x = randn((3, 4, 5), torch.float64, device, g)
+    b = randn((1, 4, 5), torch.float64, device, g)
+    alphas = torch.rand(6, generator=g, dtype=torch.float64).to(device)
+    grads = randn((12, 4, 5), torch.float64, device, g)
+    weights = torch.rand(4, generator=g, dtype=torch.float64).to(device)
+    accumulator = randn((3, 4, 5), torch.float64, device, g)
+    return [
+        (torch.ops.igfast.interpolate_path.default, (x, b, alphas, 1, 5)),
+        (torch.ops.igfast.interpolate_path.default, (x.clone().requires_grad_(), b.clone().requires_grad_(), alphas, 0, 6)),
+        (torch.ops.igfast.accumulate_steps.default, (accumulator, grads, weights)),
+        (torch.ops.igfast.scale_by_difference.default, (accumulator, x, b)),
+        (torch.ops.igfast.scale_by_difference.default, (accumulator.clone().requires_grad_(), x.clone().requires_grad_(), b.clone().requires_grad_())),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    require_kernels(device)
+    for op, args in opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_autograd_formulas_match_gradcheck():
+    require_kernels("cpu")
+    g = generator_for("gradcheck")
+    x = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    alphas = torch.rand(5, generator=g, dtype=torch.float64)
+    acc = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: torch.ops.igfast.interpolate_path(x, b, alphas, 1, 4), (x, b))
+    assert torch.autograd.gradcheck(torch.ops.igfast.scale_by_difference, (acc, x, b))
+
+
+def test_torch_compile_fullgraph_traces_the_ops():
+    require_kernels("cpu")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def path_and_scale(x, b, alphas, accumulator):
+        path = torch.ops.igfast.interpolate_path(x, b, alphas, 0, 4)
+        return path.sum(), torch.ops.igfast.scale_by_difference(accumulator, x, b)
+
+    x, b, accumulator = torch.randn(3, 5), torch.randn(1, 5), torch.randn(3, 5)
+    alphas = torch.rand(4, dtype=torch.float64)
+    total, scaled = path_and_scale(x, b, alphas, accumulator)
+    torch.testing.assert_close(total, reference.interpolate_path(x, b, alphas, 0, 4).sum())
+    torch.testing.assert_close(scaled, reference.scale_by_difference(accumulator, x, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_integrated_gradients_kernels_equal_pure_pytorch(device, dtype, method):
+    require_kernels(device)
+    torch.manual_seed(0)
+    model64 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 6 * 6, 5)).double().to(device).eval()
+    model = torch.nn.Sequential(*[m for m in __import__("copy").deepcopy(model64)]).to(dtype)
+    g = generator_for("ig", str(dtype), method)
+    x = randn((4, 3, 8, 8), dtype, device, g)
+    baseline = randn((1, 3, 8, 8), dtype, device, g)
+    kwargs = dict(baselines=baseline, target=[0, 1, 2, 4], n_steps=12, method=method, internal_batch_size=20)
+    with_kernels = igfast.IntegratedGradients(model).attribute(x, **kwargs)
+    with ops.kernels_disabled():
+        assert not ops.kernels_available(device)
+        pure = igfast.IntegratedGradients(model).attribute(x, **kwargs)
+    oracle = igfast.IntegratedGradients(model64).attribute(x.double(), **{**kwargs, "baselines": baseline.double()})
+    assert_matches_reference(with_kernels, pure, oracle, dtype)
