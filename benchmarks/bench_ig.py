@@ -38,10 +38,12 @@ def make_floor(model, x, baseline, target, n_steps, method):
     path = (baseline + alphas * (x - baseline)).reshape((-1,) + x.shape[1:])
     path.requires_grad_()
     rows_target = target.repeat(n_steps).unsqueeze(1)
+    unit = torch.ones(path.shape[0], device=x.device)
 
+    # The same autograd call as igfast makes: unit gradients on the selected outputs.
     def floor():
-        output = model(path).gather(1, rows_target).sum()
-        return torch.autograd.grad(output, path)[0]
+        output = model(path).gather(1, rows_target).squeeze(1)
+        return torch.autograd.grad(output, path, grad_outputs=unit)[0]
 
     return floor
 

@@ -193,10 +193,12 @@ def test_autograd_formulas_match_gradcheck():
     assert torch.autograd.gradcheck(torch.ops.igfast.scale_by_difference, (acc, x, b))
 
 
-def test_torch_compile_fullgraph_traces_the_ops():
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph_traces_the_ops(backend):
     require_kernels("cpu")
+    torch._dynamo.reset()
 
-    @torch.compile(fullgraph=True, backend="eager")
+    @torch.compile(fullgraph=True, backend=backend)
     def path_and_scale(x, b, alphas, accumulator):
         path = torch.ops.igfast.interpolate_path(x, b, alphas, 0, 4)
         return path.sum(), torch.ops.igfast.scale_by_difference(accumulator, x, b)
