@@ -13,9 +13,7 @@ medians ("speedup" is Captum's time over igfast's).
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -23,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import igfast  # noqa: E402
 from igfast import ops  # noqa: E402
 from igfast.quadrature import alphas_and_weights  # noqa: E402
+from timing import interleaved_medians, repeats_for  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 try:
@@ -48,23 +47,6 @@ def make_floor(model, x, baseline, target, n_steps, method):
     return floor
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(variants, repeats, device):
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            sync(device)
-            start = time.perf_counter()
-            run()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def bench(workload_key, n_steps, method, repeats, device):
     model, x, baseline, target = WORKLOADS[workload_key].build(device)
     ours = igfast.IntegratedGradients(model)
@@ -82,9 +64,10 @@ def bench(workload_key, n_steps, method, repeats, device):
         variants["captum"] = lambda: theirs.attribute(x, baseline, target=target, n_steps=n_steps, method=method)
         difference = (variants["igfast"]() - variants["captum"]().detach()).abs().max().item()
         assert difference < 1e-4, f"igfast and Captum disagree by {difference}"
-    for run in variants.values():  # warm-up
-        run()
-    medians = time_interleaved(variants, repeats, device)
+    if repeats is None:  # cheap workloads get more rounds: their timings are noisier
+        slowest = variants.get("captum", variants["igfast"])
+        repeats = repeats_for(slowest, device, budget_seconds=2.0, minimum=15, maximum=301)
+    medians = interleaved_medians(variants, repeats, device)
     row = {"workload": workload_key, "n_steps": n_steps, "method": method, "device": device,
            **{f"{name}_ms": 1e3 * t for name, t in medians.items()},
            "igfast_over_floor": medians["igfast"] / medians["floor"]}
@@ -112,7 +95,7 @@ def print_table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few sizes and repeats (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per configuration (default: by cost)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU timings stable)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -120,9 +103,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     steps = [16] if args.quick else [16, 50, 200]
     methods = ["gausslegendre"] if args.quick else ["gausslegendre", "riemann_trapezoid"]
-    repeats = args.repeats or (3 if args.quick else 15)
+    repeats = args.repeats or (3 if args.quick else None)
+    rounds = f"{repeats} rounds" if repeats else "15 to 301 rounds (about 2 s of the slowest variant)"
     print(f"igfast {igfast.__version__} ({igfast.info()['path']}), torch {torch.__version__}, "
-          f"device {args.device}, threads {args.threads}, {repeats} interleaved repeats, medians")
+          f"device {args.device}, threads {args.threads}, {rounds}, interleaved in rotating order, medians")
     rows = [bench(w, n, m, repeats, args.device) for w in WORKLOADS for n in steps for m in methods]
     print_table(rows)
     if args.json:

@@ -15,33 +15,16 @@ interleaved, single-threaded on CPU, and are checked against each other first.
 
 import argparse
 import json
-import statistics
-import time
+import os
+import sys
 
 import torch
 
-from igfast import ops, reference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from igfast import ops, reference  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 STEPS = 50
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(variants, repeats, device):
-    times = {name: [] for name in variants}
-    for name, run in variants.items():  # warm-up
-        run()
-    for _ in range(repeats):
-        for name, run in variants.items():
-            sync(device)
-            start = time.perf_counter()
-            run()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_size(elements, device, repeats):
@@ -80,7 +63,7 @@ def bench_size(elements, device, repeats):
     accumulate_bytes = 4 * (n + 2 * batch * features)
     for op, variants, nbytes in (("interpolate_path", interpolate, interpolate_bytes),
                                  ("accumulate_steps", accumulate, accumulate_bytes)):
-        medians = median_seconds(variants, repeats, device)
+        medians = interleaved_medians(variants, repeats, device)
         copy_gbs = 2 * 4 * n / medians["copy"] / 1e9
         row = {"op": op, "elements": n, "device": device}
         for name in ("kernel", "pytorch", "captum"):

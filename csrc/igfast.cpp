@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "igfast.h"
 
 // Importing igfast._C from Python loads this library, which runs the
@@ -108,6 +110,31 @@ void check_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& 
               "igfast: `baselines` must have 1 or ", inputs.size(0), " rows; got ", baselines.size(0));
   check_same_device(accumulator, "accumulator", inputs, "inputs");
   check_same_device(baselines, "baselines", inputs, "inputs");
+}
+
+InterpolationPlan plan_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
+                                        const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
+  check_interpolate_path(inputs, baselines, alphas, step_begin, step_end);
+  InterpolationPlan plan;
+  // Non-contiguous tensors are handled here, at the boundary, by one copy.
+  plan.inputs = inputs.contiguous();
+  plan.baselines = baselines.contiguous();
+  plan.alphas = alphas.slice(0, step_begin, step_end).to(compute_dtype(inputs.scalar_type())).contiguous();
+  plan.steps = step_end - step_begin;
+  plan.batch = inputs.size(0);
+  plan.features = features_per_example(inputs);
+  plan.broadcast_baseline = baselines.size(0) == 1;
+  std::vector<int64_t> shape = inputs.sizes().vec();
+  shape[0] = plan.steps * plan.batch;
+  plan.path = at::empty(shape, inputs.options());
+  return plan;
+}
+
+AccumulationPlan plan_accumulate_steps(const at::Tensor& accumulator, const at::Tensor& grads,
+                                       const at::Tensor& weights) {
+  check_accumulate_steps(accumulator, grads, weights);
+  return {grads.contiguous(), weights.to(accumulator.scalar_type()).contiguous(), weights.size(0),
+          accumulator.numel()};
 }
 
 TORCH_LIBRARY(igfast, m) {

@@ -21,6 +21,33 @@ void check_accumulate_steps(const at::Tensor& accumulator, const at::Tensor& gra
 void check_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& inputs,
                                const at::Tensor& baselines);
 
+// The arguments of interpolate_path after the checks, made contiguous, with the
+// chunk's alphas in the compute dtype and the output allocated: what every
+// backend's kernel needs, prepared in one place.
+struct InterpolationPlan {
+  at::Tensor inputs;
+  at::Tensor baselines;
+  at::Tensor alphas;
+  at::Tensor path;
+  int64_t steps;
+  int64_t batch;
+  int64_t features;
+  bool broadcast_baseline;
+};
+InterpolationPlan plan_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
+                                        const at::Tensor& alphas, int64_t step_begin, int64_t step_end);
+
+// The arguments of accumulate_steps after the checks: contiguous grads and the
+// weights in the accumulator's dtype.
+struct AccumulationPlan {
+  at::Tensor grads;
+  at::Tensor weights;
+  int64_t steps;
+  int64_t elements;
+};
+AccumulationPlan plan_accumulate_steps(const at::Tensor& accumulator, const at::Tensor& grads,
+                                       const at::Tensor& weights);
+
 // Number of feature elements per example (product of all but the first dimension).
 inline int64_t features_per_example(const at::Tensor& t) {
   return t.dim() == 0 ? 1 : (t.size(0) == 0 ? t.numel() : t.numel() / t.size(0));

@@ -15,17 +15,14 @@ namespace igfast::cpu {
 namespace {
 
 void accumulate_steps_cpu(at::Tensor accumulator, const at::Tensor& grads_in, const at::Tensor& weights_in) {
-  check_accumulate_steps(accumulator, grads_in, weights_in);
-  const at::Tensor grads = grads_in.contiguous();
-  const at::Tensor weights = weights_in.to(accumulator.scalar_type()).contiguous();
-  const int64_t elements = accumulator.numel();
-  const int64_t steps = weights.size(0);
+  const AccumulationPlan plan = plan_accumulate_steps(accumulator, grads_in, weights_in);
+  const int64_t elements = plan.elements, steps = plan.steps;
   if (elements == 0 || steps == 0) return;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "accumulate_steps_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.grads.scalar_type(), "accumulate_steps_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g = grads.const_data_ptr<scalar_t>();
-    const acc_t* w = weights.const_data_ptr<acc_t>();
+    const scalar_t* g = plan.grads.const_data_ptr<scalar_t>();
+    const acc_t* w = plan.weights.const_data_ptr<acc_t>();
     acc_t* acc = accumulator.mutable_data_ptr<acc_t>();
     at::parallel_for(0, elements, std::max<int64_t>(kFeatureBlock, kMinWorkPerTask / steps), [&](int64_t begin, int64_t end) {
       for (int64_t j0 = begin; j0 < end; j0 += kFeatureBlock) {

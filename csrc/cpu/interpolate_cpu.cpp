@@ -19,31 +19,18 @@ namespace {
 
 at::Tensor interpolate_path_cpu(const at::Tensor& inputs_in, const at::Tensor& baselines_in,
                                 const at::Tensor& alphas_in, int64_t step_begin, int64_t step_end) {
-  check_interpolate_path(inputs_in, baselines_in, alphas_in, step_begin, step_end);
-  // Non-contiguous tensors are handled here, at the boundary, by one copy.
-  const at::Tensor inputs = inputs_in.contiguous();
-  const at::Tensor baselines = baselines_in.contiguous();
-  const at::Tensor alphas =
-      alphas_in.slice(0, step_begin, step_end).to(compute_dtype(inputs.scalar_type())).contiguous();
-
-  const int64_t steps = step_end - step_begin;
-  const int64_t batch = inputs.size(0);
-  const int64_t features = features_per_example(inputs);
-  std::vector<int64_t> shape = inputs.sizes().vec();
-  shape[0] = steps * batch;
-  at::Tensor path = at::empty(shape, inputs.options());
-  if (path.numel() == 0) return path;
-
-  const bool broadcast_baseline = baselines.size(0) == 1;
+  const InterpolationPlan plan = plan_interpolate_path(inputs_in, baselines_in, alphas_in, step_begin, step_end);
+  if (plan.path.numel() == 0) return plan.path;
+  const int64_t steps = plan.steps, batch = plan.batch, features = plan.features;
   const int64_t blocks_per_example = (features + kFeatureBlock - 1) / kFeatureBlock;
   const int64_t block = std::min(features, kFeatureBlock);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "interpolate_path_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.inputs.scalar_type(), "interpolate_path_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = inputs.const_data_ptr<scalar_t>();
-    const scalar_t* b = baselines.const_data_ptr<scalar_t>();
-    const opmath_t* a = alphas.const_data_ptr<opmath_t>();
-    scalar_t* out = path.mutable_data_ptr<scalar_t>();
+    const scalar_t* x = plan.inputs.const_data_ptr<scalar_t>();
+    const scalar_t* b = plan.baselines.const_data_ptr<scalar_t>();
+    const opmath_t* a = plan.alphas.const_data_ptr<opmath_t>();
+    scalar_t* out = plan.path.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, batch * blocks_per_example, grain_for(block * (steps + 1)), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> difference(block);
       for (int64_t task = begin; task < end; ++task) {
@@ -51,7 +38,7 @@ at::Tensor interpolate_path_cpu(const at::Tensor& inputs_in, const at::Tensor& b
         const int64_t f0 = (task % blocks_per_example) * kFeatureBlock;
         const int64_t n = std::min(kFeatureBlock, features - f0);
         const scalar_t* x_row = x + example * features + f0;
-        const scalar_t* b_row = b + (broadcast_baseline ? 0 : example) * features + f0;
+        const scalar_t* b_row = b + (plan.broadcast_baseline ? 0 : example) * features + f0;
         difference_row(x_row, b_row, difference.data(), n);
         for (int64_t s = 0; s < steps; ++s) {
           interpolate_row(out + (s * batch + example) * features + f0, b_row, difference.data(), a[s], n);
@@ -59,7 +46,7 @@ at::Tensor interpolate_path_cpu(const at::Tensor& inputs_in, const at::Tensor& b
       }
     });
   });
-  return path;
+  return plan.path;
 }
 
 }  // namespace

@@ -46,21 +46,18 @@ __global__ void scale_by_difference_kernel(acc_t* __restrict__ out, const acc_t*
 }
 
 void accumulate_steps_cuda(at::Tensor accumulator, const at::Tensor& grads_in, const at::Tensor& weights_in) {
-  check_accumulate_steps(accumulator, grads_in, weights_in);
   const c10::cuda::OptionalCUDAGuard guard(accumulator.device());
-  const at::Tensor grads = grads_in.contiguous();
-  const at::Tensor weights = weights_in.to(accumulator.scalar_type()).contiguous();
-  const int64_t elements = accumulator.numel();
-  const int64_t steps = weights.size(0);
+  const AccumulationPlan plan = plan_accumulate_steps(accumulator, grads_in, weights_in);
+  const int64_t elements = plan.elements, steps = plan.steps;
   if (elements == 0 || steps == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "accumulate_steps_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.grads.scalar_type(), "accumulate_steps_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int N = VectorWidth<scalar_t>::value;
-    const scalar_t* g = grads.const_data_ptr<scalar_t>();
+    const scalar_t* g = plan.grads.const_data_ptr<scalar_t>();
     acc_t* acc = accumulator.mutable_data_ptr<acc_t>();
-    const acc_t* w = weights.const_data_ptr<acc_t>();
+    const acc_t* w = plan.weights.const_data_ptr<acc_t>();
     if (elements % N == 0 && aligned16(g)) {
       accumulate_steps_kernel<scalar_t, acc_t, N><<<blocks_for(elements / N), kThreads, 0, stream>>>(
           acc, g, w, steps, elements);

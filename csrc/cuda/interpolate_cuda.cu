@@ -6,8 +6,6 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "cuda/launch.cuh"
 #include "igfast.h"
 
@@ -50,39 +48,30 @@ __global__ void interpolate_path_kernel(const scalar_t* __restrict__ x, const sc
 
 at::Tensor interpolate_path_cuda(const at::Tensor& inputs_in, const at::Tensor& baselines_in,
                                  const at::Tensor& alphas_in, int64_t step_begin, int64_t step_end) {
-  check_interpolate_path(inputs_in, baselines_in, alphas_in, step_begin, step_end);
   const c10::cuda::OptionalCUDAGuard guard(inputs_in.device());
-  const at::Tensor inputs = inputs_in.contiguous();
-  const at::Tensor baselines = baselines_in.contiguous();
-  const at::Tensor alphas =
-      alphas_in.slice(0, step_begin, step_end).to(compute_dtype(inputs.scalar_type())).contiguous();
-  const int64_t steps = step_end - step_begin;
-  const int64_t batch = inputs.size(0);
-  const int64_t features = features_per_example(inputs);
-  std::vector<int64_t> shape = inputs.sizes().vec();
-  shape[0] = steps * batch;
-  at::Tensor path = at::empty(shape, inputs.options());
-  if (path.numel() == 0) return path;
-  const bool broadcast_baseline = baselines.size(0) == 1;
+  const InterpolationPlan plan = plan_interpolate_path(inputs_in, baselines_in, alphas_in, step_begin, step_end);
+  if (plan.path.numel() == 0) return plan.path;
+  const int64_t steps = plan.steps, batch = plan.batch, features = plan.features;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "interpolate_path_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.inputs.scalar_type(), "interpolate_path_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr int N = VectorWidth<scalar_t>::value;
-    const scalar_t* x = inputs.const_data_ptr<scalar_t>();
-    const scalar_t* b = baselines.const_data_ptr<scalar_t>();
-    scalar_t* out = path.mutable_data_ptr<scalar_t>();
+    const scalar_t* x = plan.inputs.const_data_ptr<scalar_t>();
+    const scalar_t* b = plan.baselines.const_data_ptr<scalar_t>();
+    const opmath_t* a = plan.alphas.const_data_ptr<opmath_t>();
+    scalar_t* out = plan.path.mutable_data_ptr<scalar_t>();
     const bool vectorised = features % N == 0 && aligned16(x) && aligned16(b) && aligned16(out);
     if (vectorised) {
       interpolate_path_kernel<scalar_t, opmath_t, N><<<blocks_for(batch * features / N), kThreads, 0, stream>>>(
-          x, b, alphas.const_data_ptr<opmath_t>(), out, steps, batch, features, broadcast_baseline);
+          x, b, a, out, steps, batch, features, plan.broadcast_baseline);
     } else {
       interpolate_path_kernel<scalar_t, opmath_t, 1><<<blocks_for(batch * features), kThreads, 0, stream>>>(
-          x, b, alphas.const_data_ptr<opmath_t>(), out, steps, batch, features, broadcast_baseline);
+          x, b, a, out, steps, batch, features, plan.broadcast_baseline);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return path;
+  return plan.path;
 }
 
 }  // namespace
