@@ -35,6 +35,11 @@ def _extension_kwargs():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++20"]
+    # at::parallel_for runs serially unless the extension itself is compiled with
+    # OpenMP (ATen/ParallelOpenMP.h). Compile only: the GOMP symbols resolve
+    # through libtorch's own libgomp, so no second OpenMP runtime is loaded.
+    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
     with_cuda = cpp_extension.CUDA_HOME is not None and (
         _flag("FORCE_CUDA") or (torch.cuda.is_available() and torch.version.cuda is not None)
     )

@@ -53,7 +53,10 @@ def assert_matches_reference(kernel, ref, oracle, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("broadcast", [False, True], ids=["full_baseline", "broadcast_baseline"])
-@pytest.mark.parametrize("shape, chunk", [((4, 5), (0, 7)), ((3, 2, 33), (2, 5)), ((2, 3, 64, 64), (6, 7)), ((5, 8), (3, 3))])
+# Shapes cover short rows (broadcast baselines expanded), long rows (read in place),
+# and blocks of 32768 elements that end in the middle of an example.
+@pytest.mark.parametrize("shape, chunk", [((4, 5), (0, 7)), ((3, 2, 33), (2, 5)), ((2, 3, 64, 64), (6, 7)),
+                                          ((5, 8), (3, 3)), ((5, 10000), (1, 4)), ((40, 1000), (4, 6))])
 def test_interpolate_path(device, dtype, broadcast, shape, chunk):
     require_kernels(device)
     g = generator_for("interpolate", str(dtype), broadcast, shape, chunk)
@@ -66,6 +69,29 @@ def test_interpolate_path(device, dtype, broadcast, shape, chunk):
     a = alphas[chunk[0]:chunk[1]].view((steps,) + (1,) * x.dim())
     oracle = (b.double() + a * (x.double() - b.double())).reshape(ref.shape)
     assert_matches_reference(kernel, ref, oracle, dtype)
+
+
+def test_cpu_kernels_on_several_threads():
+    """Tasks split over threads (at::parallel_for) give the single-thread result."""
+    require_kernels("cpu")
+    g = generator_for("threads")
+    x = torch.randn(16, 3, 40, 40, generator=g)
+    b = torch.randn(1, 3, 40, 40, generator=g)
+    alphas = torch.rand(20, generator=g, dtype=torch.float64)
+    grads = torch.randn(20 * 16, 3, 40, 40, generator=g)
+    start = torch.randn(16, 3, 40, 40, generator=g)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        accumulator = start.clone()
+        torch.ops.igfast.accumulate_steps(accumulator, grads, alphas)
+        results.append((torch.ops.igfast.interpolate_path(x, b, alphas, 3, 17), accumulator,
+                        torch.ops.igfast.scale_by_difference(accumulator, x, b)))
+    for single, multi in zip(*results):
+        assert torch.equal(single, multi)
+    reference_accumulator = start.clone()
+    reference.accumulate_steps(reference_accumulator, grads, alphas)
+    torch.testing.assert_close(results[1][1], reference_accumulator, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

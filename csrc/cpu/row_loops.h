@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define IGFAST_ROW_LOOP __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) __attribute__((noinline))
@@ -25,6 +26,24 @@ namespace igfast::cpu {
 // differences (in opmath) stays in L1/L2 while it is reused for every step.
 constexpr int64_t kFeatureBlock = 4096;
 
+// Elements per interpolation block: base and difference of a block (2 x 128 KB in
+// float) stay in L2 while the block is written for every step, and each step's
+// write is a long contiguous run that the prefetchers stream well.
+constexpr int64_t kPathBlock = 32768;
+
+// A per-thread buffer of at least n elements, kept across calls: a fresh
+// zero-filled vector of this size costs an mmap, page faults and a memset per call.
+template <typename T, int Slot>
+T* scratch_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Broadcast baseline rows shorter than this are expanded over a block once, so the
+// per-step loops stay long; longer rows are read in place, one run per example.
+constexpr int64_t kMinRun = 1024;
+
 // Tasks of at least this many element updates, so small calls stay on one thread.
 constexpr int64_t kMinWorkPerTask = 32768;
 
@@ -32,22 +51,22 @@ inline int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work_per_task));
 }
 
-// d = (x - b), rounded to the input dtype first (as PyTorch and Captum form it),
-// then held in opmath for the multiply.
+// difference = (x - b) in opmath, rounded to the input dtype first, as PyTorch
+// and Captum form it.
 template <typename scalar_t, typename opmath_t>
 IGFAST_ROW_LOOP void difference_row(const scalar_t* __restrict x, const scalar_t* __restrict b,
-                           opmath_t* __restrict d, int64_t n) {
+                                    opmath_t* __restrict difference, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    d[j] = static_cast<opmath_t>(static_cast<scalar_t>(x[j] - b[j]));
+    difference[j] = static_cast<opmath_t>(static_cast<scalar_t>(x[j] - b[j]));
   }
 }
 
-// out = b + a * d, computed in opmath and rounded once to the input dtype.
+// out = b + a * difference, computed in opmath and rounded once to the input dtype.
 template <typename scalar_t, typename opmath_t>
 IGFAST_ROW_LOOP void interpolate_row(scalar_t* __restrict out, const scalar_t* __restrict b,
-                            const opmath_t* __restrict d, opmath_t a, int64_t n) {
+                                     const opmath_t* __restrict difference, opmath_t a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(b[j]) + a * d[j]);
+    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(b[j]) + a * difference[j]);
   }
 }
 
