@@ -49,7 +49,6 @@ def _extension_kwargs():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extension_class = cpp_extension.CUDAExtension
         extra["nvcc"] = ["-O3", "-std=c++20"]
-        cxx_flags.append("-DIGFAST_WITH_CUDA")
     extension = extension_class(
         name="igfast._C",
         sources=sources,

@@ -1,7 +1,8 @@
 """igfast against Captum against the model's own forward+backward floor.
 
 For each workload, n_steps and method, the variants run interleaved (floor, igfast
-with its kernels, igfast on the pure-PyTorch path, Captum, in turn, repeated), after
+with its kernels, igfast on the pure-PyTorch path, Captum, each round in a new
+random order), after
 a correctness check, single-threaded; the table gives median times and ratios of
 medians ("speedup" is Captum's time over igfast's).
 
@@ -106,7 +107,7 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else None)
     rounds = f"{repeats} rounds" if repeats else "15 to 301 rounds (about 2 s of the slowest variant)"
     print(f"igfast {igfast.__version__} ({igfast.info()['path']}), torch {torch.__version__}, "
-          f"device {args.device}, threads {args.threads}, {rounds}, interleaved in rotating order, medians")
+          f"device {args.device}, threads {args.threads}, {rounds}, interleaved in random order, medians")
     rows = [bench(w, n, m, repeats, args.device) for w in WORKLOADS for n in steps for m in methods]
     print_table(rows)
     if args.json:

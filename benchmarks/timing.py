@@ -1,8 +1,11 @@
 """Interleaved timing shared by the benchmark scripts: every variant runs once per
-round, so drifts of a shared machine hit all variants alike, and the order rotates
-from round to round, so no variant always inherits the caches of the same
-predecessor; the device is synchronised around each call; medians are reported."""
+round, so drifts of a shared machine hit all variants alike, in a fresh random
+order each round (seeded), so no variant always inherits the caches and allocator
+state of the same predecessor (a rotation keeps the cyclic order, which showed up
+as a systematic bias); the device is synchronised around each call; medians are
+reported."""
 
+import random
 import statistics
 import time
 from typing import Callable, Dict
@@ -22,10 +25,11 @@ def interleaved_medians(variants: Dict[str, Callable[[], object]], repeats: int,
         for run in variants.values():
             run()
     times = {name: [] for name in variants}
+    order = random.Random(0)
     names = list(variants)
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for _ in range(repeats):
+        order.shuffle(names)
+        for name in names:
             run = variants[name]
             synchronize(device)
             start = time.perf_counter()
