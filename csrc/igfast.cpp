@@ -47,16 +47,6 @@ void check_feature_shapes(const at::Tensor& t, const char* name, const at::Tenso
               "` (all dimensions after the first); got ", t.sizes(), " and ", reference.sizes());
 }
 
-}  // namespace
-
-at::ScalarType compute_dtype(at::ScalarType input_dtype) {
-  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
-  return compute_dtype(input_dtype);
-}
-
 void check_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
                             const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
   check_float(inputs, "inputs");
@@ -112,6 +102,16 @@ void check_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& 
   check_same_device(baselines, "baselines", inputs, "inputs");
 }
 
+}  // namespace
+
+at::ScalarType compute_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
+  return compute_dtype(input_dtype);
+}
+
 InterpolationPlan plan_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
                                         const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
   check_interpolate_path(inputs, baselines, alphas, step_begin, step_end);
@@ -135,6 +135,20 @@ AccumulationPlan plan_accumulate_steps(const at::Tensor& accumulator, const at::
   check_accumulate_steps(accumulator, grads, weights);
   return {grads.contiguous(), weights.to(accumulator.scalar_type()).contiguous(), weights.size(0),
           accumulator.numel()};
+}
+
+ScalingPlan plan_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& inputs,
+                                     const at::Tensor& baselines) {
+  check_scale_by_difference(accumulator, inputs, baselines);
+  ScalingPlan plan;
+  plan.accumulator = accumulator.contiguous();
+  plan.inputs = inputs.contiguous();
+  plan.baselines = baselines.contiguous();
+  plan.out = at::empty_like(plan.accumulator, at::MemoryFormat::Contiguous);
+  plan.batch = inputs.size(0);
+  plan.features = features_per_example(inputs);
+  plan.broadcast_baseline = baselines.size(0) == 1;
+  return plan;
 }
 
 TORCH_LIBRARY(igfast, m) {

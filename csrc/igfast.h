@@ -1,5 +1,6 @@
-// Shared declarations of the igfast ops: the argument checks every backend runs
-// before its kernel, and the dtype rules (mirroring igfast/dtypes.py).
+// Shared declarations of the igfast ops: the dtype rules (mirroring
+// igfast/dtypes.py) and, per op, a plan that checks the arguments and prepares
+// them for every backend's kernel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,14 +13,6 @@ int64_t abi_version();
 at::ScalarType compute_dtype(at::ScalarType input_dtype);
 // dtype of the weighted sum over steps: float for half types, else the input dtype.
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
-
-// Validate the arguments of each op (TORCH_CHECK with a message naming the argument).
-void check_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
-                            const at::Tensor& alphas, int64_t step_begin, int64_t step_end);
-void check_accumulate_steps(const at::Tensor& accumulator, const at::Tensor& grads,
-                            const at::Tensor& weights);
-void check_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& inputs,
-                               const at::Tensor& baselines);
 
 // The arguments of interpolate_path after the checks, made contiguous, with the
 // chunk's alphas in the compute dtype and the output allocated: what every
@@ -47,6 +40,20 @@ struct AccumulationPlan {
 };
 AccumulationPlan plan_accumulate_steps(const at::Tensor& accumulator, const at::Tensor& grads,
                                        const at::Tensor& weights);
+
+// The arguments of scale_by_difference after the checks, made contiguous, with
+// the output allocated.
+struct ScalingPlan {
+  at::Tensor accumulator;
+  at::Tensor inputs;
+  at::Tensor baselines;
+  at::Tensor out;
+  int64_t batch;
+  int64_t features;
+  bool broadcast_baseline;
+};
+ScalingPlan plan_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& inputs,
+                                     const at::Tensor& baselines);
 
 // Number of feature elements per example (product of all but the first dimension).
 inline int64_t features_per_example(const at::Tensor& t) {

@@ -42,30 +42,24 @@ void accumulate_steps_cpu(at::Tensor accumulator, const at::Tensor& grads_in, co
 
 at::Tensor scale_by_difference_cpu(const at::Tensor& accumulator_in, const at::Tensor& inputs_in,
                                    const at::Tensor& baselines_in) {
-  check_scale_by_difference(accumulator_in, inputs_in, baselines_in);
-  const at::Tensor accumulator = accumulator_in.contiguous();
-  const at::Tensor inputs = inputs_in.contiguous();
-  const at::Tensor baselines = baselines_in.contiguous();
-  at::Tensor out = at::empty_like(accumulator, at::MemoryFormat::Contiguous);
-  if (out.numel() == 0) return out;
-  const int64_t batch = inputs.size(0);
-  const int64_t features = features_per_example(inputs);
-  const bool broadcast_baseline = baselines.size(0) == 1;
+  const ScalingPlan plan = plan_scale_by_difference(accumulator_in, inputs_in, baselines_in);
+  if (plan.out.numel() == 0) return plan.out;
+  const int64_t features = plan.features;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "scale_by_difference_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.inputs.scalar_type(), "scale_by_difference_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* acc = accumulator.const_data_ptr<acc_t>();
-    const scalar_t* x = inputs.const_data_ptr<scalar_t>();
-    const scalar_t* b = baselines.const_data_ptr<scalar_t>();
-    acc_t* o = out.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, batch, grain_for(features), [&](int64_t begin, int64_t end) {
+    const acc_t* acc = plan.accumulator.const_data_ptr<acc_t>();
+    const scalar_t* x = plan.inputs.const_data_ptr<scalar_t>();
+    const scalar_t* b = plan.baselines.const_data_ptr<scalar_t>();
+    acc_t* o = plan.out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, plan.batch, grain_for(features), [&](int64_t begin, int64_t end) {
       for (int64_t example = begin; example < end; ++example) {
         const int64_t offset = example * features;
-        scale_row(o + offset, acc + offset, x + offset, b + (broadcast_baseline ? 0 : offset), features);
+        scale_row(o + offset, acc + offset, x + offset, b + (plan.broadcast_baseline ? 0 : offset), features);
       }
     });
   });
-  return out;
+  return plan.out;
 }
 
 }  // namespace

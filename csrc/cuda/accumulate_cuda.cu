@@ -71,26 +71,21 @@ void accumulate_steps_cuda(at::Tensor accumulator, const at::Tensor& grads_in, c
 
 at::Tensor scale_by_difference_cuda(const at::Tensor& accumulator_in, const at::Tensor& inputs_in,
                                     const at::Tensor& baselines_in) {
-  check_scale_by_difference(accumulator_in, inputs_in, baselines_in);
   const c10::cuda::OptionalCUDAGuard guard(inputs_in.device());
-  const at::Tensor accumulator = accumulator_in.contiguous();
-  const at::Tensor inputs = inputs_in.contiguous();
-  const at::Tensor baselines = baselines_in.contiguous();
-  at::Tensor out = at::empty_like(accumulator, at::MemoryFormat::Contiguous);
-  const int64_t elements = out.numel();
-  if (elements == 0) return out;
-  const int64_t features = features_per_example(inputs);
-  const bool broadcast_baseline = baselines.size(0) == 1;
+  const ScalingPlan plan = plan_scale_by_difference(accumulator_in, inputs_in, baselines_in);
+  const int64_t elements = plan.out.numel();
+  if (elements == 0) return plan.out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs.scalar_type(), "scale_by_difference_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.inputs.scalar_type(), "scale_by_difference_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scale_by_difference_kernel<scalar_t, acc_t><<<blocks_for(elements), kThreads, 0, stream>>>(
-        out.mutable_data_ptr<acc_t>(), accumulator.const_data_ptr<acc_t>(), inputs.const_data_ptr<scalar_t>(),
-        baselines.const_data_ptr<scalar_t>(), elements, features, broadcast_baseline);
+        plan.out.mutable_data_ptr<acc_t>(), plan.accumulator.const_data_ptr<acc_t>(),
+        plan.inputs.const_data_ptr<scalar_t>(), plan.baselines.const_data_ptr<scalar_t>(), elements,
+        plan.features, plan.broadcast_baseline);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return plan.out;
 }
 
 }  // namespace
