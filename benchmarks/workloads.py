@@ -32,6 +32,20 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class SmallEncoder(nn.Module):
+    """A transformer encoder over token embeddings (attributed directly): 4 layers,
+    width 256, 8 heads; the logits come from the mean-pooled sequence."""
+
+    def __init__(self, width=256, layers=4, heads=8, classes=10):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
 @dataclass
 class Workload:
     name: str
@@ -51,4 +65,6 @@ class Workload:
 WORKLOADS: Dict[str, Workload] = {
     "mlp": Workload("mlp (64 features, batch 64)", SmallMLP, (64, 64)),
     "cnn": Workload("cnn (3x32x32, batch 16)", SmallCNN, (16, 3, 32, 32)),
+    "encoder": Workload("transformer encoder (sequence 256, width 256, 4 layers, batch 32)",
+                        SmallEncoder, (32, 256, 256)),
 }

@@ -21,7 +21,7 @@ extern "C" PyObject* PyInit__C(void) {
 namespace igfast {
 
 // Bumped whenever an op schema changes, so Python can refuse a stale build.
-int64_t abi_version() { return 2; }
+int64_t abi_version() { return 3; }
 
 namespace {
 
@@ -113,7 +113,8 @@ at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
 }
 
 InterpolationPlan plan_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
-                                        const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
+                                        const at::Tensor& alphas, int64_t step_begin, int64_t step_end,
+                                        const at::Tensor& out) {
   check_interpolate_path(inputs, baselines, alphas, step_begin, step_end);
   InterpolationPlan plan;
   // Non-contiguous tensors are handled here, at the boundary, by one copy.
@@ -126,7 +127,19 @@ InterpolationPlan plan_interpolate_path(const at::Tensor& inputs, const at::Tens
   plan.broadcast_baseline = baselines.size(0) == 1;
   std::vector<int64_t> shape = inputs.sizes().vec();
   shape[0] = plan.steps * plan.batch;
-  plan.path = at::empty(shape, inputs.options());
+  if (!out.defined()) {
+    plan.path = at::empty(shape, inputs.options());
+    return plan;
+  }
+  // The engine reuses one buffer for every chunk, so the kernels write into it
+  // directly; it must be exactly the output interpolate_path would allocate.
+  TORCH_CHECK(out.scalar_type() == inputs.scalar_type(), "igfast: `out` must have the dtype of `inputs` (",
+              inputs.scalar_type(), "); got ", out.scalar_type());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "igfast: `out` must have shape ", at::IntArrayRef(shape),
+              " (steps x examples rows); got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "igfast: `out` must be contiguous");
+  check_same_device(out, "out", inputs, "inputs");
+  plan.path = out;
   return plan;
 }
 
@@ -153,8 +166,14 @@ ScalingPlan plan_scale_by_difference(const at::Tensor& accumulator, const at::Te
 
 TORCH_LIBRARY(igfast, m) {
   m.def("abi_version() -> int", &abi_version);
+  // A peak meter of CPU memory (csrc/cpu/memory_meter_cpu.cpp); it sizes chunks.
+  m.def("cpu_memory_meter_start() -> bool", &cpu_memory_meter_start);
+  m.def("cpu_memory_meter_stop() -> int", &cpu_memory_meter_stop);
   // The path points of steps [step_begin, step_end): (k * B, ...) step-major.
   m.def("interpolate_path(Tensor inputs, Tensor baselines, Tensor alphas, int step_begin, int step_end) -> Tensor");
+  // The same path points written into `out`, a buffer the caller reuses across chunks.
+  m.def("interpolate_path_into(Tensor(a!) out, Tensor inputs, Tensor baselines, Tensor alphas, int step_begin, "
+        "int step_end) -> ()");
   // accumulator += sum_k weights[k] * grads[k] in place (accumulate dtype).
   m.def("accumulate_steps(Tensor(a!) accumulator, Tensor grads, Tensor weights) -> ()");
   // accumulator * (inputs - baselines): the attributions when multiplying by inputs.

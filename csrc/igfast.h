@@ -9,14 +9,20 @@ namespace igfast {
 
 int64_t abi_version();
 
+// Peak CPU memory allocated on this thread between start and stop, in bytes.
+// Meters nest; start returns false (and measures nothing) while the profiler runs.
+bool cpu_memory_meter_start();
+int64_t cpu_memory_meter_stop();
+
 // dtype of alpha * (x - x'): PyTorch's opmath (float for half types).
 at::ScalarType compute_dtype(at::ScalarType input_dtype);
 // dtype of the weighted sum over steps: float for half types, else the input dtype.
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
 
 // The arguments of interpolate_path after the checks, made contiguous, with the
-// chunk's alphas in the compute dtype and the output allocated: what every
-// backend's kernel needs, prepared in one place.
+// chunk's alphas in the compute dtype and the output allocated (or, for
+// interpolate_path_into, the caller's buffer checked): what every backend's
+// kernel needs, prepared in one place.
 struct InterpolationPlan {
   at::Tensor inputs;
   at::Tensor baselines;
@@ -28,7 +34,8 @@ struct InterpolationPlan {
   bool broadcast_baseline;
 };
 InterpolationPlan plan_interpolate_path(const at::Tensor& inputs, const at::Tensor& baselines,
-                                        const at::Tensor& alphas, int64_t step_begin, int64_t step_end);
+                                        const at::Tensor& alphas, int64_t step_begin, int64_t step_end,
+                                        const at::Tensor& out = at::Tensor());
 
 // The arguments of accumulate_steps after the checks: contiguous grads and the
 // weights in the accumulator's dtype.

@@ -8,6 +8,8 @@ import os
 from typing import Optional
 
 DISABLE_VARIABLE = "IGFAST_DISABLE_EXTENSION"
+# Must equal abi_version() in csrc/igfast.cpp: a build with other op schemas is stale.
+ABI_VERSION = 3
 
 _loaded = False
 _why_not: Optional[str] = None
@@ -27,6 +29,13 @@ def _load() -> None:
     except OSError as error:  # e.g. built against another torch version
         _why_not = f"igfast._C failed to load ({error}); rebuild igfast for this torch"
     else:
+        built = torch.ops.igfast.abi_version()
+        if built != ABI_VERSION:
+            _why_not = (
+                f"igfast._C is a stale build (op ABI {built}, this igfast needs {ABI_VERSION}); "
+                "rebuild it with `pip install --no-build-isolation -e .`"
+            )
+            return
         _loaded = True
 
 

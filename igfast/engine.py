@@ -1,85 +1,112 @@
 """The streaming engine: integrates path gradients chunk by chunk.
 
 Every attribution method of igfast reduces to the same loop: for each chunk of
-(path steps x examples), build the interpolated inputs, run the model forward and
-backward, and add the weighted gradients into a (batch, ...) accumulator. Nothing of
-size n_steps x input outlives a chunk. The chunking decides memory, never results
-(beyond float summation order).
+(path nodes x examples), write the interpolated inputs into a reused buffer, run
+the model forward and backward, and add the weighted gradients into a (batch, ...)
+accumulator. Nothing of size n_steps x input outlives a chunk, and the chunking
+decides memory, never results (beyond float summation order).
+
+The chunk size comes from a ``RowLimit``. When a chunk runs out of memory the
+limit is halved and the chunk is tried again; everything accumulated before it
+is kept.
 """
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import ops
+from .chunking import Chunk, ChunkSchedule, RowLimit
 from .dtypes import dtype_policy
+from .memory import PeakMeter
+from .quadrature import PathNodes
+
+# gradients_at(path, chunk, with_outputs) returns the gradients of the output with
+# respect to every path tensor, and, when with_outputs, the output value of every
+# row (one per row, detached); else None.
+GradientsAt = Callable[
+    [Tuple[torch.Tensor, ...], Chunk, bool],
+    Tuple[Sequence[torch.Tensor], Optional[torch.Tensor]],
+]
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Steps [step_begin, step_end) of examples [example_begin, example_end)."""
+@dataclass
+class PathIntegral:
+    """What one pass over the path gives."""
 
-    step_begin: int
-    step_end: int
-    example_begin: int
-    example_end: int
-    batch_size: int
-
-    @property
-    def steps(self) -> int:
-        return self.step_end - self.step_begin
-
-    @property
-    def examples(self) -> int:
-        return self.example_end - self.example_begin
-
-    @property
-    def rows(self) -> int:
-        return self.steps * self.examples
+    gradient_sums: Tuple[torch.Tensor, ...]  # sum_k w_k grad F(path_k), per input
+    start_values: Optional[torch.Tensor]  # F(x') per example, when the nodes have alpha 0
+    end_values: Optional[torch.Tensor]  # F(x) per example, when the nodes have alpha 1
+    chunks: List[Chunk]  # the chunks that ran, in order (model calls = len + out_of_memory)
+    out_of_memory: int  # chunks that ran out of memory and were retried smaller
 
     @property
-    def covers_batch(self) -> bool:
-        return self.examples == self.batch_size
+    def forward_calls(self) -> int:
+        return len(self.chunks) + self.out_of_memory
 
 
-def plan_chunks(
-    n_steps: int,
-    batch_size: int,
-    steps_per_chunk: int,
-    examples_per_chunk: Optional[int] = None,
-) -> List[Chunk]:
-    """Tile the (steps x examples) grid; examples outermost so each accumulator slice
-    is finished before the next begins."""
-    if batch_size == 0:
-        return []
-    examples_per_chunk = examples_per_chunk or batch_size
-    assert steps_per_chunk >= 1 and examples_per_chunk >= 1
-    return [
-        Chunk(k0, min(k0 + steps_per_chunk, n_steps), i0,
-              min(i0 + examples_per_chunk, batch_size), batch_size)
-        for i0 in range(0, batch_size, examples_per_chunk)
-        for k0 in range(0, n_steps, steps_per_chunk)
-    ]
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA/accelerator out-of-memory, or the CPU allocator refusing a block."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
-# gradients_at(path, chunk) returns d(output)/d(path) for every path tensor.
-GradientsAt = Callable[[Tuple[torch.Tensor, ...], Chunk], Sequence[torch.Tensor]]
+class _PathBuffers:
+    """One flat buffer per input, grown when a chunk needs more rows, else reused:
+    the path of every chunk is written into the same memory."""
+
+    def __init__(self, inputs: Tuple[torch.Tensor, ...]) -> None:
+        self._inputs = inputs
+        self._buffers: List[Optional[torch.Tensor]] = [None] * len(inputs)
+
+    def reserve(self, rows: int) -> None:
+        for index, x in enumerate(self._inputs):
+            needed = rows * x[0].numel() if x.shape[0] else 0
+            buffer = self._buffers[index]
+            if buffer is None or buffer.numel() < needed:
+                self._buffers[index] = None  # free the old buffer before the new one
+                self._buffers[index] = torch.empty(needed, dtype=x.dtype, device=x.device)
+
+    def bytes_for(self, rows: int) -> int:
+        return sum(rows * x[0].numel() * x.element_size() for x in self._inputs if x.shape[0])
+
+    def path(self, chunk: Chunk, baselines: Tuple[torch.Tensor, ...], alphas: Sequence[torch.Tensor]):
+        rows = slice(chunk.example_begin, chunk.example_end)
+        path = []
+        for buffer, x, b, a in zip(self._buffers, self._inputs, baselines, alphas):
+            shape = (chunk.rows,) + tuple(x.shape[1:])
+            out = buffer[: chunk.rows * x[0].numel()].view(shape)
+            ops.interpolate_path_into(
+                out, x[rows], b if b.shape[0] == 1 else b[rows], a, chunk.step_begin, chunk.step_end
+            )
+            # A fresh leaf over the buffer: the graph of the previous chunk is gone.
+            path.append(out.detach().requires_grad_())
+        return tuple(path)
 
 
 def integrate_gradients(
     inputs: Tuple[torch.Tensor, ...],
     baselines: Tuple[torch.Tensor, ...],
-    alphas: torch.Tensor,
-    weights: torch.Tensor,
+    nodes: PathNodes,
     gradients_at: GradientsAt,
-    chunks: Sequence[Chunk],
-) -> Tuple[torch.Tensor, ...]:
+    row_limit: RowLimit,
+) -> PathIntegral:
     """sum_k w_k * grad F(x' + alpha_k (x - x')) for every input, chunk by chunk.
 
-    inputs and baselines are detached; baselines have batch size B or 1. Returns one
-    accumulator per input, shaped like it, in the accumulation dtype of its dtype.
+    inputs and baselines are detached; baselines have batch size B or 1. The
+    accumulators are shaped like the inputs, in the accumulation dtype of each.
     """
+    batch_size = inputs[0].shape[0]
+    device = inputs[0].device
+    schedule = ChunkSchedule(nodes.count, batch_size)
+    done: List[Chunk] = []
+    failed = 0
+    values = {}  # node index -> (B,) output values, for the endpoint nodes
+    endpoint_nodes = {k for k in (nodes.start_node, nodes.end_node) if k is not None}
     # Gradients are needed even when the caller is under no_grad or inference_mode
     # (the accumulators are written in place, so they must not be inference tensors).
     with torch.inference_mode(False), torch.enable_grad():
@@ -87,21 +114,74 @@ def integrate_gradients(
             torch.zeros(x.shape, dtype=dtype_policy(x.dtype).accumulate, device=x.device)
             for x in inputs
         )
-        alphas_on = [alphas.to(x.device) for x in inputs]
-        weights_on = [weights.to(x.device) for x in inputs]
-        for chunk in chunks:
-            rows = slice(chunk.example_begin, chunk.example_end)
-            path = tuple(
-                ops.interpolate_path(
-                    x[rows], b if b.shape[0] == 1 else b[rows], a,
-                    chunk.step_begin, chunk.step_end,
-                ).requires_grad_()
-                for x, b, a in zip(inputs, baselines, alphas_on)
-            )
-            grads = gradients_at(path, chunk)
-            for accumulator, grad, w in zip(accumulators, grads, weights_on):
-                ops.accumulate_steps(
-                    accumulator[rows], grad, w[chunk.step_begin:chunk.step_end]
+        alphas_on = [nodes.alphas.to(x.device) for x in inputs]
+        weights_on = [nodes.weights.to(x.device) for x in inputs]
+        buffers = _PathBuffers(inputs)
+        while not schedule.done:
+            chunk = schedule.next_chunk(row_limit.rows)
+            # The last chunk's peak sizes nothing, so it is not measured.
+            measure = row_limit.measures and chunk.rows < schedule.remaining_rows
+            buffers.reserve(chunk.rows)
+            meter = PeakMeter(device) if measure else contextlib.nullcontext()
+            with meter:
+                if measure:
+                    meter.add_estimate(2 * buffers.bytes_for(chunk.rows))
+                wants_values = any(chunk.step_begin <= k < chunk.step_end for k in endpoint_nodes)
+                try:
+                    grads, outputs = gradients_at(
+                        buffers.path(chunk, baselines, alphas_on), chunk, wants_values
+                    )
+                except Exception as error:
+                    if not is_out_of_memory(error) or not row_limit.shrink(chunk.rows):
+                        raise
+                    failed_rows = chunk.rows
+                else:
+                    failed_rows = 0
+                    _accumulate(accumulators, grads, weights_on, chunk, nodes.quadrature_count)
+                    for k in endpoint_nodes:
+                        if chunk.step_begin <= k < chunk.step_end:
+                            _record_values(values, k, outputs, chunk)
+                    del grads, outputs
+            if failed_rows:
+                failed += 1
+                warnings.warn(
+                    f"igfast: out of memory on a chunk of {failed_rows} path rows; retrying with "
+                    f"{row_limit.rows} rows (what was accumulated is kept). Give `memory_budget` "
+                    "(or a smaller `internal_batch_size`) to size chunks in advance.",
+                    RuntimeWarning,
+                    stacklevel=4,
                 )
-            del path, grads
-    return accumulators
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            schedule.complete(chunk)
+            done.append(chunk)
+            if measure:
+                # The buffer was reserved before the meter started: add its rows.
+                row_limit.observe(chunk.rows, meter.peak + (buffers.bytes_for(chunk.rows) if meter.exact else 0))
+    return PathIntegral(
+        accumulators, values.get(nodes.start_node), values.get(nodes.end_node), done, failed
+    )
+
+
+def _accumulate(accumulators, grads, weights_on, chunk: Chunk, quadrature_count: int) -> None:
+    """Add the chunk's weighted gradients; rows of endpoint-only nodes carry no weight."""
+    quadrature_end = min(chunk.step_end, quadrature_count)
+    if quadrature_end <= chunk.step_begin:
+        return
+    rows = slice(chunk.example_begin, chunk.example_end)
+    weighted_rows = (quadrature_end - chunk.step_begin) * chunk.examples
+    for accumulator, grad, w in zip(accumulators, grads, weights_on):
+        ops.accumulate_steps(
+            accumulator[rows], grad[:weighted_rows], w[chunk.step_begin:quadrature_end]
+        )
+
+
+def _record_values(values: dict, node: int, outputs: torch.Tensor, chunk: Chunk) -> None:
+    offset = (node - chunk.step_begin) * chunk.examples
+    rows = outputs[offset:offset + chunk.examples]
+    if node not in values:
+        values[node] = torch.empty(
+            (chunk.batch_size,) + tuple(rows.shape[1:]), dtype=rows.dtype, device=rows.device
+        )
+    values[node][chunk.example_begin:chunk.example_end] = rows

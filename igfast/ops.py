@@ -3,7 +3,8 @@ extension provides them for a tensor's device, the pure-PyTorch reference elsewh
 
 Each op has a fake (meta) implementation so ``torch.compile(fullgraph=True)`` can
 trace it, and the two pure functions have autograd formulas. ``accumulate_steps``
-writes in place and is not differentiable (it ends the pipeline).
+and ``interpolate_path_into`` write in place and are not differentiable (the first
+ends the pipeline, the second fills a buffer that becomes a leaf of the graph).
 
 ``kernels_available(device)`` and ``why_not_kernels(device)`` say which path runs;
 ``kernels_disabled()`` forces the reference path (tests, benchmarks).
@@ -18,7 +19,7 @@ import torch
 from . import _ext, reference
 from .dtypes import dtype_policy
 
-OP_NAMES = ("interpolate_path", "accumulate_steps", "scale_by_difference")
+OP_NAMES = ("interpolate_path", "interpolate_path_into", "accumulate_steps", "scale_by_difference")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _enabled = True
 
@@ -68,6 +69,14 @@ def interpolate_path(inputs, baselines, alphas, step_begin: int, step_end: int) 
     return reference.interpolate_path(inputs, baselines, alphas, step_begin, step_end)
 
 
+def interpolate_path_into(out, inputs, baselines, alphas, step_begin: int, step_end: int) -> None:
+    """interpolate_path written into ``out`` (a reused buffer), not allocated."""
+    if kernels_available(inputs.device):
+        torch.ops.igfast.interpolate_path_into(out, inputs, baselines, alphas, step_begin, step_end)
+    else:
+        reference.interpolate_path_into(out, inputs, baselines, alphas, step_begin, step_end)
+
+
 def accumulate_steps(accumulator, grads, weights) -> None:
     """accumulator += sum_k weights[k] * grads[k], in place."""
     if kernels_available(accumulator.device):
@@ -95,6 +104,10 @@ def _register_fake_and_autograd() -> None:
     def _(inputs, baselines, alphas, step_begin, step_end):
         steps = step_end - step_begin
         return inputs.new_empty((steps * inputs.shape[0],) + tuple(inputs.shape[1:]))
+
+    @torch.library.register_fake("igfast::interpolate_path_into")
+    def _(out, inputs, baselines, alphas, step_begin, step_end):
+        return None
 
     @torch.library.register_fake("igfast::accumulate_steps")
     def _(accumulator, grads, weights):

@@ -15,7 +15,7 @@ The values reproduce Captum 0.9 bit for bit, quirks included:
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -103,3 +103,43 @@ def alphas_and_weights(method: str, n_steps: int) -> Tuple[torch.Tensor, torch.T
     """
     validate_method_and_steps(method, n_steps)
     return _table(method, int(n_steps))
+
+
+@dataclass(frozen=True)
+class PathNodes:
+    """The points of the path a computation evaluates, and which of them carry
+    quadrature weights.
+
+    ``alphas`` are the quadrature nodes, then any endpoint (alpha 0 or 1) the rule
+    lacks but the convergence delta needs; only the first ``len(weights)`` nodes
+    are summed. ``start_node`` and ``end_node`` index the nodes at alpha 0 and 1,
+    where the forward values F(x') and F(x) are read, or are None.
+    """
+
+    alphas: torch.Tensor
+    weights: torch.Tensor
+    start_node: Optional[int] = None
+    end_node: Optional[int] = None
+
+    @property
+    def count(self) -> int:
+        return self.alphas.shape[0]
+
+    @property
+    def quadrature_count(self) -> int:
+        return self.weights.shape[0]
+
+
+def path_nodes(method: str, n_steps: int, with_endpoints: bool) -> PathNodes:
+    """The nodes of ``method``; with_endpoints adds alpha 0 and 1 unless the rule
+    already has them (riemann_left has 0, riemann_right 1, riemann_trapezoid both),
+    so the convergence delta needs no separate model calls."""
+    alphas, weights = alphas_and_weights(method, n_steps)
+    if not with_endpoints:
+        return PathNodes(alphas, weights)
+    nodes = alphas.tolist()
+    missing = [a for a in (0.0, 1.0) if a not in nodes]
+    if missing:
+        alphas = torch.cat([alphas, torch.tensor(missing, dtype=alphas.dtype)])
+        nodes = alphas.tolist()
+    return PathNodes(alphas, weights, nodes.index(0.0), nodes.index(1.0))

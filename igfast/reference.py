@@ -44,6 +44,32 @@ def interpolate_path(
     return path.to(inputs.dtype).reshape((steps * inputs.shape[0],) + inputs.shape[1:])
 
 
+def interpolate_path_into(
+    out: torch.Tensor,
+    inputs: torch.Tensor,
+    baselines: torch.Tensor,
+    alphas: torch.Tensor,
+    step_begin: int,
+    step_end: int,
+) -> None:
+    """interpolate_path written into ``out``, shaped (k * b, ...)."""
+    expected = ((step_end - step_begin) * inputs.shape[0],) + tuple(inputs.shape[1:])
+    if tuple(out.shape) != expected or out.dtype != inputs.dtype:
+        raise ValueError(
+            f"`out` must be {inputs.dtype} with shape {expected}; got {out.dtype} {tuple(out.shape)}"
+        )
+    if dtype_policy(inputs.dtype).compute != inputs.dtype:
+        out.copy_(interpolate_path(inputs, baselines, alphas, step_begin, step_end))
+        return
+    steps = step_end - step_begin
+    torch.addcmul(
+        baselines.unsqueeze(0),
+        alphas[step_begin:step_end].to(inputs.dtype).view(_steps_view(steps, inputs)),
+        (inputs - baselines).unsqueeze(0),
+        out=out.view((steps,) + tuple(inputs.shape)),
+    )
+
+
 def accumulate_steps(
     accumulator: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor
 ) -> None:

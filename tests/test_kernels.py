@@ -195,6 +195,7 @@ def opcheck_samples(device):
     return [
         (torch.ops.igfast.interpolate_path.default, (x, b, alphas, 1, 5)),
         (torch.ops.igfast.interpolate_path.default, (x.clone().requires_grad_(), b.clone().requires_grad_(), alphas, 0, 6)),
+        (torch.ops.igfast.interpolate_path_into.default, (torch.full((12, 4, 5), float("nan"), dtype=torch.float64, device=device), x, b, alphas, 2, 6)),
         (torch.ops.igfast.accumulate_steps.default, (accumulator, grads, weights)),
         (torch.ops.igfast.scale_by_difference.default, (accumulator, x, b)),
         (torch.ops.igfast.scale_by_difference.default, (accumulator.clone().requires_grad_(), x.clone().requires_grad_(), b.clone().requires_grad_())),

@@ -17,10 +17,8 @@
 namespace igfast::cpu {
 namespace {
 
-at::Tensor interpolate_path_cpu(const at::Tensor& inputs_in, const at::Tensor& baselines_in,
-                                const at::Tensor& alphas_in, int64_t step_begin, int64_t step_end) {
-  const InterpolationPlan plan = plan_interpolate_path(inputs_in, baselines_in, alphas_in, step_begin, step_end);
-  if (plan.path.numel() == 0) return plan.path;
+void write_path(const InterpolationPlan& plan) {
+  if (plan.path.numel() == 0) return;
   const int64_t steps = plan.steps, features = plan.features;
   const int64_t elements = plan.batch * features;  // one step's rows
   const int64_t blocks = (elements + kPathBlock - 1) / kPathBlock;
@@ -70,13 +68,25 @@ at::Tensor interpolate_path_cpu(const at::Tensor& inputs_in, const at::Tensor& b
       }
     });
   });
+}
+
+at::Tensor interpolate_path_cpu(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas,
+                                int64_t step_begin, int64_t step_end) {
+  const InterpolationPlan plan = plan_interpolate_path(inputs, baselines, alphas, step_begin, step_end);
+  write_path(plan);
   return plan.path;
+}
+
+void interpolate_path_into_cpu(const at::Tensor& out, const at::Tensor& inputs, const at::Tensor& baselines,
+                               const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
+  write_path(plan_interpolate_path(inputs, baselines, alphas, step_begin, step_end, out));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(igfast, CPU, m) {
   m.impl("interpolate_path", &interpolate_path_cpu);
+  m.impl("interpolate_path_into", &interpolate_path_into_cpu);
 }
 
 }  // namespace igfast::cpu

@@ -46,11 +46,8 @@ __global__ void interpolate_path_kernel(const scalar_t* __restrict__ x, const sc
   }
 }
 
-at::Tensor interpolate_path_cuda(const at::Tensor& inputs_in, const at::Tensor& baselines_in,
-                                 const at::Tensor& alphas_in, int64_t step_begin, int64_t step_end) {
-  const c10::cuda::OptionalCUDAGuard guard(inputs_in.device());
-  const InterpolationPlan plan = plan_interpolate_path(inputs_in, baselines_in, alphas_in, step_begin, step_end);
-  if (plan.path.numel() == 0) return plan.path;
+void write_path(const InterpolationPlan& plan) {
+  if (plan.path.numel() == 0) return;
   const int64_t steps = plan.steps, batch = plan.batch, features = plan.features;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -71,13 +68,27 @@ at::Tensor interpolate_path_cuda(const at::Tensor& inputs_in, const at::Tensor& 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor interpolate_path_cuda(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas,
+                                 int64_t step_begin, int64_t step_end) {
+  const c10::cuda::OptionalCUDAGuard guard(inputs.device());
+  const InterpolationPlan plan = plan_interpolate_path(inputs, baselines, alphas, step_begin, step_end);
+  write_path(plan);
   return plan.path;
+}
+
+void interpolate_path_into_cuda(const at::Tensor& out, const at::Tensor& inputs, const at::Tensor& baselines,
+                                const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
+  const c10::cuda::OptionalCUDAGuard guard(inputs.device());
+  write_path(plan_interpolate_path(inputs, baselines, alphas, step_begin, step_end, out));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(igfast, CUDA, m) {
   m.impl("interpolate_path", &interpolate_path_cuda);
+  m.impl("interpolate_path_into", &interpolate_path_into_cuda);
 }
 
 }  // namespace igfast::cuda

@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..dtypes import dtype_policy
-from ..engine import Chunk
+from ..chunking import Chunk
 from ..errors import ArgumentError
 
 

@@ -56,12 +56,23 @@ def compute_gradients(
     additional_forward_args: Optional[Tuple[Any, ...]] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Gradients of the targeted outputs (summed over rows) with respect to inputs."""
+    return gradients_and_outputs(forward_fn, inputs, target_ind, additional_forward_args)[0]
+
+
+def gradients_and_outputs(
+    forward_fn: Callable,
+    inputs: Tuple[torch.Tensor, ...],
+    target_ind: Any = None,
+    additional_forward_args: Optional[Tuple[Any, ...]] = None,
+) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
+    """compute_gradients, and the targeted output of every row (detached, (rows,))."""
     with torch.enable_grad():
         outputs = run_forward(forward_fn, inputs, target_ind, additional_forward_args)
         check_one_value_per_row(outputs, inputs[0].shape[0], target_ind)
         # Rows are independent examples, so one backward with unit output gradients
         # gives every row's gradient at once; inputs the output ignores get zeros.
-        return torch.autograd.grad(
+        grads = torch.autograd.grad(
             outputs, inputs, grad_outputs=torch.ones_like(outputs),
             allow_unused=True, materialize_grads=True,
         )
+    return grads, outputs.detach().reshape(outputs.shape[0])

@@ -16,7 +16,7 @@ from typing import Any, List, Tuple, Union
 
 import torch
 
-from ..engine import Chunk
+from ..chunking import Chunk
 from ..errors import TargetError
 
 Target = Union[None, int, Tuple, torch.Tensor, List[Tuple]]

@@ -2,15 +2,15 @@
 
 import functools
 import operator
-import warnings
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
 from .. import ops
-from ..engine import Chunk, integrate_gradients, plan_chunks
+from ..chunking import Chunk, choose_row_limit
+from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
-from ..quadrature import alphas_and_weights, validate_method_and_steps
+from ..quadrature import path_nodes, validate_method_and_steps
 from ._captum_protocol import wrappable_by_captum
 from ._forms import (
     expand_additional_forward_args,
@@ -19,32 +19,10 @@ from ._forms import (
     format_inputs,
     full_batch,
 )
-from ._gradients import compute_gradients, run_forward
+from ._gradients import compute_gradients, gradients_and_outputs, run_forward
 from ._target import expand_target, normalize_target
 
 TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
-
-
-def _steps_per_chunk(internal_batch_size: Optional[int], batch_size: int, n_steps: int) -> int:
-    """Captum's meaning of internal_batch_size: chunks of whole steps over the batch."""
-    if internal_batch_size is None:
-        return n_steps
-    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
-        raise ArgumentError(
-            f"`internal_batch_size` must be None or an integer >= 1; got {internal_batch_size!r}."
-        )
-    if internal_batch_size < 1:
-        raise ArgumentError(
-            f"`internal_batch_size` must be >= 1; got {internal_batch_size}."
-        )
-    if internal_batch_size < batch_size:
-        warnings.warn(
-            "Internal batch size cannot be less than the number of input examples. "
-            f"Defaulting to internal batch size of {batch_size} equal to the number "
-            "of examples.",
-            stacklevel=3,
-        )
-    return max(1, internal_batch_size // max(batch_size, 1))
 
 
 class IntegratedGradients:
@@ -95,8 +73,9 @@ class IntegratedGradients:
         additional_forward_args: Any = None,
         n_steps: int = 50,
         method: str = "gausslegendre",
-        internal_batch_size: Optional[int] = None,
+        internal_batch_size: Union[None, int, str] = None,
         return_convergence_delta: bool = False,
+        memory_budget: Union[None, int, str] = None,
     ) -> Union[TensorOrTuple, Tuple[TensorOrTuple, torch.Tensor]]:
         r"""Attribute the target output to every input feature.
 
@@ -118,11 +97,21 @@ class IntegratedGradients:
             method (str, optional): ``gausslegendre``, ``riemann_left``,
                 ``riemann_right``, ``riemann_middle`` or ``riemann_trapezoid``.
                 Default: ``gausslegendre``.
-            internal_batch_size (int, optional): at most this many path rows per
-                forward/backward (whole steps of the batch, as in Captum); the
-                result does not depend on it. Default: all steps at once.
+            internal_batch_size (int or "auto", optional): an int: at most this
+                many path rows per forward/backward, whole steps of the batch (as
+                in Captum). "auto" (or None): chunks sized to fit a memory budget,
+                ``memory_budget`` or a share of the device's free memory, and split
+                below one step of the batch when needed. The result does not
+                depend on it. Default: None.
             return_convergence_delta (bool, optional): also return, per example,
-                sum(attributions) - (F(inputs) - F(baselines)). Default: False.
+                sum(attributions) - (F(inputs) - F(baselines)). F(inputs) and
+                F(baselines) are read from the path's forward calls (rules without
+                alpha 0 or 1 get those nodes added), not from two more calls.
+                Default: False.
+            memory_budget (int or str, optional): the most memory this call may
+                add, in bytes or as a size such as "2GB" or "512MiB": the
+                accumulators plus the peak of one chunk. Chunks are sized from the
+                measured peak of the first one (a single path row). Default: None.
 
         Returns:
             attributions, shaped like ``inputs`` (a tensor for a tensor, a tuple for
@@ -134,37 +123,47 @@ class IntegratedGradients:
         formatted_baselines = format_baselines(baselines, formatted_inputs)
         validate_method_and_steps(method, n_steps)
         batch_size = formatted_inputs[0].shape[0]
-        steps_per_chunk = _steps_per_chunk(internal_batch_size, batch_size, n_steps)
-        alphas, weights = alphas_and_weights(method, n_steps)
+        # Captum's LayerIntegratedGradients swaps gradient_func for one that cannot
+        # report the forward values; the delta then takes two model calls, as in Captum.
+        delta_from_path = return_convergence_delta and self.gradient_func is compute_gradients
+        nodes = path_nodes(method, n_steps, with_endpoints=delta_from_path)
+        row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs, nodes.count)
         args = format_additional_forward_args(additional_forward_args)
         chunk_target = normalize_target(target, batch_size, formatted_inputs[0].device)
 
-        def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk):
-            return self.gradient_func(
-                forward_fn=self.forward_func,
-                inputs=path,
-                target_ind=expand_target(chunk_target, chunk),
-                additional_forward_args=expand_additional_forward_args(args, chunk),
+        def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
+            target_ind = expand_target(chunk_target, chunk)
+            chunk_args = expand_additional_forward_args(args, chunk)
+            if self.gradient_func is compute_gradients:
+                grads, outputs = gradients_and_outputs(self.forward_func, path, target_ind, chunk_args)
+                return grads, outputs if with_outputs else None
+            grads = self.gradient_func(
+                forward_fn=self.forward_func, inputs=path, target_ind=target_ind,
+                additional_forward_args=chunk_args,
             )
+            return grads, None
 
-        gradient_sums = integrate_gradients(
-            formatted_inputs, formatted_baselines, alphas, weights, gradients_at,
-            plan_chunks(n_steps, batch_size, steps_per_chunk),
+        integral = integrate_gradients(
+            formatted_inputs, formatted_baselines, nodes, gradients_at, row_limit
         )
+        self.last_integral: PathIntegral = integral
         if self.multiplies_by_inputs:
             attributions = tuple(
                 ops.scale_by_difference(total, x, b)
-                for total, x, b in zip(gradient_sums, formatted_inputs, formatted_baselines)
+                for total, x, b in zip(integral.gradient_sums, formatted_inputs, formatted_baselines)
             )
         else:
-            attributions = gradient_sums
+            attributions = integral.gradient_sums
         result = attributions if is_tuple else attributions[0]
         if not return_convergence_delta:
             return result
-        delta = self.compute_convergence_delta(
-            attributions, baselines, inputs, target=target,
-            additional_forward_args=additional_forward_args,
-        )
+        if delta_from_path and batch_size > 0:
+            delta = _delta(attributions, integral.start_values, integral.end_values)
+        else:
+            delta = self.compute_convergence_delta(
+                attributions, baselines, inputs, target=target,
+                additional_forward_args=additional_forward_args,
+            )
         return result, delta
 
     def compute_convergence_delta(
@@ -212,15 +211,21 @@ class IntegratedGradients:
                 normalized, args,
             )
             end_values = run_forward(self.forward_func, end_points, normalized, args)
-            attribution_sums = functools.reduce(
-                operator.add,
-                (a.reshape(batch_size, -1).sum(1) for a in attributions_tuple),
-            )
-            return attribution_sums - (
-                end_values.reshape(batch_size, -1).sum(1)
-                - start_values.reshape(batch_size, -1).sum(1)
-            )
+            return _delta(attributions_tuple, start_values, end_values)
 
     def attribute_future(self) -> None:
         """Not implemented, as in Captum's IntegratedGradients."""
         raise NotImplementedError("attribute_future is not implemented for IntegratedGradients")
+
+
+def _delta(
+    attributions: Tuple[torch.Tensor, ...], start_values: torch.Tensor, end_values: torch.Tensor
+) -> torch.Tensor:
+    """sum(attributions) - (F(end) - F(start)) per example, in Captum's order of operations."""
+    batch_size = attributions[0].shape[0]
+    attribution_sums = functools.reduce(
+        operator.add, (a.reshape(batch_size, -1).sum(1) for a in attributions)
+    )
+    return attribution_sums - (
+        end_values.reshape(batch_size, -1).sum(1) - start_values.reshape(batch_size, -1).sum(1)
+    )

@@ -1,0 +1,151 @@
+"""Memory sizes, budgets and peak meters: what the chunk sizing measures with.
+
+A budget is the memory one ``attribute`` call may add on top of what was allocated
+before it: the accumulators plus the peak of one chunk (path rows, the model's
+activations for them, their gradients). Chunks are sized from measured peaks:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` (the meter resets the peak statistics
+  of the device, as a profiler would);
+- CPU with the extension: an exact meter of the bytes PyTorch's CPU allocator hands
+  out on the calling thread (csrc/cpu/memory_meter_cpu.cpp);
+- CPU without it, or while torch.profiler runs: an estimate, the bytes autograd saves for backward plus the path
+  and its gradient, times ``ESTIMATE_MARGIN``.
+"""
+
+import os
+import re
+from typing import Optional, Union
+
+import torch
+
+from . import _ext
+from .errors import ArgumentError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+# Without the exact CPU meter, backward temporaries (which autograd does not save)
+# are covered by this factor on top of the saved tensors, path and gradient.
+ESTIMATE_MARGIN = 1.5
+# The automatic budget: this share of the memory the device has free at the call.
+AUTO_SHARE_CUDA = 0.9
+AUTO_SHARE_CPU = 0.5
+
+
+def parse_memory_size(value: Union[int, float, str], argument: str = "memory_budget") -> int:
+    """Bytes from an int, or a string such as "2GB", "512MiB", "1.5e9"."""
+    if isinstance(value, bool):
+        raise ArgumentError(f"`{argument}` must be a number of bytes or a size such as '2GB'; got {value!r}.")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and _SIZE.match(value):
+        text, unit = _SIZE.match(value).groups()
+        number, unit = float(text), unit.lower()
+    else:
+        raise ArgumentError(
+            f"`{argument}` must be a number of bytes or a size such as '2GB' or '512MiB'; got {value!r}."
+        )
+    if unit not in _UNITS:
+        raise ArgumentError(
+            f"`{argument}` has an unknown unit {unit!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB."
+        )
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ArgumentError(f"`{argument}` must be positive; got {value!r}.")
+    return size
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def _cpu_available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def automatic_budget(device: torch.device) -> int:
+    """The budget when none is given: a share of the memory free on the device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Blocks the caching allocator holds but does not use are free to us too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(AUTO_SHARE_CUDA * (free + cached))
+    available = _cpu_available_bytes()
+    # Unknown platforms get a fixed 4 GiB: bounded, and enough for most models.
+    return int(AUTO_SHARE_CPU * available) if available else 4 * 2**30
+
+
+def cpu_meter_available() -> bool:
+    return _ext.extension_loaded() and hasattr(torch.ops.igfast, "cpu_memory_meter_start")
+
+
+class PeakMeter:
+    """Peak bytes allocated inside a ``with`` block, above the memory at its start.
+
+    ``peak`` is set on exit; ``exact`` says whether it was measured (True) or is the
+    saved-tensor estimate (False).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self.exact = True
+        self._saved_hooks = None
+        self._cpu_meter = False
+
+    def __enter__(self) -> "PeakMeter":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        if self.device.type == "cpu" and cpu_meter_available():
+            # False while torch.profiler runs: it owns the allocator's report hook.
+            self._cpu_meter = bool(torch.ops.igfast.cpu_memory_meter_start())
+            if self._cpu_meter:
+                return self
+        self.exact = False
+        self._saved = {}
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved_hooks.__enter__()
+        return self
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Parameters (and views of them) exist before the chunk: not its cost.
+        base = tensor._base if tensor._base is not None else tensor
+        if not (base.is_leaf and base.requires_grad) and tensor.device == self.device:
+            storage = tensor.untyped_storage()
+            self._saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def add_estimate(self, nbytes: int) -> None:
+        """Tensors the estimate cannot see (the path and its gradient)."""
+        if not self.exact:
+            self._extra = getattr(self, "_extra", 0) + nbytes
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+        elif self._cpu_meter:
+            self.peak = int(torch.ops.igfast.cpu_memory_meter_stop())
+        else:
+            self._saved_hooks.__exit__(*exc)
+            saved = sum(self._saved.values()) + getattr(self, "_extra", 0)
+            self.peak = int(ESTIMATE_MARGIN * saved)

@@ -1,0 +1,220 @@
+"""Bounded memory through the public API: memory budgets, the automatic chunk size,
+out-of-memory retries, the budget errors, the CPU peak meter, and the number of
+model calls per attribute() against Captum."""
+
+import warnings
+
+import captum.attr as captum_attr
+import pytest
+import torch
+from torch import nn
+
+import igfast
+from igfast import memory
+from igfast.errors import ArgumentError
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 4)).eval()
+
+
+def _inputs(batch=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 32, generator=g), torch.randn(1, 32, generator=g) * 0.1
+
+
+class Counting(nn.Module):
+    """Records the rows of every forward call; above max_rows it fails like a GPU
+    that ran out of memory."""
+
+    def __init__(self, model, max_rows=None):
+        super().__init__()
+        self.model, self.max_rows, self.calls = model, max_rows, []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        if self.max_rows is not None and x.shape[0] > self.max_rows:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated, {x.shape[0]} rows)")
+        return self.model(x)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5 gib", int(1.5 * 2**30)), ("100", 100),
+    ("3e6", 3 * 10**6), (4096, 4096), (2.5e9, 2_500_000_000), ("64 kB", 64_000),
+])
+def test_parse_memory_size(text, expected):
+    assert memory.parse_memory_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "2 parsecs", "-1GB", 0, -5, True, [1], "1..5GB"])
+def test_parse_memory_size_rejects(bad):
+    with pytest.raises(ArgumentError, match="memory_budget"):
+        memory.parse_memory_size(bad)
+
+
+def test_cpu_meter_measures_the_peak_not_the_end():
+    if not memory.cpu_meter_available():
+        pytest.skip("the CPU meter needs the extension")
+    with memory.PeakMeter(torch.device("cpu")) as outer:
+        big = torch.empty(1_000_000)  # 4 MB, freed before the end
+        with memory.PeakMeter(torch.device("cpu")) as inner:
+            small = torch.empty(100_000)
+            del small
+        del big
+        kept = torch.empty(10_000)
+    assert outer.exact and inner.exact
+    assert inner.peak == 400_000
+    assert 4_400_000 <= outer.peak < 4_500_000
+    del kept
+
+
+def test_cpu_meter_stands_aside_while_the_profiler_runs():
+    model = _model()
+    x, baseline = _inputs()
+    expected = igfast.IntegratedGradients(model).attribute(x, baseline, target=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with memory.PeakMeter(torch.device("cpu")) as meter:
+            ours = igfast.IntegratedGradients(model).attribute(x, baseline, target=1, memory_budget="1MB")
+    assert not meter.exact  # the estimate replaced the meter
+    assert any(e.cpu_memory_usage > 0 for e in prof.key_averages())  # the profiler saw memory
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", ["70KB", "150KB", "400KB", "2MB", "1GB", None])
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_budgets_change_chunks_not_results(budget, method):
+    model = _model()
+    x, baseline = _inputs()
+    target = torch.arange(12) % 4
+    kwargs = dict(baselines=baseline, target=target, n_steps=40, method=method, return_convergence_delta=True)
+    theirs, theirs_delta = captum_attr.IntegratedGradients(model).attribute(x, **kwargs)
+    ig = igfast.IntegratedGradients(model)
+    ours, delta = ig.attribute(x, memory_budget=budget, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta, theirs_delta, rtol=1e-5, atol=1e-5)
+    chunks = ig.last_integral.chunks
+    if budget in ("70KB", "150KB"):
+        assert any(not c.covers_batch for c in chunks), "a small budget splits the batch"
+
+
+@pytest.mark.parametrize("budget", [60_000, 120_000, 300_000, 1_000_000])
+def test_budget_is_met(budget):
+    """The whole call, measured from outside, stays within the budget."""
+    if not memory.cpu_meter_available():
+        pytest.skip("the exact CPU meter needs the extension")
+    model = _model()
+    x, baseline = _inputs(batch=24)
+    ig = igfast.IntegratedGradients(model)
+    with memory.PeakMeter(torch.device("cpu")) as meter:
+        ig.attribute(x, baseline, target=2, n_steps=100, memory_budget=budget)
+    assert meter.peak <= budget, (meter.peak, budget)
+    rows = [c.rows for c in ig.last_integral.chunks]
+    assert rows[0] == 1 and max(rows) > 1  # probe with one row, then grow
+
+
+def test_chunks_grow_to_fill_the_budget():
+    model = _model()
+    x, baseline = _inputs(batch=24)
+    ig = igfast.IntegratedGradients(model)
+    ig.attribute(x, baseline, target=2, n_steps=200, memory_budget="2MB")
+    rows = [c.rows for c in ig.last_integral.chunks]
+    assert max(rows) >= 100, rows  # one row of this model costs a few KB
+
+
+def test_internal_batch_size_auto_and_default_use_few_chunks():
+    model = _model()
+    x, baseline = _inputs()
+    for ibs in ("auto", None):
+        ig = igfast.IntegratedGradients(model)
+        ig.attribute(x, baseline, target=0, internal_batch_size=ibs)
+        # The automatic budget is a share of free memory: this small case fits at once.
+        assert len(ig.last_integral.chunks) == 1
+
+
+def test_internal_batch_size_keeps_captums_chunks():
+    model = Counting(_model())
+    x, baseline = _inputs()
+    igfast.IntegratedGradients(model).attribute(x, baseline, target=0, n_steps=10, internal_batch_size=36)
+    assert model.calls == [36, 36, 36, 12]
+
+
+def test_budget_too_small_for_the_accumulators_and_one_row():
+    x, baseline = _inputs()
+    with pytest.raises(ArgumentError, match=r"memory_budget.*too small.*at least .*\(1792 bytes\)"):
+        igfast.IntegratedGradients(_model()).attribute(x, baseline, target=0, memory_budget=1000)
+
+
+def test_budget_too_small_for_one_measured_row():
+    class Wide(nn.Module):
+        def forward(self, x):  # 2 MB of activations per row
+            return torch.tanh(x.repeat(1, 16384)).sum(1)
+
+    x, baseline = _inputs()
+    with pytest.raises(ArgumentError, match="measured for one path row"):
+        igfast.IntegratedGradients(Wide()).attribute(x, baseline, memory_budget="100KB")
+
+
+def test_budget_and_internal_batch_size_together_is_an_error():
+    x, baseline = _inputs()
+    with pytest.raises(ArgumentError, match="either `internal_batch_size`.*or `memory_budget`"):
+        igfast.IntegratedGradients(_model()).attribute(x, target=0, internal_batch_size=24, memory_budget="1GB")
+    with pytest.raises(ArgumentError, match="internal_batch_size"):
+        igfast.IntegratedGradients(_model()).attribute(x, target=0, internal_batch_size="big")
+
+
+@pytest.mark.parametrize("max_rows", [1, 7, 100])
+def test_out_of_memory_is_retried_with_a_warning(max_rows):
+    model = Counting(_model(), max_rows=max_rows)
+    x, baseline = _inputs()
+    theirs, theirs_delta = captum_attr.IntegratedGradients(model.model).attribute(
+        x, baseline, target=3, n_steps=20, return_convergence_delta=True)
+    with pytest.warns(RuntimeWarning, match="out of memory on a chunk of 264 path rows"):
+        ours, delta = igfast.IntegratedGradients(model).attribute(
+            x, baseline, target=3, n_steps=20, return_convergence_delta=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta, theirs_delta, rtol=1e-5, atol=1e-5)
+    assert max(model.calls[-1:]) <= max_rows
+
+
+@pytest.mark.parametrize("method, n_steps, internal_batch_size, igfast_calls, captum_calls", [
+    ("gausslegendre", 50, None, 1, 3),
+    ("riemann_trapezoid", 50, None, 1, 3),
+    ("riemann_left", 50, None, 1, 3),
+    ("riemann_right", 50, None, 1, 3),
+    ("riemann_middle", 50, None, 1, 3),
+    # Captum: ceil(50 / 10) path calls + 2; igfast: the 52 nodes (with alpha 0 and 1) in 6 chunks.
+    ("gausslegendre", 50, 120, 6, 7),
+    # The trapezoid rule has both endpoints: the same chunks as Captum, minus its two calls.
+    ("riemann_trapezoid", 50, 120, 5, 7),
+])
+def test_forward_calls_against_captum(method, n_steps, internal_batch_size, igfast_calls, captum_calls):
+    x, baseline = _inputs()
+    for library, expected in ((igfast, igfast_calls), (captum_attr, captum_calls)):
+        model = Counting(_model())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            library.IntegratedGradients(model).attribute(
+                x, baseline, target=1, n_steps=n_steps, method=method,
+                internal_batch_size=internal_batch_size, return_convergence_delta=True)
+        assert len(model.calls) == expected, (library.__name__, model.calls)
+
+
+def test_without_delta_no_endpoint_rows_are_added():
+    model = Counting(_model())
+    x, baseline = _inputs()
+    igfast.IntegratedGradients(model).attribute(x, baseline, target=1, n_steps=50)
+    assert model.calls == [50 * 12]
+
+
+def test_pure_pytorch_estimate_sizes_chunks_too(monkeypatch):
+    monkeypatch.setattr(memory, "cpu_meter_available", lambda: False)
+    model = _model()
+    x, baseline = _inputs(batch=24)
+    ig = igfast.IntegratedGradients(model)
+    with memory.PeakMeter(torch.device("cpu")) as meter:
+        ours = ig.attribute(x, baseline, target=2, n_steps=100, memory_budget=300_000)
+    assert not meter.exact and meter.peak > 0
+    reference = igfast.IntegratedGradients(model).attribute(x, baseline, target=2, n_steps=100)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert 1 < len(ig.last_integral.chunks) < 2400
