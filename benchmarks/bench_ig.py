@@ -100,7 +100,13 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU timings stable)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--workloads", default="mlp,cnn",
+                        help=f"comma-separated, from {','.join(WORKLOADS)} (the encoder takes minutes per case on CPU)")
     args = parser.parse_args(argv)
+    names = args.workloads.split(",")
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
     torch.set_num_threads(args.threads)
     steps = [16] if args.quick else [16, 50, 200]
     methods = ["gausslegendre"] if args.quick else ["gausslegendre", "riemann_trapezoid"]
@@ -108,7 +114,7 @@ def main(argv=None):
     rounds = f"{repeats} rounds" if repeats else "15 to 301 rounds (about 2 s of the slowest variant)"
     print(f"igfast {igfast.__version__} ({igfast.info()['path']}), torch {torch.__version__}, "
           f"device {args.device}, threads {args.threads}, {rounds}, interleaved in random order, medians")
-    rows = [bench(w, n, m, repeats, args.device) for w in WORKLOADS for n in steps for m in methods]
+    rows = [bench(w, n, m, repeats, args.device) for w in names for n in steps for m in methods]
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

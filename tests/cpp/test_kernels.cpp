@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -38,6 +39,15 @@ at::Tensor interpolate_path(const at::Tensor& x, const at::Tensor& b, const at::
   return op.call(x, b, alphas, k0, k1);
 }
 
+void interpolate_path_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& b, const at::Tensor& alphas,
+                           int64_t k0, int64_t k1) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("igfast::interpolate_path_into", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  op.call(out, x, b, alphas, k0, k1);
+}
+
 void accumulate_steps(at::Tensor& acc, const at::Tensor& grads, const at::Tensor& weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("igfast::accumulate_steps", "")
@@ -56,6 +66,21 @@ void test_interpolate(at::ScalarType dtype, double tolerance, bool broadcast) {
   const double error = (path.to(at::kDouble) - expected).abs().max().item<double>();
   expect(path.sizes() == expected.sizes(), "interpolate_path shape");
   expect(error <= tolerance, "interpolate_path " + std::string(c10::toString(dtype)) + " error " + std::to_string(error));
+  // The out-variant writes the same values into a poisoned buffer.
+  at::Tensor out = at::full({20, 3, 7}, std::nan(""), options);
+  interpolate_path_into(out, x, b, alphas, 2, 6);
+  expect(at::equal(out, path), "interpolate_path_into equals interpolate_path " + std::string(c10::toString(dtype)));
+}
+
+void test_memory_meter() {
+  expect(igfast::cpu_memory_meter_start(), "meter starts");
+  {
+    at::Tensor big = at::empty({1000000}, at::kFloat);  // 4 MB, freed before the stop
+  }
+  at::Tensor kept = at::empty({1000}, at::kFloat);
+  const int64_t peak = igfast::cpu_memory_meter_stop();
+  expect(peak >= 4000000 && peak < 4100000, "meter peak " + std::to_string(peak));
+  expect_throws([] { igfast::cpu_memory_meter_stop(); }, "no CPU memory meter", "stop without start");
 }
 
 void test_accumulate(at::ScalarType dtype, double tolerance) {
@@ -76,6 +101,8 @@ void test_errors() {
   expect_throws([&] { interpolate_path(x.to(at::kLong), x.to(at::kLong), alphas, 0, 4); }, "inputs", "integer inputs");
   at::Tensor acc = at::zeros({2, 3});
   expect_throws([&] { accumulate_steps(acc, at::randn({5, 3}), alphas.slice(0, 0, 2)); }, "grads", "grads rows");
+  at::Tensor small = at::empty({3, 3});
+  expect_throws([&] { interpolate_path_into(small, x, x, alphas, 0, 2); }, "out", "out shape");
 }
 
 }  // namespace
@@ -92,6 +119,7 @@ int main() {
   test_accumulate(at::kDouble, 1e-12);
   test_accumulate(at::kBFloat16, 1e-5);  // bfloat16 grads are exact in float32
   test_errors();
+  test_memory_meter();
   std::printf(failures ? "%d checks failed\n" : "all kernel checks passed\n", failures);
   return failures ? 1 : 0;
 }
