@@ -109,6 +109,7 @@ class PeakMeter:
         self.exact = True
         self._saved_hooks = None
         self._cpu_meter = False
+        self._unseen_bytes = 0
 
     def __enter__(self) -> "PeakMeter":
         if self.device.type == "cuda":
@@ -138,7 +139,7 @@ class PeakMeter:
     def add_estimate(self, nbytes: int) -> None:
         """Tensors the estimate cannot see (the path and its gradient)."""
         if not self.exact:
-            self._extra = getattr(self, "_extra", 0) + nbytes
+            self._unseen_bytes += nbytes
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
@@ -147,5 +148,5 @@ class PeakMeter:
             self.peak = int(torch.ops.igfast.cpu_memory_meter_stop())
         else:
             self._saved_hooks.__exit__(*exc)
-            saved = sum(self._saved.values()) + getattr(self, "_extra", 0)
+            saved = sum(self._saved.values()) + self._unseen_bytes
             self.peak = int(ESTIMATE_MARGIN * saved)

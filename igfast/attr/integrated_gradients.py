@@ -30,7 +30,9 @@ class IntegratedGradients:
 
     A drop-in replacement for ``captum.attr.IntegratedGradients``: the same
     arguments, results and errors, computed with one vectorised backward pass per
-    chunk of path points instead of one autograd output per row.
+    chunk of path points instead of one autograd output per row. Chunks are sized
+    to a memory budget (``memory_budget``, or a share of the free memory), and may
+    split the batch, so peak memory stays bounded whatever n_steps and batch size.
 
     For each input feature i, with baseline x' and input x,
 
