@@ -126,10 +126,10 @@ def integrate_gradients(
             with meter:
                 if measure:
                     meter.add_estimate(2 * buffers.bytes_for(chunk.rows))
-                wants_values = any(chunk.step_begin <= k < chunk.step_end for k in endpoint_nodes)
+                chunk_endpoints = [k for k in endpoint_nodes if chunk.step_begin <= k < chunk.step_end]
                 try:
                     grads, outputs = gradients_at(
-                        buffers.path(chunk, baselines, alphas_on), chunk, wants_values
+                        buffers.path(chunk, baselines, alphas_on), chunk, bool(chunk_endpoints)
                     )
                 except Exception as error:
                     if not is_out_of_memory(error) or not row_limit.shrink(chunk.rows):
@@ -138,9 +138,8 @@ def integrate_gradients(
                 else:
                     failed_rows = 0
                     _accumulate(accumulators, grads, weights_on, chunk, nodes.quadrature_count)
-                    for k in endpoint_nodes:
-                        if chunk.step_begin <= k < chunk.step_end:
-                            _record_values(values, k, outputs, chunk)
+                    for k in chunk_endpoints:
+                        _record_values(values, k, outputs, chunk)
                     del grads, outputs
             if failed_rows:
                 failed += 1

@@ -23,6 +23,22 @@ def _steps_view(steps: int, like: torch.Tensor) -> tuple:
     return (steps,) + (1,) * like.dim()
 
 
+def _path_points(inputs, baselines, alphas, step_begin, step_end, out=None) -> torch.Tensor:
+    """baseline + alpha * (input - baseline) in the compute dtype, shaped (k, b, ...);
+    written into ``out`` when given (its dtype must be the compute dtype)."""
+    policy = dtype_policy(inputs.dtype)
+    steps = step_end - step_begin
+    difference = (inputs - baselines).to(policy.compute)
+    chunk_alphas = alphas[step_begin:step_end].to(policy.compute)
+    # One fused pass: baseline + alpha * difference, broadcast to (k, b, ...).
+    return torch.addcmul(
+        baselines.to(policy.compute).unsqueeze(0),
+        chunk_alphas.view(_steps_view(steps, inputs)),
+        difference.unsqueeze(0),
+        out=out,
+    )
+
+
 def interpolate_path(
     inputs: torch.Tensor,
     baselines: torch.Tensor,
@@ -31,16 +47,8 @@ def interpolate_path(
     step_end: int,
 ) -> torch.Tensor:
     """The path points of steps [step_begin, step_end) for every example, step-major."""
-    policy = dtype_policy(inputs.dtype)
+    path = _path_points(inputs, baselines, alphas, step_begin, step_end)
     steps = step_end - step_begin
-    difference = (inputs - baselines).to(policy.compute)
-    chunk_alphas = alphas[step_begin:step_end].to(policy.compute)
-    # One fused pass: baseline + alpha * difference, broadcast to (k, b, ...).
-    path = torch.addcmul(
-        baselines.to(policy.compute).unsqueeze(0),
-        chunk_alphas.view(_steps_view(steps, inputs)),
-        difference.unsqueeze(0),
-    )
     return path.to(inputs.dtype).reshape((steps * inputs.shape[0],) + inputs.shape[1:])
 
 
@@ -53,21 +61,17 @@ def interpolate_path_into(
     step_end: int,
 ) -> None:
     """interpolate_path written into ``out``, shaped (k * b, ...)."""
-    expected = ((step_end - step_begin) * inputs.shape[0],) + tuple(inputs.shape[1:])
+    steps = step_end - step_begin
+    expected = (steps * inputs.shape[0],) + tuple(inputs.shape[1:])
     if tuple(out.shape) != expected or out.dtype != inputs.dtype:
         raise ValueError(
             f"`out` must be {inputs.dtype} with shape {expected}; got {out.dtype} {tuple(out.shape)}"
         )
     if dtype_policy(inputs.dtype).compute != inputs.dtype:
+        # Half types are computed in float32 and rounded: no buffer of theirs can hold that.
         out.copy_(interpolate_path(inputs, baselines, alphas, step_begin, step_end))
         return
-    steps = step_end - step_begin
-    torch.addcmul(
-        baselines.unsqueeze(0),
-        alphas[step_begin:step_end].to(inputs.dtype).view(_steps_view(steps, inputs)),
-        (inputs - baselines).unsqueeze(0),
-        out=out.view((steps,) + tuple(inputs.shape)),
-    )
+    _path_points(inputs, baselines, alphas, step_begin, step_end, out=out.view((steps,) + tuple(inputs.shape)))
 
 
 def accumulate_steps(
