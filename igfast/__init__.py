@@ -4,13 +4,15 @@
 """
 
 from ._info import info
-from .attr import IntegratedGradients
+from .attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel
 from .errors import ArgumentError, InputTypeError, TargetError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IntegratedGradients",
+    "LayerIntegratedGradients",
+    "NoiseTunnel",
     "info",
     "ArgumentError",
     "InputTypeError",

@@ -15,8 +15,12 @@ from ..chunking import Chunk
 from ..errors import ArgumentError
 
 
-def format_inputs(inputs: Any) -> Tuple[Tuple[torch.Tensor, ...], bool]:
-    """(tuple of detached input tensors, whether the caller passed a tuple)."""
+def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tensor, ...], bool]:
+    """(tuple of detached input tensors, whether the caller passed a tuple).
+
+    ``floating``: the inputs are the path's ends, so they need a floating dtype. The
+    model inputs of LayerIntegratedGradients may be anything (token ids, masks).
+    """
     is_tuple = isinstance(inputs, tuple)
     formatted = inputs if is_tuple else (inputs,)
     if not formatted:
@@ -28,7 +32,8 @@ def format_inputs(inputs: Any) -> Tuple[Tuple[torch.Tensor, ...], bool]:
                 f"`{name}` must be a torch.Tensor (or `inputs` a tuple of tensors); "
                 f"got {type(tensor).__name__}."
             )
-        dtype_policy(tensor.dtype, name)
+        if floating:
+            dtype_policy(tensor.dtype, name)
         if tensor.dim() == 0:
             raise ArgumentError(
                 f"`{name}` must have a batch dimension (dim 0 indexes examples); "
@@ -91,6 +96,13 @@ def format_baselines(
     return tuple(formatted)
 
 
+def repeat_rows(tensor: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """The chunk's examples of a (B, ...) tensor, repeated for each of its steps
+    (step-major, the order of the path rows)."""
+    rows = tensor if chunk.covers_batch else tensor[chunk.example_begin:chunk.example_end]
+    return rows.repeat((chunk.steps,) + (1,) * (rows.dim() - 1))
+
+
 def full_batch(baseline: torch.Tensor, batch_size: int) -> torch.Tensor:
     """A (B, ...) contiguous tensor from a (B or 1, ...) baseline, for model calls."""
     if baseline.shape[0] == batch_size:
@@ -125,6 +137,5 @@ def expand_additional_forward_args(
                     f"({chunk.batch_size}) when chunks split the batch; "
                     f"got shape {tuple(arg.shape)}."
                 )
-            arg = arg[chunk.example_begin:chunk.example_end]
-        expanded.append(arg.repeat((chunk.steps,) + (1,) * (arg.dim() - 1)))
+        expanded.append(repeat_rows(arg, chunk))
     return tuple(expanded)

@@ -7,7 +7,7 @@ the gradient of all rows in one backward call (ones as output gradients) instead
 ``autograd.grad`` over ``unbind(outputs)``, which costs one graph node per row.
 """
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -64,15 +64,21 @@ def gradients_and_outputs(
     inputs: Tuple[torch.Tensor, ...],
     target_ind: Any = None,
     additional_forward_args: Optional[Tuple[Any, ...]] = None,
+    wrt: Optional[Tuple[torch.Tensor, ...]] = None,
+    grad_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
-    """compute_gradients, and the targeted output of every row (detached, (rows,))."""
+    """compute_gradients, and the targeted output of every row (detached, (rows,)).
+
+    The gradients are taken with respect to ``wrt`` (default: the inputs); a layer's
+    path tensors, for LayerIntegratedGradients. ``grad_kwargs`` go to autograd.grad.
+    """
     with torch.enable_grad():
         outputs = run_forward(forward_fn, inputs, target_ind, additional_forward_args)
         check_one_value_per_row(outputs, inputs[0].shape[0], target_ind)
         # Rows are independent examples, so one backward with unit output gradients
-        # gives every row's gradient at once; inputs the output ignores get zeros.
+        # gives every row's gradient at once; tensors the output ignores get zeros.
         grads = torch.autograd.grad(
-            outputs, inputs, grad_outputs=torch.ones_like(outputs),
-            allow_unused=True, materialize_grads=True,
+            outputs, inputs if wrt is None else wrt, grad_outputs=torch.ones_like(outputs),
+            allow_unused=True, materialize_grads=True, **(grad_kwargs or {}),
         )
     return grads, outputs.detach().reshape(outputs.shape[0])

@@ -1,17 +1,15 @@
 """IntegratedGradients: the Captum-compatible entry point of igfast."""
 
-import functools
-import operator
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
-from .. import ops
 from ..chunking import Chunk, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
 from ..quadrature import path_nodes, validate_method_and_steps
 from ._captum_protocol import wrappable_by_captum
+from ._completeness import attributions_from, convergence_delta
 from ._forms import (
     expand_additional_forward_args,
     format_additional_forward_args,
@@ -149,18 +147,14 @@ class IntegratedGradients:
             formatted_inputs, formatted_baselines, nodes, gradients_at, row_limit
         )
         self.last_integral: PathIntegral = integral
-        if self.multiplies_by_inputs:
-            attributions = tuple(
-                ops.scale_by_difference(total, x, b)
-                for total, x, b in zip(integral.gradient_sums, formatted_inputs, formatted_baselines)
-            )
-        else:
-            attributions = integral.gradient_sums
+        attributions = attributions_from(
+            integral, formatted_inputs, formatted_baselines, self.multiplies_by_inputs
+        )
         result = attributions if is_tuple else attributions[0]
         if not return_convergence_delta:
             return result
         if delta_from_path and batch_size > 0:
-            delta = _delta(attributions, integral.start_values, integral.end_values)
+            delta = convergence_delta(attributions, integral.start_values, integral.end_values)
         else:
             delta = self.compute_convergence_delta(
                 attributions, baselines, inputs, target=target,
@@ -213,21 +207,9 @@ class IntegratedGradients:
                 normalized, args,
             )
             end_values = run_forward(self.forward_func, end_points, normalized, args)
-            return _delta(attributions_tuple, start_values, end_values)
+            return convergence_delta(attributions_tuple, start_values, end_values)
 
     def attribute_future(self) -> None:
         """Not implemented, as in Captum's IntegratedGradients."""
         raise NotImplementedError("attribute_future is not implemented for IntegratedGradients")
 
-
-def _delta(
-    attributions: Tuple[torch.Tensor, ...], start_values: torch.Tensor, end_values: torch.Tensor
-) -> torch.Tensor:
-    """sum(attributions) - (F(end) - F(start)) per example, in Captum's order of operations."""
-    batch_size = attributions[0].shape[0]
-    attribution_sums = functools.reduce(
-        operator.add, (a.reshape(batch_size, -1).sum(1) for a in attributions)
-    )
-    return attribution_sums - (
-        end_values.reshape(batch_size, -1).sum(1) - start_values.reshape(batch_size, -1).sum(1)
-    )

@@ -1,0 +1,42 @@
+"""From a path integral to attributions, and the completeness check on them.
+
+Shared by IntegratedGradients and LayerIntegratedGradients: what differs between
+them is only where the path lies (inputs or a layer's activations).
+"""
+
+import functools
+import operator
+from typing import Tuple
+
+import torch
+
+from .. import ops
+from ..engine import PathIntegral
+
+
+def attributions_from(
+    integral: PathIntegral,
+    ends: Tuple[torch.Tensor, ...],
+    starts: Tuple[torch.Tensor, ...],
+    multiply_by_inputs: bool,
+) -> Tuple[torch.Tensor, ...]:
+    """The integrated gradients, times (end - start) for global attributions."""
+    if not multiply_by_inputs:
+        return integral.gradient_sums
+    return tuple(
+        ops.scale_by_difference(total, end, start)
+        for total, end, start in zip(integral.gradient_sums, ends, starts)
+    )
+
+
+def convergence_delta(
+    attributions: Tuple[torch.Tensor, ...], start_values: torch.Tensor, end_values: torch.Tensor
+) -> torch.Tensor:
+    """sum(attributions) - (F(end) - F(start)) per example, in Captum's order of operations."""
+    batch_size = attributions[0].shape[0]
+    attribution_sums = functools.reduce(
+        operator.add, (a.reshape(batch_size, -1).sum(1) for a in attributions)
+    )
+    return attribution_sums - (
+        end_values.reshape(batch_size, -1).sum(1) - start_values.reshape(batch_size, -1).sum(1)
+    )

@@ -1,0 +1,160 @@
+"""The layers LayerIntegratedGradients attributes to: checking them, reading their
+activations in one forward call, and putting path points in their place.
+
+A layer's activation is its output (or, with ``attribute_to_layer_input``, its
+positional inputs): one tensor or a tuple of tensors, dim 0 indexing rows. The
+tensors of all layers are flattened into one tuple, the ``inputs`` of the
+streaming engine; ``LayerSlots`` remembers which of them belong to which layer and
+whether the layer gave a tuple, to rebuild Captum's result forms.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import ArgumentError
+
+ModuleOrList = Union[nn.Module, List[nn.Module]]
+
+
+def layer_list(layer: Any, forward_func: Callable) -> List[nn.Module]:
+    """``layer`` as a list of modules, each checked to be a submodule of the model
+    when the model is a module (a plain function is checked when it runs)."""
+    layers = layer if isinstance(layer, list) else [layer]
+    if not layers:
+        raise ArgumentError("`layer` must be a module or a non-empty list of modules; got [].")
+    for index, module in enumerate(layers):
+        name = f"layer[{index}]" if isinstance(layer, list) else "layer"
+        if not isinstance(module, nn.Module):
+            raise ArgumentError(
+                f"`{name}` must be a torch.nn.Module (a layer of the model); "
+                f"got {type(module).__name__}."
+            )
+        if isinstance(forward_func, nn.Module) and not any(
+            module is sub for sub in forward_func.modules()
+        ):
+            raise ArgumentError(
+                f"`{name}` ({type(module).__name__}) is not a submodule of `forward_func` "
+                f"({type(forward_func).__name__}): pass a layer of the model being explained, "
+                "e.g. model.embeddings."
+            )
+    if len(set(map(id, layers))) != len(layers):
+        raise ArgumentError("`layer` lists the same module more than once.")
+    return layers
+
+
+@dataclass(frozen=True)
+class LayerSlots:
+    """Where each layer's tensors sit in the flat tuple, and their original form."""
+
+    counts: Tuple[int, ...]  # tensors per layer
+    containers: Tuple[type, ...]  # torch.Tensor, tuple or list: what the layer gave
+
+    def split(self, flat: Sequence[Any]) -> List[Tuple[Any, ...]]:
+        groups, begin = [], 0
+        for count in self.counts:
+            groups.append(tuple(flat[begin:begin + count]))
+            begin += count
+        return groups
+
+    def repack(self, layer_index: int, tensors: Tuple[torch.Tensor, ...]) -> Any:
+        """The tensors of one layer in the form the layer gave them."""
+        container = self.containers[layer_index]
+        if container is torch.Tensor:
+            return tensors[0]
+        return container(tensors)
+
+
+def _as_tuple(value: Any, layer: nn.Module, what: str) -> Tuple[Tuple[torch.Tensor, ...], type]:
+    if isinstance(value, torch.Tensor):
+        return (value,), torch.Tensor
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value), type(value)
+    if isinstance(value, (tuple, list)) and not value and what == "input":
+        raise ArgumentError(
+            f"The {what} of layer {type(layer).__name__} is empty: it receives its inputs "
+            "as keyword arguments, which attribute_to_layer_input cannot replace; "
+            "attribute to the layer's output, or to the layer that computes the input."
+        )
+    kinds = [type(v).__name__ for v in value] if isinstance(value, (tuple, list)) else type(value).__name__
+    raise ArgumentError(
+        f"The {what} of layer {type(layer).__name__} must be a tensor or a tuple of tensors "
+        f"to be attributed to; got {kinds}."
+    )
+
+
+def _hook_for(layers: List[nn.Module], to_layer_input: bool, hook: Callable) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for index, layer in enumerate(layers):
+        if to_layer_input:
+            handle = layer.register_forward_pre_hook(
+                lambda module, args, index=index: hook(index, module, args)
+            )
+        else:
+            handle = layer.register_forward_hook(
+                lambda module, args, output, index=index: hook(index, module, output)
+            )
+        stack.callback(handle.remove)
+    return stack
+
+
+def record_activations(
+    layers: List[nn.Module], to_layer_input: bool, run: Callable[[], Any]
+) -> Tuple[Tuple[torch.Tensor, ...], LayerSlots, Any]:
+    """Run ``run()`` once, keeping a copy of each layer's activation (the last
+    call's, as Captum does when a layer runs more than once).
+
+    Returns (flat activations, their slots, what run() returned)."""
+    what = "input" if to_layer_input else "output"
+    seen: List[Any] = [None] * len(layers)
+
+    def keep(index: int, module: nn.Module, value: Any) -> None:
+        tensors, container = _as_tuple(value, module, what)
+        # A copy: the model may change the activation in place after the hook.
+        seen[index] = (tuple(t.detach().clone() for t in tensors), container)
+
+    with _hook_for(layers, to_layer_input, keep):
+        result = run()
+    for index, (layer, got) in enumerate(zip(layers, seen)):
+        if got is None:
+            name = f"layer[{index}]" if len(layers) > 1 else "layer"
+            raise ArgumentError(
+                f"`{name}` ({type(layer).__name__}) was not called by `forward_func`: "
+                "there is no activation to attribute to. Pass a layer the forward pass uses."
+            )
+    slots = LayerSlots(
+        counts=tuple(len(tensors) for tensors, _ in seen),
+        containers=tuple(container for _, container in seen),
+    )
+    flat = tuple(t for tensors, _ in seen for t in tensors)
+    return flat, slots, result
+
+
+@contextlib.contextmanager
+def activations_replaced(
+    layers: List[nn.Module], to_layer_input: bool, slots: LayerSlots,
+    path: Tuple[torch.Tensor, ...],
+) -> Iterator[List[bool]]:
+    """Within the block, every call of a layer gives (or, for layer inputs,
+    receives) the path tensors in place of its own activation. Yields one flag per
+    layer, set when the layer was called.
+
+    The layer still runs (as in Captum) so that its side effects and hooks are
+    unchanged; the path tensors are cloned so that in-place operations after the
+    layer do not touch the engine's leaves.
+    """
+    called = [False] * len(layers)
+    per_layer = slots.split(path)
+
+    def replace(index: int, module: nn.Module, value: Any) -> Any:
+        called[index] = True
+        replacement = tuple(t.clone() for t in per_layer[index])
+        if to_layer_input:
+            return replacement  # a pre-hook returns the new positional arguments
+        return slots.repack(index, replacement)
+
+    with _hook_for(layers, to_layer_input, replace):
+        yield called

@@ -1,0 +1,224 @@
+"""LayerIntegratedGradients: Integrated Gradients of a layer's activations, as in Captum.
+
+The path runs between the layer's activation at the baselines and at the inputs;
+the model runs on the inputs with the layer's activation replaced by path points,
+and the gradient is taken with respect to those points. igfast differs from
+Captum in the work around the path, not in the result:
+
+- the activations at the inputs and at the baselines come from one forward call on
+  both, batched together (Captum makes two), and the same call gives F(inputs) and
+  F(baselines), so the convergence delta costs no further calls (Captum makes two);
+- the path goes through the streaming engine: chunks sized to a memory budget,
+  one vectorised backward per chunk.
+"""
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from ..chunking import Chunk, choose_row_limit
+from ..engine import PathIntegral, integrate_gradients
+from ..errors import ArgumentError
+from ..quadrature import path_nodes, validate_method_and_steps
+from ._captum_protocol import wrappable_by_captum
+from ._completeness import attributions_from, convergence_delta
+from ._forms import (
+    expand_additional_forward_args,
+    format_additional_forward_args,
+    format_baselines,
+    format_inputs,
+    full_batch,
+    repeat_rows,
+)
+from ._gradients import check_one_value_per_row, gradients_and_outputs, run_forward
+from ._layers import LayerSlots, activations_replaced, layer_list, record_activations
+from ._target import expand_target, normalize_target
+from .integrated_gradients import IntegratedGradients
+
+TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+LayerAttributions = Union[TensorOrTuple, List[TensorOrTuple]]
+
+
+class LayerIntegratedGradients:
+    r"""Layer Integrated Gradients, a drop-in for ``captum.attr.LayerIntegratedGradients``.
+
+    Attributes the target output to each neuron of a layer's output (or input):
+    Integrated Gradients along the straight path from the layer's activation at the
+    baselines to its activation at the inputs. The usual use is the token
+    embeddings of a transformer, whose inputs (token ids) have no gradient.
+
+    Args:
+        forward_func (Callable or torch.nn.Module): the model or function to explain.
+        layer (torch.nn.Module or list of them): the layer(s) whose activations are
+            attributed. Several layers must not feed one another (as in Captum).
+        device_ids (list[int], optional): accepted for Captum compatibility;
+            DataParallel models across several devices are not supported.
+        multiply_by_inputs (bool, optional): multiply by the activation at the
+            inputs minus the activation at the baselines (global attributions).
+            Default: True.
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: Any,
+        device_ids: Optional[List[int]] = None,
+        multiply_by_inputs: bool = True,
+    ) -> None:
+        self.ig = IntegratedGradients(forward_func, multiply_by_inputs)
+        self.forward_func = forward_func
+        self._layers = layer_list(layer, forward_func)
+        self.layer = layer
+        self.device_ids = device_ids
+        if len(self._layers) > 1:
+            warnings.warn(
+                "Several layers given: none of them may compute its activation from "
+                "another's, or the path of one would be overwritten by the other.",
+                stacklevel=2,
+            )
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self.ig.multiplies_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @wrappable_by_captum
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: Union[None, int, str] = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: Optional[Dict[str, Any]] = None,
+        memory_budget: Union[None, int, str] = None,
+    ) -> Union[LayerAttributions, Tuple[LayerAttributions, torch.Tensor]]:
+        r"""Attribute the target output to the layer's neurons.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): the model inputs, dim 0 indexing
+                examples; any dtype (token ids, masks), since the path lies in the
+                layer's activations.
+            baselines (scalar, Tensor or tuple, optional): the model inputs at the
+                path's start (e.g. [PAD] token ids), in the forms IntegratedGradients
+                accepts. Default: zeros.
+            target, additional_forward_args, n_steps, method, internal_batch_size,
+                memory_budget: as in ``IntegratedGradients.attribute``.
+            return_convergence_delta (bool, optional): also return, per example,
+                sum(attributions) - (F(inputs) - F(baselines)), with F(inputs) and
+                F(baselines) from the call that reads the activations. Default: False.
+            attribute_to_layer_input (bool, optional): attribute to the layer's
+                positional inputs instead of its output. Default: False.
+            grad_kwargs (dict, optional): keyword arguments for torch.autograd.grad.
+
+        Returns:
+            For one layer: a tensor shaped like its activation, or a tuple when the
+            layer gives several tensors; for a list of layers, a list of those.
+            With ``return_convergence_delta``, ``(attributions, delta)``.
+        """
+        if self.device_ids is None:
+            self.device_ids = getattr(self.forward_func, "device_ids", None)
+        if self.device_ids is not None and len(self.device_ids) > 1:
+            raise ArgumentError(
+                "igfast.LayerIntegratedGradients does not support DataParallel models on "
+                f"several devices (device_ids={self.device_ids}); explain the module on one "
+                "device (model.module)."
+            )
+        model_inputs, _ = format_inputs(inputs, floating=False)
+        model_baselines = format_baselines(baselines, model_inputs)
+        validate_method_and_steps(method, n_steps)
+        batch_size = model_inputs[0].shape[0]
+        args = format_additional_forward_args(additional_forward_args)
+        chunk_target = normalize_target(target, batch_size, model_inputs[0].device)
+
+        ends, starts, slots, end_values, start_values = self._activations_at_both_ends(
+            model_inputs, model_baselines, chunk_target, args, attribute_to_layer_input
+        )
+        nodes = path_nodes(method, n_steps, with_endpoints=False)
+        row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count)
+
+        def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
+            chunk_inputs = tuple(repeat_rows(x, chunk) for x in model_inputs)
+            with activations_replaced(self._layers, attribute_to_layer_input, slots, path) as called:
+                grads, outputs = gradients_and_outputs(
+                    self.forward_func, chunk_inputs, expand_target(chunk_target, chunk),
+                    expand_additional_forward_args(args, chunk), wrt=path, grad_kwargs=grad_kwargs,
+                )
+            if not all(called):
+                # The layer ran when its activations were read, so the model's control
+                # flow differs between calls; zero gradients would be silently wrong.
+                raise ArgumentError(
+                    "`layer` was not called by `forward_func` on the path inputs (it was on "
+                    "the inputs): the forward pass must call every layer on every call."
+                )
+            return grads, outputs
+
+        integral = integrate_gradients(ends, starts, nodes, gradients_at, row_limit)
+        self.last_integral: PathIntegral = integral
+        attributions = attributions_from(integral, ends, starts, self.multiplies_by_inputs)
+        result = self._format_result(attributions, slots)
+        if not return_convergence_delta:
+            return result
+        return result, convergence_delta(attributions, start_values, end_values)
+
+    def _activations_at_both_ends(
+        self,
+        model_inputs: Tuple[torch.Tensor, ...],
+        model_baselines: Tuple[torch.Tensor, ...],
+        target: Any,
+        args: Optional[Tuple[Any, ...]],
+        to_layer_input: bool,
+    ):
+        """One forward call on [inputs; baselines]: the layer's activations at both
+        ends of the path, and the targeted output F at both."""
+        batch_size = model_inputs[0].shape[0]
+        both = tuple(
+            torch.cat([x, full_batch(b, batch_size)]) for x, b in zip(model_inputs, model_baselines)
+        )
+        two_ends = Chunk(0, 2, 0, batch_size, batch_size)  # "steps" 0 and 1: inputs, baselines
+
+        def run() -> torch.Tensor:
+            return run_forward(
+                self.forward_func, both, expand_target(target, two_ends),
+                expand_additional_forward_args(args, two_ends),
+            )
+
+        with torch.no_grad():
+            activations, slots, outputs = record_activations(self._layers, to_layer_input, run)
+        check_one_value_per_row(outputs, 2 * batch_size, target)
+        for index, activation in enumerate(activations):
+            if activation.dim() == 0 or activation.shape[0] != 2 * batch_size:
+                raise ArgumentError(
+                    f"The layer activation {index} has shape {tuple(activation.shape)}: its "
+                    f"dim 0 must index the examples ({2 * batch_size} rows for the inputs and "
+                    "baselines together). Attribute to a layer whose activations are batch-first."
+                )
+            if not activation.dtype.is_floating_point:
+                raise ArgumentError(
+                    f"The layer activation {index} has dtype {activation.dtype}: only floating "
+                    "activations can be interpolated. For token ids, attribute to the "
+                    "embedding layer's output (attribute_to_layer_input=False)."
+                )
+        ends = tuple(a[:batch_size] for a in activations)
+        starts = tuple(a[batch_size:] for a in activations)
+        values = outputs.detach().reshape(2 * batch_size)
+        return ends, starts, slots, values[:batch_size], values[batch_size:]
+
+    def _format_result(
+        self, attributions: Tuple[torch.Tensor, ...], slots: LayerSlots
+    ) -> LayerAttributions:
+        """Captum's forms: per layer a tensor, or a tuple when it gives several
+        tensors; a list over layers when ``layer`` was a list."""
+        per_layer = [group if len(group) > 1 else group[0] for group in slots.split(attributions)]
+        return per_layer if isinstance(self.layer, list) else per_layer[0]
+
+    def attribute_future(self) -> None:
+        """Not implemented, as in Captum."""
+        raise NotImplementedError("attribute_future is not implemented for LayerIntegratedGradients")

@@ -1,0 +1,339 @@
+"""NoiseTunnel: SmoothGrad, SmoothGrad-squared and VarGrad over an attribution method.
+
+Captum's NoiseTunnel runs the wrapped method once per batch of noise samples. For
+igfast's IntegratedGradients and LayerIntegratedGradients, all noisy copies of
+all examples form one batch instead, and that batch goes through the streaming
+engine once: its chunks of (path nodes x noisy examples) are sized to the memory
+budget like any other, so there is one pass over the path, not one per sample.
+
+The noise is drawn exactly as Captum draws it (the same calls on the same random
+generators, in the same order, partitioned by ``nt_samples_batch_size``), so with
+the same seed both give the same attributions.
+"""
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import ArgumentError
+from ._forms import format_additional_forward_args, format_inputs
+from .integrated_gradients import IntegratedGradients
+from .layer_integrated_gradients import LayerIntegratedGradients
+
+NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+# Methods whose attribute() streams any batch through the engine with bounded
+# memory: they take all noise samples in one call.
+_STREAMING_METHODS = (IntegratedGradients, LayerIntegratedGradients)
+
+
+@dataclass(frozen=True)
+class _Partition:
+    """``samples`` noise samples of every example (Captum's batch of samples)."""
+
+    samples: int
+    baseline_rows: Optional[Tuple]  # per baseline, its drawn row for each noisy copy
+
+
+class NoiseTunnel:
+    r"""Adds Gaussian noise to the inputs ``nt_samples`` times and combines the
+    attributions of the noisy copies: their mean (``smoothgrad``), the mean of their
+    squares (``smoothgrad_sq``) or their variance (``vargrad``). A drop-in for
+    ``captum.attr.NoiseTunnel``.
+
+    Args:
+        attribution_method: an igfast IntegratedGradients or
+            LayerIntegratedGradients (streamed in one pass), or any object with
+            Captum's ``attribute`` interface (run once per batch of samples).
+    """
+
+    def __init__(self, attribution_method: Any) -> None:
+        if not callable(getattr(attribution_method, "attribute", None)):
+            raise ArgumentError(
+                "`attribution_method` must be an attribution object with an attribute() "
+                f"method (e.g. igfast.IntegratedGradients); got {type(attribution_method).__name__}."
+            )
+        self.attribution_method = attribution_method
+        self.is_delta_supported = attribution_method.has_convergence_delta()
+        self._multiply_by_inputs = attribution_method.multiplies_by_inputs
+        self.forward_func = attribution_method.forward_func
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return self.is_delta_supported
+
+    def attribute(
+        self,
+        inputs: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
+        nt_type: str = "smoothgrad",
+        nt_samples: int = 5,
+        nt_samples_batch_size: Optional[int] = None,
+        stdevs: Union[float, Tuple[float, ...]] = 1.0,
+        draw_baseline_from_distrib: bool = False,
+        **kwargs: Any,
+    ):
+        r"""Smoothed attributions of ``inputs``.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): floating inputs, dim 0 indexing examples.
+            nt_type (str, optional): ``smoothgrad``, ``smoothgrad_sq`` or ``vargrad``.
+            nt_samples (int, optional): noisy copies per example. Default: 5.
+            nt_samples_batch_size (int, optional): how many samples Captum draws (and
+                runs) together; igfast draws the noise in the same groups, so that the
+                random numbers match, but streams all samples in one pass. Default:
+                all samples together.
+            stdevs (float or tuple of floats, optional): standard deviation of the
+                noise, one for all inputs or one per input. Default: 1.0.
+            draw_baseline_from_distrib (bool, optional): draw each noisy copy's
+                baseline at random from the rows of ``baselines`` (numpy's global
+                random generator, as in Captum). Default: False.
+            **kwargs: passed to the wrapped method's attribute() (target, baselines,
+                n_steps, return_convergence_delta, memory_budget, ...).
+
+        Returns:
+            attributions in the wrapped method's form; with
+            ``return_convergence_delta``, ``(attributions, delta)`` where delta has
+            one value per noisy copy (nt_samples x examples).
+        """
+        formatted, is_tuple = format_inputs(inputs)
+        _check_nt_type(nt_type)
+        nt_samples = _positive_int(nt_samples, "nt_samples")
+        group = nt_samples if nt_samples_batch_size is None else min(
+            nt_samples, _positive_int(nt_samples_batch_size, "nt_samples_batch_size")
+        )
+        stdev_per_input = _stdevs(stdevs, len(formatted))
+        with_delta = bool(kwargs.get("return_convergence_delta", False)) and self.is_delta_supported
+        batch_size = formatted[0].shape[0]
+
+        with torch.no_grad():
+            partitions, noisy = self._draw(
+                formatted, group, nt_samples, stdev_per_input, draw_baseline_from_distrib, kwargs
+            )
+        if isinstance(self.attribution_method, _STREAMING_METHODS):
+            results = [self._run(noisy, partitions, kwargs, is_tuple)]
+            row_groups = [partitions]
+        else:
+            results, begin = [], 0
+            for partition in partitions:
+                rows = partition.samples * batch_size
+                part = tuple(x[begin:begin + rows] for x in noisy)
+                results.append(self._run(part, [partition], kwargs, is_tuple))
+                begin += rows
+            row_groups = [[p] for p in partitions]
+
+        sums: Optional[List[torch.Tensor]] = None
+        squares: Optional[List[torch.Tensor]] = None
+        deltas = []
+        for result, group_partitions in zip(results, row_groups):
+            attributions, delta = result if with_delta else (result, None)
+            flat, structure = _flatten(attributions)
+            begin = 0
+            for partition in group_partitions:
+                rows = partition.samples * batch_size
+                for index, attribution in enumerate(flat):
+                    # (examples, samples, ...): the noisy copies of an example are adjacent.
+                    part = attribution[begin:begin + rows].reshape(
+                        (batch_size, partition.samples) + tuple(attribution.shape[1:])
+                    )
+                    part_sum, part_squares = part.sum(dim=1), torch.pow(part, 2).sum(dim=1)
+                    if sums is None or squares is None:
+                        sums, squares = [None] * len(flat), [None] * len(flat)
+                    sums[index] = part_sum if sums[index] is None else sums[index] + part_sum
+                    squares[index] = (
+                        part_squares if squares[index] is None else squares[index] + part_squares
+                    )
+                begin += rows
+            if delta is not None:
+                deltas.append(delta)
+        means = [total / nt_samples for total in sums]
+        mean_squares = [total / nt_samples for total in squares]
+        if nt_type == "smoothgrad":
+            smoothed = means
+        elif nt_type == "smoothgrad_sq":
+            smoothed = mean_squares
+        else:
+            smoothed = [sq - mean * mean for mean, sq in zip(means, mean_squares)]
+        output = _unflatten(smoothed, structure)
+        if with_delta:
+            return output, torch.cat(deltas, dim=0)
+        return output
+
+    def _draw(
+        self,
+        inputs: Tuple[torch.Tensor, ...],
+        group: int,
+        nt_samples: int,
+        stdevs: Tuple[float, ...],
+        draw_baseline: bool,
+        kwargs: Dict[str, Any],
+    ) -> Tuple[List[_Partition], Tuple[torch.Tensor, ...]]:
+        """The noisy copies of all examples, partition after partition, drawn with
+        Captum's calls in Captum's order: per partition, one torch.normal per input;
+        baseline indices (numpy) once for all full partitions and once for the rest."""
+        batch_size = inputs[0].shape[0]
+        full, remainder = divmod(nt_samples, group)
+        sizes = [group] * full + ([remainder] if remainder else [])
+        partitions, parts = [], []
+        shared_rows = self._baseline_rows(group, batch_size, kwargs) if draw_baseline else None
+        for number, samples in enumerate(sizes):
+            noisy = tuple(_add_noise(x, stdev, samples) for x, stdev in zip(inputs, stdevs))
+            if draw_baseline and number == full:  # the remainder draws its own indices
+                rows = self._baseline_rows(samples, batch_size, kwargs)
+            else:
+                rows = shared_rows
+            partitions.append(_Partition(samples, rows))
+            parts.append(noisy)
+        merged = tuple(torch.cat(tensors) if len(tensors) > 1 else tensors[0] for tensors in zip(*parts))
+        return partitions, merged
+
+    @staticmethod
+    def _baseline_rows(samples: int, batch_size: int, kwargs: Dict[str, Any]) -> Optional[Tuple]:
+        """Per baseline tensor, the row drawn for each noisy copy (one numpy draw per
+        tensor, in order, as Captum); None for numbers."""
+        baselines = kwargs.get("baselines")
+        if baselines is None:
+            return None
+        as_tuple = baselines if isinstance(baselines, tuple) else (baselines,)
+        return tuple(
+            np.random.choice(b.shape[0], samples * batch_size).tolist()
+            if isinstance(b, torch.Tensor) and b.dim() > 0 else None
+            for b in as_tuple
+        )
+
+    def _run(
+        self,
+        noisy: Tuple[torch.Tensor, ...],
+        partitions: List[_Partition],
+        kwargs: Dict[str, Any],
+        is_tuple: bool,
+    ):
+        """The wrapped method on the noisy rows of ``partitions``, with baselines,
+        targets and additional arguments expanded to those rows."""
+        batch_size = noisy[0].shape[0] // sum(p.samples for p in partitions)
+        expanded = dict(kwargs)
+        if "target" in kwargs:
+            expanded["target"] = _expand_target(kwargs["target"], partitions)
+        if "additional_forward_args" in kwargs:
+            expanded["additional_forward_args"] = _expand_args(
+                kwargs["additional_forward_args"], partitions
+            )
+        if "baselines" in kwargs:
+            expanded["baselines"] = _expand_baselines(kwargs["baselines"], partitions, batch_size)
+        method = self.attribution_method
+        inputs = noisy if is_tuple else noisy[0]
+        attribute = getattr(type(method).attribute, "__wrapped__", None)
+        if attribute is not None:  # skip Captum's usage-logging decorator, as Captum does
+            return attribute(method, inputs, **expanded)
+        return method.attribute(inputs, **expanded)
+
+    def attribute_future(self) -> None:
+        """Not implemented, as in Captum."""
+        raise NotImplementedError("attribute_future is not implemented for NoiseTunnel")
+
+
+def _check_nt_type(nt_type: Any) -> None:
+    if nt_type not in NT_TYPES:
+        raise ArgumentError(
+            f"`nt_type` must be one of {', '.join(NT_TYPES)}; got {nt_type!r}."
+        )
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ArgumentError(f"`{name}` must be an integer >= 1; got {value!r}.")
+    return int(value)
+
+
+def _stdevs(stdevs: Any, count: int) -> Tuple[float, ...]:
+    def one(value: Any, name: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+            raise ArgumentError(f"`{name}` must be a number >= 0; got {value!r}.")
+        return float(value)
+
+    if isinstance(stdevs, tuple):
+        if len(stdevs) != count:
+            raise ArgumentError(
+                f"`stdevs` must give one value per input tensor: got {len(stdevs)} for {count} inputs."
+            )
+        return tuple(one(s, f"stdevs[{i}]") for i, s in enumerate(stdevs))
+    return (one(stdevs, "stdevs"),) * count
+
+
+def _add_noise(x: torch.Tensor, stdev: float, samples: int) -> torch.Tensor:
+    """``samples`` noisy copies of each row, adjacent; the draw is Captum's (a
+    normal with a tensor of standard deviations in the default dtype)."""
+    size = (x.shape[0] * samples,) + tuple(x.shape[1:])
+    spread = torch.tensor(stdev, device=x.device).repeat(size)
+    return x.repeat_interleave(samples, dim=0) + torch.normal(0, spread)
+
+
+def _expand_target(target: Any, partitions: List[_Partition]) -> Any:
+    """Per-example targets, each repeated for its noisy copies, partition by partition."""
+    if isinstance(target, list):
+        return [t for p in partitions for t in target for _ in range(p.samples)]
+    if isinstance(target, torch.Tensor) and target.numel() > 1:
+        return torch.cat([target.repeat_interleave(p.samples, dim=0) for p in partitions])
+    return target
+
+
+def _expand_args(args: Any, partitions: List[_Partition]) -> Any:
+    formatted = format_additional_forward_args(args)
+    if formatted is None:
+        return None
+    return tuple(
+        torch.cat([a.repeat_interleave(p.samples, dim=0) for p in partitions])
+        if isinstance(a, torch.Tensor) and a.dim() > 0 else a
+        for a in formatted
+    )
+
+
+def _expand_baselines(baselines: Any, partitions: List[_Partition], batch_size: int) -> Any:
+    """Per-example baselines follow their noisy copies; drawn baselines take the
+    drawn rows; broadcast ones (one row, or numbers) stay as they are."""
+    if baselines is None:
+        return None
+    as_tuple = baselines if isinstance(baselines, tuple) else (baselines,)
+    expanded = []
+    for index, baseline in enumerate(as_tuple):
+        if not isinstance(baseline, torch.Tensor) or baseline.dim() == 0:
+            expanded.append(baseline)
+        elif partitions[0].baseline_rows is not None:
+            expanded.append(torch.cat([baseline[p.baseline_rows[index]] for p in partitions]))
+        elif baseline.shape[0] == batch_size and batch_size > 1:
+            expanded.append(torch.cat([baseline.repeat_interleave(p.samples, dim=0) for p in partitions]))
+        else:
+            expanded.append(baseline)
+    return tuple(expanded) if isinstance(baselines, tuple) else expanded[0]
+
+
+def _flatten(attributions: Any) -> Tuple[List[torch.Tensor], Any]:
+    """Tensors of a result (tensor, tuple, or a list of those for several layers),
+    and the structure to rebuild it."""
+    if isinstance(attributions, torch.Tensor):
+        return [attributions], None
+    if isinstance(attributions, tuple):
+        return list(attributions), len(attributions)
+    flat, structure = [], []
+    for item in attributions:
+        tensors, inner = _flatten(item)
+        flat.extend(tensors)
+        structure.append((len(tensors), inner))
+    return flat, structure
+
+
+def _unflatten(tensors: List[torch.Tensor], structure: Any) -> Any:
+    if structure is None:
+        return tensors[0]
+    if isinstance(structure, int):
+        return tuple(tensors)
+    items, begin = [], 0
+    for count, inner in structure:
+        items.append(_unflatten(tensors[begin:begin + count], inner))
+        begin += count
+    return items
