@@ -122,7 +122,8 @@ class NoiseTunnel:
             results, begin = [], 0
             for partition in partitions:
                 rows = partition.samples * batch_size
-                part = tuple(x[begin:begin + rows] for x in noisy)
+                # Gradient methods of other libraries expect inputs that require grad.
+                part = tuple(x[begin:begin + rows].detach().requires_grad_(x.is_floating_point()) for x in noisy)
                 results.append(self._run(part, [partition], kwargs, is_tuple))
                 begin += rows
             row_groups = [[p] for p in partitions]

@@ -1,0 +1,1 @@
+"""Ready-made attribution workloads on real models (optional dependencies)."""

@@ -1,0 +1,178 @@
+"""igfast.NoiseTunnel against captum.attr.NoiseTunnel with the same random draws:
+every nt_type, sample batching, baselines drawn from a distribution, per-example
+targets and arguments, the delta; over igfast's IG and LayerIG (streamed in one
+pass) and over a method it does not stream; bad input."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import igfast
+from conftest import PARITY_COMPARISONS
+from models import MLP, AdditionalArgsModel, MultiInputModel, SmallConvNet
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+def smoothed(lib, method_class, model, inputs, seed, method_args=(), **kwargs):
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # Captum draws baselines from a distribution with numpy
+    tunnel = lib.NoiseTunnel(method_class(model, *method_args))
+    return tunnel, tunnel.attribute(inputs, **kwargs)
+
+
+def assert_same(ours, theirs, tolerance):
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    PARITY_COMPARISONS["count"] += 1
+
+
+def compare(ours_class, theirs_class, model, inputs, method_args=(), tolerance=1e-10, **kwargs):
+    _, ours = smoothed(igfast, ours_class, model, inputs, 5, method_args, **kwargs)
+    _, theirs = smoothed(captum_attr, theirs_class, model, inputs, 5, method_args, **kwargs)
+    if kwargs.get("return_convergence_delta"):
+        assert_same(ours[0], theirs[0], tolerance)
+        assert_same(ours[1], theirs[1], tolerance)
+    else:
+        assert_same(ours, theirs, tolerance)
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+@pytest.mark.parametrize("nt_samples_batch_size", [None, 1, 3, 10])
+def test_integrated_gradients_matches_captum(nt_type, nt_samples_batch_size):
+    torch.manual_seed(0)
+    model = MLP().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for target, baselines, with_delta in itertools.product(
+        (2, [0, 1, 2, 3], torch.tensor([3, 2, 1, 0])),
+        (None, 0.5, torch.randn(4, 6, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)),
+        (False, True),
+    ):
+        compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, x,
+                nt_type=nt_type, nt_samples=7, nt_samples_batch_size=nt_samples_batch_size,
+                stdevs=0.3, target=target, baselines=baselines, n_steps=6,
+                return_convergence_delta=with_delta)
+
+
+@pytest.mark.parametrize("nt_samples_batch_size", [None, 3])
+def test_baselines_drawn_from_a_distribution(nt_samples_batch_size):
+    torch.manual_seed(1)
+    model = MultiInputModel().double().eval()
+    inputs = (torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, 2, dtype=torch.float64))
+    distribution = (torch.randn(6, 4, dtype=torch.float64), 0.25)
+    compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, inputs,
+            nt_type="vargrad", nt_samples=5, nt_samples_batch_size=nt_samples_batch_size,
+            stdevs=(0.2, 0.1), target=1, baselines=distribution, draw_baseline_from_distrib=True,
+            n_steps=6, method="riemann_middle", return_convergence_delta=True)
+
+
+def test_additional_forward_args_follow_their_examples():
+    torch.manual_seed(2)
+    model = AdditionalArgsModel().double().eval()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    scale = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, x,
+            nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=3, stdevs=0.5,
+            additional_forward_args=(scale, torch.tensor(0.1, dtype=torch.float64), "sigmoid"),
+            target=[0, 2, 1], n_steps=5)
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_layer_integrated_gradients_matches_captum(nt_type):
+    torch.manual_seed(3)
+    model = SmallConvNet().eval()
+    x = torch.randn(3, 3, 8, 8)
+    compare(igfast.LayerIntegratedGradients, captum_attr.LayerIntegratedGradients, model, x,
+            method_args=(model.conv,), tolerance=1e-5, nt_type=nt_type, nt_samples=4,
+            nt_samples_batch_size=3, stdevs=0.2, target=[0, 1, 2], n_steps=5,
+            return_convergence_delta=True)
+
+
+def test_all_samples_stream_through_one_pass():
+    """Captum runs one IG per batch of samples; igfast one engine pass over all of
+    them, whose chunks cover (path nodes x noisy examples) once."""
+    torch.manual_seed(4)
+    model = SmallConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    calls = {"ours": 0, "theirs": 0}
+
+    def counter(key):
+        def forward(inputs):
+            calls[key] += 1
+            return model(inputs)
+        return forward
+
+    kwargs = dict(nt_type="smoothgrad", nt_samples=10, nt_samples_batch_size=2, stdevs=0.1,
+                  target=1, n_steps=8)
+    tunnel, ours = smoothed(igfast, igfast.IntegratedGradients, counter("ours"), x, 6, **kwargs)
+    _, theirs = smoothed(captum_attr, captum_attr.IntegratedGradients, counter("theirs"), x, 6,
+                         **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    integral = tunnel.attribution_method.last_integral
+    assert calls["ours"] == integral.forward_calls == 1  # 20 noisy rows x 8 nodes in one chunk
+    assert calls["theirs"] == 5  # one IG per batch of 2 samples
+    # Under a memory budget the same pass is chunked; the result does not change.
+    _, budgeted = smoothed(igfast, igfast.IntegratedGradients, model, x, 6,
+                           memory_budget="300KB", **kwargs)
+    torch.testing.assert_close(budgeted, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_methods_it_does_not_stream_run_per_sample_batch():
+    torch.manual_seed(5)
+    model = MLP().double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    kwargs = dict(nt_type="smoothgrad_sq", nt_samples=5, nt_samples_batch_size=2, stdevs=0.4,
+                  target=1)
+    compare(captum_attr.Saliency, captum_attr.Saliency, model, x, **kwargs)
+
+
+def test_several_layers_keep_their_list_form():
+    torch.manual_seed(6)
+
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return torch.cat([torch.tanh(self.a(x)), self.b(x)], 1).sum(1, keepdim=True)
+
+    model = TwoBranches().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="Several layers"):
+        lig = igfast.LayerIntegratedGradients(model, [model.a, model.b])
+    torch.manual_seed(7)
+    smooth = igfast.NoiseTunnel(lig).attribute(x, nt_samples=3, stdevs=0.1, n_steps=5)
+    assert isinstance(smooth, list) and [t.shape for t in smooth] == [(3, 3), (3, 2)]
+    # The same draws by hand: the mean over samples of each layer's attributions.
+    torch.manual_seed(7)
+    noisy = x.repeat_interleave(3, dim=0) + torch.normal(0, torch.tensor(0.1).repeat(9, 4))
+    per_sample = lig.attribute(noisy, n_steps=5)
+    for got, each in zip(smooth, per_sample):
+        torch.testing.assert_close(got, each.view(3, 3, -1).mean(1), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_arguments():
+    tunnel = igfast.NoiseTunnel(igfast.IntegratedGradients(MLP()))
+    x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="`nt_samples` must be an integer >= 1; got 0"):
+        tunnel.attribute(x, nt_samples=0, target=0)
+    with pytest.raises(ValueError, match="`nt_samples_batch_size` must be an integer >= 1"):
+        tunnel.attribute(x, nt_samples_batch_size=0, target=0)
+    with pytest.raises(AssertionError, match="`nt_type` must be one of smoothgrad"):
+        tunnel.attribute(x, nt_type="smoothgrad_cubed", target=0)
+    with pytest.raises(ValueError, match="one value per input tensor"):
+        tunnel.attribute(x, stdevs=(0.1, 0.2), target=0)
+    with pytest.raises(ValueError, match="`stdevs` must be a number >= 0"):
+        tunnel.attribute(x, stdevs=-1.0, target=0)
+    with pytest.raises(TypeError, match="floating point"):
+        tunnel.attribute(torch.ones(2, 6, dtype=torch.long), target=0)
+    with pytest.raises(ValueError, match="`attribution_method` must be an attribution object"):
+        igfast.NoiseTunnel(MLP())
