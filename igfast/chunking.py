@@ -18,7 +18,7 @@ import torch
 
 from .dtypes import dtype_policy
 from .errors import ArgumentError
-from .memory import automatic_budget, format_size, parse_memory_size
+from .memory import automatic_budget, format_size, parse_memory_size, preferred_chunk_bytes
 
 
 @dataclass(frozen=True)
@@ -127,16 +127,26 @@ class BudgetRowLimit(RowLimit):
     # At most this factor more rows than the largest measured chunk at once.
     MAX_GROWTH = 64
 
-    def __init__(self, budget: int, reserved: int, first_rows: int, argument: str) -> None:
+    def __init__(self, budget: int, reserved: int, first_rows: int, argument: str,
+                 preferred_chunk_bytes: Optional[int] = None) -> None:
         super().__init__(first_rows)
         self.budget = budget
         self.reserved = reserved
         self.argument = argument
+        # A softer limit for speed: chunks aim below it, but a row above it still runs.
+        self.preferred_chunk_bytes = preferred_chunk_bytes
         self._measured: Optional[Tuple[int, int]] = None  # (rows, peak) of the largest chunk
 
     @property
     def available(self) -> int:
         return self.budget - self.reserved
+
+    @property
+    def chunk_target(self) -> int:
+        """The bytes a chunk is sized to: the budget's room, or less where faster."""
+        if self.preferred_chunk_bytes is None:
+            return self.available
+        return min(self.available, self.preferred_chunk_bytes)
 
     def observe(self, rows: int, peak_bytes: int) -> None:
         if rows == 1 and peak_bytes > self.available:
@@ -144,7 +154,7 @@ class BudgetRowLimit(RowLimit):
         if self._measured is None or rows >= self._measured[0]:
             self._measured = (rows, max(peak_bytes, 1))
         measured_rows, measured_peak = self._measured
-        fitting = int(self.SAFETY * self.available * measured_rows / measured_peak)
+        fitting = int(self.SAFETY * self.chunk_target * measured_rows / measured_peak)
         limit = min(fitting, measured_rows * self.MAX_GROWTH)
         if self._ceiling is not None:
             limit = min(limit, self._ceiling)
@@ -219,9 +229,13 @@ def choose_row_limit(
             f"{format_size(budget)} usable, at least {format_size(needed)} needed."
         )
     total_rows = n_nodes * batch_size
+    preferred = preferred_chunk_bytes(inputs[0].device)
     if explicit:
         first_rows = 1
     else:
-        first_rows = (budget - reserved) // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
-    return BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget")
+        room = budget - reserved if preferred is None else min(budget - reserved, preferred)
+        first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
+    return BudgetRowLimit(
+        budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred
+    )
 

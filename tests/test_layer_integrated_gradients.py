@@ -321,3 +321,30 @@ def test_data_parallel_on_several_devices_is_refused():
     lig = igfast.LayerIntegratedGradients(model, model.words, device_ids=[0, 1])
     with pytest.raises(ValueError, match="DataParallel"):
         lig.attribute(ids, additional_forward_args=(mask,), target=0)
+
+
+def test_in_place_ops_after_the_layer_and_inference_mode():
+    """The path reaches the model as a copy, so in-place ops after the layer work
+    (Captum's leaf raises there); calls under inference_mode or no_grad work."""
+
+    class AfterLayer(nn.Module):
+        def __init__(self, in_place):
+            super().__init__()
+            torch.manual_seed(12)
+            self.inner, self.out, self.in_place = nn.Linear(4, 6), nn.Linear(6, 2), in_place
+
+        def forward(self, x):
+            hidden = self.inner(x)
+            hidden = hidden.relu_() if self.in_place else hidden.relu()
+            return self.out(hidden)
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(13))
+    in_place, plain = AfterLayer(True), AfterLayer(False)
+    ours = igfast.LayerIntegratedGradients(in_place, in_place.inner)
+    theirs = captum_attr.LayerIntegratedGradients(plain, plain.inner).attribute(
+        x, target=1, n_steps=6)
+    torch.testing.assert_close(ours.attribute(x, target=1, n_steps=6), theirs)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours.attribute(x, target=1, n_steps=6), theirs)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.attribute(x, target=1, n_steps=6), theirs)

@@ -132,6 +132,31 @@ def test_internal_batch_size_auto_and_default_use_few_chunks():
         assert len(ig.last_integral.chunks) == 1
 
 
+def test_cpu_chunks_stay_below_the_preferred_size(monkeypatch):
+    """On CPU chunks aim below CPU_PREFERRED_CHUNK_BYTES (faster than huge chunks),
+    whatever the budget; a row above it still runs, only the budget is a hard limit."""
+    from igfast.chunking import BudgetRowLimit
+
+    limit = BudgetRowLimit(budget=2**30, reserved=0, first_rows=1, argument="memory_budget",
+                           preferred_chunk_bytes=2**20)
+    limit.observe(1, 4 * 2**20)  # one row over the preferred size: no error
+    assert limit.rows == 1
+    limit.observe(10, 10 * 2**14)
+    assert limit.rows == int(0.95 * 2**20 * 10 / (10 * 2**14))
+
+    model = _model()
+    x, baseline = _inputs()
+    expected = igfast.IntegratedGradients(model).attribute(x, baseline, target=0, n_steps=40)
+    monkeypatch.setattr(memory, "CPU_PREFERRED_CHUNK_BYTES", 64 * 2**10)
+    for budget in (None, "1GB"):
+        ig = igfast.IntegratedGradients(model)
+        with memory.PeakMeter(torch.device("cpu")) as meter:
+            got = ig.attribute(x, baseline, target=0, n_steps=40, memory_budget=budget)
+        assert len(ig.last_integral.chunks) > 3
+        assert meter.peak < 4 * 64 * 2**10
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_internal_batch_size_keeps_captums_chunks():
     model = Counting(_model())
     x, baseline = _inputs()

@@ -81,3 +81,16 @@ def test_delta_shrinks_as_n_steps_grows(task):
         errors.append(float(delta.abs().max()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.01
+
+
+def test_readme_example_runs(capsys):
+    """The README's MiniLM snippet, as written there."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "minilm." in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0].replace("n_steps=50", "n_steps=8"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "('guitar'," in printed
