@@ -21,9 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import igfast  # noqa: E402
 from igfast import ops  # noqa: E402
-from igfast.quadrature import alphas_and_weights  # noqa: E402
-from timing import interleaved_medians, repeats_for  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+from igfast.bench.timing import interleaved_medians, repeats_for  # noqa: E402
+from igfast.bench.workloads import WORKLOADS, input_path_floor  # noqa: E402
 
 try:
     from captum.attr import IntegratedGradients as CaptumIG
@@ -31,28 +30,11 @@ except ImportError:  # the table then shows igfast and the floor only
     CaptumIG = None
 
 
-def make_floor(model, x, baseline, target, n_steps, method):
-    """One forward and one backward (input gradients only) on the interpolated batch."""
-    alphas, _ = alphas_and_weights(method, n_steps)
-    alphas = alphas.to(x.dtype).view((-1,) + (1,) * x.dim())
-    path = (baseline + alphas * (x - baseline)).reshape((-1,) + x.shape[1:])
-    path.requires_grad_()
-    rows_target = target.repeat(n_steps).unsqueeze(1)
-    unit = torch.ones(path.shape[0], device=x.device)
-
-    # The same autograd call as igfast makes: unit gradients on the selected outputs.
-    def floor():
-        output = model(path).gather(1, rows_target).squeeze(1)
-        return torch.autograd.grad(output, path, grad_outputs=unit)[0]
-
-    return floor
-
-
 def bench(workload_key, n_steps, method, repeats, device):
     model, x, baseline, target = WORKLOADS[workload_key].build(device)
     ours = igfast.IntegratedGradients(model)
     variants = {
-        "floor": make_floor(model, x, baseline, target, n_steps, method),
+        "floor": input_path_floor(model, x, baseline, target, n_steps, method),
         "igfast": lambda: ours.attribute(x, baseline, target=target, n_steps=n_steps, method=method),
     }
     if ops.kernels_available(device):

@@ -31,9 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import igfast  # noqa: E402
 from igfast.memory import PeakMeter, format_size  # noqa: E402
-from igfast.quadrature import alphas_and_weights  # noqa: E402
-from timing import interleaved_medians, synchronize  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+from igfast.bench.timing import interleaved_medians, synchronize  # noqa: E402
+from igfast.bench.workloads import WORKLOADS, layer_path_floor  # noqa: E402
 
 try:
     import captum.attr as captum_attr
@@ -84,26 +83,8 @@ def minilm_case(quick, device, repeats):
     ours = igfast.LayerIntegratedGradients(model, layer)
     budget = "16MB" if quick else "64MB"
 
-    def floor():
-        # The path of the embeddings' outputs, all rows at once, into the model.
-        with torch.no_grad():
-            captured = {}
-            handle = layer.register_forward_hook(lambda m, a, out: captured.setdefault("x", out))
-            model.model(inputs, *kwargs["additional_forward_args"])
-            handle.remove()
-        end = captured["x"]
-        start = torch.zeros_like(end)
-        alphas, _ = alphas_and_weights("gausslegendre", n_steps)
-        alphas = alphas.to(end).view(-1, 1, 1, 1)
-        path = (start + alphas * (end - start)).reshape((-1,) + end.shape[1:]).requires_grad_()
-        handle = layer.register_forward_hook(lambda m, a, out: path)
-        try:
-            args = tuple(a.repeat(n_steps, *([1] * (a.dim() - 1)))
-                         for a in kwargs["additional_forward_args"])
-            output = model(inputs.repeat(n_steps, 1), *args)
-        finally:
-            handle.remove()
-        return torch.autograd.grad(output, path, torch.ones_like(output))[0]
+    floor = layer_path_floor(model, layer, inputs, kwargs["baselines"],
+                             kwargs["additional_forward_args"], n_steps, "gausslegendre")
 
     variants = {
         "floor": floor,

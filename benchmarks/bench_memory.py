@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import WORKLOADS  # noqa: E402
+from igfast.bench.workloads import WORKLOADS  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 # The floor's time is its median chunk time times the number of chunks; this

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from igfast import ops, reference  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+from igfast.bench.timing import interleaved_medians  # noqa: E402
 
 STEPS = 50
 
