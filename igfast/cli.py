@@ -1,0 +1,192 @@
+"""The `igfast` command (also `python -m igfast`): demo, bench and info.
+
+Exit codes: 0 success; 2 a usage error (unknown command or option, a bad value:
+argparse's convention); 1 an environment problem the message explains (a missing
+extra, no GPU, an unwritable output path). User errors print one message, never
+a traceback.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .quadrature import SUPPORTED_METHODS
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 1."""
+
+
+def _positive_ints(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _names(choices):
+    def parse(text: str) -> List[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in choices]
+        if not values or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(choices)}")
+        return values
+    return parse
+
+
+def _writable_dir(path: str) -> str:
+    """Create the output folder if needed; a UserError when it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the output folder {path!r}: {error.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"the output folder {path!r} is not writable")
+    return path
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch "
+                        f"(torch {torch.__version__}, cuda build: {torch.version.cuda or 'none'})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="igfast", description="Fast Integrated Gradients for PyTorch, side by side with Captum.")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
+    commands.required = True
+
+    demo = commands.add_parser("demo", help="attribute a digits CNN (and MiniLM) and write pictures")
+    demo.add_argument("--out", default=".", help="folder for the PNG and HTML (default: here)")
+    demo.add_argument("--images", type=int, default=4, help="test images to attribute (default 4)")
+    demo.add_argument("--n-steps", type=int, default=50, help="quadrature nodes (default 50)")
+    demo.add_argument("--retrain", action="store_true", help="train the model again, ignoring the cache")
+    demo.add_argument("--no-text", action="store_true", help="skip the MiniLM token view")
+
+    bench = commands.add_parser("bench", help="igfast vs Captum vs the floor: table, JSON, PNG")
+    bench.add_argument("--quick", action="store_true",
+                       help="mlp and cnn, n_steps 8,32, gausslegendre (seconds)")
+    bench.add_argument("--workloads", type=_names(("mlp", "cnn", "encoder", "minilm")), default=None,
+                       help="comma-separated from mlp,cnn,encoder,minilm (default: mlp,cnn and "
+                            "minilm when installed; the encoder takes minutes per case on CPU)")
+    bench.add_argument("--n-steps", type=_positive_ints, default=None, help="default 16,50,200")
+    bench.add_argument("--methods", type=_names(SUPPORTED_METHODS), default=None,
+                       help="default gausslegendre,riemann_trapezoid")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="timed rounds (default: 3 to 101, by cost: about 2 s per case, 0.5 s quick)")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU timings stable)")
+    bench.add_argument("--out", default=".", help="folder for the JSON and PNG (default: here)")
+    bench.add_argument("--no-captum", action="store_true", help="igfast and the floor only")
+
+    information = commands.add_parser("info", help="versions, kernels built, which path runs and why")
+    information.add_argument("--json", action="store_true", help="print the dict as JSON")
+    return parser
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    out = _writable_dir(args.out)
+    try:
+        run_demo(out_dir=out, images=args.images, n_steps=args.n_steps, retrain=args.retrain,
+                 text=not args.no_text)
+    except ImportError as error:
+        raise UserError(str(error)) from None
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench.report import Settings, format_table, run_bench, write_json, write_plot
+    from .bench.workloads import minilm_available
+
+    _check_device(args.device)
+    if not args.no_captum:
+        try:
+            import captum.attr  # noqa: F401
+        except ImportError:
+            raise UserError("igfast bench compares with Captum, which is not installed: "
+                            "pip install 'igfast[test]' (or captum==0.9.0), or pass --no-captum") from None
+    notes = []
+    workloads = args.workloads
+    if workloads is None:
+        workloads = ["mlp", "cnn"]
+        if not args.quick:
+            missing = minilm_available()
+            if missing:
+                notes.append(f"minilm skipped: {missing}")
+            else:
+                workloads.append("minilm")
+    elif "minilm" in workloads and minilm_available():
+        raise UserError(f"the minilm workload needs: {minilm_available()}")
+    out = _writable_dir(args.out)
+    settings = Settings(
+        workloads=workloads,
+        n_steps=args.n_steps or ([8, 32] if args.quick else [16, 50, 200]),
+        methods=args.methods or (["gausslegendre"] if args.quick else ["gausslegendre", "riemann_trapezoid"]),
+        device=args.device, repeats=args.repeats, threads=args.threads,
+        seconds_per_case=0.5 if args.quick else 2.0, captum=not args.no_captum, notes=notes,
+    )
+    report = run_bench(settings)
+    print(f"igfast {report['igfast']} ({report['path']}), torch {report['torch']}, device {settings.device}, "
+          f"{settings.threads} thread(s), medians of interleaved timed rounds "
+          f"({', '.join(str(r['repeats']) for r in report['rows'])})")
+    for key, name in report["workload_names"].items():
+        print(f"  {key}: {name}")
+    for note in notes:
+        print(f"  note: {note}")
+    print(format_table(report))
+    json_path, plot_path = os.path.join(out, "igfast-bench.json"), os.path.join(out, "igfast-bench.png")
+    write_json(report, json_path)
+    print(f"wrote {json_path}")
+    try:
+        write_plot(report, plot_path)
+        print(f"wrote {plot_path}")
+    except ImportError as error:
+        print(f"no plot: {error}")
+    return 0
+
+
+def _info(args) -> int:
+    from ._info import info
+
+    state = info()
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    print(f"igfast {state['igfast']}, torch {state['torch']}")
+    print(f"extension igfast._C loaded: {state['extension']}")
+    print("kernels built: " + ", ".join(f"{d} {'yes' if ok else 'no'}" for d, ok in state["kernels"].items()))
+    print(f"cpu path: {state['path']} ({state['reason']})")
+    if "cuda_path" in state:
+        print(f"cuda path: {state['cuda_path']} ({state['cuda_reason']})")
+    else:
+        print("cuda: no GPU visible")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("images", "n_steps", "repeats", "threads"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < 1:
+            parser.error(f"{args.command}: --{name.replace('_', '-')} must be >= 1")  # exits with 2
+    try:
+        return {"demo": _demo, "bench": _bench, "info": _info}[args.command](args)
+    except UserError as error:
+        print(f"igfast {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The `igfast` command end to end: demo (tiny setting), bench --quick on one
+workload, info; the files they write; the error cases and their exit codes; the
+visualisation helpers."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+import torch
+
+import igfast
+from igfast import cli, viz
+from igfast.bench.report import JSON_FIELDS
+
+matplotlib_image = pytest.importorskip("matplotlib.image")
+pytest.importorskip("sklearn")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_command(*args, env=None):
+    """`python -m igfast ...` in a fresh process, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "igfast", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def assert_png(path, min_side=100):
+    with open(path, "rb") as handle:
+        assert handle.read(8) == PNG_MAGIC
+    pixels = matplotlib_image.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_side
+    assert pixels.std() > 0.05  # not a blank canvas
+
+
+def test_console_script_is_declared():
+    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("igfast") == "igfast.cli:main"
+
+
+def test_demo_writes_picture_and_tokens(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IGFAST_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--out", str(out), "--images", "2", "--n-steps", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained in" in printed and "test accuracy" in printed
+    assert printed.count("completeness |delta|") == 2
+    assert "Captum" in printed and "faster" in printed
+    assert_png(out / "igfast-demo-digits.png")
+    page = (out / "igfast-demo-tokens.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<span") > 10 and "guitar" in page
+    # The second run loads the cached model instead of training again.
+    assert cli.main(["demo", "--out", str(out), "--images", "1", "--n-steps", "4", "--no-text"]) == 0
+    assert "loaded from" in capsys.readouterr().out
+
+
+def test_demo_model_is_accurate_and_complete(tmp_path, monkeypatch):
+    from igfast.demo import load_digits, trained_digits_cnn
+
+    monkeypatch.setenv("IGFAST_CACHE_DIR", str(tmp_path))
+    digits = load_digits()
+    model, _ = trained_digits_cnn(digits)
+    with torch.no_grad():
+        accuracy = (model(digits.test_images).argmax(1) == digits.test_labels).float().mean()
+    assert accuracy > 0.9
+    ig = igfast.IntegratedGradients(model)
+    errors = []
+    for n_steps in (8, 200):
+        _, delta = ig.attribute(digits.test_images[:8], target=digits.test_labels[:8],
+                                n_steps=n_steps, return_convergence_delta=True)
+        errors.append(float(delta.abs().max()))
+    with torch.no_grad():
+        rise = model(digits.test_images[:8]).gather(1, digits.test_labels[:8, None]) - model(
+            torch.zeros(8, 1, 8, 8)).gather(1, digits.test_labels[:8, None])
+    assert errors[1] < errors[0] and errors[1] < 2e-3 * float(rise.abs().max())
+
+
+def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
+    assert cli.main(["bench", "--quick", "--workloads", "mlp", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert "| mlp | 8 | gausslegendre |" in printed.out and "| mlp | 32 |" in printed.out
+    assert "0/2" in printed.err and "1/2" in printed.err  # the progress lines
+    report = json.loads((tmp_path / "igfast-bench.json").read_text())
+    assert {"igfast", "torch", "device", "threads", "workload_names", "rows"} <= set(report)
+    assert len(report["rows"]) == 2
+    for row in report["rows"]:
+        assert set(JSON_FIELDS) <= set(row)
+        assert row["floor_s"] > 0 and row["igfast_s"] > 0 and row["captum_s"] > 0
+        assert row["max_difference"] < 1e-4
+        assert row["speedup_over_captum"] == pytest.approx(row["captum_s"] / row["igfast_s"])
+        assert row["igfast_peak_bytes"] > 0
+    assert_png(tmp_path / "igfast-bench.png")
+
+
+def test_info_command(capsys):
+    assert cli.main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert "kernels built: cpu" in printed and "cpu path:" in printed
+    assert cli.main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["igfast"] == igfast.__version__
+
+
+@pytest.mark.parametrize("args, message", [
+    (["frobnicate"], "invalid choice"),
+    (["bench", "--speed"], "unrecognized arguments"),
+    (["bench", "--workloads", "resnet"], "unknown resnet"),
+    (["bench", "--n-steps", "0"], "expected integers >= 1"),
+    (["demo", "--images", "0"], "--images must be >= 1"),
+    ([], "required"),
+])
+def test_usage_errors_exit_2_without_traceback(args, message):
+    result = run_command(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "usage: igfast" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_without_captum_says_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # import fails as if not installed
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 1
+    assert "pip install 'igfast[test]'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPU")
+def test_bench_cuda_without_gpu():
+    result = run_command("bench", "--quick", "--device", "cuda")
+    assert result.returncode == 1
+    assert "no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unwritable_output_path(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for command in ("demo", "bench"):
+        result = run_command(command, "--out", str(blocker / "sub"), "--no-captum" if command == "bench" else "--no-text")
+        assert result.returncode == 1, result.stderr
+        assert "cannot create the output folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_viz_helpers(tmp_path):
+    html = viz.tokens_to_html(["<b>", "ok"], [0.5, -1.0], caption="a & b")
+    assert "&lt;b&gt;" in html and "a &amp; b" in html
+    assert "rgb(255,128,128)" in html and "rgb(0,0,255)" in html  # half red, full blue
+    with pytest.raises(ValueError, match="one value per token"):
+        viz.tokens_to_html(["a"], [1.0, 2.0])
+    images = torch.rand(2, 3, 8, 8)
+    attributions = torch.randn(2, 3, 8, 8)
+    path = viz.save_image_attributions(images, attributions, str(tmp_path / "x.png"), ["a", "b"])
+    assert_png(path)
+    with pytest.raises(ValueError, match="same number of rows"):
+        viz.save_image_attributions(images, attributions[:1], str(tmp_path / "y.png"))
