@@ -5,7 +5,9 @@
 
 from ._info import info
 from .attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel
+from .dataset import attribute_dataset
 from .errors import ArgumentError, InputTypeError, TargetError
+from .shards import open_attributions
 
 __version__ = "0.1.0"
 
@@ -13,6 +15,8 @@ __all__ = [
     "IntegratedGradients",
     "LayerIntegratedGradients",
     "NoiseTunnel",
+    "attribute_dataset",
+    "open_attributions",
     "info",
     "ArgumentError",
     "InputTypeError",

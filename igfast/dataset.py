@@ -1,0 +1,392 @@
+"""Attributions of a whole data set, on one or several processes, resumable, to disk.
+
+``attribute_dataset`` cuts the data set into shards of consecutive examples. Shard
+k belongs to rank k mod world_size (torch.distributed decides the ranks: torchrun,
+or any init_process_group), so the split is deterministic, and every shard is
+attributed in the same batches whatever the number of processes: the files equal
+those of a one-process run. Each shard is written whole and renamed into place
+(see ``igfast.shards``); a new run with the same arguments skips the shards that
+exist, so a killed run resumes where it stopped.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_collate
+
+from .attr import IntegratedGradients, LayerIntegratedGradients
+from .errors import ArgumentError
+from .quadrature import validate_method_and_steps
+from .shards import (
+    CONFIG, FORMAT_VERSION, MANIFEST, complete_shards, read_json, remove_partial_shards,
+    shard_ranges, write_json_atomically, write_shard,
+)
+
+TARGET_FORMS = ("predicted", "label")
+
+
+def _explainer(model_or_method: Any):
+    if isinstance(model_or_method, (IntegratedGradients, LayerIntegratedGradients)):
+        return model_or_method
+    if callable(model_or_method) and not hasattr(model_or_method, "attribute"):
+        return IntegratedGradients(model_or_method)
+    raise ArgumentError(
+        "`model_or_method` must be a model (callable) or an igfast IntegratedGradients / "
+        f"LayerIntegratedGradients; got {type(model_or_method).__name__}."
+    )
+
+
+def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, int]:
+    if isinstance(data, DataLoader):
+        if not isinstance(data.sampler, SequentialSampler) or data.batch_sampler is None:
+            raise ArgumentError(
+                "`data` is a DataLoader that does not read the data set in order (shuffle or a "
+                "custom sampler): attribute_dataset needs the examples' order; pass the Dataset "
+                "or a DataLoader with shuffle=False."
+            )
+        return data.dataset, batch_size or data.batch_size or 32
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise ArgumentError(
+            "`data` must be a map-style torch Dataset (with __len__ and __getitem__) or a "
+            f"DataLoader over one; got {type(data).__name__}."
+        )
+    return data, batch_size or 32
+
+
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArgumentError(f"`{name}` must be an integer >= 1; got {value!r}.")
+    return value
+
+
+def _digest_tensors(tensors) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(str((tuple(data.shape), str(data.dtype))).encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _model_identity(forward_func: Any) -> str:
+    if isinstance(forward_func, nn.Module):
+        return f"{type(forward_func).__name__}:{_digest_tensors(forward_func.state_dict().values())}"
+    return getattr(forward_func, "__qualname__", type(forward_func).__name__)
+
+
+def _layer_names(explainer: Any) -> Optional[List[str]]:
+    if not isinstance(explainer, LayerIntegratedGradients):
+        return None
+    names = {id(m): n for n, m in explainer.forward_func.named_modules()} if isinstance(
+        explainer.forward_func, nn.Module) else {}
+    return [names.get(id(layer), type(layer).__name__) for layer in explainer._layers]
+
+
+def _baseline_identity(baselines: Any) -> str:
+    if baselines is None or isinstance(baselines, (int, float)):
+        return repr(baselines)
+    as_tuple = baselines if isinstance(baselines, tuple) else (baselines,)
+    return _digest_tensors(b if isinstance(b, torch.Tensor) else torch.tensor(b) for b in as_tuple)
+
+
+class _Distributed:
+    """rank and world size from torch.distributed; initialised here (and torn down)
+    when torchrun set the environment but the caller did not."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.owned = False
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.owned = True
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    def barrier(self) -> None:
+        if self.active:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+
+
+def _split_item(batch: Any) -> Dict[str, Any]:
+    """A collated batch as {inputs, label, additional_forward_args, baselines}."""
+    if isinstance(batch, dict):
+        if "inputs" not in batch:
+            raise ArgumentError("Data-set items given as dicts need an 'inputs' key.")
+        inputs = batch["inputs"]
+        extra = batch.get("additional_forward_args")
+        return {
+            "inputs": tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,),
+            "label": batch.get("label"),
+            "additional_forward_args": tuple(extra) if isinstance(extra, (tuple, list)) else (
+                None if extra is None else (extra,)),
+            "baselines": batch.get("baselines"),
+        }
+    if isinstance(batch, torch.Tensor):
+        return {"inputs": (batch,), "label": None, "additional_forward_args": None, "baselines": None}
+    if isinstance(batch, (tuple, list)) and len(batch) == 1 and isinstance(batch[0], torch.Tensor):
+        return {"inputs": (batch[0],), "label": None, "additional_forward_args": None, "baselines": None}
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return {"inputs": (batch[0],), "label": batch[1], "additional_forward_args": None,
+                "baselines": None}
+    raise ArgumentError(
+        "Data-set items must be a tensor (the input), a pair (input, label), or a dict with "
+        "'inputs' and optionally 'label', 'additional_forward_args', 'baselines'; got "
+        f"{type(batch).__name__}."
+    )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+class _Progress:
+    """Rank 0's progress line: examples per second and the time left."""
+
+    def __init__(self, total: int, world: int, enabled: bool) -> None:
+        self.total, self.world, self.enabled = total, world, enabled
+        self.started = time.perf_counter()
+        self.done = 0
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def add(self, examples: int, remaining_for_all: int) -> None:
+        self.done += examples
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not self.tty and now - self._last < 5 and remaining_for_all:
+            return  # logs get a line every few seconds
+        self._last = now
+        rate = self.done / max(now - self.started, 1e-9) * self.world
+        left = remaining_for_all / rate if rate else float("nan")
+        text = (f"igfast attribute_dataset: {self.total - remaining_for_all}/{self.total} examples, "
+                f"{rate:.1f} examples/s, {left:.0f} s left")
+        sys.stderr.write(("\r" + text.ljust(90)) if self.tty else text + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def attribute_dataset(
+    model_or_method: Any,
+    data: Any,
+    output_dir: str,
+    *,
+    target: Union[None, int, str] = "predicted",
+    baselines: Any = None,
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    batch_size: Optional[int] = None,
+    shard_size: int = 1024,
+    internal_batch_size: Union[None, int, str] = None,
+    memory_budget: Union[None, int, str] = None,
+    device: Union[None, str, torch.device] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    r"""Attribute every example of a data set and write the results to ``output_dir``.
+
+    Args:
+        model_or_method: a model (IntegratedGradients is used) or an igfast
+            IntegratedGradients / LayerIntegratedGradients object.
+        data: a map-style Dataset, or a DataLoader over one that keeps its order.
+            Items: a tensor (the input), a pair (input, label), or a dict with
+            ``inputs`` (tensor or tuple) and optionally ``label``,
+            ``additional_forward_args`` (per-example tensors) and ``baselines``.
+        output_dir: where the shards and the manifest go (created if needed).
+        target: ``"predicted"`` (the argmax of the model's output, per example),
+            ``"label"`` (the items' labels), an int, or None (one output per example).
+        baselines: for all examples (a number, or a tensor shaped like one batch of
+            inputs with first dimension 1); per-example baselines go in dict items.
+        n_steps, method, internal_batch_size, memory_budget: as in attribute().
+        batch_size: examples per attribute() call (default: the DataLoader's, or 32).
+        shard_size: examples per shard file, the unit of resuming and of the split
+            between processes. Default 1024.
+        device: where batches go (default: the model's device).
+        progress: a progress line on rank 0 and a summary at the end.
+
+    Runs on every rank of an initialised torch.distributed group (or one that
+    torchrun's environment describes); each rank writes its shards, rank 0 the
+    manifest. Returns the summary: examples, seconds, examples per second, mean
+    and max |delta|, the output directory.
+    """
+    explainer = _explainer(model_or_method)
+    dataset, batch_size = _dataset_and_batch(data, batch_size)
+    batch_size = _positive(batch_size, "batch_size")
+    shard_size = _positive(shard_size, "shard_size")
+    validate_method_and_steps(method, n_steps)
+    if not (target is None or target in TARGET_FORMS or (isinstance(target, int) and not isinstance(target, bool))):
+        raise ArgumentError(f"`target` must be 'predicted', 'label', an int or None; got {target!r}.")
+    forward = explainer.forward_func
+    if device is None:
+        parameter = next(forward.parameters(), None) if isinstance(forward, nn.Module) else None
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+    num_examples = len(dataset)
+    ranges = shard_ranges(num_examples, shard_size)
+    config = {
+        "format": FORMAT_VERSION,
+        "attribution": type(explainer).__name__,
+        "layers": _layer_names(explainer),
+        "multiply_by_inputs": explainer.multiplies_by_inputs,
+        "model": _model_identity(forward),
+        "n_steps": n_steps,
+        "method": method,
+        "target": target,
+        "baselines": _baseline_identity(baselines),
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "num_examples": num_examples,
+        "num_shards": len(ranges),
+    }
+
+    group = _Distributed(device)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        _check_config(output_dir, config)
+        if group.rank == 0:
+            if read_json(os.path.join(output_dir, CONFIG)) is None:
+                write_json_atomically(os.path.join(output_dir, CONFIG), config)
+            remove_partial_shards(output_dir)
+        group.barrier()
+        _check_config(output_dir, config)
+
+        started = time.perf_counter()
+        finished = set(complete_shards(output_dir))
+        mine = [k for k in range(len(ranges)) if k % group.world == group.rank and k not in finished]
+        left_overall = sum(e - b for k, (b, e) in enumerate(ranges) if k not in finished)
+        computed = left_overall  # by all ranks in this run (a resumed run skips the rest)
+        bar = _Progress(num_examples, group.world, progress and group.rank == 0)
+        for shard in mine:
+            begin, end = ranges[shard]
+            fields = _attribute_shard(explainer, dataset, begin, end, batch_size, device, target,
+                                      baselines, n_steps, method, internal_batch_size, memory_budget)
+            write_shard(output_dir, shard, fields, tag=f"r{group.rank}")
+            left_overall -= (end - begin) * group.world
+            bar.add(end - begin, max(left_overall, 0))
+        bar.finish()
+        group.barrier()
+        if group.rank == 0 and read_json(os.path.join(output_dir, MANIFEST)) is None:
+            _write_manifest(output_dir, config, ranges)
+        group.barrier()
+        summary = _summary(output_dir, num_examples, computed, time.perf_counter() - started, group.world)
+        if progress and group.rank == 0:
+            print(f"igfast attribute_dataset: {summary['examples']} examples in {summary['seconds']:.1f} s "
+                  f"({summary['computed']} computed now, {summary['examples_per_second']:.1f}/s on "
+                  f"{group.world} process(es)); |delta| mean "
+                  f"{summary['delta_mean']:.2e}, max {summary['delta_max']:.2e}; written to {output_dir}")
+        return summary
+    finally:
+        group.close()
+
+
+def _check_config(output_dir: str, config: dict) -> None:
+    existing = read_json(os.path.join(output_dir, CONFIG))
+    if existing is None or existing == json.loads(json.dumps(config)):
+        return
+    changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != json.loads(json.dumps(config)).get(k))
+    details = ", ".join(f"{k}: {existing.get(k)!r} there, {config.get(k)!r} now" for k in changed)
+    raise ArgumentError(
+        f"`output_dir` {output_dir!r} holds a run with other arguments ({details}). Nothing was "
+        "overwritten: use another directory, or the same arguments to resume that run."
+    )
+
+
+def _attribute_shard(explainer, dataset, begin, end, batch_size, device, target, baselines,
+                     n_steps, method, internal_batch_size, memory_budget) -> Dict[str, np.ndarray]:
+    collected: Dict[str, List[np.ndarray]] = {}
+    for first in range(begin, end, batch_size):
+        batch = _split_item(default_collate([dataset[i] for i in range(first, min(first + batch_size, end))]))
+        inputs = _to(batch["inputs"], device)
+        args = _to(batch["additional_forward_args"], device)
+        with torch.no_grad():
+            outputs = explainer.forward_func(*inputs, *(args or ()))
+        targets = _targets(target, outputs, batch["label"], device)
+        batch_baselines = _to(batch["baselines"], device) if batch["baselines"] is not None else baselines
+        attributions, delta = explainer.attribute(
+            inputs if len(inputs) > 1 else inputs[0], baselines=batch_baselines,
+            target=targets, additional_forward_args=args, n_steps=n_steps, method=method,
+            internal_batch_size=internal_batch_size, memory_budget=memory_budget,
+            return_convergence_delta=True,
+        )
+        parts = attributions if isinstance(attributions, (tuple, list)) else (attributions,)
+        named = {"attributions": parts[0]} if len(parts) == 1 and not isinstance(attributions, (tuple, list)) else {
+            f"attributions_{i}": p for i, p in enumerate(parts)}
+        named.update(outputs=outputs, deltas=delta)
+        if targets is not None:
+            named["targets"] = targets if isinstance(targets, torch.Tensor) else torch.full(
+                (outputs.shape[0],), targets, dtype=torch.long)
+        for name, tensor in named.items():
+            collected.setdefault(name, []).append(tensor.detach().to("cpu").numpy())
+    return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+
+def _targets(target, outputs: torch.Tensor, label: Any, device: torch.device):
+    if target == "predicted":
+        if outputs.dim() != 2:
+            raise ArgumentError(
+                f"target='predicted' needs (batch, classes) outputs; the model gives shape "
+                f"{tuple(outputs.shape)}. Pass an int, 'label' or None."
+            )
+        return outputs.argmax(1)
+    if target == "label":
+        if label is None:
+            raise ArgumentError("target='label' needs data-set items with labels: (input, label) "
+                                "pairs or dicts with a 'label'.")
+        return torch.as_tensor(label, device=device).long()
+    return target
+
+
+def _write_manifest(output_dir: str, config: dict, ranges) -> None:
+    first = os.path.join(output_dir, "shard-000000")
+    names = sorted(f[:-4] for f in os.listdir(first) if f.endswith(".npy"))
+    attribution_names = [n for n in names if n == "attributions" or n.startswith("attributions_")]
+    attribution_names.sort(key=lambda n: int(n.split("_")[1]) if "_" in n else 0)
+    fields = {}
+    for name in names:
+        array = np.load(os.path.join(first, f"{name}.npy"), mmap_mode="r")
+        fields[name] = {"dtype": str(array.dtype), "shape_per_example": list(array.shape[1:])}
+    write_json_atomically(os.path.join(output_dir, MANIFEST), {
+        **config,
+        "shards": [list(r) for r in ranges],
+        "fields": fields,
+        "attribution_fields": attribution_names,
+        "attributions_are_tuple": attribution_names != ["attributions"],
+        "has_targets": "targets" in names,
+    })
+
+
+def _summary(output_dir: str, num_examples: int, computed: int, seconds: float,
+             world: int) -> Dict[str, Any]:
+    deltas = [np.load(os.path.join(output_dir, f"shard-{k:06d}", "deltas.npy"), mmap_mode="r")
+              for k in complete_shards(output_dir)]
+    magnitudes = np.abs(np.concatenate(deltas)) if deltas else np.zeros(0)
+    return {
+        "examples": num_examples,
+        "computed": computed,
+        "seconds": seconds,
+        "examples_per_second": computed / seconds if seconds > 0 else float("inf"),
+        "processes": world,
+        "delta_mean": float(magnitudes.mean()) if magnitudes.size else 0.0,
+        "delta_max": float(magnitudes.max()) if magnitudes.size else 0.0,
+        "output_dir": output_dir,
+    }

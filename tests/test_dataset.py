@@ -1,0 +1,150 @@
+"""attribute_dataset and open_attributions: results equal per-batch attribute()
+calls; a 2-rank gloo run equals the 1-process run; a run killed with SIGKILL and
+started again equals an uninterrupted one; LayerIG with dict items; bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+import igfast
+import dataset_worker
+from dataset_worker import SETTINGS, SmallNet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def files_of(directory):
+    """Every shard array, by relative path (the manifest and config aside)."""
+    arrays = {}
+    for shard in sorted(d for d in os.listdir(directory) if d.startswith("shard-")):
+        for name in sorted(os.listdir(os.path.join(directory, shard))):
+            arrays[f"{shard}/{name}"] = np.load(os.path.join(directory, shard, name))
+    return arrays
+
+
+def assert_same_files(a, b):
+    first, second = files_of(a), files_of(b)
+    assert first.keys() == second.keys() and first
+    for key in first:
+        assert np.array_equal(first[key], second[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("one-process"))
+    summary = dataset_worker.run(out)
+    return out, summary
+
+
+def test_results_equal_attribute_calls(reference_run):
+    out, summary = reference_run
+    assert summary["examples"] == summary["computed"] == dataset_worker.EXAMPLES
+    store = igfast.open_attributions(out)
+    images, _ = dataset_worker.dataset().tensors
+    model = SmallNet().eval()
+    for begin in range(0, dataset_worker.EXAMPLES, SETTINGS["batch_size"]):
+        batch = images[begin:begin + SETTINGS["batch_size"]]
+        with torch.no_grad():
+            outputs = model(batch)
+        expected, delta = igfast.IntegratedGradients(model).attribute(
+            batch, target=outputs.argmax(1), n_steps=SETTINGS["n_steps"], return_convergence_delta=True)
+        rows = slice(begin, begin + len(batch))
+        torch.testing.assert_close(store.attributions[rows], expected, rtol=0, atol=0)
+        torch.testing.assert_close(store.deltas[rows], delta, rtol=0, atol=0)
+        torch.testing.assert_close(store.outputs[rows], outputs, rtol=0, atol=0)
+        assert torch.equal(store.targets[rows], outputs.argmax(1))
+    # Reading: an example, slices across shard boundaries, steps, memory maps.
+    assert len(store) == 40 and store.attributions[5:13].shape == (8, 1, 6, 6)
+    assert torch.equal(store[11]["attributions"], store.attributions[11])
+    assert torch.equal(store.deltas[3:30:4], store.deltas[:][3:30:4])
+    assert isinstance(store.attributions.numpy(slice(8, 12)), np.memmap)
+    assert summary["delta_max"] == pytest.approx(float(store.deltas[:].abs().max()))
+
+
+def test_two_gloo_ranks_equal_one_process(reference_run, tmp_path):
+    out = str(tmp_path / "two-ranks")
+    mp.spawn(dataset_worker.run_rank, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2)
+    assert_same_files(out, reference_run[0])
+    manifest = igfast.open_attributions(out).manifest
+    assert manifest["shards"][-1] == [32, 40] and manifest["num_shards"] == 5
+
+
+def test_killed_run_resumes_to_the_same_files(reference_run, tmp_path):
+    out = str(tmp_path / "killed")
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "dataset_worker.py"), out, "0.08"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = [d for d in os.listdir(out) if d.startswith("shard-")] if os.path.isdir(out) else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(out, "manifest.json")), "the run finished before the kill"
+    visible = [d for d in os.listdir(out) if d.startswith("shard-")]
+    assert 2 <= len(visible) < 5
+    for shard in visible:  # only whole shards are visible
+        assert sorted(os.listdir(os.path.join(out, shard))) == [
+            "attributions.npy", "deltas.npy", "outputs.npy", "targets.npy"]
+    with pytest.raises(ValueError, match="not finished"):
+        igfast.open_attributions(out)
+    summary = dataset_worker.run(out)  # the same arguments: resumes
+    assert summary["computed"] == 40 - 8 * len(visible)
+    assert not any(".tmp" in d for d in os.listdir(out))
+    assert_same_files(out, reference_run[0])
+
+
+def test_layer_integrated_gradients_with_dict_items(tmp_path):
+    from test_layer_integrated_gradients import TokenClassifier, token_batch
+
+    torch.manual_seed(3)
+    model = TokenClassifier().eval()
+    ids, mask = token_batch(4, batch=6)
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"inputs": ids[i], "additional_forward_args": (mask[i],),
+                    "baselines": torch.zeros_like(ids[i]), "label": i % 3}
+
+    lig = igfast.LayerIntegratedGradients(model, model.words)
+    igfast.attribute_dataset(lig, Tokens(), str(tmp_path), target="label", batch_size=4,
+                             shard_size=4, n_steps=6, progress=False)
+    store = igfast.open_attributions(str(tmp_path))
+    expected = lig.attribute(ids[4:], baselines=0, target=[1, 2], additional_forward_args=(mask[4:],),
+                             n_steps=6)
+    torch.testing.assert_close(store.attributions[4:], expected, rtol=1e-6, atol=1e-7)
+    assert store.targets[:].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_bad_arguments(reference_run, tmp_path):
+    model, data = SmallNet().eval(), dataset_worker.dataset()
+    before = files_of(reference_run[0])
+    with pytest.raises(ValueError, match="holds a run with other arguments .*n_steps: 8 there, 9 now"):
+        igfast.attribute_dataset(model, data, reference_run[0], **{**SETTINGS, "n_steps": 9})
+    after = files_of(reference_run[0])  # nothing overwritten
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="does not read the data set in order"):
+        igfast.attribute_dataset(model, DataLoader(data, shuffle=True), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="map-style torch Dataset"):
+        igfast.attribute_dataset(model, iter([1, 2]), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="needs data-set items with labels"):
+        igfast.attribute_dataset(model, TensorDataset(data.tensors[0]), str(tmp_path / "c"),
+                                 target="label", progress=False)
+    with pytest.raises(ValueError, match="`shard_size` must be an integer >= 1"):
+        igfast.attribute_dataset(model, data, str(tmp_path / "d"), shard_size=0)
+    with pytest.raises(ValueError, match="`target` must be"):
+        igfast.attribute_dataset(model, data, str(tmp_path / "e"), target="best")
+    with pytest.raises(ValueError, match="no attribute_dataset run"):
+        igfast.open_attributions(str(tmp_path))
