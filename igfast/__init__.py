@@ -5,6 +5,7 @@
 
 from ._info import info
 from .attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel
+from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import ArgumentError, InputTypeError, TargetError
 from .shards import open_attributions
@@ -16,6 +17,7 @@ __all__ = [
     "LayerIntegratedGradients",
     "NoiseTunnel",
     "attribute_dataset",
+    "attribute_generated_tokens",
     "open_attributions",
     "info",
     "ArgumentError",

@@ -180,6 +180,7 @@ def choose_row_limit(
     memory_budget: Any,
     inputs: Tuple[torch.Tensor, ...],
     n_nodes: int,
+    target_count: int = 1,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
 
@@ -215,12 +216,12 @@ def choose_row_limit(
         return RowLimit(steps * batch_size)
 
     row_bytes = sum(x[0].numel() * x.element_size() for x in inputs) if batch_size else 0
-    reserved = sum(
+    reserved = target_count * sum(  # one accumulator per input and target
         x.numel() * torch.finfo(dtype_policy(x.dtype).accumulate).bits // 8 for x in inputs
     )
     explicit = memory_budget is not None
     budget = parse_memory_size(memory_budget) if explicit else automatic_budget(inputs[0].device)
-    needed = reserved + 2 * row_bytes
+    needed = reserved + (1 + target_count) * row_bytes  # a path row and its gradients
     if budget < needed:
         if explicit:
             raise budget_too_small("memory_budget", budget, needed, measured=False)

@@ -26,7 +26,8 @@ from .quadrature import PathNodes
 
 # gradients_at(path, chunk, with_outputs) returns the gradients of the output with
 # respect to every path tensor, and, when with_outputs, the output value of every
-# row (one per row, detached); else None.
+# row (one per row, detached); else None. With K targets (target_count=K) each
+# gradient has a leading K dimension and the values are shaped (K, rows).
 GradientsAt = Callable[
     [Tuple[torch.Tensor, ...], Chunk, bool],
     Tuple[Sequence[torch.Tensor], Optional[torch.Tensor]],
@@ -37,9 +38,9 @@ GradientsAt = Callable[
 class PathIntegral:
     """What one pass over the path gives."""
 
-    gradient_sums: Tuple[torch.Tensor, ...]  # sum_k w_k grad F(path_k), per input
-    start_values: Optional[torch.Tensor]  # F(x') per example, when the nodes have alpha 0
-    end_values: Optional[torch.Tensor]  # F(x) per example, when the nodes have alpha 1
+    gradient_sums: Tuple[torch.Tensor, ...]  # sum_k w_k grad F(path_k), per input ((K,) + input shape for K targets)
+    start_values: Optional[torch.Tensor]  # F(x') per example ((K, B)), when the nodes have alpha 0
+    end_values: Optional[torch.Tensor]  # F(x) per example ((K, B)), when the nodes have alpha 1
     chunks: List[Chunk]  # the chunks that ran, in order (model calls = len + out_of_memory)
     out_of_memory: int  # chunks that ran out of memory and were retried smaller
 
@@ -94,12 +95,16 @@ def integrate_gradients(
     nodes: PathNodes,
     gradients_at: GradientsAt,
     row_limit: RowLimit,
+    target_count: Optional[int] = None,
 ) -> PathIntegral:
     """sum_k w_k * grad F(x' + alpha_k (x - x')) for every input, chunk by chunk.
 
     inputs and baselines are detached; baselines have batch size B or 1. The
-    accumulators are shaped like the inputs, in the accumulation dtype of each.
+    accumulators are shaped like the inputs, in the accumulation dtype of each;
+    with ``target_count`` K, one per target: (K,) + input shape. The K targets share
+    every forward pass; only the backward passes are per target.
     """
+    leading = () if target_count is None else (target_count,)
     batch_size = inputs[0].shape[0]
     device = inputs[0].device
     schedule = ChunkSchedule(nodes.count, batch_size)
@@ -111,7 +116,7 @@ def integrate_gradients(
     # (the accumulators are written in place, so they must not be inference tensors).
     with torch.inference_mode(False), torch.enable_grad():
         accumulators = tuple(
-            torch.zeros(x.shape, dtype=dtype_policy(x.dtype).accumulate, device=x.device)
+            torch.zeros(leading + tuple(x.shape), dtype=dtype_policy(x.dtype).accumulate, device=x.device)
             for x in inputs
         )
         alphas_on = [nodes.alphas.to(x.device) for x in inputs]
@@ -137,7 +142,8 @@ def integrate_gradients(
                     failed_rows = chunk.rows
                 else:
                     failed_rows = 0
-                    _accumulate(accumulators, grads, weights_on, chunk, nodes.quadrature_count)
+                    _accumulate(accumulators, grads, weights_on, chunk, nodes.quadrature_count,
+                                per_target=target_count is not None)
                     for k in chunk_endpoints:
                         _record_values(values, k, outputs, chunk)
                     del grads, outputs
@@ -163,7 +169,8 @@ def integrate_gradients(
     )
 
 
-def _accumulate(accumulators, grads, weights_on, chunk: Chunk, quadrature_count: int) -> None:
+def _accumulate(accumulators, grads, weights_on, chunk: Chunk, quadrature_count: int,
+                per_target: bool = False) -> None:
     """Add the chunk's weighted gradients; rows of endpoint-only nodes carry no weight."""
     quadrature_end = min(chunk.step_end, quadrature_count)
     if quadrature_end <= chunk.step_begin:
@@ -171,16 +178,23 @@ def _accumulate(accumulators, grads, weights_on, chunk: Chunk, quadrature_count:
     rows = slice(chunk.example_begin, chunk.example_end)
     weighted_rows = (quadrature_end - chunk.step_begin) * chunk.examples
     for accumulator, grad, w in zip(accumulators, grads, weights_on):
-        ops.accumulate_steps(
-            accumulator[rows], grad[:weighted_rows], w[chunk.step_begin:quadrature_end]
-        )
+        if not per_target:
+            ops.accumulate_steps(
+                accumulator[rows], grad[:weighted_rows], w[chunk.step_begin:quadrature_end]
+            )
+            continue
+        for target_sum, target_grad in zip(accumulator, grad):  # K targets
+            ops.accumulate_steps(
+                target_sum[rows], target_grad[:weighted_rows], w[chunk.step_begin:quadrature_end]
+            )
 
 
 def _record_values(values: dict, node: int, outputs: torch.Tensor, chunk: Chunk) -> None:
+    """Keep the output values of the node's rows: (B,), or (K, B) for K targets."""
     offset = (node - chunk.step_begin) * chunk.examples
-    rows = outputs[offset:offset + chunk.examples]
+    rows = outputs[..., offset:offset + chunk.examples]
     if node not in values:
         values[node] = torch.empty(
-            (chunk.batch_size,) + tuple(rows.shape[1:]), dtype=rows.dtype, device=rows.device
+            tuple(rows.shape[:-1]) + (chunk.batch_size,), dtype=rows.dtype, device=rows.device
         )
-    values[node][chunk.example_begin:chunk.example_end] = rows
+    values[node][..., chunk.example_begin:chunk.example_end] = rows

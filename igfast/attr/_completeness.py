@@ -24,7 +24,8 @@ def attributions_from(
     if not multiply_by_inputs:
         return integral.gradient_sums
     return tuple(
-        ops.scale_by_difference(total, end, start)
+        ops.scale_by_difference(total, end, start) if total.dim() == end.dim()
+        else torch.stack([ops.scale_by_difference(one, end, start) for one in total])  # K targets
         for total, end, start in zip(integral.gradient_sums, ends, starts)
     )
 
@@ -40,3 +41,13 @@ def convergence_delta(
     return attribution_sums - (
         end_values.reshape(batch_size, -1).sum(1) - start_values.reshape(batch_size, -1).sum(1)
     )
+
+
+def convergence_delta_per_target(
+    attributions: Tuple[torch.Tensor, ...], start_values: torch.Tensor, end_values: torch.Tensor
+) -> torch.Tensor:
+    """convergence_delta for K targets: attributions (K, B, ...), values (K, B) -> (K, B)."""
+    return torch.stack([
+        convergence_delta(tuple(a[k] for a in attributions), start_values[k], end_values[k])
+        for k in range(start_values.shape[0])
+    ])

@@ -7,7 +7,7 @@ the gradient of all rows in one backward call (ones as output gradients) instead
 ``autograd.grad`` over ``unbind(outputs)``, which costs one graph node per row.
 """
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,13 +15,12 @@ from ..errors import ArgumentError, TargetError
 from ._target import select_targets
 
 
-def run_forward(
+def forward_output(
     forward_func: Callable,
     inputs: Tuple[torch.Tensor, ...],
-    target: Any = None,
     additional_forward_args: Optional[Tuple[Any, ...]] = None,
 ) -> torch.Tensor:
-    """forward_func(*inputs, *additional_forward_args), then the target's values."""
+    """forward_func(*inputs, *additional_forward_args), checked to be a tensor."""
     args = additional_forward_args if additional_forward_args is not None else ()
     if not isinstance(args, tuple):
         args = (args,)
@@ -31,7 +30,17 @@ def run_forward(
             "`forward_func` must return a torch.Tensor (one row per example); "
             f"got {type(output).__name__}. Wrap the model to return the logits tensor."
         )
-    return select_targets(output, target)
+    return output
+
+
+def run_forward(
+    forward_func: Callable,
+    inputs: Tuple[torch.Tensor, ...],
+    target: Any = None,
+    additional_forward_args: Optional[Tuple[Any, ...]] = None,
+) -> torch.Tensor:
+    """forward_func(*inputs, *additional_forward_args), then the target's values."""
+    return select_targets(forward_output(forward_func, inputs, additional_forward_args), target)
 
 
 def check_one_value_per_row(outputs: torch.Tensor, rows: int, target: Any) -> None:
@@ -82,3 +91,38 @@ def gradients_and_outputs(
             allow_unused=True, materialize_grads=True, **(grad_kwargs or {}),
         )
     return grads, outputs.detach().reshape(outputs.shape[0])
+
+
+def gradients_and_outputs_per_target(
+    forward_fn: Callable,
+    inputs: Tuple[torch.Tensor, ...],
+    targets: Sequence[Any],
+    additional_forward_args: Optional[Tuple[Any, ...]] = None,
+    wrt: Optional[Tuple[torch.Tensor, ...]] = None,
+    grad_kwargs: Optional[Dict[str, Any]] = None,
+) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
+    """gradients_and_outputs for K targets from one forward call.
+
+    The forward graph is built once and kept (retain_graph) for the K backward
+    passes: K targets cost one forward and K backwards instead of K of each.
+    Returns gradients shaped (K, rows, ...) per tensor and values shaped (K, rows).
+    """
+    wrt = inputs if wrt is None else wrt
+    with torch.enable_grad():
+        output = forward_output(forward_fn, inputs, additional_forward_args)
+        selected = []
+        for target in targets:
+            values = select_targets(output, target)
+            check_one_value_per_row(values, inputs[0].shape[0], target)
+            selected.append(values)
+        per_target = [
+            torch.autograd.grad(
+                values, wrt, grad_outputs=torch.ones_like(values), allow_unused=True,
+                materialize_grads=True, retain_graph=index < len(selected) - 1,
+                **(grad_kwargs or {}),
+            )
+            for index, values in enumerate(selected)
+        ]
+    grads = tuple(torch.stack([g[i] for g in per_target]) for i in range(len(wrt)))
+    values = torch.stack([v.detach().reshape(v.shape[0]) for v in selected])
+    return grads, values

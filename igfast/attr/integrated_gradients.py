@@ -1,6 +1,6 @@
 """IntegratedGradients: the Captum-compatible entry point of igfast."""
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -9,7 +9,7 @@ from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
 from ..quadrature import path_nodes, validate_method_and_steps
 from ._captum_protocol import wrappable_by_captum
-from ._completeness import attributions_from, convergence_delta
+from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
     expand_additional_forward_args,
     format_additional_forward_args,
@@ -17,7 +17,11 @@ from ._forms import (
     format_inputs,
     full_batch,
 )
-from ._gradients import compute_gradients, gradients_and_outputs, run_forward
+from ._gradients import (
+    compute_gradients, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
+    run_forward,
+)
+from ._multi_target import resolve_targets
 from ._target import expand_target, normalize_target
 
 TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -76,6 +80,7 @@ class IntegratedGradients:
         internal_batch_size: Union[None, int, str] = None,
         return_convergence_delta: bool = False,
         memory_budget: Union[None, int, str] = None,
+        targets: Optional[Sequence[Any]] = None,
     ) -> Union[TensorOrTuple, Tuple[TensorOrTuple, torch.Tensor]]:
         r"""Attribute the target output to every input feature.
 
@@ -112,6 +117,12 @@ class IntegratedGradients:
                 add, in bytes or as a size such as "2GB" or "512MiB": the
                 accumulators plus the peak of one chunk. Chunks are sized from the
                 measured peak of the first one (a single path row). Default: None.
+            targets (list, optional; igfast only): K targets, each in any form of
+                ``target``, attributed in one pass (one forward per path point, one
+                backward per target). ``target="all"`` (every class) and
+                ``target="topk:k"`` (each example's k top classes at the inputs) ask
+                the same. Attributions then have a leading K dimension and the delta
+                is shaped (K, B).
 
         Returns:
             attributions, shaped like ``inputs`` (a tensor for a tensor, a tuple for
@@ -127,13 +138,24 @@ class IntegratedGradients:
         # report the forward values; the delta then takes two model calls, as in Captum.
         delta_from_path = return_convergence_delta and self.gradient_func is compute_gradients
         nodes = path_nodes(method, n_steps, with_endpoints=delta_from_path)
-        row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs, nodes.count)
         args = format_additional_forward_args(additional_forward_args)
-        chunk_target = normalize_target(target, batch_size, formatted_inputs[0].device)
+        device = formatted_inputs[0].device
+        many = resolve_targets(
+            target, targets, batch_size, device,
+            lambda: _outputs_without_grad(self.forward_func, formatted_inputs, args),
+        )
+        if many is not None and self.gradient_func is not compute_gradients:
+            raise ArgumentError("Several targets need igfast's own gradient_func (not Captum's LayerIG).")
+        row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs, nodes.count,
+                                     target_count=len(many) if many else 1)
+        chunk_target = None if many is not None else normalize_target(target, batch_size, device)
 
         def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
-            target_ind = expand_target(chunk_target, chunk)
             chunk_args = expand_additional_forward_args(args, chunk)
+            if many is not None:
+                return gradients_and_outputs_per_target(
+                    self.forward_func, path, [expand_target(t, chunk) for t in many], chunk_args)
+            target_ind = expand_target(chunk_target, chunk)
             if self.gradient_func is compute_gradients:
                 grads, outputs = gradients_and_outputs(self.forward_func, path, target_ind, chunk_args)
                 return grads, outputs if with_outputs else None
@@ -144,7 +166,8 @@ class IntegratedGradients:
             return grads, None
 
         integral = integrate_gradients(
-            formatted_inputs, formatted_baselines, nodes, gradients_at, row_limit
+            formatted_inputs, formatted_baselines, nodes, gradients_at, row_limit,
+            target_count=len(many) if many is not None else None,
         )
         self.last_integral: PathIntegral = integral
         attributions = attributions_from(
@@ -153,7 +176,9 @@ class IntegratedGradients:
         result = attributions if is_tuple else attributions[0]
         if not return_convergence_delta:
             return result
-        if delta_from_path and batch_size > 0:
+        if many is not None:
+            delta = convergence_delta_per_target(attributions, integral.start_values, integral.end_values)
+        elif delta_from_path and batch_size > 0:
             delta = convergence_delta(attributions, integral.start_values, integral.end_values)
         else:
             delta = self.compute_convergence_delta(
@@ -213,3 +238,8 @@ class IntegratedGradients:
         """Not implemented, as in Captum's IntegratedGradients."""
         raise NotImplementedError("attribute_future is not implemented for IntegratedGradients")
 
+
+def _outputs_without_grad(forward_func: Callable, inputs, args) -> torch.Tensor:
+    """The model's output at the inputs, for target="all" / "topk:k"."""
+    with torch.no_grad():
+        return forward_output(forward_func, inputs, args)

@@ -13,7 +13,7 @@ Captum in the work around the path, not in the result:
 """
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -22,7 +22,7 @@ from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
 from ..quadrature import path_nodes, validate_method_and_steps
 from ._captum_protocol import wrappable_by_captum
-from ._completeness import attributions_from, convergence_delta
+from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
     expand_additional_forward_args,
     format_additional_forward_args,
@@ -31,9 +31,12 @@ from ._forms import (
     full_batch,
     repeat_rows,
 )
-from ._gradients import check_one_value_per_row, gradients_and_outputs, run_forward
+from ._gradients import (
+    check_one_value_per_row, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
+)
+from ._multi_target import resolve_targets
 from ._layers import LayerSlots, activations_replaced, layer_list, record_activations
-from ._target import expand_target, normalize_target
+from ._target import expand_target, normalize_target, select_targets
 from .integrated_gradients import IntegratedGradients
 
 TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -99,6 +102,7 @@ class LayerIntegratedGradients:
         attribute_to_layer_input: bool = False,
         grad_kwargs: Optional[Dict[str, Any]] = None,
         memory_budget: Union[None, int, str] = None,
+        targets: Optional[Sequence[Any]] = None,
     ) -> Union[LayerAttributions, Tuple[LayerAttributions, torch.Tensor]]:
         r"""Attribute the target output to the layer's neurons.
 
@@ -117,6 +121,9 @@ class LayerIntegratedGradients:
             attribute_to_layer_input (bool, optional): attribute to the layer's
                 positional inputs instead of its output. Default: False.
             grad_kwargs (dict, optional): keyword arguments for torch.autograd.grad.
+            targets (list, optional; igfast only): K targets in one pass, as in
+                ``IntegratedGradients.attribute`` (also ``target="all"`` and
+                ``target="topk:k"``, ranked at the inputs): a leading K dimension.
 
         Returns:
             For one layer: a tensor shaped like its activation, or a tuple when the
@@ -136,21 +143,31 @@ class LayerIntegratedGradients:
         validate_method_and_steps(method, n_steps)
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
-        chunk_target = normalize_target(target, batch_size, model_inputs[0].device)
-
-        ends, starts, slots, end_values, start_values = self._activations_at_both_ends(
-            model_inputs, model_baselines, chunk_target, args, attribute_to_layer_input
+        device = model_inputs[0].device
+        ends, starts, slots, outputs = self._activations_at_both_ends(
+            model_inputs, model_baselines, args, attribute_to_layer_input
         )
+        many = resolve_targets(target, targets, batch_size, device, lambda: outputs[:batch_size])
+        chunk_target = None if many is not None else normalize_target(target, batch_size, device)
+        end_values, start_values = _values_at_both_ends(outputs, chunk_target, many, batch_size)
         nodes = path_nodes(method, n_steps, with_endpoints=False)
-        row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count)
+        row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
+                                     target_count=len(many) if many else 1)
 
         def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
             chunk_inputs = tuple(repeat_rows(x, chunk) for x in model_inputs)
+            chunk_args = expand_additional_forward_args(args, chunk)
             with activations_replaced(self._layers, attribute_to_layer_input, slots, path) as called:
-                grads, outputs = gradients_and_outputs(
-                    self.forward_func, chunk_inputs, expand_target(chunk_target, chunk),
-                    expand_additional_forward_args(args, chunk), wrt=path, grad_kwargs=grad_kwargs,
-                )
+                if many is not None:
+                    grads, outputs = gradients_and_outputs_per_target(
+                        self.forward_func, chunk_inputs, [expand_target(t, chunk) for t in many],
+                        chunk_args, wrt=path, grad_kwargs=grad_kwargs,
+                    )
+                else:
+                    grads, outputs = gradients_and_outputs(
+                        self.forward_func, chunk_inputs, expand_target(chunk_target, chunk),
+                        chunk_args, wrt=path, grad_kwargs=grad_kwargs,
+                    )
             if not all(called):
                 # The layer ran when its activations were read, so the model's control
                 # flow differs between calls; zero gradients would be silently wrong.
@@ -160,39 +177,37 @@ class LayerIntegratedGradients:
                 )
             return grads, outputs
 
-        integral = integrate_gradients(ends, starts, nodes, gradients_at, row_limit)
+        integral = integrate_gradients(ends, starts, nodes, gradients_at, row_limit,
+                                       target_count=len(many) if many is not None else None)
         self.last_integral: PathIntegral = integral
         attributions = attributions_from(integral, ends, starts, self.multiplies_by_inputs)
         result = self._format_result(attributions, slots)
         if not return_convergence_delta:
             return result
+        if many is not None:
+            return result, convergence_delta_per_target(attributions, start_values, end_values)
         return result, convergence_delta(attributions, start_values, end_values)
 
     def _activations_at_both_ends(
         self,
         model_inputs: Tuple[torch.Tensor, ...],
         model_baselines: Tuple[torch.Tensor, ...],
-        target: Any,
         args: Optional[Tuple[Any, ...]],
         to_layer_input: bool,
     ):
         """One forward call on [inputs; baselines]: the layer's activations at both
-        ends of the path, and the targeted output F at both."""
+        ends of the path, and the model's output there (inputs first)."""
         batch_size = model_inputs[0].shape[0]
         both = tuple(
             torch.cat([x, full_batch(b, batch_size)]) for x, b in zip(model_inputs, model_baselines)
         )
-        two_ends = Chunk(0, 2, 0, batch_size, batch_size)  # "steps" 0 and 1: inputs, baselines
 
         def run() -> torch.Tensor:
-            return run_forward(
-                self.forward_func, both, expand_target(target, two_ends),
-                expand_additional_forward_args(args, two_ends),
-            )
+            return forward_output(
+                self.forward_func, both, expand_additional_forward_args(args, _two_ends(batch_size)))
 
         with torch.no_grad():
             activations, slots, outputs = record_activations(self._layers, to_layer_input, run)
-        check_one_value_per_row(outputs, 2 * batch_size, target)
         for index, activation in enumerate(activations):
             if activation.dim() == 0 or activation.shape[0] != 2 * batch_size:
                 raise ArgumentError(
@@ -208,8 +223,7 @@ class LayerIntegratedGradients:
                 )
         ends = tuple(a[:batch_size] for a in activations)
         starts = tuple(a[batch_size:] for a in activations)
-        values = outputs.detach().reshape(2 * batch_size)
-        return ends, starts, slots, values[:batch_size], values[batch_size:]
+        return ends, starts, slots, outputs.detach()
 
     def _format_result(
         self, attributions: Tuple[torch.Tensor, ...], slots: LayerSlots
@@ -222,3 +236,25 @@ class LayerIntegratedGradients:
     def attribute_future(self) -> None:
         """Not implemented, as in Captum."""
         raise NotImplementedError("attribute_future is not implemented for LayerIntegratedGradients")
+
+
+def _two_ends(batch_size: int) -> Chunk:
+    """The batch of the call at both ends: "steps" 0 and 1 are the inputs and baselines."""
+    return Chunk(0, 2, 0, batch_size, batch_size)
+
+
+def _values_at_both_ends(outputs: torch.Tensor, target: Any, many: Optional[List[Any]],
+                         batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """F(inputs) and F(baselines) per example ((K, B) each for K targets) from the
+    output of the call at both ends."""
+    chunk = _two_ends(batch_size)
+    per_target = [target] if many is None else many
+    values = []
+    for one in per_target:
+        selected = select_targets(outputs, expand_target(one, chunk))
+        check_one_value_per_row(selected, 2 * batch_size, one)
+        values.append(selected.reshape(2 * batch_size))
+    stacked = torch.stack(values)
+    if many is None:
+        stacked = stacked[0]
+    return stacked[..., :batch_size], stacked[..., batch_size:]

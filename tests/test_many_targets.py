@@ -1,0 +1,171 @@
+"""Many targets in one pass: every slice equals the single-target igfast result and
+Captum's, for IG and LayerIG, in every target form; the K targets share each
+forward call; memory stays within a budget; the generated-token form equals
+per-token IG over growing prefixes; bad input."""
+
+import itertools
+
+import pytest
+import torch
+
+import igfast
+from igfast.attr.generated_tokens import GeneratedTokenLogProbs, attribute_generated_tokens
+from igfast.examples.tiny_causal_lm import TinyCausalLM
+from igfast.memory import PeakMeter
+from models import MLP, ThreeDimOutputModel
+from test_layer_integrated_gradients import TokenClassifier, token_batch
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+def counted(model):
+    calls = [0]
+
+    def forward(*args):
+        calls[0] += 1
+        return model(*args)
+
+    return forward, calls
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+@pytest.mark.parametrize("internal_batch_size", [None, 8])
+def test_integrated_gradients_slices_equal_single_targets(method, internal_batch_size):
+    torch.manual_seed(0)
+    model = MLP(num_out=5).eval()
+    x = torch.randn(4, 6)
+    targets = [0, 3, [1, 2, 3, 4], torch.tensor([4, 0, 0, 2])]
+    kwargs = dict(n_steps=7, method=method, internal_batch_size=internal_batch_size,
+                  return_convergence_delta=True)
+    many, deltas = igfast.IntegratedGradients(model).attribute(x, targets=targets, **kwargs)
+    assert many.shape == (4, 4, 6) and deltas.shape == (4, 4)
+    for k, target in enumerate(targets):
+        single, delta = igfast.IntegratedGradients(model).attribute(x, target=target, **kwargs)
+        theirs, theirs_delta = captum_attr.IntegratedGradients(model).attribute(
+            x, target=target, **kwargs)
+        torch.testing.assert_close(many[k], single, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(many[k], theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(deltas[k], delta, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(deltas[k], theirs_delta, rtol=1e-4, atol=1e-5)
+
+
+def test_all_and_topk_and_tuple_inputs():
+    torch.manual_seed(1)
+    model = MLP(num_out=4).double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    every = igfast.IntegratedGradients(model).attribute(x, target="all", n_steps=6)
+    assert every.shape == (4, 3, 6)
+    for k in range(4):
+        torch.testing.assert_close(every[k], captum_attr.IntegratedGradients(model).attribute(
+            x, target=k, n_steps=6), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        order = model(x).topk(2, dim=1).indices
+    top = igfast.IntegratedGradients(model).attribute(x, target="topk:2", n_steps=6)
+    for j in range(2):
+        torch.testing.assert_close(top[j], captum_attr.IntegratedGradients(model).attribute(
+            x, target=order[:, j], n_steps=6), rtol=1e-10, atol=1e-12)
+    # Tuple targets of a higher-rank output, and a tuple of inputs.
+    three = ThreeDimOutputModel().double().eval()
+    x3 = torch.randn(2, 5, dtype=torch.float64)
+    many = igfast.IntegratedGradients(three).attribute((x3,), targets=[(0, 1), (2, 3)], n_steps=5)
+    assert isinstance(many, tuple) and many[0].shape == (2, 2, 5)
+    torch.testing.assert_close(many[0][1], captum_attr.IntegratedGradients(three).attribute(
+        (x3,), target=(2, 3), n_steps=5)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_targets_share_every_forward_call():
+    torch.manual_seed(2)
+    model = MLP(num_out=6).eval()
+    x = torch.randn(5, 6)
+    forward, calls = counted(model)
+    ig = igfast.IntegratedGradients(forward)
+    ig.attribute(x, target="all", n_steps=10, internal_batch_size=10, return_convergence_delta=True)
+    chunks = len(ig.last_integral.chunks)
+    assert calls[0] == 1 + chunks  # the output at the inputs for "all", then one per chunk
+    calls[0] = 0
+    ig.attribute(x, target=0, n_steps=10, internal_batch_size=10, return_convergence_delta=True)
+    assert calls[0] == len(ig.last_integral.chunks) == chunks
+
+
+@pytest.mark.parametrize("internal_batch_size", [None, 6])
+def test_layer_integrated_gradients_slices(internal_batch_size):
+    torch.manual_seed(3)
+    model = TokenClassifier().eval()
+    ids, mask = token_batch(3)
+    kwargs = dict(baselines=0, additional_forward_args=(mask,), n_steps=6,
+                  internal_batch_size=internal_batch_size, return_convergence_delta=True)
+    lig = igfast.LayerIntegratedGradients(model, model.words)
+    many, deltas = lig.attribute(ids, target="all", **kwargs)
+    assert many.shape == (3,) + ids.shape + (8,) and deltas.shape == (3, 3)
+    for k in range(3):
+        theirs, theirs_delta = captum_attr.LayerIntegratedGradients(model, model.words).attribute(
+            ids, target=k, **kwargs)
+        torch.testing.assert_close(many[k], theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(deltas[k], theirs_delta, rtol=1e-4, atol=1e-5)
+    # Several layers: a list of (K, B, ...) tensors.
+    with pytest.warns(UserWarning):
+        two = igfast.LayerIntegratedGradients(model, [model.words, model.positions])
+    per_layer = two.attribute(ids, targets=[0, 2], baselines=0, additional_forward_args=(mask,),
+                              n_steps=5)
+    assert isinstance(per_layer, list) and per_layer[1].shape == (2,) + ids.shape + (8,)
+
+
+def test_memory_stays_within_the_budget():
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).eval()
+    x = torch.randn(16, 64)
+    budget = 400_000
+    ig = igfast.IntegratedGradients(model)
+    with PeakMeter(torch.device("cpu")) as meter:
+        bounded = ig.attribute(x, target="all", n_steps=64, memory_budget=budget)
+    assert meter.peak <= budget and len(ig.last_integral.chunks) > 4
+    whole = igfast.IntegratedGradients(model).attribute(x, target="all", n_steps=64)
+    torch.testing.assert_close(bounded, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_generated_tokens_equal_per_token_runs():
+    lm = TinyCausalLM(vocabulary=40, width=32)
+    prompt = torch.randint(1, 40, (2, 5), generator=torch.Generator().manual_seed(5))
+    generated = lm.generate(prompt, 4)
+    together, deltas = attribute_generated_tokens(lm, lm.tokens, prompt, generated, baseline_token_id=0,
+                                                  n_steps=12, return_convergence_delta=True)
+    assert together.shape == (4, 2, 9, 32) and deltas.shape == (4, 2)
+    for t in range(4):
+        length = 5 + t + 1
+        ids = torch.cat([prompt, generated[:, :t + 1]], 1)
+        baseline = torch.cat([torch.zeros_like(prompt), generated[:, :t + 1]], 1)
+        alone, delta = igfast.LayerIntegratedGradients(GeneratedTokenLogProbs(lm, 5 + t), lm.tokens).attribute(
+            ids, baselines=baseline, n_steps=12, return_convergence_delta=True)
+        torch.testing.assert_close(together[t, :, :length], alone[..., :length, :], rtol=1e-5, atol=1e-6)
+        assert float(together[t, :, length:].abs().sum()) == 0.0
+        torch.testing.assert_close(deltas[t], delta.reshape(-1), rtol=1e-4, atol=1e-5)
+    # And against Captum for the last token.
+    ids = torch.cat([prompt, generated], 1)
+    theirs = captum_attr.LayerIntegratedGradients(GeneratedTokenLogProbs(lm, 8), lm.tokens).attribute(
+        ids, baselines=torch.cat([torch.zeros_like(prompt), generated], 1), n_steps=12)
+    torch.testing.assert_close(together[3], theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(targets=[]), "non-empty list"),
+    (dict(targets=[0, 9]), "out of range"),
+    (dict(target="topk:0"), "'topk:K' \\(K >= 1\\)|asks for 0"),
+    (dict(target="topk:6"), "asks for 6 targets but the output has 5 classes"),
+    (dict(target="best"), "must be 'all' or 'topk:K'"),
+    (dict(target=1, targets=[0]), "not both"),
+])
+def test_bad_targets(kwargs, message):
+    model = MLP(num_out=5).eval()
+    with pytest.raises(ValueError, match=message):
+        igfast.IntegratedGradients(model).attribute(torch.randn(2, 6), n_steps=4, **kwargs)
+
+
+def test_generated_tokens_bad_input():
+    lm = TinyCausalLM(vocabulary=40, width=32)
+    prompt = torch.randint(1, 40, (2, 5))
+    with pytest.raises(ValueError, match="same batch"):
+        attribute_generated_tokens(lm, lm.tokens, prompt, torch.randint(1, 40, (3, 2)), 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        attribute_generated_tokens(lm, lm.tokens, prompt, torch.zeros(2, 0, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="tensor of token ids"):
+        attribute_generated_tokens(lm, lm.tokens, prompt.float(), prompt, 0)
