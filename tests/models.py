@@ -164,3 +164,14 @@ CASES = [
 def build_model(case: Case, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(1234)
     return case.make_model().to(dtype).eval()
+
+
+def counted(model):
+    """(the model as a function that counts its calls, the one-element call count)."""
+    calls = [0]
+
+    def forward(*args):
+        calls[0] += 1
+        return model(*args)
+
+    return forward, calls

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import igfast
 from conftest import PARITY_COMPARISONS
-from models import SmallConvNet
+from models import SmallConvNet, counted
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -75,18 +75,6 @@ def token_batch(seed, batch=3, length=6, vocabulary=30):
     mask = torch.ones(batch, length)
     mask[0, -2:] = 0  # a padded example
     return ids, mask
-
-
-def counted(model):
-    """The model as a function that counts its calls."""
-    calls = [0]
-
-    def forward(*args):
-        calls[0] += 1
-        return model(*args)
-
-    forward.calls = calls
-    return forward
 
 
 def assert_same(ours, theirs, dtype=torch.float32):
@@ -222,14 +210,14 @@ def test_model_calls_against_captum(internal_batch_size, with_delta):
     ids, mask = token_batch(8)
     kwargs = dict(baselines=0, target=1, additional_forward_args=(mask,), n_steps=8,
                   internal_batch_size=internal_batch_size, return_convergence_delta=with_delta)
-    ours_forward, theirs_forward = counted(model), counted(model)
+    (ours_forward, ours_calls), (theirs_forward, theirs_calls) = counted(model), counted(model)
     lig = igfast.LayerIntegratedGradients(ours_forward, model.words)
     lig.attribute(ids, **kwargs)
     captum_attr.LayerIntegratedGradients(theirs_forward, model.words).attribute(ids, **kwargs)
     chunks = 1 if internal_batch_size is None else -(-8 // (internal_batch_size // 3))
     assert len(lig.last_integral.chunks) == chunks
-    assert ours_forward.calls[0] == 1 + chunks
-    assert theirs_forward.calls[0] == 2 + chunks + (2 if with_delta else 0)
+    assert ours_calls[0] == 1 + chunks
+    assert theirs_calls[0] == 2 + chunks + (2 if with_delta else 0)
 
 
 def test_captum_noise_tunnel_wraps_igfast_layer_ig():

