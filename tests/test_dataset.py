@@ -148,3 +148,14 @@ def test_bad_arguments(reference_run, tmp_path):
         igfast.attribute_dataset(model, data, str(tmp_path / "e"), target="best")
     with pytest.raises(ValueError, match="no attribute_dataset run"):
         igfast.open_attributions(str(tmp_path))
+
+
+def test_torchrun_environment_is_enough(reference_run, tmp_path):
+    """Under torchrun, attribute_dataset starts the gloo group from the environment."""
+    out = str(tmp_path / "torchrun")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(HERE, "dataset_worker.py"), out],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_files(out, reference_run[0])
