@@ -174,5 +174,9 @@ def test_bad_arguments():
         tunnel.attribute(x, stdevs=-1.0, target=0)
     with pytest.raises(TypeError, match="floating point"):
         tunnel.attribute(torch.ones(2, 6, dtype=torch.long), target=0)
+    with pytest.raises(ValueError, match="one target per call"):
+        tunnel.attribute(x, target="all")
+    with pytest.raises(ValueError, match="one target per call"):
+        tunnel.attribute(x, targets=[0, 1])
     with pytest.raises(ValueError, match="`attribution_method` must be an attribution object"):
         igfast.NoiseTunnel(MLP())

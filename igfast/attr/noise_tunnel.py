@@ -103,6 +103,11 @@ class NoiseTunnel:
         """
         formatted, is_tuple = format_inputs(inputs)
         _check_nt_type(nt_type)
+        if kwargs.get("targets") is not None or isinstance(kwargs.get("target"), str):
+            raise ArgumentError(
+                "NoiseTunnel smooths one target per call: pass `target` as in Captum (an int, "
+                "tuple, list or tensor), not `targets` or 'all'/'topk:k'; call it once per target."
+            )
         nt_samples = _positive_int(nt_samples, "nt_samples")
         group = nt_samples if nt_samples_batch_size is None else min(
             nt_samples, _positive_int(nt_samples_batch_size, "nt_samples_batch_size")
