@@ -301,10 +301,11 @@ def attribute_dataset(
 
 def _check_config(output_dir: str, config: dict) -> None:
     existing = read_json(os.path.join(output_dir, CONFIG))
-    if existing is None or existing == json.loads(json.dumps(config)):
+    wanted = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
+    if existing is None or existing == wanted:
         return
-    changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != json.loads(json.dumps(config)).get(k))
-    details = ", ".join(f"{k}: {existing.get(k)!r} there, {config.get(k)!r} now" for k in changed)
+    changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+    details = ", ".join(f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
     raise ArgumentError(
         f"`output_dir` {output_dir!r} holds a run with other arguments ({details}). Nothing was "
         "overwritten: use another directory, or the same arguments to resume that run."
@@ -328,9 +329,10 @@ def _attribute_shard(explainer, dataset, begin, end, batch_size, device, target,
             internal_batch_size=internal_batch_size, memory_budget=memory_budget,
             return_convergence_delta=True,
         )
-        parts = attributions if isinstance(attributions, (tuple, list)) else (attributions,)
-        named = {"attributions": parts[0]} if len(parts) == 1 and not isinstance(attributions, (tuple, list)) else {
-            f"attributions_{i}": p for i, p in enumerate(parts)}
+        if isinstance(attributions, torch.Tensor):
+            named = {"attributions": attributions}
+        else:  # tuple inputs, tuple-output layers, lists of layers
+            named = {f"attributions_{i}": part for i, part in enumerate(attributions)}
         named.update(outputs=outputs, deltas=delta)
         if targets is not None:
             named["targets"] = targets if isinstance(targets, torch.Tensor) else torch.full(

@@ -81,16 +81,10 @@ def gradients_and_outputs(
     The gradients are taken with respect to ``wrt`` (default: the inputs); a layer's
     path tensors, for LayerIntegratedGradients. ``grad_kwargs`` go to autograd.grad.
     """
-    with torch.enable_grad():
-        outputs = run_forward(forward_fn, inputs, target_ind, additional_forward_args)
-        check_one_value_per_row(outputs, inputs[0].shape[0], target_ind)
-        # Rows are independent examples, so one backward with unit output gradients
-        # gives every row's gradient at once; tensors the output ignores get zeros.
-        grads = torch.autograd.grad(
-            outputs, inputs if wrt is None else wrt, grad_outputs=torch.ones_like(outputs),
-            allow_unused=True, materialize_grads=True, **(grad_kwargs or {}),
-        )
-    return grads, outputs.detach().reshape(outputs.shape[0])
+    grads, values = gradients_and_outputs_per_target(
+        forward_fn, inputs, [target_ind], additional_forward_args, wrt, grad_kwargs
+    )
+    return tuple(g[0] for g in grads), values[0]
 
 
 def gradients_and_outputs_per_target(
@@ -101,7 +95,7 @@ def gradients_and_outputs_per_target(
     wrt: Optional[Tuple[torch.Tensor, ...]] = None,
     grad_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
-    """gradients_and_outputs for K targets from one forward call.
+    """Gradients and targeted outputs for K targets from one forward call.
 
     The forward graph is built once and kept (retain_graph) for the K backward
     passes: K targets cost one forward and K backwards instead of K of each.
@@ -115,14 +109,18 @@ def gradients_and_outputs_per_target(
             values = select_targets(output, target)
             check_one_value_per_row(values, inputs[0].shape[0], target)
             selected.append(values)
-        per_target = [
-            torch.autograd.grad(
+        per_target = []
+        for index, values in enumerate(selected):
+            options = dict(grad_kwargs or {})
+            options["retain_graph"] = bool(options.get("retain_graph")) or index < len(selected) - 1
+            # Rows are independent examples, so one backward with unit output gradients
+            # gives every row's gradient at once; tensors the output ignores get zeros.
+            per_target.append(torch.autograd.grad(
                 values, wrt, grad_outputs=torch.ones_like(values), allow_unused=True,
-                materialize_grads=True, retain_graph=index < len(selected) - 1,
-                **(grad_kwargs or {}),
-            )
-            for index, values in enumerate(selected)
-        ]
-    grads = tuple(torch.stack([g[i] for g in per_target]) for i in range(len(wrt)))
-    values = torch.stack([v.detach().reshape(v.shape[0]) for v in selected])
+                materialize_grads=True, **options,
+            ))
+    # One target: views, not copies (this is the hot path of every chunk).
+    join = (lambda parts: parts[0].unsqueeze(0)) if len(selected) == 1 else torch.stack
+    grads = tuple(join([g[i] for g in per_target]) for i in range(len(wrt)))
+    values = join([v.detach().reshape(v.shape[0]) for v in selected])
     return grads, values
