@@ -102,9 +102,12 @@ def integrate_gradients(
     inputs and baselines are detached; baselines have batch size B or 1. The
     accumulators are shaped like the inputs, in the accumulation dtype of each;
     with ``target_count`` K, one per target: (K,) + input shape. The K targets share
-    every forward pass; only the backward passes are per target.
+    every forward pass; only the backward passes are per target. A (levels, n)
+    weight table in ``nodes`` likewise gives one accumulator per level: every level's
+    rule is summed from the same gradients.
     """
-    leading = () if target_count is None else (target_count,)
+    assert target_count is None or nodes.rule_count is None, "targets and nested rules do not mix"
+    leading = next(((count,) for count in (target_count, nodes.rule_count) if count is not None), ())
     batch_size = inputs[0].shape[0]
     device = inputs[0].device
     schedule = ChunkSchedule(nodes.count, batch_size)
@@ -171,13 +174,21 @@ def integrate_gradients(
 
 def _accumulate(accumulators, grads, weights_on, chunk: Chunk, quadrature_count: int,
                 per_target: bool = False) -> None:
-    """Add the chunk's weighted gradients; rows of endpoint-only nodes carry no weight."""
+    """Add the chunk's weighted gradients; rows of endpoint-only nodes carry no weight.
+    Per target: gradient k into accumulator k; per rule (2-D weights): the same
+    gradient into accumulator l with weight row l."""
     quadrature_end = min(chunk.step_end, quadrature_count)
     if quadrature_end <= chunk.step_begin:
         return
     rows = slice(chunk.example_begin, chunk.example_end)
     weighted_rows = (quadrature_end - chunk.step_begin) * chunk.examples
     for accumulator, grad, w in zip(accumulators, grads, weights_on):
+        if w.dim() == 2:
+            for rule_sum, rule_weights in zip(accumulator, w):
+                ops.accumulate_steps(
+                    rule_sum[rows], grad[:weighted_rows], rule_weights[chunk.step_begin:quadrature_end]
+                )
+            continue
         if not per_target:
             ops.accumulate_steps(
                 accumulator[rows], grad[:weighted_rows], w[chunk.step_begin:quadrature_end]

@@ -139,3 +139,34 @@ def expand_additional_forward_args(
                 )
         expanded.append(repeat_rows(arg, chunk))
     return tuple(expanded)
+
+
+def select_examples(value: Any, index: torch.Tensor, batch_size: int) -> Any:
+    """Rows ``index`` of a per-example value: a tensor with batch_size rows, or a list
+    of batch_size entries (per-example targets). Anything else applies to every
+    example and passes as is; so does everything when index keeps the whole batch."""
+    if index.numel() == batch_size:
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch_size:
+        return value[index.to(value.device)]
+    if isinstance(value, list) and len(value) == batch_size:
+        return [value[i] for i in index.tolist()]
+    return value
+
+
+def select_additional_forward_args(
+    args: Optional[Tuple[Any, ...]], index: torch.Tensor, batch_size: int
+) -> Optional[Tuple[Any, ...]]:
+    """The arguments of examples ``index`` (n_steps='auto' refines a subset of the
+    batch): tensors with a dimension must have one row per example."""
+    if args is None or index.numel() == batch_size:
+        return args
+    for position, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor) and arg.dim() and arg.shape[0] != batch_size:
+            raise ArgumentError(
+                f"`additional_forward_args[{position}]` must have one row per example "
+                f"({batch_size}) with n_steps='auto', which refines some examples only; "
+                f"got shape {tuple(arg.shape)}."
+            )
+    return tuple(select_examples(arg, index, batch_size) if isinstance(arg, torch.Tensor) else arg
+                 for arg in args)

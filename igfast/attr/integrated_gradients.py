@@ -4,6 +4,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..adaptive import AdaptiveIntegral, AdaptiveSettings, adaptive_settings, integrate_adaptively
 from ..chunking import Chunk, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
@@ -16,6 +17,8 @@ from ._forms import (
     format_baselines,
     format_inputs,
     full_batch,
+    select_additional_forward_args,
+    select_examples,
 )
 from ._gradients import (
     compute_gradients, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
@@ -75,13 +78,16 @@ class IntegratedGradients:
         baselines: Any = None,
         target: Any = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: Union[int, str] = 50,
         method: str = "gausslegendre",
         internal_batch_size: Union[None, int, str] = None,
         return_convergence_delta: bool = False,
         memory_budget: Union[None, int, str] = None,
         targets: Optional[Sequence[Any]] = None,
-    ) -> Union[TensorOrTuple, Tuple[TensorOrTuple, torch.Tensor]]:
+        tolerance: Optional[float] = None,
+        max_steps: Optional[int] = None,
+        return_adaptive_info: bool = False,
+    ) -> Union[TensorOrTuple, Tuple[Any, ...]]:
         r"""Attribute the target output to every input feature.
 
         Args:
@@ -98,7 +104,9 @@ class IntegratedGradients:
             additional_forward_args (Any, optional): passed to ``forward_func``
                 after the inputs; a non-tuple value is wrapped in a tuple. Tensors
                 with a dimension are repeated for every path step.
-            n_steps (int, optional): number of quadrature nodes. Default: 50.
+            n_steps (int or "auto", optional): number of quadrature nodes. "auto"
+                (igfast only): refine each example's rule until its estimated error
+                is within ``tolerance`` (see ``tolerance``). Default: 50.
             method (str, optional): ``gausslegendre``, ``riemann_left``,
                 ``riemann_right``, ``riemann_middle`` or ``riemann_trapezoid``.
                 Default: ``gausslegendre``.
@@ -123,21 +131,39 @@ class IntegratedGradients:
                 ``target="topk:k"`` (each example's k top classes at the inputs) ask
                 the same. Attributions then have a leading K dimension and the delta
                 is shaped (K, B).
+            tolerance (float, optional; n_steps="auto" only): the error each
+                example is refined to, relative to |F(inputs) - F(baselines)| (floored
+                at 1% of max(|F(inputs)|, |F(baselines)|)). The estimate is the larger
+                of the exact completeness error and the change of the attributions
+                (L2 norm) at the last doubling of the rule. Nested Clenshaw-Curtis
+                rules of 9, 17, 33, ... nodes; every evaluation is reused and a
+                converged example stops costing. Default: 1e-3.
+            max_steps (int, optional; n_steps="auto" only): the most path points per
+                example (the largest rule 2^k + 1 <= max_steps; at least 9). Examples
+                that reach it are returned with ``converged`` False. Default: 257.
+            return_adaptive_info (bool, optional; n_steps="auto" only): also return
+                an ``AdaptiveInfo`` with, per example, ``evaluations`` (path points
+                evaluated), ``error_estimate``, ``completeness_error`` and
+                ``converged``. Default: False.
 
         Returns:
             attributions, shaped like ``inputs`` (a tensor for a tensor, a tuple for
             a tuple), in the input dtype (float32 for float16/bfloat16 inputs, as
             Captum); with ``return_convergence_delta``, ``(attributions, delta)``
-            where delta has one value per example.
+            where delta has one value per example; with ``return_adaptive_info``,
+            the AdaptiveInfo last.
         """
         formatted_inputs, is_tuple = format_inputs(inputs)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
-        validate_method_and_steps(method, n_steps)
+        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps)
+        if adaptive is None:
+            validate_method_and_steps(method, n_steps)
+        if return_adaptive_info and adaptive is None:
+            raise ArgumentError("`return_adaptive_info` needs n_steps='auto'.")
         batch_size = formatted_inputs[0].shape[0]
         # Captum's LayerIntegratedGradients swaps gradient_func for one that cannot
         # report the forward values; the delta then takes two model calls, as in Captum.
         delta_from_path = return_convergence_delta and self.gradient_func is compute_gradients
-        nodes = path_nodes(method, n_steps, with_endpoints=delta_from_path)
         args = format_additional_forward_args(additional_forward_args)
         device = formatted_inputs[0].device
         many = resolve_targets(
@@ -146,9 +172,44 @@ class IntegratedGradients:
         )
         if many is not None and self.gradient_func is not compute_gradients:
             raise ArgumentError("Several targets need igfast's own gradient_func (not Captum's LayerIG).")
-        row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs, nodes.count,
-                                     target_count=len(many) if many else 1)
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
+        if adaptive is not None:
+            if many is not None:
+                raise ArgumentError(
+                    "n_steps='auto' refines one target per example; give a fixed n_steps "
+                    "with several targets.")
+            if self.gradient_func is not compute_gradients:
+                raise ArgumentError(
+                    "n_steps='auto' needs igfast's own gradient_func (it reads F along the "
+                    "path); Captum's LayerIntegratedGradients replaces it: use "
+                    "igfast.LayerIntegratedGradients.")
+            integral = self._integrate_adaptively(
+                formatted_inputs, formatted_baselines, chunk_target, args, adaptive,
+                internal_batch_size, memory_budget)
+        else:
+            nodes = path_nodes(method, n_steps, with_endpoints=delta_from_path)
+            row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs,
+                                         nodes.count, target_count=len(many) if many else 1)
+            integral = integrate_gradients(
+                formatted_inputs, formatted_baselines, nodes,
+                self._gradients_at(chunk_target, many, args), row_limit,
+                target_count=len(many) if many is not None else None,
+            )
+        self.last_integral: Union[PathIntegral, AdaptiveIntegral] = integral
+        attributions = attributions_from(
+            integral, formatted_inputs, formatted_baselines, self.multiplies_by_inputs
+        )
+        result = attributions if is_tuple else attributions[0]
+        extras = []
+        if return_convergence_delta:
+            extras.append(self._delta(attributions, integral, many, delta_from_path or adaptive is not None,
+                                      inputs, baselines, target, additional_forward_args))
+        if return_adaptive_info:
+            extras.append(integral.info)
+        return (result, *extras) if extras else result
+
+    def _gradients_at(self, chunk_target: Any, many: Optional[list], args: Any):
+        """The engine's gradients_at for a target (or K targets) and forward args."""
 
         def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
             chunk_args = expand_additional_forward_args(args, chunk)
@@ -165,27 +226,37 @@ class IntegratedGradients:
             )
             return grads, None
 
-        integral = integrate_gradients(
-            formatted_inputs, formatted_baselines, nodes, gradients_at, row_limit,
-            target_count=len(many) if many is not None else None,
-        )
-        self.last_integral: PathIntegral = integral
-        attributions = attributions_from(
-            integral, formatted_inputs, formatted_baselines, self.multiplies_by_inputs
-        )
-        result = attributions if is_tuple else attributions[0]
-        if not return_convergence_delta:
-            return result
+        return gradients_at
+
+    def _integrate_adaptively(self, inputs, baselines, target, args, settings: AdaptiveSettings,
+                              internal_batch_size, memory_budget) -> AdaptiveIntegral:
+        batch_size = inputs[0].shape[0]
+
+        def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
+            sub_inputs = tuple(select_examples(x, examples, batch_size) for x in inputs)
+            sub_baselines = tuple(select_examples(b, examples, batch_size) for b in baselines)
+            # The budget holds the engine's accumulators and the driver's (one per level each).
+            row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_inputs, nodes.count,
+                                         target_count=2 * settings.levels.weights.shape[0])
+            gradients_at = self._gradients_at(
+                select_examples(target, examples, batch_size), None,
+                select_additional_forward_args(args, examples, batch_size))
+            return integrate_gradients(sub_inputs, sub_baselines, nodes, gradients_at, row_limit)
+
+        return integrate_adaptively(inputs, baselines, settings, run_round)
+
+    def _delta(self, attributions, integral, many, delta_from_path: bool, inputs, baselines, target,
+               additional_forward_args) -> torch.Tensor:
+        """The convergence delta, from the path's own F values when it has them."""
+        batch_size = attributions[0].shape[0]
         if many is not None:
-            delta = convergence_delta_per_target(attributions, integral.start_values, integral.end_values)
-        elif delta_from_path and batch_size > 0:
-            delta = convergence_delta(attributions, integral.start_values, integral.end_values)
-        else:
-            delta = self.compute_convergence_delta(
-                attributions, baselines, inputs, target=target,
-                additional_forward_args=additional_forward_args,
-            )
-        return result, delta
+            return convergence_delta_per_target(attributions, integral.start_values, integral.end_values)
+        if delta_from_path and batch_size > 0:
+            return convergence_delta(attributions, integral.start_values, integral.end_values)
+        return self.compute_convergence_delta(
+            attributions, baselines, inputs, target=target,
+            additional_forward_args=additional_forward_args,
+        )
 
     def compute_convergence_delta(
         self,
