@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..adaptive import AdaptiveIntegral, adaptive_settings, integrate_adaptively
 from ..chunking import Chunk, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
@@ -30,6 +31,8 @@ from ._forms import (
     format_inputs,
     full_batch,
     repeat_rows,
+    select_additional_forward_args,
+    select_examples,
 )
 from ._gradients import (
     check_one_value_per_row, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
@@ -95,7 +98,7 @@ class LayerIntegratedGradients:
         baselines: Any = None,
         target: Any = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: Union[int, str] = 50,
         method: str = "gausslegendre",
         internal_batch_size: Union[None, int, str] = None,
         return_convergence_delta: bool = False,
@@ -103,7 +106,10 @@ class LayerIntegratedGradients:
         grad_kwargs: Optional[Dict[str, Any]] = None,
         memory_budget: Union[None, int, str] = None,
         targets: Optional[Sequence[Any]] = None,
-    ) -> Union[LayerAttributions, Tuple[LayerAttributions, torch.Tensor]]:
+        tolerance: Optional[float] = None,
+        max_steps: Optional[int] = None,
+        return_adaptive_info: bool = False,
+    ) -> Union[LayerAttributions, Tuple[Any, ...]]:
         r"""Attribute the target output to the layer's neurons.
 
         Args:
@@ -114,7 +120,9 @@ class LayerIntegratedGradients:
                 path's start (e.g. [PAD] token ids), in the forms IntegratedGradients
                 accepts. Default: zeros.
             target, additional_forward_args, n_steps, method, internal_batch_size,
-                memory_budget: as in ``IntegratedGradients.attribute``.
+                memory_budget, tolerance, max_steps, return_adaptive_info: as in
+                ``IntegratedGradients.attribute`` (n_steps="auto" refines the path in
+                the layer's activations, with the same error estimate).
             return_convergence_delta (bool, optional): also return, per example,
                 sum(attributions) - (F(inputs) - F(baselines)), with F(inputs) and
                 F(baselines) from the call that reads the activations. Default: False.
@@ -128,7 +136,8 @@ class LayerIntegratedGradients:
         Returns:
             For one layer: a tensor shaped like its activation, or a tuple when the
             layer gives several tensors; for a list of layers, a list of those.
-            With ``return_convergence_delta``, ``(attributions, delta)``.
+            With ``return_convergence_delta``, ``(attributions, delta)``; with
+            ``return_adaptive_info``, the AdaptiveInfo last.
         """
         if self.device_ids is None:
             self.device_ids = getattr(self.forward_func, "device_ids", None)
@@ -140,7 +149,11 @@ class LayerIntegratedGradients:
             )
         model_inputs, _ = format_inputs(inputs, floating=False)
         model_baselines = format_baselines(baselines, model_inputs)
-        validate_method_and_steps(method, n_steps)
+        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps)
+        if adaptive is None:
+            validate_method_and_steps(method, n_steps)
+        if return_adaptive_info and adaptive is None:
+            raise ArgumentError("`return_adaptive_info` needs n_steps='auto'.")
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
         device = model_inputs[0].device
@@ -150,43 +163,69 @@ class LayerIntegratedGradients:
         many = resolve_targets(target, targets, batch_size, device, lambda: outputs[:batch_size])
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
         end_values, start_values = _values_at_both_ends(outputs, chunk_target, many, batch_size)
-        nodes = path_nodes(method, n_steps, with_endpoints=False)
-        row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
-                                     target_count=len(many) if many else 1)
+        if adaptive is not None and many is not None:
+            raise ArgumentError(
+                "n_steps='auto' refines one target per example; give a fixed n_steps with "
+                "several targets.")
 
-        def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
-            chunk_inputs = tuple(repeat_rows(x, chunk) for x in model_inputs)
-            chunk_args = expand_additional_forward_args(args, chunk)
-            with activations_replaced(self._layers, attribute_to_layer_input, slots, path) as called:
-                if many is not None:
-                    grads, outputs = gradients_and_outputs_per_target(
-                        self.forward_func, chunk_inputs, [expand_target(t, chunk) for t in many],
-                        chunk_args, wrt=path, grad_kwargs=grad_kwargs,
-                    )
-                else:
-                    grads, outputs = gradients_and_outputs(
-                        self.forward_func, chunk_inputs, expand_target(chunk_target, chunk),
-                        chunk_args, wrt=path, grad_kwargs=grad_kwargs,
-                    )
-            if not all(called):
-                # The layer ran when its activations were read, so the model's control
-                # flow differs between calls; zero gradients would be silently wrong.
-                raise ArgumentError(
-                    "`layer` was not called by `forward_func` on the path inputs (it was on "
-                    "the inputs): the forward pass must call every layer on every call."
-                )
-            return grads, outputs
+        def gradients_at_for(inputs_of_rows, target_of_rows, args_of_rows):
+            """The engine's gradients_at for these examples' model inputs, target(s) and args."""
 
-        integral = integrate_gradients(ends, starts, nodes, gradients_at, row_limit,
-                                       target_count=len(many) if many is not None else None)
-        self.last_integral: PathIntegral = integral
+            def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
+                chunk_inputs = tuple(repeat_rows(x, chunk) for x in inputs_of_rows)
+                chunk_args = expand_additional_forward_args(args_of_rows, chunk)
+                with activations_replaced(self._layers, attribute_to_layer_input, slots, path) as called:
+                    if many is not None:
+                        grads, outputs = gradients_and_outputs_per_target(
+                            self.forward_func, chunk_inputs, [expand_target(t, chunk) for t in many],
+                            chunk_args, wrt=path, grad_kwargs=grad_kwargs,
+                        )
+                    else:
+                        grads, outputs = gradients_and_outputs(
+                            self.forward_func, chunk_inputs, expand_target(target_of_rows, chunk),
+                            chunk_args, wrt=path, grad_kwargs=grad_kwargs,
+                        )
+                if not all(called):
+                    # The layer ran when its activations were read, so the model's control
+                    # flow differs between calls; zero gradients would be silently wrong.
+                    raise ArgumentError(
+                        "`layer` was not called by `forward_func` on the path inputs (it was on "
+                        "the inputs): the forward pass must call every layer on every call."
+                    )
+                return grads, outputs
+
+            return gradients_at
+
+        if adaptive is not None:
+            def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
+                sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
+                sub_starts = tuple(select_examples(s, examples, batch_size) for s in starts)
+                # The budget holds the engine's accumulators and the driver's (one per level each).
+                row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_ends, nodes.count,
+                                             target_count=2 * adaptive.levels.weights.shape[0])
+                gradients_at = gradients_at_for(
+                    tuple(select_examples(x, examples, batch_size) for x in model_inputs),
+                    select_examples(chunk_target, examples, batch_size),
+                    select_additional_forward_args(args, examples, batch_size))
+                return integrate_gradients(sub_ends, sub_starts, nodes, gradients_at, row_limit)
+
+            integral = integrate_adaptively(ends, starts, adaptive, run_round, start_values, end_values)
+        else:
+            nodes = path_nodes(method, n_steps, with_endpoints=False)
+            row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
+                                         target_count=len(many) if many else 1)
+            integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
+                                           row_limit, target_count=len(many) if many is not None else None)
+        self.last_integral: Union[PathIntegral, AdaptiveIntegral] = integral
         attributions = attributions_from(integral, ends, starts, self.multiplies_by_inputs)
         result = self._format_result(attributions, slots)
-        if not return_convergence_delta:
-            return result
-        if many is not None:
-            return result, convergence_delta_per_target(attributions, start_values, end_values)
-        return result, convergence_delta(attributions, start_values, end_values)
+        extras = []
+        if return_convergence_delta:
+            delta_of = convergence_delta_per_target if many is not None else convergence_delta
+            extras.append(delta_of(attributions, start_values, end_values))
+        if return_adaptive_info:
+            extras.append(integral.info)
+        return (result, *extras) if extras else result
 
     def _activations_at_both_ends(
         self,

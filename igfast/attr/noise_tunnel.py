@@ -108,6 +108,12 @@ class NoiseTunnel:
                 "NoiseTunnel smooths one target per call: pass `target` as in Captum (an int, "
                 "tuple, list or tensor), not `targets` or 'all'/'topk:k'; call it once per target."
             )
+        if kwargs.get("return_adaptive_info"):
+            raise ArgumentError(
+                "NoiseTunnel does not return `return_adaptive_info`: with n_steps='auto' each "
+                "noisy copy is refined on its own; read the wrapped method's "
+                "last_integral.info (one entry per copy) instead."
+            )
         nt_samples = _positive_int(nt_samples, "nt_samples")
         group = nt_samples if nt_samples_batch_size is None else min(
             nt_samples, _positive_int(nt_samples_batch_size, "nt_samples_batch_size")
