@@ -1,0 +1,266 @@
+"""n_steps="auto": the nested rules, error control on smooth and ReLU models against a
+4096-node Gauss-Legendre reference, per-example refinement (fewer evaluations for
+easy examples, every evaluation reused), chunk and batch invariance, LayerIG,
+NoiseTunnel, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import igfast
+from igfast.adaptive import SCALE_FLOOR
+from igfast.errors import ArgumentError
+from igfast.quadrature import FIRST_ROUND_STEPS, nested_levels
+from models import MLP, counted
+from test_layer_integrated_gradients import TokenClassifier, token_batch
+
+ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "relu": nn.ReLU}
+REFERENCE_STEPS = 4096
+
+
+def model_and_batch(activation, seed=0, batch=6, features=6):
+    torch.manual_seed(seed)
+    model = MLP(num_in=features, hidden=32, num_out=4, activation=ACTIVATIONS[activation]).double().eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = 2 * torch.randn(batch, features, generator=generator, dtype=torch.float64)
+    baseline = torch.randn(1, features, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 4, (batch,), generator=generator)
+    return model, x, baseline, target
+
+
+def relative_errors(attributions, reference):
+    return ((attributions - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1))
+
+
+def scale_of(model, x, baseline, target):
+    with torch.no_grad():
+        end = model(x).gather(1, target[:, None])[:, 0]
+        start = model(baseline.expand_as(x)).gather(1, target[:, None])[:, 0]
+    return end - start, torch.maximum((end - start).abs(), SCALE_FLOOR * torch.maximum(end.abs(), start.abs()))
+
+
+# --- the nested rules -------------------------------------------------------------
+
+@pytest.mark.parametrize("max_steps", [9, 17, 100, 257, 1025])
+def test_levels_are_nested_clenshaw_curtis_rules_exact_for_polynomials(max_steps):
+    levels = nested_levels(max_steps)
+    alphas, weights = levels.alphas.numpy(), levels.weights.numpy()
+    assert levels.steps[0] == 5 and levels.steps[-1] <= max_steps < 2 * levels.steps[-1] - 1
+    assert len(set(alphas.tolist())) == len(alphas) == levels.steps[-1]  # every node once
+    assert {0.0, 0.5, 1.0} <= set(alphas[:FIRST_ROUND_STEPS].tolist())
+    previous = set()
+    for level, steps in enumerate(levels.steps):
+        support = set(np.flatnonzero(weights[level]).tolist())
+        assert len(support) == steps and previous <= support  # nested
+        previous = support
+        for degree in range(steps):  # Clenshaw-Curtis with N + 1 nodes: exact to degree N
+            assert abs((weights[level] * alphas ** degree).sum() - 1 / (degree + 1)) < 1e-13
+    # Round r evaluates exactly the nodes that level r + 1 adds.
+    assert levels.round_ends[0] == FIRST_ROUND_STEPS
+    for r in range(1, levels.rounds):
+        assert levels.round_ends[r] == levels.steps[r + 1]
+        new = levels.round_nodes(r)
+        assert new.weights.shape == (len(levels.steps) - r - 1, levels.steps[r + 1] - levels.steps[r])
+
+
+# --- error control ----------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("tolerance", [1e-2, 1e-3, 1e-4])
+def test_completeness_error_within_tolerance_or_max_steps_reported(activation, tolerance):
+    model, x, baseline, target = model_and_batch(activation)
+    attributions, delta, info = igfast.IntegratedGradients(model).attribute(
+        x, baseline, target=target, n_steps="auto", tolerance=tolerance,
+        return_convergence_delta=True, return_adaptive_info=True)
+    difference, scale = scale_of(model, x, baseline, target)
+    completeness = (attributions.sum(1) - difference).abs() / scale  # from fresh model calls
+    torch.testing.assert_close(delta, attributions.sum(1) - difference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(info.completeness_error, completeness, rtol=0, atol=1e-12)
+    assert bool((info.error_estimate >= info.completeness_error).all())
+    finest = nested_levels(257).steps[-1]
+    for e in range(x.shape[0]):
+        if info.converged[e]:
+            assert completeness[e] <= tolerance
+            assert info.error_estimate[e] <= tolerance
+        else:
+            assert info.evaluations[e] == finest and info.error_estimate[e] > tolerance
+    if activation != "relu":  # smooth integrands converge well before 257 nodes
+        assert bool(info.converged.all())
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_results_converge_to_a_4096_node_reference(activation):
+    model, x, baseline, target = model_and_batch(activation, seed=3)
+    ig = igfast.IntegratedGradients(model)
+    reference = ig.attribute(x, baseline, target=target, n_steps=REFERENCE_STEPS)
+    errors, evaluations = [], []
+    for tolerance in (1e-1, 1e-2, 1e-3, 1e-4, 1e-6):
+        attributions, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=tolerance,
+                                          max_steps=1025, return_adaptive_info=True)
+        errors.append(relative_errors(attributions, reference))
+        evaluations.append(info.evaluations)
+    for coarse, fine in zip(evaluations, evaluations[1:]):
+        assert bool((fine >= coarse).all())  # a tighter tolerance never stops earlier
+    mean_errors = [float(e.mean()) for e in errors]
+    assert mean_errors[-1] < mean_errors[0] / 10
+    if activation == "relu":
+        # A piecewise-constant integrand: error ~ 1/n; 1025 nodes still beat 1e-2.
+        assert mean_errors[-1] < 1e-2
+    else:
+        assert mean_errors[-1] < 1e-6
+        assert bool((errors[-2] < 1e-3).all())  # at tolerance 1e-4 every example
+
+
+def test_examples_that_converge_early_use_fewer_evaluations_and_no_more_model_rows():
+    model, x, baseline, target = model_and_batch("tanh", batch=4)
+    x[0] = baseline[0] + 1e-3 * torch.randn(6, dtype=torch.float64)  # an almost straight path
+    x[3] = baseline[0] + 6 * torch.randn(6, dtype=torch.float64)  # a long, curved one
+    rows = []
+
+    def forward(inputs):
+        rows.append(inputs.shape[0])
+        return model(inputs)
+
+    _, info = igfast.IntegratedGradients(forward).attribute(
+        x, baseline, target=target, n_steps="auto", tolerance=1e-8, return_adaptive_info=True)
+    assert info.evaluations[0] == FIRST_ROUND_STEPS < info.evaluations[3]
+    assert bool(info.converged.all())
+    # Each path point of each example is evaluated once: the model saw exactly
+    # sum(evaluations) rows, and rounds shrank to the examples still refining.
+    assert sum(rows) == int(info.evaluations.sum())
+
+
+@pytest.mark.parametrize("internal_batch_size", [1, 7, 64])
+def test_chunking_changes_nothing(internal_batch_size):
+    model, x, baseline, target = model_and_batch("gelu")
+    ig = igfast.IntegratedGradients(model)
+    kwargs = dict(target=target, n_steps="auto", tolerance=1e-5, return_adaptive_info=True)
+    expected, expected_info = ig.attribute(x, baseline, **kwargs)
+    ours, info = ig.attribute(x, baseline, internal_batch_size=internal_batch_size, **kwargs)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(info.evaluations, expected_info.evaluations)
+    budgeted, _ = ig.attribute(x, baseline, memory_budget="2MB", **kwargs)
+    torch.testing.assert_close(budgeted, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_each_example_gets_what_it_would_get_alone():
+    """Per-example refinement: the batch result is every example's own result (targets,
+    per-example baselines and additional arguments are subset correctly each round)."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = MLP(num_in=6, hidden=16, num_out=4, activation=nn.Softplus).double()
+
+        def forward(self, x, scale, offset):
+            return self.inner(x * scale[:, None]) + offset
+
+    torch.manual_seed(5)
+    model = Scaled().eval()
+    x = torch.randn(5, 6, dtype=torch.float64) * torch.tensor([0.01, 1, 3, 0.1, 5.0], dtype=torch.float64)[:, None]
+    baselines = 0.1 * torch.randn(5, 6, dtype=torch.float64)
+    scale = torch.rand(5, dtype=torch.float64) + 0.5
+    target = [0, 1, 2, 3, 1]
+    ig = igfast.IntegratedGradients(model)
+    kwargs = dict(n_steps="auto", tolerance=1e-6, return_adaptive_info=True)
+    batch, info = ig.attribute(x, baselines, target=target, additional_forward_args=(scale, 0.5), **kwargs)
+    assert len(set(info.evaluations.tolist())) > 1
+    for e in range(5):
+        alone, alone_info = ig.attribute(x[e:e + 1], baselines[e:e + 1], target=target[e],
+                                         additional_forward_args=(scale[e:e + 1], 0.5), **kwargs)
+        torch.testing.assert_close(batch[e:e + 1], alone, rtol=1e-12, atol=1e-15)
+        assert alone_info.evaluations[0] == info.evaluations[e]
+
+
+def test_max_steps_is_reported_when_reached():
+    model, x, baseline, target = model_and_batch("relu")
+    _, info = igfast.IntegratedGradients(model).attribute(
+        x, baseline, target=target, n_steps="auto", tolerance=1e-9, max_steps=20, return_adaptive_info=True)
+    assert (info.evaluations == 17).all() and not info.converged.any()
+    assert bool((info.error_estimate > 1e-9).all())
+
+
+def test_float32_agrees_with_float64():
+    model, x, baseline, target = model_and_batch("gelu")
+    ig64 = igfast.IntegratedGradients(model)
+    ig32 = igfast.IntegratedGradients(MLP(num_in=6, hidden=32, num_out=4, activation=nn.GELU).eval())
+    ig32.forward_func.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    kwargs = dict(target=target, n_steps="auto", tolerance=1e-3, max_steps=65)
+    expected = ig64.attribute(x, baseline, **kwargs)
+    ours = ig32.attribute(x.float(), baseline.float(), **kwargs)
+    assert ours.dtype == torch.float32
+    assert float(relative_errors(ours.double(), expected).max()) < 1e-5
+
+
+# --- LayerIntegratedGradients and NoiseTunnel ----------------------------------------
+
+def test_layer_auto_on_an_identity_layer_equals_input_auto():
+    model, x, baseline, target = model_and_batch("softplus")
+    wrapped = nn.Sequential(nn.Identity(), model).eval()
+    kwargs = dict(target=target, n_steps="auto", tolerance=1e-5, return_convergence_delta=True,
+                  return_adaptive_info=True)
+    expected, expected_delta, expected_info = igfast.IntegratedGradients(model).attribute(x, baseline, **kwargs)
+    ours, delta, info = igfast.LayerIntegratedGradients(wrapped, wrapped[0]).attribute(x, baseline, **kwargs)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(delta, expected_delta, rtol=1e-9, atol=1e-12)
+    assert torch.equal(info.evaluations, expected_info.evaluations)
+
+
+def test_layer_auto_on_token_embeddings_converges_and_reuses_evaluations():
+    torch.manual_seed(0)
+    model = TokenClassifier().double().eval()
+    ids, mask = token_batch(1, batch=4)
+    forward, calls = counted(model)
+    layer = igfast.LayerIntegratedGradients(forward, model.words)
+    kwargs = dict(baselines=torch.zeros_like(ids), target=[0, 1, 2, 0], additional_forward_args=mask)
+    reference = layer.attribute(ids, n_steps=REFERENCE_STEPS, **kwargs)
+    calls[0] = 0
+    ours, delta, info = layer.attribute(ids, n_steps="auto", tolerance=1e-6, return_convergence_delta=True,
+                                        return_adaptive_info=True, **kwargs)
+    assert bool(info.converged.all())
+    assert float(relative_errors(ours, reference).max()) < 1e-6
+    assert calls[0] == 1 + len(layer.last_integral.rounds)  # the ends, then one call per round
+    assert bool((delta.abs() <= 1e-6 * 10).all())
+
+
+def test_noise_tunnel_over_auto_refines_every_noisy_copy():
+    model, x, baseline, target = model_and_batch("tanh")
+    ig = igfast.IntegratedGradients(model)
+    expected = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=1e-6)
+    smoothed = igfast.NoiseTunnel(ig).attribute(
+        x, nt_samples=3, stdevs=0.0, baselines=baseline, target=target, n_steps="auto", tolerance=1e-6)
+    torch.testing.assert_close(smoothed, expected, rtol=1e-12, atol=1e-14)
+    assert ig.last_integral.info.evaluations.shape == (3 * x.shape[0],)
+    with pytest.raises(ArgumentError, match="return_adaptive_info"):
+        igfast.NoiseTunnel(ig).attribute(x, nt_samples=2, baselines=baseline, target=target,
+                                         n_steps="auto", return_adaptive_info=True)
+
+
+# --- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_steps="auto", tolerance=0.0), "`tolerance` must be a number > 0"),
+    (dict(n_steps="auto", tolerance=-1e-3), "`tolerance` must be a number > 0"),
+    (dict(n_steps="auto", tolerance="small"), "`tolerance` must be a number > 0"),
+    (dict(n_steps="auto", max_steps=8), r"`max_steps` must be between 9 \(the first round"),
+    (dict(n_steps="auto", max_steps=10 ** 6), "`max_steps` must be between"),
+    (dict(n_steps="auto", max_steps=64.0), "`max_steps` must be an integer"),
+    (dict(n_steps="auto", method="riemann_trapezoid"), "method='riemann_trapezoid' cannot be refined"),
+    (dict(n_steps="fast"), "`n_steps` must be an integer or 'auto'"),
+    (dict(n_steps=20, tolerance=1e-3), "`tolerance` applies to n_steps='auto' only"),
+    (dict(n_steps=20, max_steps=65), "`max_steps` applies to n_steps='auto' only"),
+    (dict(n_steps=20, return_adaptive_info=True), "`return_adaptive_info` needs n_steps='auto'"),
+    (dict(n_steps="auto", target=None, targets=[0, 1]), "n_steps='auto' refines one target per example"),
+])
+@pytest.mark.parametrize("layer", [False, True])
+def test_bad_arguments_raise_clear_errors(kwargs, message, layer):
+    model, x, baseline, _ = model_and_batch("tanh")
+    kwargs = {"target": 0, **kwargs}
+    if layer:
+        wrapped = nn.Sequential(nn.Identity(), model)
+        explainer = igfast.LayerIntegratedGradients(wrapped, wrapped[0])
+    else:
+        explainer = igfast.IntegratedGradients(model)
+    with pytest.raises(ArgumentError, match=message):
+        explainer.attribute(x, baseline, **kwargs)
