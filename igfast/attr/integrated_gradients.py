@@ -131,13 +131,13 @@ class IntegratedGradients:
                 ``target="topk:k"`` (each example's k top classes at the inputs) ask
                 the same. Attributions then have a leading K dimension and the delta
                 is shaped (K, B).
-            tolerance (float, optional; n_steps="auto" only): the error each
-                example is refined to, relative to |F(inputs) - F(baselines)| (floored
-                at 1% of max(|F(inputs)|, |F(baselines)|)). The estimate is the larger
-                of the exact completeness error and the change of the attributions
-                (L2 norm) at the last doubling of the rule. Nested Clenshaw-Curtis
-                rules of 9, 17, 33, ... nodes; every evaluation is reused and a
-                converged example stops costing. Default: 1e-3.
+            tolerance (float, optional; n_steps="auto" only): the relative error
+                each example is refined to. The estimate is the larger of the exact
+                completeness error relative to |F(inputs) - F(baselines)| (floored at
+                1% of max(|F(inputs)|, |F(baselines)|)) and the relative L2 change of
+                the attributions at the last doubling of the rule. Nested
+                Clenshaw-Curtis rules of 9, 17, 33, ... nodes; every evaluation is
+                reused and a converged example stops costing. Default: 1e-3.
             max_steps (int, optional; n_steps="auto" only): the most path points per
                 example (the largest rule 2^k + 1 <= max_steps; at least 9). Examples
                 that reach it are returned with ``converged`` False. Default: 257.
