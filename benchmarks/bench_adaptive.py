@@ -93,7 +93,8 @@ def errors_and_evaluations(key: str, quick: bool) -> Dict[str, Any]:
     gl = {n: mean_error(problem.attribute(n_steps=n), reference) for n in (9, 17, 33, CAPTUM_DEFAULT_STEPS, 65, 129)}
     target_error = gl[CAPTUM_DEFAULT_STEPS]
     sweep: List[Dict[str, Any]] = []
-    for tolerance in TOLERANCES:
+
+    def run_auto(tolerance: float) -> Dict[str, Any]:
         attributions, info = problem.attribute(n_steps="auto", tolerance=tolerance, max_steps=1025,
                                                return_adaptive_info=True)
         sweep.append({
@@ -104,10 +105,26 @@ def errors_and_evaluations(key: str, quick: bool) -> Dict[str, Any]:
             "mean_error": mean_error(attributions, reference),
             "mean_estimate": float(info.error_estimate.mean()),
         })
-        print(f"  {key} tol {tolerance:.0e}: {sweep[-1]['mean_evaluations']:.1f} evals, "
+        print(f"  {key} tol {tolerance:.1e}: {sweep[-1]['mean_evaluations']:.1f} evals, "
               f"error {sweep[-1]['mean_error']:.2e}", flush=True)
-        if sweep[-1]["mean_error"] < target_error / 10 or (quick and len(sweep) >= 6):
+        return sweep[-1]
+
+    for tolerance in TOLERANCES:
+        if run_auto(tolerance)["mean_error"] < target_error / 10 or (quick and len(sweep) >= 6):
             break
+    # The user picks the tolerance: bisect (in log scale) between the loosest sweep
+    # point that reaches GL50's error and the one before it.
+    for _ in range(0 if quick else 3):
+        reached = [p for p in sweep if p["mean_error"] <= target_error]
+        missed = [p for p in sweep if p["mean_error"] > target_error]
+        if not reached or not missed:
+            break
+        low = max(reached, key=lambda p: p["tolerance"])["tolerance"]
+        high = min((p for p in missed if p["tolerance"] > low), key=lambda p: p["tolerance"],
+                   default={"tolerance": low})["tolerance"]
+        if high == low:
+            break
+        run_auto(math.sqrt(low * high))
     reaching = [s for s in sweep if s["mean_error"] <= target_error]
     best = min(reaching, key=lambda s: s["mean_evaluations"]) if reaching else None
     within = [s for s in sweep if s["mean_evaluations"] <= CAPTUM_DEFAULT_STEPS]

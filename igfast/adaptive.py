@@ -13,8 +13,11 @@ The error estimate of an example at level L is the larger of two relative errors
 
 - completeness: |sum(A_L) - (F(x) - F(x'))| / s, with A_L the global attributions
   (gradient integral times (x - x')) of level L and the scale
-  s = max(|F(x) - F(x')|, SCALE_FLOOR * max(|F(x)|, |F(x')|), TINY_SCALE). This one is
-  exact: F(x) and F(x') are nodes of every rule, so it is measured, not estimated.
+  s = max(|F(x) - F(x')|, SCALE_FLOOR * max(|F(x)|, |F(x')|), ||A_L||_2, TINY_SCALE).
+  The floors keep a near-zero difference from asking for accuracy no float has, and
+  attributions that cancel (||A_L||_2 >> |F(x) - F(x')|) from being held to more
+  accuracy in their sum than in themselves. This term is exact: F(x) and F(x') are
+  nodes of every rule, so it is measured, not estimated.
 - change: ||A_L - A_{L-1}||_2 / ||A_L||_2, how far the attributions moved at the last
   doubling. Relative to the attributions' own norm, not to |F(x) - F(x')|: where
   attributions cancel (||A||_2 much larger than |F(x) - F(x')|, as in a transformer's
@@ -160,10 +163,11 @@ def integrate_adaptively(
                 s[first_level:] += new
         evaluations[active] += nodes.count
         level = first_level + 1 if round_index == 0 else first_level
-        change, complete = _estimates(sums, level, differences, active,
-                                      end_values[active] - start_values[active])
-        estimate[active] = torch.maximum(change, complete / scale[active])
-        completeness[active] = complete / scale[active]
+        change, complete, norm = _estimates(sums, level, differences, active,
+                                            end_values[active] - start_values[active])
+        relative_completeness = complete / torch.maximum(scale[active], norm)
+        estimate[active] = torch.maximum(change, relative_completeness)
+        completeness[active] = relative_completeness
         done = estimate[active] <= settings.tolerance
         last = round_index == levels.rounds - 1
         finishing = torch.ones_like(done) if last else done
@@ -177,7 +181,8 @@ def integrate_adaptively(
 
 
 def _scale(start_values: torch.Tensor, end_values: torch.Tensor) -> torch.Tensor:
-    """Per example: what the tolerance is relative to (see the module docstring)."""
+    """Per example: the completeness scale before the attributions' norm joins it
+    (see the module docstring)."""
     start, end = start_values.double(), end_values.double()
     floor = SCALE_FLOOR * torch.maximum(start.abs(), end.abs())
     return torch.maximum(torch.maximum((end - start).abs(), floor), torch.full_like(start, TINY_SCALE))
@@ -185,7 +190,7 @@ def _scale(start_values: torch.Tensor, end_values: torch.Tensor) -> torch.Tensor
 
 def _estimates(sums, level: int, differences, active: torch.Tensor, value_change: torch.Tensor):
     """Per active example: ||A_level - A_{level-1}||_2 / ||A_level||_2 (0 where both are
-    0) and |sum(A_level) - (F(x) - F(x'))|."""
+    0), |sum(A_level) - (F(x) - F(x'))| and ||A_level||_2."""
     squared_change = squared_norm = 0.0
     total = 0.0
     for s, difference in zip(sums, differences):
@@ -198,4 +203,4 @@ def _estimates(sums, level: int, differences, active: torch.Tensor, value_change
     change = torch.as_tensor(squared_change).sqrt()
     norm = torch.as_tensor(squared_norm).sqrt()
     relative = torch.where(norm > 0, change / norm.clamp_min(torch.finfo(norm.dtype).tiny), change)
-    return relative, (total - value_change.double()).abs()
+    return relative, (total - value_change.double()).abs(), norm

@@ -74,6 +74,7 @@ def test_completeness_error_within_tolerance_or_max_steps_reported(activation, t
         x, baseline, target=target, n_steps="auto", tolerance=tolerance,
         return_convergence_delta=True, return_adaptive_info=True)
     difference, scale = scale_of(model, x, baseline, target)
+    scale = torch.maximum(scale, (attributions * 1.0).norm(dim=1))
     completeness = (attributions.sum(1) - difference).abs() / scale  # from fresh model calls
     torch.testing.assert_close(delta, attributions.sum(1) - difference, rtol=0, atol=1e-12)
     torch.testing.assert_close(info.completeness_error, completeness, rtol=0, atol=1e-12)

@@ -134,7 +134,8 @@ class IntegratedGradients:
             tolerance (float, optional; n_steps="auto" only): the relative error
                 each example is refined to. The estimate is the larger of the exact
                 completeness error relative to |F(inputs) - F(baselines)| (floored at
-                1% of max(|F(inputs)|, |F(baselines)|)) and the relative L2 change of
+                1% of max(|F(inputs)|, |F(baselines)|) and at the attributions' L2
+                norm) and the relative L2 change of
                 the attributions at the last doubling of the rule. Nested
                 Clenshaw-Curtis rules of 9, 17, 33, ... nodes; every evaluation is
                 reused and a converged example stops costing. Default: 1e-3.
