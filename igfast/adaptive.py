@@ -37,11 +37,13 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .chunking import choose_row_limit
 from .dtypes import dtype_policy
 from .engine import PathIntegral
 from .errors import ArgumentError
 from .quadrature import (
     DEFAULT_MAX_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
+    validate_method_and_steps,
 )
 
 DEFAULT_TOLERANCE = 1e-3
@@ -77,18 +79,22 @@ class AdaptiveInfo:
     tolerance: float
 
 
-def adaptive_settings(n_steps, method: str, tolerance, max_steps) -> Optional[AdaptiveSettings]:
-    """The settings for n_steps="auto", None for a fixed n_steps; clear errors for
-    arguments that do not fit together."""
+def adaptive_settings(n_steps, method: str, tolerance, max_steps,
+                      return_adaptive_info: bool) -> Optional[AdaptiveSettings]:
+    """The settings for n_steps="auto", None for a fixed n_steps (whose method and
+    count are checked here too); clear errors for arguments that do not fit together."""
     if not (isinstance(n_steps, str) and n_steps == "auto"):
         if isinstance(n_steps, str):
             raise ArgumentError(f"`n_steps` must be an integer or 'auto'; got {n_steps!r}.")
+        validate_method_and_steps(method, n_steps)
         for name, value in (("tolerance", tolerance), ("max_steps", max_steps)):
             if value is not None:
                 raise ArgumentError(
                     f"`{name}` applies to n_steps='auto' only; got {name}={value!r} with "
                     f"n_steps={n_steps!r}."
                 )
+        if return_adaptive_info:
+            raise ArgumentError("`return_adaptive_info` needs n_steps='auto'.")
         return None
     if method not in ("gausslegendre", "clenshaw_curtis"):
         raise ArgumentError(
@@ -101,6 +107,21 @@ def adaptive_settings(n_steps, method: str, tolerance, max_steps) -> Optional[Ad
         raise ArgumentError(f"`tolerance` must be a number > 0; got {tolerance!r}.")
     max_steps = DEFAULT_MAX_STEPS if max_steps is None else validate_max_steps(max_steps)
     return AdaptiveSettings(float(tolerance), max_steps)
+
+
+def refuse_several_targets(settings: Optional[AdaptiveSettings], many: Optional[list]) -> None:
+    if settings is not None and many is not None:
+        raise ArgumentError(
+            "n_steps='auto' refines one target per example; give a fixed n_steps with "
+            "several targets.")
+
+
+def round_row_limit(settings: AdaptiveSettings, internal_batch_size, memory_budget,
+                    inputs: Tuple[torch.Tensor, ...], nodes: PathNodes):
+    """The RowLimit of one round: the budget holds the engine's accumulators and the
+    driver's, one per level each."""
+    return choose_row_limit(internal_batch_size, memory_budget, inputs, nodes.count,
+                            target_count=2 * len(settings.levels.steps))
 
 
 @dataclass

@@ -4,11 +4,14 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..adaptive import AdaptiveIntegral, AdaptiveSettings, adaptive_settings, integrate_adaptively
+from ..adaptive import (
+    AdaptiveIntegral, AdaptiveSettings, adaptive_settings, integrate_adaptively, refuse_several_targets,
+    round_row_limit,
+)
 from ..chunking import Chunk, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
-from ..quadrature import path_nodes, validate_method_and_steps
+from ..quadrature import path_nodes
 from ._captum_protocol import wrappable_by_captum
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
@@ -156,11 +159,7 @@ class IntegratedGradients:
         """
         formatted_inputs, is_tuple = format_inputs(inputs)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
-        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps)
-        if adaptive is None:
-            validate_method_and_steps(method, n_steps)
-        if return_adaptive_info and adaptive is None:
-            raise ArgumentError("`return_adaptive_info` needs n_steps='auto'.")
+        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = formatted_inputs[0].shape[0]
         # Captum's LayerIntegratedGradients swaps gradient_func for one that cannot
         # report the forward values; the delta then takes two model calls, as in Captum.
@@ -174,11 +173,8 @@ class IntegratedGradients:
         if many is not None and self.gradient_func is not compute_gradients:
             raise ArgumentError("Several targets need igfast's own gradient_func (not Captum's LayerIG).")
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
+        refuse_several_targets(adaptive, many)
         if adaptive is not None:
-            if many is not None:
-                raise ArgumentError(
-                    "n_steps='auto' refines one target per example; give a fixed n_steps "
-                    "with several targets.")
             if self.gradient_func is not compute_gradients:
                 raise ArgumentError(
                     "n_steps='auto' needs igfast's own gradient_func (it reads F along the "
@@ -236,9 +232,7 @@ class IntegratedGradients:
         def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
             sub_inputs = tuple(select_examples(x, examples, batch_size) for x in inputs)
             sub_baselines = tuple(select_examples(b, examples, batch_size) for b in baselines)
-            # The budget holds the engine's accumulators and the driver's (one per level each).
-            row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_inputs, nodes.count,
-                                         target_count=2 * settings.levels.weights.shape[0])
+            row_limit = round_row_limit(settings, internal_batch_size, memory_budget, sub_inputs, nodes)
             gradients_at = self._gradients_at(
                 select_examples(target, examples, batch_size), None,
                 select_additional_forward_args(args, examples, batch_size))

@@ -17,11 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..adaptive import AdaptiveIntegral, adaptive_settings, integrate_adaptively
+from ..adaptive import (
+    AdaptiveIntegral, adaptive_settings, integrate_adaptively, refuse_several_targets, round_row_limit,
+)
 from ..chunking import Chunk, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError
-from ..quadrature import path_nodes, validate_method_and_steps
+from ..quadrature import path_nodes
 from ._captum_protocol import wrappable_by_captum
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
@@ -149,11 +151,7 @@ class LayerIntegratedGradients:
             )
         model_inputs, _ = format_inputs(inputs, floating=False)
         model_baselines = format_baselines(baselines, model_inputs)
-        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps)
-        if adaptive is None:
-            validate_method_and_steps(method, n_steps)
-        if return_adaptive_info and adaptive is None:
-            raise ArgumentError("`return_adaptive_info` needs n_steps='auto'.")
+        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
         device = model_inputs[0].device
@@ -163,10 +161,7 @@ class LayerIntegratedGradients:
         many = resolve_targets(target, targets, batch_size, device, lambda: outputs[:batch_size])
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
         end_values, start_values = _values_at_both_ends(outputs, chunk_target, many, batch_size)
-        if adaptive is not None and many is not None:
-            raise ArgumentError(
-                "n_steps='auto' refines one target per example; give a fixed n_steps with "
-                "several targets.")
+        refuse_several_targets(adaptive, many)
 
         def gradients_at_for(inputs_of_rows, target_of_rows, args_of_rows):
             """The engine's gradients_at for these examples' model inputs, target(s) and args."""
@@ -200,9 +195,7 @@ class LayerIntegratedGradients:
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
                 sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
                 sub_starts = tuple(select_examples(s, examples, batch_size) for s in starts)
-                # The budget holds the engine's accumulators and the driver's (one per level each).
-                row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_ends, nodes.count,
-                                             target_count=2 * adaptive.levels.weights.shape[0])
+                row_limit = round_row_limit(adaptive, internal_batch_size, memory_budget, sub_ends, nodes)
                 gradients_at = gradients_at_for(
                     tuple(select_examples(x, examples, batch_size) for x in model_inputs),
                     select_examples(chunk_target, examples, batch_size),
