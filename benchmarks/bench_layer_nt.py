@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import igfast  # noqa: E402
-from igfast.memory import PeakMeter, format_size  # noqa: E402
-from igfast.bench.timing import interleaved_medians, synchronize  # noqa: E402
+from igfast.bench.peak import peak_of  # noqa: E402
+from igfast.memory import format_size  # noqa: E402
+from igfast.bench.timing import interleaved_medians  # noqa: E402
 from igfast.bench.workloads import WORKLOADS, layer_path_floor  # noqa: E402
 
 try:
@@ -58,10 +59,7 @@ def measure(variants, counter, device, repeats):
     peaks, calls = {}, {}
     for name, run in variants.items():
         counter.calls = 0
-        with PeakMeter(torch.device(device)) as meter:
-            run()
-            synchronize(device)
-        peaks[name] = meter.peak if meter.exact else None
+        _, peaks[name] = peak_of(run, device)
         calls[name] = counter.calls
     medians = interleaved_medians(variants, repeats, device, warmup=False)
     return medians, peaks, calls

@@ -28,7 +28,8 @@ from igfast.attr.generated_tokens import GeneratedTokenLogProbs, attribute_gener
 from igfast.bench.timing import interleaved_medians, synchronize
 from igfast.bench.workloads import WORKLOADS
 from igfast.examples.tiny_causal_lm import TinyCausalLM
-from igfast.memory import PeakMeter, format_size
+from igfast.bench.peak import peak_of
+from igfast.memory import format_size
 from igfast.quadrature import alphas_and_weights
 
 try:
@@ -58,10 +59,7 @@ def forward_and_backward_seconds(run_forward, path, device, repeats=5):
 def measure(variants, device, repeats):
     peaks = {}
     for name, run in variants.items():
-        with PeakMeter(torch.device(device)) as meter:
-            run()
-            synchronize(device)
-        peaks[name] = meter.peak if meter.exact else None
+        _, peaks[name] = peak_of(run, device)
     return interleaved_medians(variants, repeats, device, warmup=False), peaks
 
 

@@ -6,8 +6,8 @@ The floor is the model's own cost at the same chunk: one forward and one backwar
 allocator state never inflates another's. Two peaks are reported per case, both
 above the memory in use just before the call:
 
-- allocated: bytes PyTorch's allocator handed out (igfast's CPU meter, or
-  torch.cuda.max_memory_allocated on a GPU);
+- allocated: bytes PyTorch's allocator handed out (igfast.bench.peak: the
+  profiler's allocation events on CPU, torch.cuda.max_memory_allocated on a GPU);
 - RSS (CPU): the peak resident set of the process (VmHWM, reset before the call).
 
 Cases: (a) the small CNN at n_steps 200 and 500, batch 16, with and without
@@ -57,18 +57,18 @@ class _Peaks:
         self.device = torch.device(device)
 
     def __enter__(self):
-        from igfast.memory import PeakMeter
+        from igfast.bench.peak import AllocationPeak
 
         if self.device.type == "cpu":
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")  # resets VmHWM to the current RSS
             self.rss_start = _status_kib("VmRSS")
-        self.meter = PeakMeter(self.device).__enter__()
+        self.meter = AllocationPeak(self.device).__enter__()
         return self
 
     def __exit__(self, *exc):
         self.meter.__exit__(*exc)
-        self.allocated = self.meter.peak
+        self.allocated = self.meter.bytes
         self.rss = (_status_kib("VmHWM") - self.rss_start) * 1024 if self.device.type == "cpu" else None
 
 

@@ -21,7 +21,7 @@ extern "C" PyObject* PyInit__C(void) {
 namespace igfast {
 
 // Bumped whenever an op schema changes, so Python can refuse a stale build.
-int64_t abi_version() { return 3; }
+int64_t abi_version() { return 4; }
 
 namespace {
 
@@ -166,9 +166,6 @@ ScalingPlan plan_scale_by_difference(const at::Tensor& accumulator, const at::Te
 
 TORCH_LIBRARY(igfast, m) {
   m.def("abi_version() -> int", &abi_version);
-  // A peak meter of CPU memory (csrc/cpu/memory_meter_cpu.cpp); it sizes chunks.
-  m.def("cpu_memory_meter_start() -> bool", &cpu_memory_meter_start);
-  m.def("cpu_memory_meter_stop() -> int", &cpu_memory_meter_stop);
   // The path points of steps [step_begin, step_end): (k * B, ...) step-major.
   m.def("interpolate_path(Tensor inputs, Tensor baselines, Tensor alphas, int step_begin, int step_end) -> Tensor");
   // The same path points written into `out`, a buffer the caller reuses across chunks.

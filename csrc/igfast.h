@@ -9,11 +9,6 @@ namespace igfast {
 
 int64_t abi_version();
 
-// Peak CPU memory allocated on this thread between start and stop, in bytes.
-// Meters nest; start returns false (and measures nothing) while the profiler runs.
-bool cpu_memory_meter_start();
-int64_t cpu_memory_meter_stop();
-
 // dtype of alpha * (x - x'): PyTorch's opmath (float for half types).
 at::ScalarType compute_dtype(at::ScalarType input_dtype);
 // dtype of the weighted sum over steps: float for half types, else the input dtype.

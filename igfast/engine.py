@@ -133,7 +133,9 @@ def integrate_gradients(
             meter = PeakMeter(device) if measure else contextlib.nullcontext()
             with meter:
                 if measure:
-                    meter.add_estimate(2 * buffers.bytes_for(chunk.rows))
+                    # The path, and per target its gradient and (K > 1) their stacked copy.
+                    gradient_copies = 1 if target_count is None else 2 * target_count
+                    meter.add_estimate((1 + gradient_copies) * buffers.bytes_for(chunk.rows))
                 chunk_endpoints = [k for k in endpoint_nodes if chunk.step_begin <= k < chunk.step_end]
                 try:
                     grads, outputs = gradients_at(

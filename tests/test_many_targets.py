@@ -11,7 +11,7 @@ import torch
 import igfast
 from igfast.attr.generated_tokens import GeneratedTokenLogProbs, attribute_generated_tokens
 from igfast.examples.tiny_causal_lm import TinyCausalLM
-from igfast.memory import PeakMeter
+from igfast.bench.peak import peak_of
 from models import MLP, ThreeDimOutputModel, counted
 from test_layer_integrated_gradients import TokenClassifier, token_batch
 
@@ -106,9 +106,8 @@ def test_memory_stays_within_the_budget():
     x = torch.randn(16, 64)
     budget = 400_000
     ig = igfast.IntegratedGradients(model)
-    with PeakMeter(torch.device("cpu")) as meter:
-        bounded = ig.attribute(x, target="all", n_steps=64, memory_budget=budget)
-    assert meter.peak <= budget and len(ig.last_integral.chunks) > 4
+    bounded, peak = peak_of(lambda: ig.attribute(x, target="all", n_steps=64, memory_budget=budget), "cpu")
+    assert peak <= budget and len(ig.last_integral.chunks) > 4
     whole = igfast.IntegratedGradients(model).attribute(x, target="all", n_steps=64)
     torch.testing.assert_close(bounded, whole, rtol=1e-5, atol=1e-6)
 

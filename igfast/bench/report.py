@@ -17,8 +17,9 @@ import torch
 
 from .. import __version__
 from .._info import info
-from ..memory import PeakMeter, format_size
-from .timing import interleaved_medians, repeats_for, synchronize
+from ..memory import format_size
+from .peak import peak_of
+from .timing import interleaved_medians, repeats_for
 from .workloads import BenchCase, build_case
 
 JSON_FIELDS = (
@@ -42,14 +43,6 @@ class Settings:
     notes: List[str] = field(default_factory=list)
 
 
-def _peak(run, device: str):
-    """(result, peak bytes or None) of one call."""
-    with PeakMeter(torch.device(device)) as meter:
-        result = run()
-        synchronize(device)
-    return result, (meter.peak if meter.exact else None)
-
-
 def _largest_difference(ours: Any, theirs: Any) -> float:
     ours = ours if isinstance(ours, (tuple, list)) else (ours,)
     theirs = theirs if isinstance(theirs, (tuple, list)) else (theirs,)
@@ -70,7 +63,7 @@ def bench_one(case: BenchCase, n_steps: int, method: str, settings: Settings) ->
                            "device": settings.device}
     results = {}
     for name, run in variants.items():
-        results[name], row[f"{name}_peak_bytes"] = _peak(run, settings.device)
+        results[name], row[f"{name}_peak_bytes"] = peak_of(run, settings.device)
     for name in libraries:
         row[f"{name}_delta_max"] = float(results[name][1].abs().max())
     if settings.captum:

@@ -72,17 +72,6 @@ void test_interpolate(at::ScalarType dtype, double tolerance, bool broadcast) {
   expect(at::equal(out, path), "interpolate_path_into equals interpolate_path " + std::string(c10::toString(dtype)));
 }
 
-void test_memory_meter() {
-  expect(igfast::cpu_memory_meter_start(), "meter starts");
-  {
-    at::Tensor big = at::empty({1000000}, at::kFloat);  // 4 MB, freed before the stop
-  }
-  at::Tensor kept = at::empty({1000}, at::kFloat);
-  const int64_t peak = igfast::cpu_memory_meter_stop();
-  expect(peak >= 4000000 && peak < 4100000, "meter peak " + std::to_string(peak));
-  expect_throws([] { igfast::cpu_memory_meter_stop(); }, "no CPU memory meter", "stop without start");
-}
-
 void test_accumulate(at::ScalarType dtype, double tolerance) {
   const at::Tensor grads = at::randn({6 * 4, 9}, at::TensorOptions().dtype(dtype));
   const at::Tensor weights = at::rand({6}, at::kDouble);
@@ -119,7 +108,6 @@ int main() {
   test_accumulate(at::kDouble, 1e-12);
   test_accumulate(at::kBFloat16, 1e-5);  // bfloat16 grads are exact in float32
   test_errors();
-  test_memory_meter();
   std::printf(failures ? "%d checks failed\n" : "all kernel checks passed\n", failures);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,62 @@
+"""Peak allocated memory of a block, measured from outside: for benchmarks and tests.
+
+The engine sizes its chunks with ``igfast.memory.PeakMeter`` (an estimate on CPU);
+whether the budget was kept, and how igfast compares with Captum, is judged by this
+meter instead, which sees every allocation:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` above the start;
+- CPU: ``torch.profiler`` with ``profile_memory=True``: every allocation and free of
+  PyTorch's CPU allocator, summed in time order, and the highest sum kept.
+
+The CPU meter is the profiler, so it cannot run inside another profiler (nor
+another ``AllocationPeak``); the library itself never uses it.
+"""
+
+import torch
+
+
+class AllocationPeak:
+    """``with AllocationPeak(device) as peak: ...`` then ``peak.bytes``: the most
+    bytes allocated at once inside the block, above what was allocated at its start."""
+
+    def __init__(self, device) -> None:
+        self.device = torch.device(device)
+        self.bytes = 0
+
+    def __enter__(self) -> "AllocationPeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        )
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        self._profiler.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        events = [
+            (event.start_ns(), event.nbytes())
+            for event in self._profiler.profiler.kineto_results.events()
+            if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+        ]
+        current = peak = 0
+        for _, nbytes in sorted(events, key=lambda event: event[0]):
+            current += nbytes
+            peak = max(peak, current)
+        self.bytes = peak
+
+
+def peak_of(run, device):
+    """(what run() returns, its peak allocated bytes) from one call."""
+    with AllocationPeak(device) as peak:
+        result = run()
+    return result, peak.bytes
