@@ -7,7 +7,9 @@ from ._info import info
 from .attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel
 from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
-from .errors import ArgumentError, InputTypeError, TargetError
+from .errors import (
+    ArgumentError, InputTypeError, OutputShapeError, OutputTypeError, TargetError, UnusedLayerError,
+)
 from .shards import open_attributions
 
 __version__ = "0.1.0"
@@ -22,6 +24,9 @@ __all__ = [
     "info",
     "ArgumentError",
     "InputTypeError",
+    "OutputShapeError",
+    "OutputTypeError",
     "TargetError",
+    "UnusedLayerError",
     "__version__",
 ]

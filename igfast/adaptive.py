@@ -197,6 +197,8 @@ def integrate_adaptively(
         converged[active[done]] = True
         keep = ~finishing
         active = active[keep]
+    if end_values is None:  # an empty batch runs no round
+        start_values = end_values = torch.zeros(0, device=device)
     info = AdaptiveInfo(evaluations, estimate, completeness, converged, settings.tolerance)
     return AdaptiveIntegral(tuple(results), start_values, end_values, info, rounds)
 

@@ -8,8 +8,15 @@ under a memory budget. Both halve it after an out-of-memory error.
 
 A chunk wider than the limit is split by examples, so even one node of a large
 batch can be cut down to a single row.
+
+Under a budget the rest of the path is split into balanced chunks (sizes differ by
+at most one node), so a call shows a model few distinct batch sizes: the probe, and
+one or two chunk sizes. A compiled model then compiles few graphs (torch.compile
+marks the batch dimension dynamic once it has seen two sizes), and a repeated call
+shows the same sizes again.
 """
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -69,15 +76,20 @@ class ChunkSchedule:
     def done(self) -> bool:
         return not self._pending
 
-    def next_chunk(self, max_rows: int) -> Chunk:
+    def next_chunk(self, max_rows: int, balanced: bool = False) -> Chunk:
+        """The next rectangle of at most ``max_rows`` rows: as many nodes as fit
+        (Captum's internal batching), or, ``balanced``, the share of the pending
+        nodes (or examples) that splits them into the fewest chunks of equal size."""
         assert self._pending and max_rows >= 1
         k0, k1, i0, i1 = self._pending[-1]
         if i1 - i0 > max_rows:
-            # Too wide for one node of it: split off the first max_rows examples.
-            self._pending[-1] = (k0, k1, i0 + max_rows, i1)
-            self._pending.append((k0, k1, i0, i0 + max_rows))
-            i1 = i0 + max_rows
-        steps = min(k1 - k0, max_rows // (i1 - i0))
+            # Too wide for one node of it: split the examples.
+            width = _balanced_share(i1 - i0, max_rows) if balanced else max_rows
+            self._pending[-1] = (k0, k1, i0 + width, i1)
+            self._pending.append((k0, k1, i0, i0 + width))
+            i1 = i0 + width
+        most_steps = max_rows // (i1 - i0)
+        steps = _balanced_share(k1 - k0, most_steps) if balanced else min(k1 - k0, most_steps)
         return Chunk(k0, k0 + steps, i0, i1, self.batch_size)
 
     def complete(self, chunk: Chunk) -> None:
@@ -90,10 +102,19 @@ class ChunkSchedule:
         self.remaining_rows -= chunk.rows
 
 
+def _balanced_share(total: int, most: int) -> int:
+    """The first part of ``total`` split into the fewest parts of at most ``most``,
+    with sizes differing by at most one (larger parts first)."""
+    parts = -(-total // most)
+    return -(-total // parts)
+
+
 class RowLimit:
     """A fixed number of path rows per chunk, halved after out-of-memory errors."""
 
     measures = False
+    # Captum's internal_batch_size: whole chunks of the limit, then the remainder.
+    balanced = False
 
     def __init__(self, rows: int) -> None:
         self.rows = max(1, rows)
@@ -118,10 +139,12 @@ class BudgetRowLimit(RowLimit):
     rows may use ``budget - reserved``. A chunk's peak is fixed + r * per_row with
     fixed >= 0, so the peak measured at r rows bounds the peak at r' > r rows by
     peak * r' / r: the limit grows geometrically towards the budget and never
-    passes it (for models whose memory grows linearly with the batch).
+    passes it (for models whose memory grows linearly with the batch). Once a
+    measurement allows no more than ``MAX_GROWTH`` times the rows it was taken at,
+    the limit is settled: nothing more is measured, and chunks are balanced.
     """
 
-    measures = True
+    balanced = True
     # Head room for allocator rounding and small nonlinearities.
     SAFETY = 0.95
     # At most this factor more rows than the largest measured chunk at once.
@@ -136,6 +159,11 @@ class BudgetRowLimit(RowLimit):
         # A softer limit for speed: chunks aim below it, but a row above it still runs.
         self.preferred_chunk_bytes = preferred_chunk_bytes
         self._measured: Optional[Tuple[int, int]] = None  # (rows, peak) of the largest chunk
+        self.settled = False
+
+    @property
+    def measures(self) -> bool:
+        return not self.settled
 
     @property
     def available(self) -> int:
@@ -156,9 +184,27 @@ class BudgetRowLimit(RowLimit):
         measured_rows, measured_peak = self._measured
         fitting = int(self.SAFETY * self.chunk_target * measured_rows / measured_peak)
         limit = min(fitting, measured_rows * self.MAX_GROWTH)
+        self.settled = fitting <= measured_rows * self.MAX_GROWTH
         if self._ceiling is not None:
             limit = min(limit, self._ceiling)
         self.rows = max(1, limit)
+
+
+def integral_batch_size(value: Any) -> int:
+    """``internal_batch_size`` as an int: a Python or numpy integer, or a 0-dim
+    integer tensor (the forms Captum accepts). 0 is allowed, as in Captum: it runs one
+    step of the batch per chunk, after Captum's warning."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentError(
+            "`internal_batch_size` must be None, 'auto' or an integer >= 0 (int, numpy integer "
+            f"or 0-dim integer tensor); got {value!r}."
+        )
+    if value < 0:
+        raise ArgumentError(f"`internal_batch_size` must be >= 0; got {int(value)}.")
+    return int(value)
 
 
 def budget_too_small(argument: str, budget: int, needed: int, measured: bool) -> ArgumentError:
@@ -192,19 +238,13 @@ def choose_row_limit(
       (a share of the device's free memory), starting from an estimated first chunk.
     """
     batch_size = inputs[0].shape[0]
-    if internal_batch_size is not None and internal_batch_size != "auto":
+    if internal_batch_size is not None and not (isinstance(internal_batch_size, str) and internal_batch_size == "auto"):
         if memory_budget is not None:
             raise ArgumentError(
                 "Give either `internal_batch_size` (rows per chunk) or `memory_budget`, not both; "
                 "use internal_batch_size='auto' with a memory_budget."
             )
-        if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
-            raise ArgumentError(
-                "`internal_batch_size` must be None, 'auto' or an integer >= 1; "
-                f"got {internal_batch_size!r}."
-            )
-        if internal_batch_size < 1:
-            raise ArgumentError(f"`internal_batch_size` must be >= 1; got {internal_batch_size}.")
+        internal_batch_size = integral_batch_size(internal_batch_size)
         if internal_batch_size < batch_size:
             warnings.warn(
                 "Internal batch size cannot be less than the number of input examples. "

@@ -126,7 +126,7 @@ def integrate_gradients(
         weights_on = [nodes.weights.to(x.device) for x in inputs]
         buffers = _PathBuffers(inputs)
         while not schedule.done:
-            chunk = schedule.next_chunk(row_limit.rows)
+            chunk = schedule.next_chunk(row_limit.rows, balanced=row_limit.balanced)
             # The last chunk's peak sizes nothing, so it is not measured.
             measure = row_limit.measures and chunk.rows < schedule.remaining_rows
             buffers.reserve(chunk.rows)

@@ -18,3 +18,18 @@ class InputTypeError(ArgumentError, TypeError, RuntimeError):
 
 class TargetError(ArgumentError, IndexError, RuntimeError):
     """``target`` does not fit the forward function's output (form or range)."""
+
+
+class UnusedLayerError(ArgumentError, RuntimeError):
+    """A layer's activation does not reach the output of LayerIntegratedGradients'
+    forward (Captum: autograd's RuntimeError for an unused tensor)."""
+
+
+class OutputTypeError(ArgumentError, TypeError, AttributeError):
+    """``forward_func`` returned something other than a tensor (Captum: AttributeError,
+    when it reads ``.shape`` of a dict, tuple or ModelOutput)."""
+
+
+class OutputShapeError(ArgumentError, IndexError):
+    """``forward_func`` returned a tensor without one row per input row (Captum:
+    IndexError for a 0-dim output)."""

@@ -111,10 +111,10 @@ class PathNodes:
     quadrature weights.
 
     ``weights`` is (n,) for one rule, or (levels, n) for nested rules accumulated
-    side by side (n_steps="auto"). ``alphas`` are the quadrature nodes, then any endpoint (alpha 0 or 1) the rule
-    lacks but the convergence delta needs; only the first ``len(weights)`` nodes
-    are summed. ``start_node`` and ``end_node`` index the nodes at alpha 0 and 1,
-    where the forward values F(x') and F(x) are read, or are None.
+    side by side (n_steps="auto"). ``alphas`` are the quadrature nodes; only the
+    first ``len(weights)`` of them are summed, later ones are evaluated for their
+    forward values only. ``start_node`` and ``end_node`` index the nodes at alpha 0
+    and 1, where the forward values F(x') and F(x) are read, or are None.
     """
 
     alphas: torch.Tensor
@@ -136,19 +136,13 @@ class PathNodes:
         return self.weights.shape[0] if self.weights.dim() == 2 else None
 
 
-def path_nodes(method: str, n_steps: int, with_endpoints: bool) -> PathNodes:
-    """The nodes of ``method``; with_endpoints adds alpha 0 and 1 unless the rule
-    already has them (riemann_left has 0, riemann_right 1, riemann_trapezoid both),
-    so the convergence delta needs no separate model calls."""
+def path_nodes(method: str, n_steps: int) -> PathNodes:
+    """The nodes of a fixed rule. F(x) and F(x') for the convergence delta are not
+    read from them: the path's rows are batched differently from a plain forward
+    call on the inputs, which changes the last bits of F (Captum's delta, and
+    ``compute_convergence_delta``, come from such plain calls)."""
     alphas, weights = alphas_and_weights(method, n_steps)
-    if not with_endpoints:
-        return PathNodes(alphas, weights)
-    nodes = alphas.tolist()
-    missing = [a for a in (0.0, 1.0) if a not in nodes]
-    if missing:
-        alphas = torch.cat([alphas, torch.tensor(missing, dtype=alphas.dtype)])
-        nodes = alphas.tolist()
-    return PathNodes(alphas, weights, nodes.index(0.0), nodes.index(1.0))
+    return PathNodes(alphas, weights)
 
 
 # Nested Clenshaw-Curtis levels: the rules of n_steps="auto".

@@ -221,7 +221,7 @@ def test_layer_auto_on_token_embeddings_converges_and_reuses_evaluations():
                                         return_adaptive_info=True, **kwargs)
     assert bool(info.converged.all())
     assert float(relative_errors(ours, reference).max()) < 1e-6
-    assert calls[0] == 1 + len(layer.last_integral.rounds)  # the ends, then one call per round
+    assert calls[0] == 2 + len(layer.last_integral.rounds)  # one call per end, then one per round
     assert bool((delta.abs() <= 1e-6 * 10).all())
 
 

@@ -12,7 +12,7 @@ from igfast.attr._gradients import gradients_and_outputs
 from igfast.attr._target import expand_target
 from igfast.chunking import ChunkSchedule, RowLimit
 from igfast.engine import integrate_gradients
-from igfast.quadrature import path_nodes
+from igfast.quadrature import PathNodes, path_nodes
 from models import AdditionalArgsModel
 
 
@@ -62,7 +62,10 @@ class _Model(AdditionalArgsModel):
 
 
 def _integrate(model, x, baseline, target, extra, row_limit, with_endpoints=False):
-    nodes = path_nodes("gausslegendre", 20, with_endpoints)
+    nodes = path_nodes("gausslegendre", 20)
+    if with_endpoints:  # alpha 0 and 1 evaluated for their F values only (zero weight)
+        nodes = PathNodes(torch.cat([nodes.alphas, torch.tensor([0.0, 1.0], dtype=nodes.alphas.dtype)]),
+                          nodes.weights, start_node=20, end_node=21)
 
     def gradients_at(path, chunk, with_outputs):
         grads, outputs = gradients_and_outputs(

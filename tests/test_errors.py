@@ -44,7 +44,7 @@ CASES = [
     ("bool_inputs", X > 0, dict(target=0), ["inputs", "bool"], True),
     ("integer_inputs", X.long(), dict(target=0), ["inputs", "int64"], False),
     ("batch_mismatch", (X, torch.randn(3, 4)), dict(target=0), ["inputs", "(5, 4)", "(3, 4)"], False),
-    ("internal_batch_size_zero", X, dict(target=0, internal_batch_size=0), ["internal_batch_size"], False),
+    ("internal_batch_size_negative", X, dict(target=0, internal_batch_size=-1), ["internal_batch_size", ">= 0"], False),
     ("internal_batch_size_float", X, dict(target=0, internal_batch_size=2.5), ["internal_batch_size"], False),
     ("inputs_list", [X], dict(target=0), ["inputs", "list"], True),
 ]

@@ -5,6 +5,7 @@ them is only where the path lies (inputs or a layer's activations).
 """
 
 import functools
+import math
 import operator
 from typing import Tuple
 
@@ -35,12 +36,13 @@ def convergence_delta(
 ) -> torch.Tensor:
     """sum(attributions) - (F(end) - F(start)) per example, in Captum's order of operations."""
     batch_size = attributions[0].shape[0]
-    attribution_sums = functools.reduce(
-        operator.add, (a.reshape(batch_size, -1).sum(1) for a in attributions)
-    )
-    return attribution_sums - (
-        end_values.reshape(batch_size, -1).sum(1) - start_values.reshape(batch_size, -1).sum(1)
-    )
+
+    def per_example(tensor: torch.Tensor) -> torch.Tensor:
+        # reshape(batch_size, -1) cannot infer -1 for an empty batch.
+        return tensor.reshape(batch_size, math.prod(tensor.shape[1:])).sum(1)
+
+    attribution_sums = functools.reduce(operator.add, (per_example(a) for a in attributions))
+    return attribution_sums - (per_example(end_values) - per_example(start_values))
 
 
 def convergence_delta_per_target(

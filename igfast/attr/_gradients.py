@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import ArgumentError, TargetError
+from ..errors import OutputShapeError, OutputTypeError, TargetError
 from ._target import select_targets
 
 
@@ -26,9 +26,10 @@ def forward_output(
         args = (args,)
     output = forward_func(*inputs, *args)
     if not isinstance(output, torch.Tensor):
-        raise ArgumentError(
+        raise OutputTypeError(
             "`forward_func` must return a torch.Tensor (one row per example); "
-            f"got {type(output).__name__}. Wrap the model to return the logits tensor."
+            f"got {type(output).__name__}. Wrap the model to return the tensor to explain, e.g. "
+            "`lambda *args: model(*args).logits` for a Hugging Face model."
         )
     return output
 
@@ -45,17 +46,28 @@ def run_forward(
 
 def check_one_value_per_row(outputs: torch.Tensor, rows: int, target: Any) -> None:
     if outputs.dim() == 0 or outputs.shape[0] != rows:
-        raise ArgumentError(
+        raise OutputShapeError(
             f"`forward_func` must return one output row per input row ({rows} rows); "
             f"got an output of shape {tuple(outputs.shape)}."
         )
-    if outputs[0].numel() != 1:
+    if outputs.shape[1:].numel() != 1:
         hint = "pass `target`" if target is None else "pass a `target` that selects one value"
         raise TargetError(
             "Target not provided when necessary, cannot take gradient with respect to "
             f"multiple outputs: the forward output keeps shape {tuple(outputs.shape[1:])} "
             f"per example; {hint} (an int for (N, C) outputs, a tuple for higher ranks)."
         )
+
+
+def values_per_target(output: torch.Tensor, targets: Sequence[Any]) -> torch.Tensor:
+    """The targeted value of every row of a forward output, per target: (K, rows)."""
+    rows = output.shape[0] if output.dim() else 1
+    values = []
+    for target in targets:
+        selected = select_targets(output, target)
+        check_one_value_per_row(selected, rows, target)
+        values.append(selected.reshape(rows))
+    return torch.stack(values)
 
 
 def compute_gradients(
@@ -75,14 +87,17 @@ def gradients_and_outputs(
     additional_forward_args: Optional[Tuple[Any, ...]] = None,
     wrt: Optional[Tuple[torch.Tensor, ...]] = None,
     grad_kwargs: Optional[Dict[str, Any]] = None,
+    on_unused: Optional[Callable[[int], None]] = None,
 ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
     """compute_gradients, and the targeted output of every row (detached, (rows,)).
 
     The gradients are taken with respect to ``wrt`` (default: the inputs); a layer's
     path tensors, for LayerIntegratedGradients. ``grad_kwargs`` go to autograd.grad.
+    A tensor the output does not depend on gets zeros, after ``on_unused(index)``
+    (which may raise instead).
     """
     grads, values = gradients_and_outputs_per_target(
-        forward_fn, inputs, [target_ind], additional_forward_args, wrt, grad_kwargs
+        forward_fn, inputs, [target_ind], additional_forward_args, wrt, grad_kwargs, on_unused
     )
     return tuple(g[0] for g in grads), values[0]
 
@@ -94,6 +109,7 @@ def gradients_and_outputs_per_target(
     additional_forward_args: Optional[Tuple[Any, ...]] = None,
     wrt: Optional[Tuple[torch.Tensor, ...]] = None,
     grad_kwargs: Optional[Dict[str, Any]] = None,
+    on_unused: Optional[Callable[[int], None]] = None,
 ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
     """Gradients and targeted outputs for K targets from one forward call.
 
@@ -111,16 +127,25 @@ def gradients_and_outputs_per_target(
             selected.append(values)
         per_target = []
         for index, values in enumerate(selected):
-            options = dict(grad_kwargs or {})
+            options = {"allow_unused": True, **(grad_kwargs or {})}
             options["retain_graph"] = bool(options.get("retain_graph")) or index < len(selected) - 1
             # Rows are independent examples, so one backward with unit output gradients
-            # gives every row's gradient at once; tensors the output ignores get zeros.
-            per_target.append(torch.autograd.grad(
-                values, wrt, grad_outputs=torch.ones_like(values), allow_unused=True,
-                materialize_grads=True, **options,
+            # gives every row's gradient at once.
+            grads = torch.autograd.grad(values, wrt, grad_outputs=torch.ones_like(values), **options)
+            per_target.append(tuple(
+                grad if grad is not None else _unused(position, tensor, on_unused)
+                for position, (grad, tensor) in enumerate(zip(grads, wrt))
             ))
     # One target: views, not copies (this is the hot path of every chunk).
     join = (lambda parts: parts[0].unsqueeze(0)) if len(selected) == 1 else torch.stack
     grads = tuple(join([g[i] for g in per_target]) for i in range(len(wrt)))
     values = join([v.detach().reshape(v.shape[0]) for v in selected])
     return grads, values
+
+
+def _unused(index: int, tensor: torch.Tensor, on_unused: Optional[Callable[[int], None]]) -> torch.Tensor:
+    """The gradient of a tensor the output does not depend on: zeros, unless
+    ``on_unused`` objects."""
+    if on_unused is not None:
+        on_unused(index)
+    return torch.zeros_like(tensor)

@@ -9,7 +9,7 @@ from ..adaptive import (
     round_row_limit,
 )
 from ..chunking import Chunk, choose_row_limit
-from ..engine import PathIntegral, integrate_gradients
+from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
 from ..quadrature import path_nodes
 from ._captum_protocol import wrappable_by_captum
@@ -25,7 +25,7 @@ from ._forms import (
 )
 from ._gradients import (
     compute_gradients, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
-    run_forward,
+    run_forward, values_per_target,
 )
 from ._multi_target import resolve_targets
 from ._target import expand_target, normalize_target
@@ -161,9 +161,6 @@ class IntegratedGradients:
         formatted_baselines = format_baselines(baselines, formatted_inputs)
         adaptive = adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = formatted_inputs[0].shape[0]
-        # Captum's LayerIntegratedGradients swaps gradient_func for one that cannot
-        # report the forward values; the delta then takes two model calls, as in Captum.
-        delta_from_path = return_convergence_delta and self.gradient_func is compute_gradients
         args = format_additional_forward_args(additional_forward_args)
         device = formatted_inputs[0].device
         many = resolve_targets(
@@ -184,7 +181,7 @@ class IntegratedGradients:
                 formatted_inputs, formatted_baselines, chunk_target, args, adaptive,
                 internal_batch_size, memory_budget)
         else:
-            nodes = path_nodes(method, n_steps, with_endpoints=delta_from_path)
+            nodes = path_nodes(method, n_steps)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs,
                                          nodes.count, target_count=len(many) if many else 1)
             integral = integrate_gradients(
@@ -199,7 +196,7 @@ class IntegratedGradients:
         result = attributions if is_tuple else attributions[0]
         extras = []
         if return_convergence_delta:
-            extras.append(self._delta(attributions, integral, many, delta_from_path or adaptive is not None,
+            extras.append(self._delta(attributions, integral, many, adaptive is not None,
                                       inputs, baselines, target, additional_forward_args))
         if return_adaptive_info:
             extras.append(integral.info)
@@ -240,18 +237,27 @@ class IntegratedGradients:
 
         return integrate_adaptively(inputs, baselines, settings, run_round)
 
-    def _delta(self, attributions, integral, many, delta_from_path: bool, inputs, baselines, target,
+    def _delta(self, attributions, integral, many, adaptive: bool, inputs, baselines, target,
                additional_forward_args) -> torch.Tensor:
-        """The convergence delta, from the path's own F values when it has them."""
-        batch_size = attributions[0].shape[0]
-        if many is not None:
-            return convergence_delta_per_target(attributions, integral.start_values, integral.end_values)
-        if delta_from_path and batch_size > 0:
+        """The convergence delta: what ``compute_convergence_delta`` gives for these
+        attributions, to the bit (two plain forward calls, as in Captum). n_steps="auto"
+        has evaluated F(x') and F(x) on its path already and reads them there."""
+        if adaptive:
             return convergence_delta(attributions, integral.start_values, integral.end_values)
-        return self.compute_convergence_delta(
-            attributions, baselines, inputs, target=target,
-            additional_forward_args=additional_forward_args,
-        )
+        if many is None:
+            return self.compute_convergence_delta(
+                attributions, baselines, inputs, target=target,
+                additional_forward_args=additional_forward_args,
+            )
+        end_points, _ = format_inputs(inputs)
+        start_points = tuple(full_batch(b, end_points[0].shape[0]) for b in format_baselines(baselines, end_points))
+        args = format_additional_forward_args(additional_forward_args)
+        with torch.no_grad():
+            end_values, start_values = (
+                values_per_target(forward_output(self.forward_func, points, args), many)
+                for points in (end_points, start_points)
+            )
+        return convergence_delta_per_target(attributions, start_values, end_values)
 
     def compute_convergence_delta(
         self,
@@ -274,35 +280,63 @@ class IntegratedGradients:
         Returns:
             Tensor of shape (number of examples,).
         """
-        end_points, _ = format_inputs(end_point)
-        start_points = format_baselines(start_point, end_points, argument="start_point")
         attributions_tuple = attributions if isinstance(attributions, tuple) else (attributions,)
-        if len(attributions_tuple) != len(end_points):
+        count = len(end_point) if isinstance(end_point, tuple) else 1
+        if len(attributions_tuple) != count:
             raise ArgumentError(
                 f"`attributions` must have one tensor per input: got {len(attributions_tuple)} "
-                f"for {len(end_points)} inputs."
+                f"for {count} inputs."
             )
-        batch_size = end_points[0].shape[0]
-        for attribution in attributions_tuple:
-            if attribution.shape[0] != batch_size:
-                raise ArgumentError(
-                    "Attributions tensor and the end_point must match on the first "
-                    f"dimension but found attribution: {attribution.shape[0]} and "
-                    f"end_point: {batch_size}."
-                )
-        normalized = normalize_target(target, batch_size, end_points[0].device)
-        args = format_additional_forward_args(additional_forward_args)
-        with torch.no_grad():
-            start_values = run_forward(
-                self.forward_func, tuple(full_batch(b, batch_size) for b in start_points),
-                normalized, args,
-            )
-            end_values = run_forward(self.forward_func, end_points, normalized, args)
-            return convergence_delta(attributions_tuple, start_values, end_values)
+        return convergence_delta_by_forward(
+            self.forward_func, attributions_tuple, start_point, end_point, target, additional_forward_args)
 
     def attribute_future(self) -> None:
         """Not implemented, as in Captum's IntegratedGradients."""
         raise NotImplementedError("attribute_future is not implemented for IntegratedGradients")
+
+
+def convergence_delta_by_forward(forward_func: Callable, attributions: Tuple[torch.Tensor, ...], start_point: Any,
+                                 end_point: Any, target: Any, additional_forward_args: Any) -> torch.Tensor:
+    """sum(attributions) - (F(end_point) - F(start_point)) per example, F from one plain
+    forward call at each end (Captum's ``compute_convergence_delta``). The points are
+    model inputs, of any dtype (LayerIntegratedGradients passes token ids)."""
+    end_points, _ = format_inputs(end_point, floating=False)
+    start_points = format_baselines(start_point, end_points, argument="start_point")
+    batch_size = end_points[0].shape[0]
+    for attribution in attributions:
+        if attribution.shape[0] != batch_size:
+            raise ArgumentError(
+                "Attributions tensor and the end_point must match on the first "
+                f"dimension but found attribution: {attribution.shape[0]} and "
+                f"end_point: {batch_size}."
+            )
+    normalized = normalize_target(target, batch_size, end_points[0].device)
+    args = format_additional_forward_args(additional_forward_args)
+    with torch.no_grad():
+        start_values = _forward_values(
+            forward_func, tuple(full_batch(b, batch_size) for b in start_points), normalized, args)
+        end_values = _forward_values(forward_func, end_points, normalized, args)
+        return convergence_delta(attributions, start_values, end_values)
+
+
+def _forward_values(forward_func: Callable, points: Tuple[torch.Tensor, ...], target: Any,
+                    args: Optional[Tuple[Any, ...]]) -> torch.Tensor:
+    """The targeted output of every example from one call on the batch; if that runs
+    out of memory, from calls on halves of it (then equal to float tolerance, not to
+    the bit: the batch size changes the last bits of a model's output)."""
+    try:
+        return run_forward(forward_func, points, target, args)
+    except Exception as error:
+        batch_size = points[0].shape[0]
+        if not is_out_of_memory(error) or batch_size < 2:
+            raise
+    halves = torch.arange(batch_size, device=points[0].device).tensor_split(2)
+    return torch.cat([
+        _forward_values(forward_func, tuple(select_examples(p, half, batch_size) for p in points),
+                        select_examples(target, half, batch_size),
+                        select_additional_forward_args(args, half, batch_size))
+        for half in halves
+    ])
 
 
 def _outputs_without_grad(forward_func: Callable, inputs, args) -> torch.Tensor:

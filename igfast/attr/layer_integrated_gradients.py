@@ -5,13 +5,14 @@ the model runs on the inputs with the layer's activation replaced by path points
 and the gradient is taken with respect to those points. igfast differs from
 Captum in the work around the path, not in the result:
 
-- the activations at the inputs and at the baselines come from one forward call on
-  both, batched together (Captum makes two), and the same call gives F(inputs) and
-  F(baselines), so the convergence delta costs no further calls (Captum makes two);
+- the calls that read the activations at the inputs and at the baselines (one
+  each, on the batch, as in Captum) also give F(inputs) and F(baselines), so the
+  convergence delta costs no further calls (Captum makes two);
 - the path goes through the streaming engine: chunks sized to a memory budget,
   one vectorised backward per chunk.
 """
 
+import itertools
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,7 +23,7 @@ from ..adaptive import (
 )
 from ..chunking import Chunk, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
-from ..errors import ArgumentError
+from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
 from ._captum_protocol import wrappable_by_captum
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
@@ -37,12 +38,12 @@ from ._forms import (
     select_examples,
 )
 from ._gradients import (
-    check_one_value_per_row, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
+    forward_output, gradients_and_outputs, gradients_and_outputs_per_target, values_per_target,
 )
 from ._multi_target import resolve_targets
 from ._layers import LayerSlots, activations_replaced, layer_list, record_activations
-from ._target import expand_target, normalize_target, select_targets
-from .integrated_gradients import IntegratedGradients
+from ._target import expand_target, normalize_target
+from .integrated_gradients import IntegratedGradients, convergence_delta_by_forward
 
 TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 LayerAttributions = Union[TensorOrTuple, List[TensorOrTuple]]
@@ -155,13 +156,19 @@ class LayerIntegratedGradients:
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
         device = model_inputs[0].device
-        ends, starts, slots, outputs = self._activations_at_both_ends(
-            model_inputs, model_baselines, args, attribute_to_layer_input
-        )
-        many = resolve_targets(target, targets, batch_size, device, lambda: outputs[:batch_size])
+        ends, slots, end_outputs = self._activations_at(model_inputs, args, attribute_to_layer_input)
+        starts, _, start_outputs = self._activations_at(
+            tuple(full_batch(b, batch_size) for b in model_baselines), args, attribute_to_layer_input)
+        many = resolve_targets(target, targets, batch_size, device, lambda: end_outputs)
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
-        end_values, start_values = _values_at_both_ends(outputs, chunk_target, many, batch_size)
+        per_target = [chunk_target] if many is None else many
+        end_values, start_values = (values_per_target(outputs, per_target) for outputs in (end_outputs, start_outputs))
+        if many is None:
+            end_values, start_values = end_values[0], start_values[0]
         refuse_several_targets(adaptive, many)
+
+        def unused_layer(tensor_index: int) -> None:
+            raise self._unused_layer_error(slots, tensor_index, attribute_to_layer_input)
 
         def gradients_at_for(inputs_of_rows, target_of_rows, args_of_rows):
             """The engine's gradients_at for these examples' model inputs, target(s) and args."""
@@ -173,12 +180,12 @@ class LayerIntegratedGradients:
                     if many is not None:
                         grads, outputs = gradients_and_outputs_per_target(
                             self.forward_func, chunk_inputs, [expand_target(t, chunk) for t in many],
-                            chunk_args, wrt=path, grad_kwargs=grad_kwargs,
+                            chunk_args, wrt=path, grad_kwargs=grad_kwargs, on_unused=unused_layer,
                         )
                     else:
                         grads, outputs = gradients_and_outputs(
                             self.forward_func, chunk_inputs, expand_target(target_of_rows, chunk),
-                            chunk_args, wrt=path, grad_kwargs=grad_kwargs,
+                            chunk_args, wrt=path, grad_kwargs=grad_kwargs, on_unused=unused_layer,
                         )
                 if not all(called):
                     # The layer ran when its activations were read, so the model's control
@@ -204,7 +211,7 @@ class LayerIntegratedGradients:
 
             integral = integrate_adaptively(ends, starts, adaptive, run_round, start_values, end_values)
         else:
-            nodes = path_nodes(method, n_steps, with_endpoints=False)
+            nodes = path_nodes(method, n_steps)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
                                          target_count=len(many) if many else 1)
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
@@ -220,32 +227,24 @@ class LayerIntegratedGradients:
             extras.append(integral.info)
         return (result, *extras) if extras else result
 
-    def _activations_at_both_ends(
+    def _activations_at(
         self,
         model_inputs: Tuple[torch.Tensor, ...],
-        model_baselines: Tuple[torch.Tensor, ...],
         args: Optional[Tuple[Any, ...]],
         to_layer_input: bool,
     ):
-        """One forward call on [inputs; baselines]: the layer's activations at both
-        ends of the path, and the model's output there (inputs first)."""
+        """One forward call on a batch of model inputs: the layer's activations (the
+        path's end), their slots, and the model's output there."""
         batch_size = model_inputs[0].shape[0]
-        both = tuple(
-            torch.cat([x, full_batch(b, batch_size)]) for x, b in zip(model_inputs, model_baselines)
-        )
-
-        def run() -> torch.Tensor:
-            return forward_output(
-                self.forward_func, both, expand_additional_forward_args(args, _two_ends(batch_size)))
-
         with torch.no_grad():
-            activations, slots, outputs = record_activations(self._layers, to_layer_input, run)
+            activations, slots, outputs = record_activations(
+                self._layers, to_layer_input, lambda: forward_output(self.forward_func, model_inputs, args))
         for index, activation in enumerate(activations):
-            if activation.dim() == 0 or activation.shape[0] != 2 * batch_size:
+            if activation.dim() == 0 or activation.shape[0] != batch_size:
                 raise ArgumentError(
                     f"The layer activation {index} has shape {tuple(activation.shape)}: its "
-                    f"dim 0 must index the examples ({2 * batch_size} rows for the inputs and "
-                    "baselines together). Attribute to a layer whose activations are batch-first."
+                    f"dim 0 must index the examples ({batch_size} rows). Attribute to a layer "
+                    "whose activations are batch-first."
                 )
             if not activation.dtype.is_floating_point:
                 raise ArgumentError(
@@ -253,9 +252,19 @@ class LayerIntegratedGradients:
                     "activations can be interpolated. For token ids, attribute to the "
                     "embedding layer's output (attribute_to_layer_input=False)."
                 )
-        ends = tuple(a[:batch_size] for a in activations)
-        starts = tuple(a[batch_size:] for a in activations)
-        return ends, starts, slots, outputs.detach()
+        return activations, slots, outputs.detach()
+
+    def _unused_layer_error(self, slots: LayerSlots, tensor_index: int, to_layer_input: bool) -> UnusedLayerError:
+        layer_index = next(i for i, end in enumerate(itertools.accumulate(slots.counts)) if tensor_index < end)
+        name = f"layer[{layer_index}]" if isinstance(self.layer, list) else "layer"
+        what = "input" if to_layer_input else "output"
+        return UnusedLayerError(
+            f"The {what} of `{name}` ({type(self._layers[layer_index]).__name__}) does not reach the "
+            "model's output: another layer of the list computes its activation from it (and that "
+            "activation is replaced by its own path), or the model discards it. Its attributions "
+            "would be zeros that mean nothing (Captum raises here too). List layers that do not feed "
+            "one another, or pass grad_kwargs={'materialize_grads': True} to accept zeros."
+        )
 
     def _format_result(
         self, attributions: Tuple[torch.Tensor, ...], slots: LayerSlots
@@ -265,28 +274,32 @@ class LayerIntegratedGradients:
         per_layer = [group if len(group) > 1 else group[0] for group in slots.split(attributions)]
         return per_layer if isinstance(self.layer, list) else per_layer[0]
 
+    def compute_convergence_delta(
+        self,
+        attributions: Any,
+        start_point: Any,
+        end_point: Any,
+        target: Any = None,
+        additional_forward_args: Any = None,
+    ) -> torch.Tensor:
+        r"""Per example: sum of attributions - (F(end_point) - F(start_point)), with
+        F evaluated on the model inputs (as Captum's LayerIntegratedGradients does).
+
+        Args:
+            attributions (Tensor, tuple or list): the layer attributions of the
+                examples in ``end_point``, as ``attribute`` returned them.
+            start_point (scalar, Tensor or tuple, optional): the baselines (model inputs).
+            end_point (Tensor or tuple[Tensor, ...]): the model inputs.
+            target, additional_forward_args: as in ``attribute``.
+
+        Returns:
+            Tensor of shape (number of examples,).
+        """
+        groups = attributions if isinstance(attributions, (tuple, list)) else (attributions,)
+        flat = tuple(t for group in groups for t in (group if isinstance(group, tuple) else (group,)))
+        return convergence_delta_by_forward(
+            self.forward_func, flat, start_point, end_point, target, additional_forward_args)
+
     def attribute_future(self) -> None:
         """Not implemented, as in Captum."""
         raise NotImplementedError("attribute_future is not implemented for LayerIntegratedGradients")
-
-
-def _two_ends(batch_size: int) -> Chunk:
-    """The batch of the call at both ends: "steps" 0 and 1 are the inputs and baselines."""
-    return Chunk(0, 2, 0, batch_size, batch_size)
-
-
-def _values_at_both_ends(outputs: torch.Tensor, target: Any, many: Optional[List[Any]],
-                         batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """F(inputs) and F(baselines) per example ((K, B) each for K targets) from the
-    output of the call at both ends."""
-    chunk = _two_ends(batch_size)
-    per_target = [target] if many is None else many
-    values = []
-    for one in per_target:
-        selected = select_targets(outputs, expand_target(one, chunk))
-        check_one_value_per_row(selected, 2 * batch_size, one)
-        values.append(selected.reshape(2 * batch_size))
-    stacked = torch.stack(values)
-    if many is None:
-        stacked = stacked[0]
-    return stacked[..., :batch_size], stacked[..., batch_size:]
