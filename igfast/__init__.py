@@ -8,7 +8,8 @@ from .attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel
 from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import (
-    ArgumentError, InputTypeError, OutputShapeError, OutputTypeError, TargetError, UnusedLayerError,
+    ArgumentError, GradientError, InputTypeError, OutputShapeError, OutputTypeError, TargetError,
+    UnusedLayerError,
 )
 from .shards import open_attributions
 
@@ -23,6 +24,7 @@ __all__ = [
     "open_attributions",
     "info",
     "ArgumentError",
+    "GradientError",
     "InputTypeError",
     "OutputShapeError",
     "OutputTypeError",

@@ -227,6 +227,7 @@ def choose_row_limit(
     inputs: Tuple[torch.Tensor, ...],
     n_nodes: int,
     target_count: int = 1,
+    batch_dependent: bool = False,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
 
@@ -236,6 +237,8 @@ def choose_row_limit(
       starting from one row.
     - neither, or ``internal_batch_size="auto"``: the same under an automatic budget
       (a share of the device's free memory), starting from an estimated first chunk.
+      With neither for a ``batch_dependent`` model (BatchNorm in training mode), the
+      whole path in one chunk, as Captum batches it (see attr/_train_mode.py).
     """
     batch_size = inputs[0].shape[0]
     if internal_batch_size is not None and not (isinstance(internal_batch_size, str) and internal_batch_size == "auto"):
@@ -255,6 +258,8 @@ def choose_row_limit(
         steps = max(1, internal_batch_size // max(batch_size, 1))
         return RowLimit(steps * batch_size)
 
+    if batch_dependent and internal_batch_size is None and memory_budget is None:
+        return RowLimit(n_nodes * batch_size)
     row_bytes = sum(x[0].numel() * x.element_size() for x in inputs) if batch_size else 0
     reserved = target_count * sum(  # one accumulator per input and target
         x.numel() * torch.finfo(dtype_policy(x.dtype).accumulate).bits // 8 for x in inputs
@@ -272,7 +277,9 @@ def choose_row_limit(
     total_rows = n_nodes * batch_size
     preferred = preferred_chunk_bytes(inputs[0].device)
     if explicit:
-        first_rows = 1
+        # One row measures the least; a batch-dependent model (BatchNorm in training
+        # mode) cannot run on one row, so it starts with one node of the batch.
+        first_rows = batch_size if batch_dependent else 1
     else:
         room = budget - reserved if preferred is None else min(budget - reserved, preferred)
         first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)

@@ -33,3 +33,8 @@ class OutputTypeError(ArgumentError, TypeError, AttributeError):
 class OutputShapeError(ArgumentError, IndexError):
     """``forward_func`` returned a tensor without one row per input row (Captum:
     IndexError for a 0-dim output)."""
+
+
+class GradientError(ArgumentError, RuntimeError):
+    """Autograd cannot take the gradient the attribution needs through this model
+    (e.g. reentrant activation checkpointing); Captum raises autograd's RuntimeError."""

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import OutputShapeError, OutputTypeError, TargetError
+from ..errors import GradientError, OutputShapeError, OutputTypeError, TargetError
 from ._target import select_targets
 
 
@@ -131,7 +131,7 @@ def gradients_and_outputs_per_target(
             options["retain_graph"] = bool(options.get("retain_graph")) or index < len(selected) - 1
             # Rows are independent examples, so one backward with unit output gradients
             # gives every row's gradient at once.
-            grads = torch.autograd.grad(values, wrt, grad_outputs=torch.ones_like(values), **options)
+            grads = _grad(values, wrt, options)
             per_target.append(tuple(
                 grad if grad is not None else _unused(position, tensor, on_unused)
                 for position, (grad, tensor) in enumerate(zip(grads, wrt))
@@ -149,3 +149,18 @@ def _unused(index: int, tensor: torch.Tensor, on_unused: Optional[Callable[[int]
     if on_unused is not None:
         on_unused(index)
     return torch.zeros_like(tensor)
+
+
+def _grad(values: torch.Tensor, wrt: Tuple[torch.Tensor, ...], options: Dict[str, Any]):
+    try:
+        return torch.autograd.grad(values, wrt, grad_outputs=torch.ones_like(values), **options)
+    except RuntimeError as error:
+        if "use_reentrant=True" not in str(error):
+            raise
+        raise GradientError(
+            "The model uses reentrant activation checkpointing (torch.utils.checkpoint with "
+            "use_reentrant=True), through which autograd cannot take the input gradient "
+            "Integrated Gradients needs (Captum fails here too). Use use_reentrant=False, turn "
+            "checkpointing off for attribution (Hugging Face: model.gradient_checkpointing_disable(), "
+            "or model.eval()), or attribute to a layer after the checkpointed part."
+        ) from error

@@ -9,6 +9,8 @@ whether the layer gave a tuple, to rebuild Captum's result forms.
 """
 
 import contextlib
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Sequence, Tuple, Union
 
@@ -18,6 +20,24 @@ from torch import nn
 from ..errors import ArgumentError
 
 ModuleOrList = Union[nn.Module, List[nn.Module]]
+
+
+def eager_original(forward_func: Callable) -> Callable:
+    """The eager module (or function) of a torch.compile'd one, with a warning; else
+    ``forward_func``. A compiled graph does not run forward hooks added to submodules
+    after it was compiled (torch._dynamo.config.skip_nnmodule_hook_guards), so the
+    layer's activation could not be read or replaced in it."""
+    original = getattr(forward_func, "_orig_mod", None) if isinstance(forward_func, nn.Module) else \
+        getattr(forward_func, "_torchdynamo_orig_callable", None)
+    if original is None:
+        return forward_func
+    warnings.warn(
+        "igfast: LayerIntegratedGradients runs the eager original of this torch.compile'd model: "
+        "a compiled graph does not call hooks added to its layers after compiling, so the layer's "
+        "activation cannot be replaced in it. IntegratedGradients runs compiled models compiled.",
+        UserWarning, stacklevel=3,
+    )
+    return original
 
 
 def layer_list(layer: Any, forward_func: Callable) -> List[nn.Module]:
@@ -87,16 +107,26 @@ def _as_tuple(value: Any, layer: nn.Module, what: str) -> Tuple[Tuple[torch.Tens
 
 
 def _hook_for(layers: List[nn.Module], to_layer_input: bool, hook: Callable) -> contextlib.ExitStack:
+    """Hooks on the layers that act on this thread's forward calls only: a layer is
+    shared by every thread that runs the model, so another thread's call (another
+    attribute() on the same explainer, or plain inference) passes through untouched."""
     stack = contextlib.ExitStack()
+    owner = threading.get_ident()
+
+    def ours() -> bool:
+        # torch.compile traces the hook into the graph it compiles for this call (and
+        # cannot trace get_ident): there the check is not needed.
+        return torch.compiler.is_compiling() or threading.get_ident() == owner
+
     for index, layer in enumerate(layers):
         if to_layer_input:
-            handle = layer.register_forward_pre_hook(
-                lambda module, args, index=index: hook(index, module, args)
-            )
+            def pre_hook(module, args, index=index):
+                return hook(index, module, args) if ours() else None
+            handle = layer.register_forward_pre_hook(pre_hook)
         else:
-            handle = layer.register_forward_hook(
-                lambda module, args, output, index=index: hook(index, module, output)
-            )
+            def forward_hook(module, args, output, index=index):
+                return hook(index, module, output) if ours() else None
+            handle = layer.register_forward_hook(forward_hook)
         stack.callback(handle.remove)
     return stack
 

@@ -13,6 +13,7 @@ from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
 from ..quadrature import path_nodes
 from ._captum_protocol import wrappable_by_captum
+from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
     expand_additional_forward_args,
@@ -75,6 +76,7 @@ class IntegratedGradients:
         return True
 
     @wrappable_by_captum
+    @guarded
     def attribute(
         self,
         inputs: TensorOrTuple,
@@ -183,7 +185,8 @@ class IntegratedGradients:
         else:
             nodes = path_nodes(method, n_steps)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs,
-                                         nodes.count, target_count=len(many) if many else 1)
+                                         nodes.count, target_count=len(many) if many else 1,
+                                         batch_dependent=batch_dependent_call())
             integral = integrate_gradients(
                 formatted_inputs, formatted_baselines, nodes,
                 self._gradients_at(chunk_target, many, args), row_limit,

@@ -26,6 +26,7 @@ from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
 from ._captum_protocol import wrappable_by_captum
+from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
     expand_additional_forward_args,
@@ -41,7 +42,7 @@ from ._gradients import (
     forward_output, gradients_and_outputs, gradients_and_outputs_per_target, values_per_target,
 )
 from ._multi_target import resolve_targets
-from ._layers import LayerSlots, activations_replaced, layer_list, record_activations
+from ._layers import LayerSlots, activations_replaced, eager_original, layer_list, record_activations
 from ._target import expand_target, normalize_target
 from .integrated_gradients import IntegratedGradients, convergence_delta_by_forward
 
@@ -77,6 +78,7 @@ class LayerIntegratedGradients:
     ) -> None:
         self.ig = IntegratedGradients(forward_func, multiply_by_inputs)
         self.forward_func = forward_func
+        self._eager_forward = eager_original(forward_func)
         self._layers = layer_list(layer, forward_func)
         self.layer = layer
         self.device_ids = device_ids
@@ -95,6 +97,7 @@ class LayerIntegratedGradients:
         return True
 
     @wrappable_by_captum
+    @guarded
     def attribute(
         self,
         inputs: TensorOrTuple,
@@ -179,12 +182,12 @@ class LayerIntegratedGradients:
                 with activations_replaced(self._layers, attribute_to_layer_input, slots, path) as called:
                     if many is not None:
                         grads, outputs = gradients_and_outputs_per_target(
-                            self.forward_func, chunk_inputs, [expand_target(t, chunk) for t in many],
+                            self._eager_forward, chunk_inputs, [expand_target(t, chunk) for t in many],
                             chunk_args, wrt=path, grad_kwargs=grad_kwargs, on_unused=unused_layer,
                         )
                     else:
                         grads, outputs = gradients_and_outputs(
-                            self.forward_func, chunk_inputs, expand_target(target_of_rows, chunk),
+                            self._eager_forward, chunk_inputs, expand_target(target_of_rows, chunk),
                             chunk_args, wrt=path, grad_kwargs=grad_kwargs, on_unused=unused_layer,
                         )
                 if not all(called):
@@ -213,7 +216,8 @@ class LayerIntegratedGradients:
         else:
             nodes = path_nodes(method, n_steps)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
-                                         target_count=len(many) if many else 1)
+                                         target_count=len(many) if many else 1,
+                                         batch_dependent=batch_dependent_call())
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
                                            row_limit, target_count=len(many) if many is not None else None)
         self.last_integral: Union[PathIntegral, AdaptiveIntegral] = integral
@@ -238,7 +242,7 @@ class LayerIntegratedGradients:
         batch_size = model_inputs[0].shape[0]
         with torch.no_grad():
             activations, slots, outputs = record_activations(
-                self._layers, to_layer_input, lambda: forward_output(self.forward_func, model_inputs, args))
+                self._layers, to_layer_input, lambda: forward_output(self._eager_forward, model_inputs, args))
         for index, activation in enumerate(activations):
             if activation.dim() == 0 or activation.shape[0] != batch_size:
                 raise ArgumentError(
@@ -261,9 +265,11 @@ class LayerIntegratedGradients:
         return UnusedLayerError(
             f"The {what} of `{name}` ({type(self._layers[layer_index]).__name__}) does not reach the "
             "model's output: another layer of the list computes its activation from it (and that "
-            "activation is replaced by its own path), or the model discards it. Its attributions "
-            "would be zeros that mean nothing (Captum raises here too). List layers that do not feed "
-            "one another, or pass grad_kwargs={'materialize_grads': True} to accept zeros."
+            "activation is replaced by its own path), the model discards it, or the layer runs "
+            "inside a torch.compile'd submodule (whose graph ignores hooks added after compiling). "
+            "Its attributions would be zeros that mean nothing (Captum raises here too). List layers "
+            "that do not feed one another, or pass grad_kwargs={'materialize_grads': True} to "
+            "accept zeros."
         )
 
     def _format_result(
