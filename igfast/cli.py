@@ -12,6 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
+from .errors import ArgumentError
 from .quadrature import SUPPORTED_METHODS
 
 
@@ -100,7 +101,7 @@ def _demo(args) -> int:
     try:
         run_demo(out_dir=out, images=args.images, n_steps=args.n_steps, retrain=args.retrain,
                  text=not args.no_text)
-    except ImportError as error:
+    except (ImportError, ArgumentError) as error:
         raise UserError(str(error)) from None
     return 0
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import IntegratedGradients, info
+from .errors import ArgumentError
 
 CACHE_VERSION = 1  # bump when the model or its training changes
 TEST_EXAMPLES = 297  # of the 1797 digits; the rest train the model
@@ -160,6 +161,8 @@ def _text_demo(out_dir: str, n_steps: int) -> Optional[str]:
 def run_demo(out_dir: str = ".", images: int = 4, n_steps: int = 50, retrain: bool = False,
              text: bool = True) -> dict:
     """The whole demo; returns the paths written and the figures printed."""
+    if not 1 <= images <= TEST_EXAMPLES:
+        raise ArgumentError(f"`images` must be between 1 and {TEST_EXAMPLES} (the digits test set); got {images}.")
     state = info()
     print(f"igfast {state['igfast']} on torch {state['torch']}: {state['path']} path ({state['reason']})")
     digits = load_digits()

@@ -116,6 +116,13 @@ def test_usage_errors_exit_2_without_traceback(args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_demo_refuses_more_images_than_the_test_set(tmp_path):
+    result = run_command("demo", "--images", "298", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "between 1 and 297" in result.stderr and "Traceback" not in result.stderr
+    assert not result.stdout  # refused before any work
+
+
 def test_bench_without_captum_says_what_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "captum.attr", None)  # import fails as if not installed
     assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 1

@@ -21,6 +21,16 @@ from dataset_worker import SETTINGS, SmallNet
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def same_igfast_environment():
+    """The environment for a worker process that imports the igfast this process
+    imported: under `python -m pytest` the source tree comes first on sys.path, while
+    a script started by path would import an installed (non-editable) igfast, whose
+    kernels change the last bits of the results."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(igfast.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def files_of(directory):
     """Every shard array, by relative path (the manifest and config aside)."""
     arrays = {}
@@ -80,7 +90,7 @@ def test_two_gloo_ranks_equal_one_process(reference_run, tmp_path):
 def test_killed_run_resumes_to_the_same_files(reference_run, tmp_path):
     out = str(tmp_path / "killed")
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "dataset_worker.py"), out, "0.08"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_igfast_environment())
     deadline = time.time() + 120
     while time.time() < deadline:
         done = [d for d in os.listdir(out) if d.startswith("shard-")] if os.path.isdir(out) else []
@@ -156,6 +166,6 @@ def test_torchrun_environment_is_enough(reference_run, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          os.path.join(HERE, "dataset_worker.py"), out],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=same_igfast_environment())
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_files(out, reference_run[0])
