@@ -69,6 +69,18 @@ def test_results_equal_attribute_calls(reference_run):
     assert summary["delta_max"] == pytest.approx(float(store.deltas[:].abs().max()))
 
 
+def test_run_on_the_test_device_equals_the_cpu_run(reference_run, tmp_path, device):
+    """The model on --device: batches follow it there, the files come back the same."""
+    out = str(tmp_path / "on-device")
+    summary = igfast.attribute_dataset(SmallNet().eval().to(device), dataset_worker.dataset(), out, **SETTINGS)
+    assert summary["computed"] == dataset_worker.EXAMPLES
+    ours, on_cpu = igfast.open_attributions(out), igfast.open_attributions(reference_run[0])
+    assert torch.equal(ours.targets[:], on_cpu.targets[:])
+    tolerance = 0.0 if device.type == "cpu" else 1e-5
+    for field in ("attributions", "deltas", "outputs"):
+        torch.testing.assert_close(getattr(ours, field)[:], getattr(on_cpu, field)[:], rtol=tolerance, atol=tolerance)
+
+
 def test_two_gloo_ranks_equal_one_process(reference_run, tmp_path):
     out = str(tmp_path / "two-ranks")
     mp.spawn(dataset_worker.run_rank, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2)

@@ -83,10 +83,10 @@ def test_cpu_meter_stands_aside_while_the_profiler_runs():
 
 @pytest.mark.parametrize("budget", ["70KB", "150KB", "400KB", "2MB", "1GB", None])
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
-def test_budgets_change_chunks_not_results(budget, method):
-    model = _model()
-    x, baseline = _inputs()
-    target = torch.arange(12) % 4
+def test_budgets_change_chunks_not_results(budget, method, device):
+    model = _model().to(device)
+    x, baseline = (t.to(device) for t in _inputs())
+    target = torch.arange(12, device=device) % 4
     kwargs = dict(baselines=baseline, target=target, n_steps=40, method=method, return_convergence_delta=True)
     theirs, theirs_delta = captum_attr.IntegratedGradients(model).attribute(x, **kwargs)
     ig = igfast.IntegratedGradients(model)
@@ -99,14 +99,17 @@ def test_budgets_change_chunks_not_results(budget, method):
 
 
 @pytest.mark.parametrize("budget", [60_000, 120_000, 300_000, 1_000_000])
-def test_budget_is_met(budget):
+def test_budget_is_met(budget, device):
     """The whole call, measured from outside, stays within the budget."""
-    if not memory.cpu_meter_available():
+    if device.type == "cpu" and not memory.cpu_meter_available():
         pytest.skip("the exact CPU meter needs the extension")
-    model = _model()
-    x, baseline = _inputs(batch=24)
+    model = _model().to(device)
+    x, baseline = (t.to(device) for t in _inputs(batch=24))
     ig = igfast.IntegratedGradients(model)
-    with memory.PeakMeter(torch.device("cpu")) as meter:
+    # Once before: what stays allocated after a first call (CUDA library workspaces)
+    # is not what the budget bounds.
+    ig.attribute(x, baseline, target=2, n_steps=2)
+    with memory.PeakMeter(device) as meter:
         ig.attribute(x, baseline, target=2, n_steps=100, memory_budget=budget)
     assert meter.peak <= budget, (meter.peak, budget)
     rows = [c.rows for c in ig.last_integral.chunks]
