@@ -5,7 +5,8 @@ before it: the accumulators plus the peak of one chunk (path rows, the model's
 activations for them, their gradients). Chunks are sized from measured peaks:
 
 - CUDA: ``torch.cuda.max_memory_allocated`` (the meter resets the peak statistics
-  of the device, as a profiler would);
+  of the device, as a profiler would; meters around it, such as a benchmark's, still
+  see the whole peak);
 - CPU with the extension: an exact meter of the bytes PyTorch's CPU allocator hands
   out on the calling thread (csrc/cpu/memory_meter_cpu.cpp);
 - CPU without it, or while torch.profiler runs: an estimate, the bytes autograd saves for backward plus the path
@@ -14,7 +15,7 @@ activations for them, their gradients). Chunks are sized from measured peaks:
 
 import os
 import re
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -93,13 +94,24 @@ def _cpu_available_bytes() -> Optional[int]:
         return None
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def automatic_budget(device: torch.device) -> int:
     """The budget when none is given: a share of the memory free on the device."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        index = _cuda_index(device)
+        free, total = torch.cuda.mem_get_info(index)
+        allocated = torch.cuda.memory_allocated(index)
         # Blocks the caching allocator holds but does not use are free to us too.
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(AUTO_SHARE_CUDA * (free + cached))
+        usable = free + torch.cuda.memory_reserved(index) - allocated
+        # torch.cuda.set_per_process_memory_fraction caps what this process may hold,
+        # however much the device has free.
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:
+            usable = min(usable, int(fraction(index) * total) - allocated)
+        return max(0, int(AUTO_SHARE_CUDA * usable))
     available = _cpu_available_bytes()
     # Unknown platforms get a fixed 4 GiB: bounded, and enough for most models.
     return int(AUTO_SHARE_CPU * available) if available else 4 * 2**30
@@ -109,11 +121,17 @@ def cpu_meter_available() -> bool:
     return _ext.extension_loaded() and hasattr(torch.ops.igfast, "cpu_memory_meter_start")
 
 
+# The CUDA meters open now, outermost first: a meter that resets the device's peak
+# statistics first hands the peak so far to the meters around it.
+_open_cuda_meters: List["PeakMeter"] = []
+
+
 class PeakMeter:
     """Peak bytes allocated inside a ``with`` block, above the memory at its start.
 
     ``peak`` is set on exit; ``exact`` says whether it was measured (True) or is the
-    saved-tensor estimate (False).
+    saved-tensor estimate (False). Meters nest (the engine's per-chunk meters inside a
+    benchmark's, say): each sees the peak of its own block.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -126,9 +144,17 @@ class PeakMeter:
 
     def __enter__(self) -> "PeakMeter":
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            # The caching allocator counts on the host, in launch order, so no
+            # synchronisation is needed (and none stalls the chunks' pipeline).
+            self.device = torch.device("cuda", _cuda_index(self.device))
             self._start = torch.cuda.memory_allocated(self.device)
+            peak_so_far = torch.cuda.max_memory_allocated(self.device)
+            for outer in _open_cuda_meters:
+                if outer.device == self.device:
+                    outer._hidden_peak = max(outer._hidden_peak, peak_so_far)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._hidden_peak = 0
+            _open_cuda_meters.append(self)
             return self
         if self.device.type == "cpu" and cpu_meter_available():
             # False while torch.profiler runs: it owns the allocator's report hook.
@@ -156,7 +182,8 @@ class PeakMeter:
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            _open_cuda_meters.remove(self)
+            self.peak = max(self._hidden_peak, torch.cuda.max_memory_allocated(self.device)) - self._start
         elif self._cpu_meter:
             self.peak = int(torch.ops.igfast.cpu_memory_meter_stop())
         else:

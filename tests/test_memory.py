@@ -69,6 +69,61 @@ def test_cpu_meter_measures_the_peak_not_the_end():
     del kept
 
 
+class FakeCudaAllocator:
+    """The caching allocator's counters, as torch.cuda reports them, for checking the
+    CUDA bookkeeping of igfast.memory on a machine without a GPU."""
+
+    def __init__(self, monkeypatch, free, total, reserved, allocated, fraction=1.0):
+        self.free, self.total, self.reserved, self.fraction = free, total, reserved, fraction
+        self.allocated = self.peak = allocated
+        for name, function in (
+            ("mem_get_info", lambda device=None: (self.free, self.total)),
+            ("memory_reserved", lambda device=None: self.reserved),
+            ("memory_allocated", lambda device=None: self.allocated),
+            ("max_memory_allocated", lambda device=None: self.peak),
+            ("reset_peak_memory_stats", self.reset_peak),
+            ("get_per_process_memory_fraction", lambda device=None: self.fraction),
+            ("current_device", lambda: 0),
+        ):
+            monkeypatch.setattr(torch.cuda, name, function)
+
+    def reset_peak(self, device=None):
+        self.peak = self.allocated
+
+    def allocate(self, nbytes):
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+
+def test_automatic_cuda_budget_honours_the_process_memory_fraction(monkeypatch):
+    gb = 10**9
+    allocator = FakeCudaAllocator(monkeypatch, free=60 * gb, total=100 * gb, reserved=10 * gb, allocated=8 * gb)
+    # Free memory plus the allocator's unused cache, when the process may take it all.
+    assert memory.automatic_budget(torch.device("cuda")) == int(memory.AUTO_SHARE_CUDA * 62 * gb)
+    # set_per_process_memory_fraction(0.25): 25 GB for the process, 8 GB of it in use.
+    allocator.fraction = 0.25
+    assert memory.automatic_budget(torch.device("cuda", 0)) == int(memory.AUTO_SHARE_CUDA * 17 * gb)
+    allocator.fraction = 0.05
+    assert memory.automatic_budget(torch.device("cuda")) == 0
+
+
+def test_nested_cuda_meters_each_see_their_own_peak(monkeypatch):
+    """The engine's per-chunk meters reset the device's peak statistics; a benchmark's
+    meter around the call still sees the call's peak."""
+    allocator = FakeCudaAllocator(monkeypatch, free=0, total=0, reserved=0, allocated=1000)
+    with memory.PeakMeter(torch.device("cuda")) as outer:
+        allocator.allocate(500)
+        allocator.allocate(-500)  # the call's peak, before the chunks' meters
+        for chunk_peak in (300, 200):
+            with memory.PeakMeter(torch.device("cuda")) as chunk:
+                allocator.allocate(chunk_peak)
+                allocator.allocate(-chunk_peak)
+            assert chunk.exact and chunk.peak == chunk_peak
+        allocator.allocate(50)  # kept at the end
+    assert outer.peak == 500
+    assert not memory._open_cuda_meters
+
+
 def test_cpu_meter_stands_aside_while_the_profiler_runs():
     model = _model()
     x, baseline = _inputs()
