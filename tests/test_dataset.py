@@ -81,6 +81,29 @@ def test_run_on_the_test_device_equals_the_cpu_run(reference_run, tmp_path, devi
         torch.testing.assert_close(getattr(ours, field)[:], getattr(on_cpu, field)[:], rtol=tolerance, atol=tolerance)
 
 
+def test_torchrun_group_is_gloo_whatever_the_device(monkeypatch):
+    """The group only carries barriers: gloo serves models on every device, where nccl
+    would need one GPU per rank (two ranks on one GPU fail) and a device per barrier."""
+    import torch.distributed as dist
+    from igfast.dataset import _Distributed
+
+    class Started(Exception):
+        pass
+
+    backends = []
+
+    def init_process_group(backend=None, **kwargs):
+        backends.append(backend)
+        raise Started
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Started):
+        _Distributed()
+    assert backends == ["gloo"]
+
+
 def test_two_gloo_ranks_equal_one_process(reference_run, tmp_path):
     out = str(tmp_path / "two-ranks")
     mp.spawn(dataset_worker.run_rank, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2)
