@@ -340,7 +340,10 @@ def _attribute_shard(explainer, dataset, begin, end, batch_size, device, target,
             named["targets"] = targets if isinstance(targets, torch.Tensor) else torch.full(
                 (outputs.shape[0],), targets, dtype=torch.long)
         for name, tensor in named.items():
-            collected.setdefault(name, []).append(tensor.detach().to("cpu").numpy())
+            tensor = tensor.detach().to("cpu")
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+                tensor = tensor.float()
+            collected.setdefault(name, []).append(tensor.numpy())
     return {name: np.concatenate(parts) for name, parts in collected.items()}
 
 

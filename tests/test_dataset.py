@@ -81,6 +81,20 @@ def test_run_on_the_test_device_equals_the_cpu_run(reference_run, tmp_path, devi
         torch.testing.assert_close(getattr(ours, field)[:], getattr(on_cpu, field)[:], rtol=tolerance, atol=tolerance)
 
 
+def test_bfloat16_model_outputs_are_stored_as_float32(tmp_path):
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).to(torch.bfloat16).eval()
+    images = torch.randn(8, 6).to(torch.bfloat16)
+    igfast.attribute_dataset(model, TensorDataset(images), str(tmp_path), batch_size=4, shard_size=4, n_steps=4,
+                             progress=False)
+    store = igfast.open_attributions(str(tmp_path))
+    with torch.no_grad():
+        outputs = model(images)
+    assert store.outputs[:].dtype == torch.float32 and torch.equal(store.outputs[:], outputs.float())
+    expected = igfast.IntegratedGradients(model).attribute(images[4:], target=outputs[4:].argmax(1), n_steps=4)
+    torch.testing.assert_close(store.attributions[4:], expected, rtol=0, atol=0)
+
+
 def test_torchrun_group_is_gloo_whatever_the_device(monkeypatch):
     """The group only carries barriers: gloo serves models on every device, where nccl
     would need one GPU per rank (two ranks on one GPU fail) and a device per barrier."""
