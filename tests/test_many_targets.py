@@ -106,6 +106,7 @@ def test_memory_stays_within_the_budget(device):
     x = torch.randn(16, 64).to(device)
     budget = 400_000
     ig = igfast.IntegratedGradients(model)
+    ig.attribute(x, target=0, n_steps=2)  # what stays allocated after a first call (CUDA workspaces)
     with PeakMeter(device) as meter:
         bounded = ig.attribute(x, target="all", n_steps=64, memory_budget=budget)
     assert meter.peak <= budget and len(ig.last_integral.chunks) > 4
