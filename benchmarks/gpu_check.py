@@ -1148,8 +1148,14 @@ def run_all(args, selected: List[Section], env: dict, started: float, scratch: s
     with open(out_base + ".log", "w", encoding="utf-8") as log:
         run_sections(args, selected, env, out_base, log, report)
     write_report(report, out_base)
-    with open(out_base + ".md", encoding="utf-8") as handle:
-        print(handle.read())
+    # The end of the output is what a caller sees first (the device tool returns its
+    # tail): the goals and the sections; the files hold everything.
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    print("\n## Goals of issue 16\n\n" + "\n".join(_table(goal_rows(public), ["goal", "status", "measured"])))
+    print("\n" + "\n".join(_table([{"section": s["name"], "status": s["status"], "seconds": s["seconds"],
+                                     "error": ((s.get("error") or "").strip().splitlines() or [""])[-1][:160]}
+                                    for s in report["sections"]], ["section", "status", "seconds", "error"])))
+    print(f"\nreport: {out_base}.md, .json, .log ({report['seconds']:.0f} s)")
     failed = [s["name"] for s in report["sections"] if not (s["status"] == "ok" or s["status"].startswith("skipped"))]
     if failed:
         print(f"gpu_check: sections that did not finish: {', '.join(failed)} (see {out_base}.log)", file=sys.stderr)
