@@ -85,7 +85,8 @@ GOALS = {
        for key, goal in SPEEDUP_GOALS.items()},
     "budgets": ("memory", "every budget met: the call's peak (max_memory_allocated above its start) <= memory_budget "
                           "of 1 GB and 8 GB"),
-    "captum-cannot-fit": ("memory", "a call Captum cannot fit on the card completes in igfast under its automatic budget"),
+    "captum-cannot-fit": ("memory", "a call Captum cannot fit on the card completes in igfast under its automatic "
+                                    "budget"),
     "forced-oom": ("memory", "an out-of-memory error forced with set_per_process_memory_fraction is survived with "
                              "the unchunked result"),
 }
@@ -280,7 +281,8 @@ def section_tests(ctx: Context) -> None:
         if comparisons:
             ctx.result["captum_comparisons"] = int(comparisons[-1])
         if not os.path.exists(junit):
-            ctx.goal("tests", False, "pytest " + ("ran out of time" if code is None else f"exited {code} without a report"))
+            ctx.goal("tests", False,
+                     "pytest " + ("ran out of time" if code is None else f"exited {code} without a report"))
             raise RuntimeError(("pytest ran out of time" if code is None else "pytest gave no report") + ":\n"
                                + tail[-3000:])
         counts = _junit_counts(junit)
@@ -432,7 +434,8 @@ def section_ops(ctx: Context) -> None:
               for r in large if r["fraction_of_copy"] < COPY_FRACTION_GOAL]
     ctx.goal("ops", not misses,
              f"lowest {worst['fraction_of_copy']:.2f} ({worst['op']} {worst['dtype']} {worst['elements']:.0e} "
-             f"elements, {worst['GBps']} of {worst['copy_GBps']} GB/s)" + (f"; below: {', '.join(misses)}" if misses else ""))
+             f"elements, {worst['GBps']} of {worst['copy_GBps']} GB/s)"
+             + (f"; below: {', '.join(misses)}" if misses else ""))
 
 
 # e2e ----------------------------------------------------------------------------
@@ -491,9 +494,10 @@ def resnet_case(device: str, quick: bool, dtype_name: str = "float32"):
             x, baseline, target=target, n_steps=n_steps, method=method, return_convergence_delta=True)
 
     label = "ResNet-50" if not quick else "ResNet (bottleneck blocks, one per stage; stand-in)"
-    return BenchCase("resnet50" + ("" if dtype_name == "float32" else "-bf16"),
+    case = BenchCase("resnet50" + ("" if dtype_name == "float32" else "-bf16"),
                      f"{label}, batch {batch}, 3x{side}x{side}, {dtype_name}", run,
-                     lambda n, m: input_path_floor(model, x, baseline, target, n, m)), batch, "images"
+                     lambda n, m: input_path_floor(model, x, baseline, target, n, m))
+    return case, batch, "images"
 
 
 def bert_case(device: str, quick: bool, dtype_name: str = "float32"):
@@ -524,9 +528,10 @@ def bert_case(device: str, quick: bool, dtype_name: str = "float32"):
             method=method, return_convergence_delta=True)
 
     label = "BERT-base" if not quick else "BERT (2 layers, width 64; stand-in)"
-    return BenchCase("bert" + ("" if dtype_name == "float32" else "-bf16"),
+    case = BenchCase("bert" + ("" if dtype_name == "float32" else "-bf16"),
                      f"{label} LayerIG on the embeddings, batch {batch}, sequence {length}, {dtype_name}",
-                     run, lambda n, m: layer_path_floor(model, layer, ids, baselines, (mask,), n, m)), batch, "sequences"
+                     run, lambda n, m: layer_path_floor(model, layer, ids, baselines, (mask,), n, m))
+    return case, batch, "sequences"
 
 
 def bench_case(key: str, device: str):
@@ -708,7 +713,8 @@ class _MemoryCases:
                 captum_attr.IntegratedGradients(forward).attribute(x, baseline, target=target, n_steps=n_steps)
                 captum_outcome = f"finished in {time.time() - started:.1f} s"
             except torch.OutOfMemoryError as error:
-                captum_outcome = f"out of memory after {time.time() - started:.1f} s ({str(error).splitlines()[0][:100]})"
+                first_line = str(error).splitlines()[0][:100]
+                captum_outcome = f"out of memory after {time.time() - started:.1f} s ({first_line})"
             self.free()
         ig = igfast.IntegratedGradients(forward)
         started = time.time()
@@ -726,7 +732,8 @@ class _MemoryCases:
                  "igfast_chunks": len(rows), "rows_per_chunk": f"{min(rows)}..{max(rows)}",
                  "igfast_out_of_memory_retries": ig.last_integral.out_of_memory,
                  "relative_delta": float(delta.abs().max() / rise.max().clamp_min(1e-30))})
-        ctx.goal("captum-cannot-fit", captum_outcome.startswith("out of memory") and bool(torch.isfinite(attributions).all()),
+        finished = bool(torch.isfinite(attributions).all())
+        ctx.goal("captum-cannot-fit", captum_outcome.startswith("out of memory") and finished,
                  f"Captum: {captum_outcome}; igfast: {seconds:.1f} s in {len(rows)} chunks of {min(rows)}..{max(rows)} "
                  f"rows, peak {format_size(meter.peak)} ({kind})")
 
@@ -1083,7 +1090,8 @@ def child_main(args) -> int:
         traceback.print_exc()
         return 1
     if ctx.result.get("case_errors"):
-        ctx.result["error"] = "cases that failed (the log has their tracebacks):\n" + "\n".join(ctx.result["case_errors"])
+        failures = "\n".join(ctx.result["case_errors"])
+        ctx.result["error"] = f"cases that failed (the log has their tracebacks):\n{failures}"
         ctx.save()
         return 1
     ctx.save()
