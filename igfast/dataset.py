@@ -100,13 +100,15 @@ class _Distributed:
     """rank and world size from torch.distributed; initialised here (and torn down)
     when torchrun set the environment but the caller did not."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self) -> None:
         import torch.distributed as dist
 
         self.dist = dist
         self.owned = False
         if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # Only barriers go through the group, so gloo serves every device; nccl
+            # would need one GPU per rank and a device for each barrier.
+            dist.init_process_group(backend="gloo")
             self.owned = True
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
@@ -259,7 +261,7 @@ def attribute_dataset(
         "num_shards": len(ranges),
     }
 
-    group = _Distributed(device)
+    group = _Distributed()
     try:
         os.makedirs(output_dir, exist_ok=True)
         _check_config(output_dir, config)
@@ -338,7 +340,10 @@ def _attribute_shard(explainer, dataset, begin, end, batch_size, device, target,
             named["targets"] = targets if isinstance(targets, torch.Tensor) else torch.full(
                 (outputs.shape[0],), targets, dtype=torch.long)
         for name, tensor in named.items():
-            collected.setdefault(name, []).append(tensor.detach().to("cpu").numpy())
+            tensor = tensor.detach().to("cpu")
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+                tensor = tensor.float()
+            collected.setdefault(name, []).append(tensor.numpy())
     return {name: np.concatenate(parts) for name, parts in collected.items()}
 
 

@@ -69,8 +69,13 @@ class _PathBuffers:
             needed = rows * x[0].numel() if x.shape[0] else 0
             buffer = self._buffers[index]
             if buffer is None or buffer.numel() < needed:
-                self._buffers[index] = None  # free the old buffer before the new one
+                # Free the old buffer before the new one: no reference may stay behind.
+                buffer = self._buffers[index] = None
                 self._buffers[index] = torch.empty(needed, dtype=x.dtype, device=x.device)
+
+    def release(self) -> None:
+        """Free the buffers (after an out-of-memory error: the retry needs fewer rows)."""
+        self._buffers = [None] * len(self._inputs)
 
     def bytes_for(self, rows: int) -> int:
         return sum(rows * x[0].numel() * x.element_size() for x in self._inputs if x.shape[0])
@@ -129,7 +134,14 @@ def integrate_gradients(
             chunk = schedule.next_chunk(row_limit.rows, balanced=row_limit.balanced)
             # The last chunk's peak sizes nothing, so it is not measured.
             measure = row_limit.measures and chunk.rows < schedule.remaining_rows
-            buffers.reserve(chunk.rows)
+            try:
+                buffers.reserve(chunk.rows)
+            except Exception as error:  # the path rows alone may not fit either
+                if not is_out_of_memory(error) or not row_limit.shrink(chunk.rows):
+                    raise
+                failed += 1
+                _retry_smaller(chunk.rows, row_limit, buffers, device)
+                continue
             meter = PeakMeter(device) if measure else contextlib.nullcontext()
             with meter:
                 if measure:
@@ -154,15 +166,7 @@ def integrate_gradients(
                     del grads, outputs
             if failed_rows:
                 failed += 1
-                warnings.warn(
-                    f"igfast: out of memory on a chunk of {failed_rows} path rows; retrying with "
-                    f"{row_limit.rows} rows (what was accumulated is kept). Give `memory_budget` "
-                    "(or a smaller `internal_batch_size`) to size chunks in advance.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                _retry_smaller(failed_rows, row_limit, buffers, device)
                 continue
             schedule.complete(chunk)
             done.append(chunk)
@@ -172,6 +176,21 @@ def integrate_gradients(
     return PathIntegral(
         accumulators, values.get(nodes.start_node), values.get(nodes.end_node), done, failed
     )
+
+
+def _retry_smaller(failed_rows: int, row_limit: RowLimit, buffers: _PathBuffers, device: torch.device) -> None:
+    """After a chunk ran out of memory (the limit is already lowered): say so, and free
+    what the failed chunk held, its larger path buffer too."""
+    buffers.release()
+    warnings.warn(
+        f"igfast: out of memory on a chunk of {failed_rows} path rows; retrying with "
+        f"{row_limit.rows} rows (what was accumulated is kept). Give `memory_budget` "
+        "(or a smaller `internal_batch_size`) to size chunks in advance.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _accumulate(accumulators, grads, weights_on, chunk: Chunk, quadrature_count: int,

@@ -5,7 +5,8 @@ before it: the accumulators plus the peak of one chunk (path rows, the model's
 activations for them, their gradients). Chunks are sized from measured peaks:
 
 - CUDA: measured, ``torch.cuda.max_memory_allocated`` (the meter resets the peak
-  statistics of the device, as a profiler would);
+  statistics of the device, as a profiler would; meters around it, such as a
+  benchmark's, still see the whole peak);
 - CPU: estimated, since PyTorch keeps no statistics of its CPU allocator: the bytes
   autograd saves for backward (seen through ``torch.autograd.graph.saved_tensors_hooks``)
   plus the path and its gradient, times ``ESTIMATE_MARGIN``. Saved tensors are most of
@@ -19,7 +20,7 @@ the safety net for a model whose peak the estimate misses.
 
 import os
 import re
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -99,23 +100,40 @@ def _cpu_available_bytes() -> Optional[int]:
         return None
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def automatic_budget(device: torch.device) -> int:
     """The budget when none is given: a share of the memory free on the device."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        index = _cuda_index(device)
+        free, total = torch.cuda.mem_get_info(index)
+        allocated = torch.cuda.memory_allocated(index)
         # Blocks the caching allocator holds but does not use are free to us too.
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(AUTO_SHARE_CUDA * (free + cached))
+        usable = free + torch.cuda.memory_reserved(index) - allocated
+        # torch.cuda.set_per_process_memory_fraction caps what this process may hold,
+        # however much the device has free.
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:
+            usable = min(usable, int(fraction(index) * total) - allocated)
+        return max(0, int(AUTO_SHARE_CUDA * usable))
     available = _cpu_available_bytes()
     # Unknown platforms get a fixed 4 GiB: bounded, and enough for most models.
     return int(AUTO_SHARE_CPU * available) if available else 4 * 2**30
+
+
+# The CUDA meters open now, outermost first: a meter that resets the device's peak
+# statistics first hands the peak so far to the meters around it.
+_open_cuda_meters: List["PeakMeter"] = []
 
 
 class PeakMeter:
     """Peak bytes allocated inside a ``with`` block, above the memory at its start.
 
     ``peak`` is set on exit; ``exact`` says whether it was measured (CUDA) or is the
-    saved-tensor estimate (CPU and other devices).
+    saved-tensor estimate (CPU and other devices). CUDA meters nest (the engine's
+    per-chunk meters inside a benchmark's, say): each sees the peak of its own block.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -128,9 +146,17 @@ class PeakMeter:
 
     def __enter__(self) -> "PeakMeter":
         if self.exact:
-            torch.cuda.synchronize(self.device)
+            # The caching allocator counts on the host, in launch order, so no
+            # synchronisation is needed (and none stalls the chunks' pipeline).
+            self.device = torch.device("cuda", _cuda_index(self.device))
             self._start = torch.cuda.memory_allocated(self.device)
+            peak_so_far = torch.cuda.max_memory_allocated(self.device)
+            for outer in _open_cuda_meters:
+                if outer.device == self.device:
+                    outer._hidden_peak = max(outer._hidden_peak, peak_so_far)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._hidden_peak = 0
+            _open_cuda_meters.append(self)
             return self
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
@@ -152,7 +178,8 @@ class PeakMeter:
 
     def __exit__(self, *exc) -> None:
         if self.exact:
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            _open_cuda_meters.remove(self)
+            self.peak = max(self._hidden_peak, torch.cuda.max_memory_allocated(self.device)) - self._start
             return
         self._saved_hooks.__exit__(*exc)
         saved = sum(self._saved.values()) + self._unseen_bytes

@@ -166,6 +166,17 @@ def build_model(case: Case, dtype: torch.dtype) -> nn.Module:
     return case.make_model().to(dtype).eval()
 
 
+def on(device, value):
+    """``value`` with every tensor in it (also inside tuples and lists) moved to
+    ``device``; other values as they are. Inputs are drawn on the CPU and moved, so
+    every device sees the same numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(on(device, v) for v in value)
+    return value
+
+
 def counted(model):
     """(the model as a function that counts its calls, the one-element call count)."""
     calls = [0]

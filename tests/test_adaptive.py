@@ -12,21 +12,21 @@ import igfast
 from igfast.adaptive import SCALE_FLOOR
 from igfast.errors import ArgumentError
 from igfast.quadrature import FIRST_ROUND_STEPS, nested_levels
-from models import MLP, counted
+from models import MLP, counted, on
 from test_layer_integrated_gradients import TokenClassifier, token_batch
 
 ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "relu": nn.ReLU}
 REFERENCE_STEPS = 4096
 
 
-def model_and_batch(activation, seed=0, batch=6, features=6):
+def model_and_batch(activation, seed=0, batch=6, features=6, device="cpu"):
     torch.manual_seed(seed)
     model = MLP(num_in=features, hidden=32, num_out=4, activation=ACTIVATIONS[activation]).double().eval()
     generator = torch.Generator().manual_seed(seed + 1)
     x = 2 * torch.randn(batch, features, generator=generator, dtype=torch.float64)
     baseline = torch.randn(1, features, generator=generator, dtype=torch.float64)
     target = torch.randint(0, 4, (batch,), generator=generator)
-    return model, x, baseline, target
+    return (model.to(device),) + on(device, (x, baseline, target))
 
 
 def relative_errors(attributions, reference):
@@ -68,8 +68,8 @@ def test_levels_are_nested_clenshaw_curtis_rules_exact_for_polynomials(max_steps
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("tolerance", [1e-2, 1e-3, 1e-4])
-def test_completeness_error_within_tolerance_or_max_steps_reported(activation, tolerance):
-    model, x, baseline, target = model_and_batch(activation)
+def test_completeness_error_within_tolerance_or_max_steps_reported(activation, tolerance, device):
+    model, x, baseline, target = model_and_batch(activation, device=device)
     attributions, delta, info = igfast.IntegratedGradients(model).attribute(
         x, baseline, target=target, n_steps="auto", tolerance=tolerance,
         return_convergence_delta=True, return_adaptive_info=True)
@@ -91,8 +91,8 @@ def test_completeness_error_within_tolerance_or_max_steps_reported(activation, t
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_results_converge_to_a_4096_node_reference(activation):
-    model, x, baseline, target = model_and_batch(activation, seed=3)
+def test_results_converge_to_a_4096_node_reference(activation, device):
+    model, x, baseline, target = model_and_batch(activation, seed=3, device=device)
     ig = igfast.IntegratedGradients(model)
     reference = ig.attribute(x, baseline, target=target, n_steps=REFERENCE_STEPS)
     errors, evaluations = [], []
@@ -133,8 +133,8 @@ def test_examples_that_converge_early_use_fewer_evaluations_and_no_more_model_ro
 
 
 @pytest.mark.parametrize("internal_batch_size", [1, 7, 64])
-def test_chunking_changes_nothing(internal_batch_size):
-    model, x, baseline, target = model_and_batch("gelu")
+def test_chunking_changes_nothing(internal_batch_size, device):
+    model, x, baseline, target = model_and_batch("gelu", device=device)
     ig = igfast.IntegratedGradients(model)
     kwargs = dict(target=target, n_steps="auto", tolerance=1e-5, return_adaptive_info=True)
     expected, expected_info = ig.attribute(x, baseline, **kwargs)
@@ -208,10 +208,10 @@ def test_layer_auto_on_an_identity_layer_equals_input_auto():
     assert torch.equal(info.evaluations, expected_info.evaluations)
 
 
-def test_layer_auto_on_token_embeddings_converges_and_reuses_evaluations():
+def test_layer_auto_on_token_embeddings_converges_and_reuses_evaluations(device):
     torch.manual_seed(0)
-    model = TokenClassifier().double().eval()
-    ids, mask = token_batch(1, batch=4)
+    model = TokenClassifier().double().eval().to(device)
+    ids, mask = on(device, token_batch(1, batch=4))
     forward, calls = counted(model)
     layer = igfast.LayerIntegratedGradients(forward, model.words)
     kwargs = dict(baselines=torch.zeros_like(ids), target=[0, 1, 2, 0], additional_forward_args=mask)
@@ -225,8 +225,8 @@ def test_layer_auto_on_token_embeddings_converges_and_reuses_evaluations():
     assert bool((delta.abs() <= 1e-6 * 10).all())
 
 
-def test_noise_tunnel_over_auto_refines_every_noisy_copy():
-    model, x, baseline, target = model_and_batch("tanh")
+def test_noise_tunnel_over_auto_refines_every_noisy_copy(device):
+    model, x, baseline, target = model_and_batch("tanh", device=device)
     ig = igfast.IntegratedGradients(model)
     expected = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=1e-6)
     smoothed = igfast.NoiseTunnel(ig).attribute(

@@ -79,6 +79,55 @@ def test_results_equal_attribute_calls(reference_run):
     assert summary["delta_max"] == pytest.approx(float(store.deltas[:].abs().max()))
 
 
+def test_run_on_the_test_device_equals_the_cpu_run(reference_run, tmp_path, device):
+    """The model on --device: batches follow it there, the files come back the same."""
+    out = str(tmp_path / "on-device")
+    summary = igfast.attribute_dataset(SmallNet().eval().to(device), dataset_worker.dataset(), out, **SETTINGS)
+    assert summary["computed"] == dataset_worker.EXAMPLES
+    ours, on_cpu = igfast.open_attributions(out), igfast.open_attributions(reference_run[0])
+    assert torch.equal(ours.targets[:], on_cpu.targets[:])
+    tolerance = 0.0 if device.type == "cpu" else 1e-5
+    for field in ("attributions", "deltas", "outputs"):
+        torch.testing.assert_close(getattr(ours, field)[:], getattr(on_cpu, field)[:], rtol=tolerance, atol=tolerance)
+
+
+def test_bfloat16_model_outputs_are_stored_as_float32(tmp_path):
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).to(torch.bfloat16).eval()
+    images = torch.randn(8, 6).to(torch.bfloat16)
+    igfast.attribute_dataset(model, TensorDataset(images), str(tmp_path), batch_size=4, shard_size=4, n_steps=4,
+                             progress=False)
+    store = igfast.open_attributions(str(tmp_path))
+    with torch.no_grad():
+        outputs = model(images)
+    assert store.outputs[:].dtype == torch.float32 and torch.equal(store.outputs[:], outputs.float())
+    expected = igfast.IntegratedGradients(model).attribute(images[4:], target=outputs[4:].argmax(1), n_steps=4)
+    torch.testing.assert_close(store.attributions[4:], expected, rtol=0, atol=0)
+
+
+def test_torchrun_group_is_gloo_whatever_the_device(monkeypatch):
+    """The group only carries barriers: gloo serves models on every device, where nccl
+    would need one GPU per rank (two ranks on one GPU fail) and a device per barrier."""
+    import torch.distributed as dist
+    from igfast.dataset import _Distributed
+
+    class Started(Exception):
+        pass
+
+    backends = []
+
+    def init_process_group(backend=None, **kwargs):
+        backends.append(backend)
+        raise Started
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Started):
+        _Distributed()
+    assert backends == ["gloo"]
+
+
 def test_two_gloo_ranks_equal_one_process(reference_run, tmp_path):
     out = str(tmp_path / "two-ranks")
     mp.spawn(dataset_worker.run_rank, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2)

@@ -3,6 +3,7 @@ limit, results do not depend on the chunking (chunks smaller than the batch
 included), and out-of-memory chunks are retried smaller without losing work."""
 
 import random
+import weakref
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from igfast.attr._forms import expand_additional_forward_args
 from igfast.attr._gradients import gradients_and_outputs
 from igfast.attr._target import expand_target
+from igfast import engine
 from igfast.chunking import ChunkSchedule, RowLimit
 from igfast.engine import integrate_gradients
 from igfast.quadrature import PathNodes, path_nodes
@@ -167,3 +169,57 @@ def test_path_buffer_is_reused_between_chunks():
 
     _integrate(Recording().eval(), x, baseline, target, extra, RowLimit(18))
     assert len(pointers) == 7 and len(set(pointers)) == 1
+
+
+def test_path_buffer_that_does_not_fit_is_retried_smaller(monkeypatch):
+    """An out-of-memory error while allocating the path rows themselves backs off
+    like one inside the model."""
+    x, baseline, target, extra = _problem()
+    expected = _integrate(_Model().eval(), x, baseline, target, extra, RowLimit(120)).gradient_sums[0]
+    original = engine._PathBuffers.reserve
+
+    def reserve(self, rows):
+        if rows > 30:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated, {rows} path rows)")
+        return original(self, rows)
+
+    monkeypatch.setattr(engine._PathBuffers, "reserve", reserve)
+    model = _Model().eval()
+    with pytest.warns(RuntimeWarning, match="out of memory on a chunk of 120 path rows"):
+        result = _integrate(model, x, baseline, target, extra, RowLimit(120))
+    torch.testing.assert_close(result.gradient_sums[0], expected, rtol=1e-6, atol=1e-7)
+    assert result.out_of_memory == 2 and all(c.rows <= 30 for c in result.chunks)
+    assert len(model.calls) == len(result.chunks)  # the model never saw the failed chunks
+
+
+def test_retry_after_out_of_memory_does_not_keep_the_large_buffer():
+    x, baseline, target, extra = _problem()
+    sizes = []
+
+    class Recording(_Model):
+        def forward(self, x, *args):
+            sizes.append(x.untyped_storage().nbytes())
+            return super().forward(x, *args)
+
+    with pytest.warns(RuntimeWarning):
+        _integrate(Recording(max_rows=30).eval(), x, baseline, target, extra, RowLimit(120))
+    row = 5 * 4  # bytes of one path row
+    assert sizes == [120 * row, 60 * row] + [30 * row] * 4  # each retry in a buffer of its own size
+
+
+def test_growing_the_path_buffer_frees_the_old_one_first(monkeypatch):
+    buffers = engine._PathBuffers((torch.randn(4, 1000),))
+    buffers.reserve(10)
+    old = weakref.ref(buffers._buffers[0])
+    freed_before_allocating = []
+    allocate = torch.empty
+
+    def empty(*args, **kwargs):
+        freed_before_allocating.append(old() is None)
+        return allocate(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    buffers.reserve(30)
+    buffers.reserve(20)  # fits: no allocation
+    assert freed_before_allocating == [True]
+    assert buffers._buffers[0].numel() == 30 * 1000

@@ -35,3 +35,16 @@ def test_disable_switch_gives_pure_path_and_same_results():
     assert default["info"]["path"] == igfast.info()["path"]
     torch.testing.assert_close(torch.tensor(disabled["attributions"]), torch.tensor(default["attributions"]),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_info_reports_the_cuda_path_when_a_gpu_is_visible(monkeypatch):
+    """The keys the GPU acceptance run reads (benchmarks/gpu_check.py): with a GPU but
+    an extension built without CUDA kernels, the CUDA path is the pure one, and why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    state = igfast.info()
+    assert state["kernels"]["cuda"] is igfast.ops.kernels_available("cuda")
+    if state["kernels"]["cuda"]:
+        assert state["cuda_path"] == "kernels"
+    else:
+        assert state["cuda_path"] == "pure-pytorch" and state["cuda_reason"] == igfast.ops.why_not_kernels("cuda")
+    assert state["path"] == ("kernels" if igfast.ops.kernels_available("cpu") else "pure-pytorch")

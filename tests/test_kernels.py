@@ -71,6 +71,88 @@ def test_interpolate_path(device, dtype, broadcast, shape, chunk):
     assert_matches_reference(kernel, ref, oracle, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+def test_interpolate_path_into_writes_every_element(device, dtype, aligned):
+    """Into a NaN-poisoned buffer; an offset of one element puts the tensors off the
+    16-byte boundary, so the CUDA kernel takes its one-element path instead of packs."""
+    require_kernels(device)
+    g = generator_for("into", str(dtype), aligned)
+    offset = 0 if aligned else 1
+    x = randn((5 * 48 + offset,), dtype, device, g)[offset:].view(5, 3, 16)
+    b = randn((48 + offset,), dtype, device, g)[offset:].view(1, 3, 16)
+    alphas = torch.rand(9, generator=g, dtype=torch.float64).to(device)
+    storage = torch.full((4 * 5 * 48 + offset,), float("nan"), dtype=dtype, device=device)
+    out = storage[offset:].view(20, 3, 16)
+    torch.ops.igfast.interpolate_path_into(out, x, b, alphas, 2, 6)
+    ref = reference.interpolate_path(x, b, alphas, 2, 6)
+    a = alphas[2:6].view(4, 1, 1, 1)
+    oracle = (b.double() + a * (x.double() - b.double())).reshape(ref.shape)
+    assert_matches_reference(out, ref, oracle, dtype)
+    assert storage[:offset].isnan().all()  # nothing written outside `out`
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_accumulate_steps_off_the_16_byte_boundary(device, dtype):
+    require_kernels(device)
+    g = generator_for("accumulate-offset", str(dtype))
+    grads = randn((3 * 4 * 24 + 1,), dtype, device, g)[1:].view(12, 24)
+    weights = torch.rand(3, generator=g, dtype=torch.float64).to(device)
+    start = randn((4, 24), dtype_policy(dtype).accumulate, device, g)
+    kernel, ref = start.clone(), start.clone()
+    torch.ops.igfast.accumulate_steps(kernel, grads, weights)
+    reference.accumulate_steps(ref, grads, weights)
+    oracle = start.double() + (weights.view(3, 1, 1) * grads.double().view(3, 4, 24)).sum(0)
+    assert_matches_reference(kernel, ref, oracle, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_grid_stride_loops_cover_more_than_one_grid():
+    """More work items than the largest grid (65535 blocks x 256 threads) of the
+    one-element kernels: every element still written and summed."""
+    require_kernels("cuda")
+    g = generator_for("grid-stride")
+    features = 65535 * 256 + 7  # odd: the one-element kernels
+    x = randn((1, features), torch.float32, "cuda", g)
+    b = randn((1, features), torch.float32, "cuda", g)
+    alphas = torch.rand(3, generator=g, dtype=torch.float64).to("cuda")
+    path = torch.full((2, features), float("nan"), device="cuda")
+    torch.ops.igfast.interpolate_path_into(path, x, b, alphas, 1, 3)
+    torch.testing.assert_close(path, reference.interpolate_path(x, b, alphas, 1, 3), rtol=1e-6, atol=1e-6)
+    accumulator = torch.zeros(1, features, device="cuda")
+    torch.ops.igfast.accumulate_steps(accumulator, path, alphas[:2])
+    expected = torch.zeros(1, features, device="cuda")
+    reference.accumulate_steps(expected, path, alphas[:2])
+    torch.testing.assert_close(accumulator, expected, rtol=1e-6, atol=1e-6)
+    scaled = torch.ops.igfast.scale_by_difference(accumulator, x, b)
+    torch.testing.assert_close(scaled, reference.scale_by_difference(accumulator, x, b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_run_on_the_current_stream_and_device():
+    """Work launched on a side stream is ordered with that stream's other work."""
+    require_kernels("cuda")
+    g = generator_for("stream")
+    x = randn((64, 4096), torch.float32, "cuda", g)
+    b = randn((1, 4096), torch.float32, "cuda", g)
+    alphas = torch.rand(8, generator=g, dtype=torch.float64).to("cuda")
+    expected = reference.interpolate_path(x, b, alphas, 0, 8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = torch.full_like(expected, float("nan"))
+        for _ in range(3):  # later launches find the buffer written by earlier ones
+            torch.ops.igfast.interpolate_path_into(out, x, b, alphas, 0, 8)
+            accumulator = torch.zeros_like(x)
+            torch.ops.igfast.accumulate_steps(accumulator, out, torch.ones(8, device="cuda"))
+        total = accumulator.clone()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total, expected.view(8, 64, 4096).sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_cpu_kernels_on_several_threads():
     """Tasks split over threads (at::parallel_for) give the single-thread result."""
     require_kernels("cpu")

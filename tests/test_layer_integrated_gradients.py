@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import igfast
 from conftest import PARITY_COMPARISONS
-from models import SmallConvNet, counted
+from models import SmallConvNet, counted, on
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -114,12 +114,12 @@ def compare(model, layer, inputs, dtype=torch.float32, multiply_by_inputs=True, 
                                     "riemann_middle", "riemann_trapezoid"])
 @pytest.mark.parametrize("internal_batch_size", [None, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_embedding_layer_matches_captum(method, internal_batch_size, dtype):
+def test_embedding_layer_matches_captum(method, internal_batch_size, dtype, device):
     torch.manual_seed(1)
-    model = TokenClassifier().to(dtype).eval()
-    ids, mask = token_batch(2)
+    model = TokenClassifier().to(dtype).eval().to(device)
+    ids, mask = on(device, token_batch(2))
     for multiply_by_inputs, with_delta, target in itertools.product(
-        (True, False), (False, True), (1, [0, 2, 1], torch.tensor([2, 2, 0]))
+        (True, False), (False, True), (1, [0, 2, 1], torch.tensor([2, 2, 0], device=device))
     ):
         compare(model, model.words, ids, dtype, multiply_by_inputs, baselines=0, target=target,
                 additional_forward_args=(mask.to(dtype),), n_steps=6, method=method,
@@ -127,43 +127,43 @@ def test_embedding_layer_matches_captum(method, internal_batch_size, dtype):
 
 
 @pytest.mark.parametrize("baselines", ["none", "scalar", "broadcast", "full"])
-def test_token_baseline_forms(baselines):
+def test_token_baseline_forms(baselines, device):
     torch.manual_seed(2)
-    model = TokenClassifier().eval()
-    ids, mask = token_batch(3)
-    form = {
+    model = TokenClassifier().eval().to(device)
+    ids, mask = on(device, token_batch(3))
+    form = on(device, {
         "none": None, "scalar": 3, "broadcast": torch.full((1, 6), 5),
         "full": torch.randint(1, 30, ids.shape, generator=torch.Generator().manual_seed(4)),
-    }[baselines]
+    }[baselines])
     compare(model, model.words, ids, baselines=form, target=0,
             additional_forward_args=(mask,), n_steps=5, return_convergence_delta=True)
 
 
 @pytest.mark.parametrize("attribute_to_layer_input", [False, True])
 @pytest.mark.parametrize("internal_batch_size", [None, 3])
-def test_conv_layer_matches_captum(attribute_to_layer_input, internal_batch_size):
+def test_conv_layer_matches_captum(attribute_to_layer_input, internal_batch_size, device):
     torch.manual_seed(3)
-    model = SmallConvNet().eval()
-    x = torch.randn(4, 3, 8, 8)
-    compare(model, model.conv, x, baselines=torch.randn(1, 3, 8, 8), target=[0, 1, 2, 3],
+    model = SmallConvNet().eval().to(device)
+    x = torch.randn(4, 3, 8, 8).to(device)
+    compare(model, model.conv, x, baselines=torch.randn(1, 3, 8, 8).to(device), target=[0, 1, 2, 3],
             n_steps=7, internal_batch_size=internal_batch_size, return_convergence_delta=True,
             attribute_to_layer_input=attribute_to_layer_input)
 
 
-def test_several_layers_match_captum():
+def test_several_layers_match_captum(device):
     torch.manual_seed(4)
-    model = TokenClassifier().eval()
-    ids, mask = token_batch(5)
+    model = TokenClassifier().eval().to(device)
+    ids, mask = on(device, token_batch(5))
     for with_delta in (False, True):
         compare(model, [model.words, model.positions], ids, baselines=0, target=2,
                 additional_forward_args=(mask,), n_steps=8, return_convergence_delta=with_delta)
 
 
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
-def test_tuple_outputs_and_layer_inputs_match_captum(method):
+def test_tuple_outputs_and_layer_inputs_match_captum(method, device):
     torch.manual_seed(5)
-    model = TupleModel().eval()
-    x = torch.randn(3, 5)
+    model = TupleModel().eval().to(device)
+    x = torch.randn(3, 5).to(device)
     for layer, to_input in ((model.pair, False), (model.combine, True), (model.combine, False)):
         compare(model, layer, x, baselines=0.25, target=1, n_steps=6, method=method,
                 return_convergence_delta=True, attribute_to_layer_input=to_input)
@@ -171,10 +171,10 @@ def test_tuple_outputs_and_layer_inputs_match_captum(method):
     compare(model, [model.pair], x, target=3, n_steps=5)
 
 
-def test_memory_budget_and_split_batches_keep_results():
+def test_memory_budget_and_split_batches_keep_results(device):
     torch.manual_seed(6)
-    model = TokenClassifier().eval()
-    ids, mask = token_batch(6, batch=5)
+    model = TokenClassifier().eval().to(device)
+    ids, mask = on(device, token_batch(6, batch=5))
     kwargs = dict(baselines=0, target=1, additional_forward_args=(mask,), n_steps=9,
                   return_convergence_delta=True)
     theirs = captum_attr.LayerIntegratedGradients(model, model.words).attribute(ids, **kwargs)
@@ -185,11 +185,11 @@ def test_memory_budget_and_split_batches_keep_results():
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-4)
 
 
-def test_delta_is_completeness_error():
+def test_delta_is_completeness_error(device):
     """The delta from the batched call equals sum(attributions) - (F(x) - F(x'))."""
     torch.manual_seed(7)
-    model = TokenClassifier().double().eval()
-    ids, mask = token_batch(7)
+    model = TokenClassifier().double().eval().to(device)
+    ids, mask = on(device, token_batch(7))
     lig = igfast.LayerIntegratedGradients(model, model.words)
     attributions, delta = lig.attribute(ids, baselines=0, target=0, n_steps=40,
                                         additional_forward_args=(mask.double(),),

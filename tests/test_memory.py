@@ -4,7 +4,6 @@ model calls per attribute() against Captum."""
 
 import warnings
 
-import captum.attr as captum_attr
 import pytest
 import torch
 from torch import nn
@@ -13,6 +12,8 @@ import igfast
 from igfast import memory
 from igfast.bench.peak import AllocationPeak
 from igfast.errors import ArgumentError
+
+captum_attr = pytest.importorskip("captum.attr")
 
 
 def _model():
@@ -92,6 +93,61 @@ def test_estimate_sees_what_every_kind_of_model_saves(wrap):
     assert not meter.exact and activations <= meter.peak <= 4 * memory.ESTIMATE_MARGIN * activations
 
 
+class FakeCudaAllocator:
+    """The caching allocator's counters, as torch.cuda reports them, for checking the
+    CUDA bookkeeping of igfast.memory on a machine without a GPU."""
+
+    def __init__(self, monkeypatch, free, total, reserved, allocated, fraction=1.0):
+        self.free, self.total, self.reserved, self.fraction = free, total, reserved, fraction
+        self.allocated = self.peak = allocated
+        for name, function in (
+            ("mem_get_info", lambda device=None: (self.free, self.total)),
+            ("memory_reserved", lambda device=None: self.reserved),
+            ("memory_allocated", lambda device=None: self.allocated),
+            ("max_memory_allocated", lambda device=None: self.peak),
+            ("reset_peak_memory_stats", self.reset_peak),
+            ("get_per_process_memory_fraction", lambda device=None: self.fraction),
+            ("current_device", lambda: 0),
+        ):
+            monkeypatch.setattr(torch.cuda, name, function)
+
+    def reset_peak(self, device=None):
+        self.peak = self.allocated
+
+    def allocate(self, nbytes):
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+
+def test_automatic_cuda_budget_honours_the_process_memory_fraction(monkeypatch):
+    gb = 10**9
+    allocator = FakeCudaAllocator(monkeypatch, free=60 * gb, total=100 * gb, reserved=10 * gb, allocated=8 * gb)
+    # Free memory plus the allocator's unused cache, when the process may take it all.
+    assert memory.automatic_budget(torch.device("cuda")) == int(memory.AUTO_SHARE_CUDA * 62 * gb)
+    # set_per_process_memory_fraction(0.25): 25 GB for the process, 8 GB of it in use.
+    allocator.fraction = 0.25
+    assert memory.automatic_budget(torch.device("cuda", 0)) == int(memory.AUTO_SHARE_CUDA * 17 * gb)
+    allocator.fraction = 0.05
+    assert memory.automatic_budget(torch.device("cuda")) == 0
+
+
+def test_nested_cuda_meters_each_see_their_own_peak(monkeypatch):
+    """The engine's per-chunk meters reset the device's peak statistics; a benchmark's
+    meter around the call still sees the call's peak."""
+    allocator = FakeCudaAllocator(monkeypatch, free=0, total=0, reserved=0, allocated=1000)
+    with memory.PeakMeter(torch.device("cuda")) as outer:
+        allocator.allocate(500)
+        allocator.allocate(-500)  # the call's peak, before the chunks' meters
+        for chunk_peak in (300, 200):
+            with memory.PeakMeter(torch.device("cuda")) as chunk:
+                allocator.allocate(chunk_peak)
+                allocator.allocate(-chunk_peak)
+            assert chunk.exact and chunk.peak == chunk_peak
+        allocator.allocate(50)  # kept at the end
+    assert outer.peak == 500
+    assert not memory._open_cuda_meters
+
+
 def test_the_meter_composes_with_a_running_profiler_and_autograd_functions():
     model = _model()
     x, baseline = _inputs()
@@ -105,10 +161,10 @@ def test_the_meter_composes_with_a_running_profiler_and_autograd_functions():
 
 @pytest.mark.parametrize("budget", ["70KB", "150KB", "400KB", "2MB", "1GB", None])
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
-def test_budgets_change_chunks_not_results(budget, method):
-    model = _model()
-    x, baseline = _inputs()
-    target = torch.arange(12) % 4
+def test_budgets_change_chunks_not_results(budget, method, device):
+    model = _model().to(device)
+    x, baseline = (t.to(device) for t in _inputs())
+    target = torch.arange(12, device=device) % 4
     kwargs = dict(baselines=baseline, target=target, n_steps=40, method=method, return_convergence_delta=True)
     theirs, theirs_delta = captum_attr.IntegratedGradients(model).attribute(x, **kwargs)
     ig = igfast.IntegratedGradients(model)
@@ -121,12 +177,15 @@ def test_budgets_change_chunks_not_results(budget, method):
 
 
 @pytest.mark.parametrize("budget", [60_000, 120_000, 300_000, 1_000_000])
-def test_budget_is_met(budget):
+def test_budget_is_met(budget, device):
     """The whole call, measured from outside, stays within the budget."""
-    model = _model()
-    x, baseline = _inputs(batch=24)
+    model = _model().to(device)
+    x, baseline = (t.to(device) for t in _inputs(batch=24))
     ig = igfast.IntegratedGradients(model)
-    with AllocationPeak("cpu") as peak:
+    # Once before: what stays allocated after a first call (CUDA library workspaces)
+    # is not what the budget bounds.
+    ig.attribute(x, baseline, target=2, n_steps=2)
+    with AllocationPeak(device) as peak:
         ig.attribute(x, baseline, target=2, n_steps=100, memory_budget=budget)
     assert peak.bytes <= budget, (peak.bytes, budget)
     rows = [c.rows for c in ig.last_integral.chunks]

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import igfast
 from conftest import PARITY_COMPARISONS
-from models import MLP, AdditionalArgsModel, MultiInputModel, SmallConvNet
+from models import MLP, AdditionalArgsModel, MultiInputModel, SmallConvNet, on
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -46,13 +46,13 @@ def compare(ours_class, theirs_class, model, inputs, method_args=(), tolerance=1
 
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 @pytest.mark.parametrize("nt_samples_batch_size", [None, 1, 3, 10])
-def test_integrated_gradients_matches_captum(nt_type, nt_samples_batch_size):
+def test_integrated_gradients_matches_captum(nt_type, nt_samples_batch_size, device):
     torch.manual_seed(0)
-    model = MLP().double().eval()
-    x = torch.randn(4, 6, dtype=torch.float64)
+    model = MLP().double().eval().to(device)
+    x = torch.randn(4, 6, dtype=torch.float64).to(device)
     for target, baselines, with_delta in itertools.product(
-        (2, [0, 1, 2, 3], torch.tensor([3, 2, 1, 0])),
-        (None, 0.5, torch.randn(4, 6, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)),
+        (2, [0, 1, 2, 3], torch.tensor([3, 2, 1, 0], device=device)),
+        on(device, (None, 0.5, torch.randn(4, 6, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64))),
         (False, True),
     ):
         compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, x,
@@ -62,45 +62,45 @@ def test_integrated_gradients_matches_captum(nt_type, nt_samples_batch_size):
 
 
 @pytest.mark.parametrize("nt_samples_batch_size", [None, 3])
-def test_baselines_drawn_from_a_distribution(nt_samples_batch_size):
+def test_baselines_drawn_from_a_distribution(nt_samples_batch_size, device):
     torch.manual_seed(1)
-    model = MultiInputModel().double().eval()
-    inputs = (torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, 2, dtype=torch.float64))
-    distribution = (torch.randn(6, 4, dtype=torch.float64), 0.25)
+    model = MultiInputModel().double().eval().to(device)
+    inputs = on(device, (torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, 2, dtype=torch.float64)))
+    distribution = on(device, (torch.randn(6, 4, dtype=torch.float64), 0.25))
     compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, inputs,
             nt_type="vargrad", nt_samples=5, nt_samples_batch_size=nt_samples_batch_size,
             stdevs=(0.2, 0.1), target=1, baselines=distribution, draw_baseline_from_distrib=True,
             n_steps=6, method="riemann_middle", return_convergence_delta=True)
 
 
-def test_additional_forward_args_follow_their_examples():
+def test_additional_forward_args_follow_their_examples(device):
     torch.manual_seed(2)
-    model = AdditionalArgsModel().double().eval()
-    x = torch.randn(3, 5, dtype=torch.float64)
-    scale = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    model = AdditionalArgsModel().double().eval().to(device)
+    x = torch.randn(3, 5, dtype=torch.float64).to(device)
+    scale = (torch.rand(3, 3, dtype=torch.float64) + 0.5).to(device)
     compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, x,
             nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=3, stdevs=0.5,
-            additional_forward_args=(scale, torch.tensor(0.1, dtype=torch.float64), "sigmoid"),
+            additional_forward_args=(scale, torch.tensor(0.1, dtype=torch.float64, device=device), "sigmoid"),
             target=[0, 2, 1], n_steps=5)
 
 
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
-def test_layer_integrated_gradients_matches_captum(nt_type):
+def test_layer_integrated_gradients_matches_captum(nt_type, device):
     torch.manual_seed(3)
-    model = SmallConvNet().eval()
-    x = torch.randn(3, 3, 8, 8)
+    model = SmallConvNet().eval().to(device)
+    x = torch.randn(3, 3, 8, 8).to(device)
     compare(igfast.LayerIntegratedGradients, captum_attr.LayerIntegratedGradients, model, x,
             method_args=(model.conv,), tolerance=1e-5, nt_type=nt_type, nt_samples=4,
             nt_samples_batch_size=3, stdevs=0.2, target=[0, 1, 2], n_steps=5,
             return_convergence_delta=True)
 
 
-def test_all_samples_stream_through_one_pass():
+def test_all_samples_stream_through_one_pass(device):
     """Captum runs one IG per batch of samples; igfast one engine pass over all of
     them, whose chunks cover (path nodes x noisy examples) once."""
     torch.manual_seed(4)
-    model = SmallConvNet().eval()
-    x = torch.randn(2, 3, 8, 8)
+    model = SmallConvNet().eval().to(device)
+    x = torch.randn(2, 3, 8, 8).to(device)
     calls = {"ours": 0, "theirs": 0}
 
     def counter(key):

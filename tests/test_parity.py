@@ -14,7 +14,7 @@ import igfast
 from igfast.quadrature import SUPPORTED_METHODS
 
 from conftest import PARITY_COMPARISONS
-from models import CASES, build_model
+from models import CASES, build_model, on
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -72,16 +72,16 @@ def assert_close(ours, theirs, tolerance, what):
 @pytest.mark.parametrize("method", SUPPORTED_METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_parity_with_captum(case, dtype, method):
-    model = build_model(case, dtype)
+def test_parity_with_captum(case, dtype, method, device):
+    model = build_model(case, dtype).to(device)
     generator = torch.Generator().manual_seed(seed_of(case.name, str(dtype), method))
     inputs = case.draw_inputs(BATCH, dtype, generator)
-    extra = case.additional_forward_args(BATCH, dtype) if case.additional_forward_args else None
+    extra = on(device, case.additional_forward_args(BATCH, dtype) if case.additional_forward_args else None)
     ours_ig = igfast.IntegratedGradients(model)
     for (form, x), (baseline_name, baselines), target in itertools.product(
-        input_forms(case, inputs), baseline_forms(inputs, generator), case.targets
+        on(device, input_forms(case, inputs)), on(device, baseline_forms(inputs, generator)), case.targets
     ):
-        target = resolve(target, BATCH)
+        target = on(device, resolve(target, BATCH))
         baselines = as_single(form, baselines)
         for internal_batch_size, multiply_by_inputs, with_delta in itertools.product(
             [None, BATCH, 2 * BATCH + 1], [True, False], [True, False]
@@ -109,13 +109,13 @@ def test_parity_with_captum(case, dtype, method):
 
 
 @pytest.mark.parametrize("method", SUPPORTED_METHODS)
-def test_parity_default_steps_larger_batch(method):
+def test_parity_default_steps_larger_batch(method, device):
     """Captum's defaults (50 steps) on a batch of 16 of the conv net."""
     case = next(c for c in CASES if c.name == "conv_net")
-    model = build_model(case, torch.float32)
+    model = build_model(case, torch.float32).to(device)
     generator = torch.Generator().manual_seed(seed_of("default", method))
-    (x,) = case.draw_inputs(16, torch.float32, generator)
-    target = torch.randint(0, 5, (16,), generator=generator)
+    (x,) = on(device, case.draw_inputs(16, torch.float32, generator))
+    target = torch.randint(0, 5, (16,), generator=generator).to(device)
     ours = igfast.IntegratedGradients(model).attribute(x, target=target, method=method, return_convergence_delta=True)
     theirs = captum_attr.IntegratedGradients(model).attribute(x, target=target, method=method, return_convergence_delta=True)
     PARITY_COMPARISONS["count"] += 1

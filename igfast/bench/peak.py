@@ -4,7 +4,8 @@ The engine sizes its chunks with ``igfast.memory.PeakMeter`` (an estimate on CPU
 whether the budget was kept, and how igfast compares with Captum, is judged by this
 meter instead, which sees every allocation:
 
-- CUDA: ``torch.cuda.max_memory_allocated`` above the start;
+- CUDA: ``torch.cuda.max_memory_allocated`` above the start (through
+  ``igfast.memory.PeakMeter``, which sees the peaks the engine's own meters reset);
 - CPU: ``torch.profiler`` with ``profile_memory=True``: every allocation and free of
   PyTorch's CPU allocator, summed in time order, and the highest sum kept.
 
@@ -13,6 +14,8 @@ another ``AllocationPeak``); the library itself never uses it.
 """
 
 import torch
+
+from ..memory import PeakMeter
 
 
 class AllocationPeak:
@@ -25,9 +28,7 @@ class AllocationPeak:
 
     def __enter__(self) -> "AllocationPeak":
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self._meter = PeakMeter(self.device).__enter__()
             return self
         self._profiler = torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
@@ -37,8 +38,8 @@ class AllocationPeak:
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self._meter.__exit__(*exc)
+            self.bytes = self._meter.peak
             return
         self._profiler.__exit__(*exc)
         if exc[0] is not None:
