@@ -1,7 +1,11 @@
-"""Builds the optional extension igfast._C; all metadata lives in pyproject.toml.
+"""Builds the extension igfast._C; all metadata lives in pyproject.toml.
+
+The kernels are optional at run time, never silently at install time: when torch
+is not importable here (pip's default build isolation hides the installed torch),
+the build fails and says how to build them, or how to opt out.
 
 Switches (environment variables):
-  IGFAST_NO_EXTENSION=1  install the pure-PyTorch package only
+  IGFAST_NO_EXTENSION=1  install the pure-PyTorch package only (same results, slower)
   FORCE_CUDA=1           compile the CUDA kernels even when no GPU is visible
 """
 
@@ -26,12 +30,12 @@ def _extension_kwargs():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print(
-            "igfast: torch is not importable in the build environment, so the extension "
-            "is skipped (install torch first and use `pip install --no-build-isolation .`)",
-            file=sys.stderr,
+        sys.exit(
+            "igfast: torch is not importable in the build environment, so the kernels cannot be "
+            "built. Install torch first, then build against it without pip's build isolation:\n"
+            "    pip install --no-build-isolation .\n"
+            "or install the pure-PyTorch package (same results, slower) with IGFAST_NO_EXTENSION=1."
         )
-        return {}
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++20"]

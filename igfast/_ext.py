@@ -20,12 +20,21 @@ def _load() -> None:
     if os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0"):
         _why_not = f"disabled by the environment variable {DISABLE_VARIABLE}"
         return
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        _why_not = (
+            "igfast was installed without its compiled kernels (igfast._C is not there: built "
+            "with IGFAST_NO_EXTENSION=1, or without torch in the build environment); rebuild with "
+            "`pip install --no-build-isolation --force-reinstall --no-deps .` in the igfast source folder"
+        )
+        return
     try:
         import torch  # noqa: F401  (the ops library links against torch)
 
         from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
     except ImportError as error:
-        _why_not = f"igfast._C could not be imported ({error}); was igfast built from source?"
+        _why_not = f"igfast._C could not be imported ({error}); rebuild igfast for this torch"
     except OSError as error:  # e.g. built against another torch version
         _why_not = f"igfast._C failed to load ({error}); rebuild igfast for this torch"
     else:
@@ -49,3 +58,19 @@ def extension_loaded() -> bool:
 def why_not_loaded() -> Optional[str]:
     """None when the extension is loaded, else the reason it is not."""
     return _why_not
+
+
+_warned = False
+
+
+def warn_once_without_kernels(reason: str) -> None:
+    """The first attribution that runs on the pure-PyTorch path says so, once per
+    process, unless the extension was switched off on purpose (DISABLE_VARIABLE)."""
+    global _warned
+    if _warned or os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0"):
+        return
+    _warned = True
+    import warnings
+
+    warnings.warn(f"igfast runs without its compiled kernels (same results, slower): {reason}. "
+                  f"Set {DISABLE_VARIABLE}=1 to run this way without this warning.", RuntimeWarning, stacklevel=3)

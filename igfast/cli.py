@@ -61,8 +61,11 @@ def _check_device(device: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="igfast", description="Fast Integrated Gradients for PyTorch, side by side with Captum.")
+    parser.add_argument("--version", action="version", version=f"igfast {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
     commands.required = True
 

@@ -62,10 +62,17 @@ def kernels_disabled() -> Iterator[None]:
         _enabled = previous
 
 
+def _without_kernels(device) -> None:
+    """The reference path runs: say so once, unless kernels_disabled() asked for it."""
+    if _enabled:
+        _ext.warn_once_without_kernels(why_not_kernels(device))
+
+
 def interpolate_path(inputs, baselines, alphas, step_begin: int, step_end: int) -> torch.Tensor:
     """Path points of steps [step_begin, step_end), (k * B, ...) step-major."""
     if kernels_available(inputs.device):
         return torch.ops.igfast.interpolate_path(inputs, baselines, alphas, step_begin, step_end)
+    _without_kernels(inputs.device)
     return reference.interpolate_path(inputs, baselines, alphas, step_begin, step_end)
 
 
@@ -74,6 +81,7 @@ def interpolate_path_into(out, inputs, baselines, alphas, step_begin: int, step_
     if kernels_available(inputs.device):
         torch.ops.igfast.interpolate_path_into(out, inputs, baselines, alphas, step_begin, step_end)
     else:
+        _without_kernels(inputs.device)
         reference.interpolate_path_into(out, inputs, baselines, alphas, step_begin, step_end)
 
 
@@ -82,6 +90,7 @@ def accumulate_steps(accumulator, grads, weights) -> None:
     if kernels_available(accumulator.device):
         torch.ops.igfast.accumulate_steps(accumulator, grads, weights)
     else:
+        _without_kernels(accumulator.device)
         reference.accumulate_steps(accumulator, grads, weights)
 
 
@@ -89,6 +98,7 @@ def scale_by_difference(accumulator, inputs, baselines) -> torch.Tensor:
     """accumulator * (inputs - baselines)."""
     if kernels_available(inputs.device):
         return torch.ops.igfast.scale_by_difference(accumulator, inputs, baselines)
+    _without_kernels(inputs.device)
     return reference.scale_by_difference(accumulator, inputs, baselines)
 
 

@@ -116,6 +116,11 @@ def test_usage_errors_exit_2_without_traceback(args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_version():
+    result = run_command("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"igfast {igfast.__version__}"
+
+
 def test_demo_refuses_more_images_than_the_test_set(tmp_path):
     result = run_command("demo", "--images", "298", "--out", str(tmp_path))
     assert result.returncode == 1

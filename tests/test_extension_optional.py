@@ -48,3 +48,51 @@ def test_info_reports_the_cuda_path_when_a_gpu_is_visible(monkeypatch):
     else:
         assert state["cuda_path"] == "pure-pytorch" and state["cuda_reason"] == igfast.ops.why_not_kernels("cuda")
     assert state["path"] == ("kernels" if igfast.ops.kernels_available("cpu") else "pure-pytorch")
+
+
+MISSING_EXTENSION = """
+import importlib.util, json, warnings
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "igfast._C" else find_spec(name, *a)
+import torch, igfast
+warnings.simplefilter("always")
+model = torch.nn.Linear(4, 2)
+with warnings.catch_warnings(record=True) as first:
+    warnings.simplefilter("always")
+    igfast.IntegratedGradients(model).attribute(torch.randn(3, 4), target=0)
+with warnings.catch_warnings(record=True) as second:
+    warnings.simplefilter("always")
+    igfast.IntegratedGradients(model).attribute(torch.randn(3, 4), target=0)
+print(json.dumps({"info": igfast.info(), "first": [str(w.message) for w in first],
+                  "second": [str(w.message) for w in second]}))
+"""
+
+
+def test_an_install_without_kernels_says_why_and_warns_once():
+    """igfast installed without igfast._C (IGFAST_NO_EXTENSION, or no torch at build
+    time): info() gives that reason (not Python's "circular import" message) and the
+    first attribution warns once, naming the fix."""
+    completed = subprocess.run([sys.executable, "-c", MISSING_EXTENSION], capture_output=True, text=True,
+                               env={**os.environ, "IGFAST_DISABLE_EXTENSION": "0"}, check=True)
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["info"]["path"] == "pure-pytorch"
+    assert "installed without its compiled kernels" in result["info"]["reason"]
+    assert "circular" not in result["info"]["reason"]
+    ours = [m for m in result["first"] if "without its compiled kernels" in m]
+    assert len(ours) == 1 and "--no-build-isolation" in ours[0]
+    assert not [m for m in result["second"] if "without its compiled kernels" in m]
+
+
+def test_the_build_fails_loudly_without_torch(tmp_path):
+    """pip's build isolation hides torch: the build must stop and say what to do,
+    not install a package without kernels in silence."""
+    setup_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    script = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+              f"runpy.run_path({setup_py!r}, run_name='__main__')")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                               env={k: v for k, v in os.environ.items() if k != "IGFAST_NO_EXTENSION"})
+    assert completed.returncode != 0
+    assert "--no-build-isolation" in completed.stderr and "IGFAST_NO_EXTENSION=1" in completed.stderr
+    opted_out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                               env={**os.environ, "IGFAST_NO_EXTENSION": "1"})
+    assert opted_out.returncode == 0 and "pure-PyTorch package" in opted_out.stderr
