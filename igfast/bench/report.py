@@ -1,10 +1,11 @@
-"""`igfast bench`: igfast against Captum against the floor, as a table, a JSON file
-and a PNG plot.
+"""`igfast bench`: igfast against Captum against the floor and a plain vectorised
+IG, as a table, a JSON file and a PNG plot.
 
-For every workload x n_steps x method, the three variants run interleaved (each
-round in a fresh random order), after one untimed round that measures each one's
-peak memory and checks that igfast and Captum agree. Times are medians of the
-timed rounds; ratios are ratios of medians.
+For every workload x n_steps x method, the variants run interleaved (each round in a
+fresh random order), after untimed calls that check that igfast and Captum agree
+(attributions and convergence delta) and measure each variant's peak memory. The
+timed calls attribute without the delta (the floor and the plain IG compute none).
+Times are medians of the timed rounds; ratios are ratios of medians.
 """
 
 import json
@@ -23,10 +24,10 @@ from .timing import interleaved_medians, repeats_for
 from .workloads import BenchCase, build_case
 
 JSON_FIELDS = (
-    "workload", "n_steps", "method", "device", "floor_s", "igfast_s", "captum_s",
-    "igfast_over_floor", "captum_over_floor", "speedup_over_captum", "floor_peak_bytes",
-    "igfast_peak_bytes", "captum_peak_bytes", "igfast_delta_max", "captum_delta_max",
-    "max_difference", "repeats",
+    "workload", "n_steps", "method", "device", "floor_s", "plain_s", "igfast_s", "captum_s",
+    "igfast_over_floor", "plain_over_floor", "igfast_over_plain", "captum_over_floor", "speedup_over_captum",
+    "floor_peak_bytes", "plain_peak_bytes", "igfast_peak_bytes", "captum_peak_bytes", "igfast_delta_max",
+    "captum_delta_max", "max_difference", "repeats",
 )
 
 
@@ -56,18 +57,18 @@ def bench_one(case: BenchCase, n_steps: int, method: str, settings: Settings) ->
     if settings.captum:
         import captum.attr as captum_attr
         libraries["captum"] = captum_attr
-    variants = {"floor": case.floor(n_steps, method)}
+    variants = {"floor": case.floor(n_steps, method), "plain": case.plain(n_steps, method)}
     for name, library in libraries.items():
-        variants[name] = (lambda library=library: case.run(library, n_steps, method))
+        variants[name] = (lambda library=library: case.run(library, n_steps, method, False))
     row: Dict[str, Any] = {"workload": case.key, "n_steps": n_steps, "method": method,
                            "device": settings.device}
-    results = {}
-    for name, run in variants.items():
-        results[name], row[f"{name}_peak_bytes"] = peak_of(run, settings.device)
+    checked = {name: case.run(library, n_steps, method, True) for name, library in libraries.items()}
     for name in libraries:
-        row[f"{name}_delta_max"] = float(results[name][1].abs().max())
+        row[f"{name}_delta_max"] = float(checked[name][1].abs().max())
     if settings.captum:
-        row["max_difference"] = _largest_difference(results["igfast"][0], results["captum"][0])
+        row["max_difference"] = _largest_difference(checked["igfast"][0], checked["captum"][0])
+    for name, run in variants.items():
+        _, row[f"{name}_peak_bytes"] = peak_of(run, settings.device)
     repeats = settings.repeats or repeats_for(
         variants["captum" if settings.captum else "igfast"], settings.device,
         settings.seconds_per_case, minimum=3, maximum=101)
@@ -76,6 +77,8 @@ def bench_one(case: BenchCase, n_steps: int, method: str, settings: Settings) ->
     for name, seconds in medians.items():
         row[f"{name}_s"] = seconds
     row["igfast_over_floor"] = medians["igfast"] / medians["floor"]
+    row["plain_over_floor"] = medians["plain"] / medians["floor"]
+    row["igfast_over_plain"] = medians["igfast"] / medians["plain"]
     if settings.captum:
         row["captum_over_floor"] = medians["captum"] / medians["floor"]
         row["speedup_over_captum"] = medians["captum"] / medians["igfast"]
@@ -138,15 +141,16 @@ def format_table(report: Dict[str, Any]) -> str:
     def size(value):
         return format_size(value) if value is not None else "-"
 
-    header = ("| workload | n_steps | method | floor s | igfast s | Captum s | igfast / floor | "
-              "Captum / floor | speedup | igfast peak | Captum peak | igfast max abs delta | "
+    header = ("| workload | n_steps | method | floor s | plain IG s | igfast s | Captum s | igfast / floor | "
+              "plain IG / floor | Captum / floor | speedup | igfast peak | Captum peak | igfast max abs delta | "
               "Captum max abs delta |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in report["rows"]:
         lines.append(
             f"| {row['workload']} | {row['n_steps']} | {row['method']} | {cell(row, 'floor_s', '.4f')} | "
-            f"{cell(row, 'igfast_s', '.4f')} | {cell(row, 'captum_s', '.4f')} | "
-            f"{cell(row, 'igfast_over_floor', '.2f')} | {cell(row, 'captum_over_floor', '.2f')} | "
+            f"{cell(row, 'plain_s', '.4f')} | {cell(row, 'igfast_s', '.4f')} | {cell(row, 'captum_s', '.4f')} | "
+            f"{cell(row, 'igfast_over_floor', '.2f')} | {cell(row, 'plain_over_floor', '.2f')} | "
+            f"{cell(row, 'captum_over_floor', '.2f')} | "
             f"{cell(row, 'speedup_over_captum', '.2f')}x | {size(row.get('igfast_peak_bytes'))} | "
             f"{size(row.get('captum_peak_bytes'))} | {cell(row, 'igfast_delta_max', '.1e')} | "
             f"{cell(row, 'captum_delta_max', '.1e')} |"
@@ -167,7 +171,8 @@ def write_plot(report: Dict[str, Any], path: str) -> None:
     workloads = list(dict.fromkeys(row["workload"] for row in report["rows"]))
     methods = list(dict.fromkeys(row["method"] for row in report["rows"]))
     figure, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.4), squeeze=False)
-    styles = {"igfast": ("tab:red", "-"), "captum": ("tab:blue", "--"), "floor": ("0.4", ":")}
+    styles = {"igfast": ("tab:red", "-"), "captum": ("tab:blue", "--"), "plain": ("tab:green", "-."),
+              "floor": ("0.4", ":")}
     markers = ["o", "s", "^", "D", "v"]
     for ax, workload in zip(axes[0], workloads):
         for method_index, method in enumerate(methods):

@@ -1,6 +1,8 @@
-"""The built-in workloads that benchmarks time: model, inputs and target, and the
-floor each is compared with (the model's own forward and backward over every path
-row in one call: what any implementation must at least compute)."""
+"""The built-in workloads that benchmarks time: model, inputs and target, the floor
+each is compared with (the model's own forward and backward over every path row in
+one call: what any implementation must at least compute), and a plain vectorised
+Integrated Gradients in PyTorch (the floor plus building the path and summing the
+weighted gradients: what a user writes by hand in ten lines)."""
 
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -91,6 +93,24 @@ def input_path_floor(model: nn.Module, x: torch.Tensor, baseline: torch.Tensor,
     return floor
 
 
+def input_path_plain_ig(model: nn.Module, x: torch.Tensor, baseline: torch.Tensor,
+                        target: torch.Tensor, n_steps: int, method: str) -> Callable[[], Any]:
+    """Integrated Gradients as a plain vectorised PyTorch function: every path row in
+    one forward and backward, then the weighted sum times (x - x')."""
+    alphas, weights = alphas_and_weights(method, n_steps)
+    shape = (-1,) + (1,) * x.dim()
+    alphas, weights = alphas.to(x).view(shape), weights.to(x).view(shape)
+    rows_target = target.repeat(n_steps).unsqueeze(1)
+
+    def plain_ig():
+        path = (baseline + alphas * (x - baseline)).reshape((-1,) + x.shape[1:]).requires_grad_()
+        output = model(path).gather(1, rows_target).squeeze(1)
+        grads = torch.autograd.grad(output, path, grad_outputs=torch.ones_like(output))[0]
+        return (grads.view((n_steps,) + x.shape) * weights).sum(0) * (x - baseline)
+
+    return plain_ig
+
+
 def layer_path_floor(model: nn.Module, layer: nn.Module, inputs: torch.Tensor,
                      baselines: torch.Tensor, args: Tuple[Any, ...], n_steps: int,
                      method: str) -> Callable[[], Any]:
@@ -121,27 +141,65 @@ def layer_path_floor(model: nn.Module, layer: nn.Module, inputs: torch.Tensor,
     return floor
 
 
+def layer_path_plain_ig(model: nn.Module, layer: nn.Module, inputs: torch.Tensor,
+                        baselines: torch.Tensor, args: Tuple[Any, ...], n_steps: int,
+                        method: str) -> Callable[[], Any]:
+    """Layer Integrated Gradients as a plain vectorised PyTorch function: the layer's
+    output at both ends (one call each), then every path row in one forward (the
+    layer's output replaced by a hook) and backward, then the weighted sum."""
+    alphas, weights = alphas_and_weights(method, n_steps)
+    repeated = tuple(a.repeat((n_steps,) + (1,) * (a.dim() - 1)) if isinstance(a, torch.Tensor)
+                     and a.dim() else a for a in args)
+    repeated_inputs = inputs.repeat((n_steps,) + (1,) * (inputs.dim() - 1))
+
+    def plain_ig():
+        ends = []
+        handle = layer.register_forward_hook(lambda module, a, out: ends.append(out.detach()))
+        try:
+            with torch.no_grad():
+                model(inputs, *args)
+                model(baselines, *args)
+        finally:
+            handle.remove()
+        end, start = ends
+        shape = (-1,) + (1,) * end.dim()
+        path = (start + alphas.to(end).view(shape) * (end - start)).reshape((-1,) + end.shape[1:])
+        path.requires_grad_()
+        handle = layer.register_forward_hook(lambda module, a, out: path)
+        try:
+            output = model(repeated_inputs, *repeated)
+        finally:
+            handle.remove()
+        grads = torch.autograd.grad(output, path, torch.ones_like(output))[0]
+        return (grads.view((n_steps,) + end.shape) * weights.to(end).view(shape)).sum(0) * (end - start)
+
+    return plain_ig
+
+
 @dataclass
 class BenchCase:
     """A workload built on a device, as the side-by-side benchmark runs it."""
 
     key: str
     name: str
-    run: Callable[[Any, int, str], Tuple[Any, torch.Tensor]]  # (library, n_steps, method) -> (attributions, delta)
+    # (library, n_steps, method, with_delta) -> attributions, or (attributions, delta)
+    run: Callable[[Any, int, str, bool], Any]
     floor: Callable[[int, str], Callable[[], Any]]  # (n_steps, method) -> one floor call
+    plain: Callable[[int, str], Callable[[], Any]]  # (n_steps, method) -> one plain IG call
 
 
 def input_case(key: str, device: str) -> BenchCase:
     """IntegratedGradients on a workload of WORKLOADS."""
     model, x, baseline, target = WORKLOADS[key].build(device)
 
-    def run(library, n_steps, method):
+    def run(library, n_steps, method, with_delta):
         return library.IntegratedGradients(model).attribute(
             x, baseline, target=target, n_steps=n_steps, method=method,
-            return_convergence_delta=True)
+            return_convergence_delta=with_delta)
 
     return BenchCase(key, WORKLOADS[key].name, run,
-                     lambda n, m: input_path_floor(model, x, baseline, target, n, m))
+                     lambda n, m: input_path_floor(model, x, baseline, target, n, m),
+                     lambda n, m: input_path_plain_ig(model, x, baseline, target, n, m))
 
 
 def minilm_case(device: str, batch: int = 4, length: int = 32) -> BenchCase:
@@ -155,14 +213,14 @@ def minilm_case(device: str, batch: int = 4, length: int = 32) -> BenchCase:
     inputs, baselines = task.inputs.to(device), task.baselines.to(device)
     args = tuple(a.to(device) for a in task.additional_forward_args)
 
-    def run(library, n_steps, method):
+    def run(library, n_steps, method, with_delta):
         return library.LayerIntegratedGradients(model, task.layer).attribute(
             inputs, baselines=baselines, additional_forward_args=args, n_steps=n_steps,
-            method=method, return_convergence_delta=True)
+            method=method, return_convergence_delta=with_delta)
 
     return BenchCase("minilm", f"minilm LayerIG on embeddings (batch {batch}, sequence {length})",
-                     run, lambda n, m: layer_path_floor(model, task.layer, inputs, baselines,
-                                                        args, n, m))
+                     run, lambda n, m: layer_path_floor(model, task.layer, inputs, baselines, args, n, m),
+                     lambda n, m: layer_path_plain_ig(model, task.layer, inputs, baselines, args, n, m))
 
 
 def minilm_available() -> Optional[str]:
