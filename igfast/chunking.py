@@ -19,7 +19,7 @@ shows the same sizes again.
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -165,6 +165,22 @@ class BudgetRowLimit(RowLimit):
     def measures(self) -> bool:
         return not self.settled
 
+    def adopt(self, row_bytes: float) -> None:
+        """Size chunks from a row cost an earlier call of the same shape measured: no
+        probe, nothing measured, chunks balanced from the start."""
+        if row_bytes > self.available:
+            raise budget_too_small(self.argument, self.budget, self.reserved + int(row_bytes), measured=True)
+        rows = max(1, int(self.SAFETY * self.chunk_target / row_bytes))
+        self._measured = (rows, max(1, int(rows * row_bytes)))
+        self.rows = rows if self._ceiling is None else min(rows, self._ceiling)
+        self.settled = True
+
+    @property
+    def row_bytes(self) -> Optional[float]:
+        """Bytes per path row, from the largest measured chunk (an upper bound: a
+        chunk's fixed cost is spread over its rows); None before any measurement."""
+        return None if self._measured is None else self._measured[1] / self._measured[0]
+
     @property
     def available(self) -> int:
         return self.budget - self.reserved
@@ -228,6 +244,7 @@ def choose_row_limit(
     n_nodes: int,
     target_count: int = 1,
     batch_dependent: bool = False,
+    known_row_bytes: Optional[float] = None,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
 
@@ -239,6 +256,9 @@ def choose_row_limit(
       (a share of the device's free memory), starting from an estimated first chunk.
       With neither for a ``batch_dependent`` model (BatchNorm in training mode), the
       whole path in one chunk, as Captum batches it (see attr/_train_mode.py).
+
+    Under a budget, ``known_row_bytes`` (what an earlier call of the same shapes
+    measured, see ``RowCosts``) sizes the chunks at once, without a probe.
     """
     batch_size = inputs[0].shape[0]
     if internal_batch_size is not None and not (isinstance(internal_batch_size, str) and internal_batch_size == "auto"):
@@ -283,7 +303,35 @@ def choose_row_limit(
     else:
         room = budget - reserved if preferred is None else min(budget - reserved, preferred)
         first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
-    return BudgetRowLimit(
-        budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred
-    )
+    limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred)
+    if known_row_bytes is not None:
+        limit.adopt(known_row_bytes)
+    return limit
+
+
+class RowCosts:
+    """The bytes per path row that calls on one explainer measured, by the shapes that
+    decide them: the device, each path tensor's dtype and row shape, the model inputs'
+    row shapes, the number of targets and the additional arguments' row shapes. A
+    later call with the same key sizes its chunks without a probe; the row cost of a
+    model does not depend on the batch size, n_steps or the budget."""
+
+    def __init__(self) -> None:
+        self._bytes: Dict[Tuple, float] = {}
+
+    @staticmethod
+    def key(path_inputs: Sequence[torch.Tensor], other: Sequence[Any] = (), target_count: int = 1) -> Tuple:
+        def row_shape(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return (str(value.device), value.dtype, tuple(value.shape[1:]))
+            return type(value).__name__
+        return (tuple(row_shape(x) for x in path_inputs), tuple(row_shape(o) for o in other), target_count)
+
+    def get(self, key: Tuple) -> Optional[float]:
+        return self._bytes.get(key)
+
+    def remember(self, key: Tuple, row_limit: RowLimit) -> None:
+        row_bytes = getattr(row_limit, "row_bytes", None)
+        if row_bytes is not None:
+            self._bytes[key] = row_bytes
 

@@ -310,3 +310,26 @@ def test_without_delta_no_endpoint_rows_are_added():
     x, baseline = _inputs()
     igfast.IntegratedGradients(model).attribute(x, baseline, target=1, n_steps=50)
     assert model.calls == [50 * 12]
+
+
+def test_a_repeated_call_sizes_its_chunks_without_a_probe(monkeypatch):
+    """The row cost measured by one call sizes the next call of the same shapes at
+    once: one chunk where the whole path fits, and no meter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(64, 64)
+    ig = igfast.IntegratedGradients(model)
+    first = ig.attribute(x, target=3, n_steps=50)
+    assert len(ig.last_integral.chunks) == 2  # a first chunk sized by a guess, measured
+    meters = []
+    monkeypatch.setattr(memory.PeakMeter, "__enter__", lambda self: meters.append(self) or self)
+    again = ig.attribute(x, target=3, n_steps=50)
+    assert [c.rows for c in ig.last_integral.chunks] == [50 * 64] and not meters
+    torch.testing.assert_close(again, first, rtol=1e-6, atol=1e-7)
+    # A budget: chunks sized from the known cost at once.
+    ig.attribute(x, target=3, n_steps=50, memory_budget="200KB")
+    rows = [c.rows for c in ig.last_integral.chunks]
+    assert len(rows) > 1 and max(rows) - min(rows) <= 64 and not meters  # balanced, no probe
+    # Other row shapes are measured afresh.
+    igfast.IntegratedGradients(lambda t: model(t.repeat(1, 2))).attribute(x[:, :32], target=3, n_steps=200)
+    assert meters

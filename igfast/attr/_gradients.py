@@ -88,6 +88,7 @@ def gradients_and_outputs(
     wrt: Optional[Tuple[torch.Tensor, ...]] = None,
     grad_kwargs: Optional[Dict[str, Any]] = None,
     on_unused: Optional[Callable[[int], None]] = None,
+    check_targets: bool = True,
 ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
     """compute_gradients, and the targeted output of every row (detached, (rows,)).
 
@@ -97,7 +98,7 @@ def gradients_and_outputs(
     (which may raise instead).
     """
     grads, values = gradients_and_outputs_per_target(
-        forward_fn, inputs, [target_ind], additional_forward_args, wrt, grad_kwargs, on_unused
+        forward_fn, inputs, [target_ind], additional_forward_args, wrt, grad_kwargs, on_unused, check_targets
     )
     return tuple(g[0] for g in grads), values[0]
 
@@ -110,8 +111,10 @@ def gradients_and_outputs_per_target(
     wrt: Optional[Tuple[torch.Tensor, ...]] = None,
     grad_kwargs: Optional[Dict[str, Any]] = None,
     on_unused: Optional[Callable[[int], None]] = None,
+    check_targets: bool = True,
 ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
-    """Gradients and targeted outputs for K targets from one forward call.
+    """Gradients and targeted outputs for K targets from one forward call
+    (``check_targets=False``: their range was checked on an earlier chunk).
 
     The forward graph is built once and kept (retain_graph) for the K backward
     passes: K targets cost one forward and K backwards instead of K of each.
@@ -122,7 +125,7 @@ def gradients_and_outputs_per_target(
         output = forward_output(forward_fn, inputs, additional_forward_args)
         selected = []
         for target in targets:
-            values = select_targets(output, target)
+            values = select_targets(output, target, check_range=check_targets)
             check_one_value_per_row(values, inputs[0].shape[0], target)
             selected.append(values)
         per_target = []

@@ -107,8 +107,12 @@ def _select_columns(output: torch.Tensor, indices: Tuple) -> torch.Tensor:
     return output[(slice(None), *indices)]
 
 
-def select_targets(output: torch.Tensor, target: Any) -> torch.Tensor:
-    """The output values the target designates, one row per output row."""
+def select_targets(output: torch.Tensor, target: Any, check_range: bool = True) -> torch.Tensor:
+    """The output values the target designates, one row per output row.
+
+    ``check_range=False`` skips the range check of per-example targets (a reduction,
+    and a device synchronisation on a GPU) for rows whose targets were checked already.
+    """
     if target is None:
         return output
     if _is_index(target):
@@ -133,7 +137,8 @@ def select_targets(output: torch.Tensor, target: Any) -> torch.Tensor:
             )
         target = target.to(output.device)
         # gather accepts no negative indices, as in Captum.
-        _check_indices(target, 0, output.shape[1], 1, output.shape)
+        if check_range:
+            _check_indices(target, 0, output.shape[1], 1, output.shape)
         return output.gather(1, target.view(rows, 1)).squeeze(1)
     if isinstance(target, list):
         if len(target) != rows:
@@ -147,7 +152,7 @@ def select_targets(output: torch.Tensor, target: Any) -> torch.Tensor:
                 f"`target` tuples of length {index.shape[1]} do not fit the forward "
                 f"output of shape {tuple(output.shape)}."
             )
-        for dim in range(index.shape[1]):
+        for dim in range(index.shape[1] if check_range else 0):
             size = output.shape[dim + 1]
             _check_indices(index[:, dim], -size, size, dim + 1, output.shape)
         rows_index = torch.arange(rows, device=output.device)

@@ -110,12 +110,22 @@ def _draws_random_masks(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
 
 
+@functools.lru_cache(maxsize=None)
+def _may_depend_on_the_call(module_type: type) -> bool:
+    """Whether modules of this class can be batch-dependent, random or stateful: the
+    other checks (some against abstract base classes, slow) run for these only."""
+    return issubclass(module_type, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd,
+                                    FakeQuantizeBase, ObserverBase))
+
+
 @contextlib.contextmanager
 def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
     """Warn about batch-dependent or random modules, and restore running statistics
     after the block."""
     batch_statistics, random_masks, saved = [], [], []
     for name, module in _named_modules(forward_func):
+        if not _may_depend_on_the_call(type(module)):
+            continue
         if _depends_on_the_batch(module):
             batch_statistics.append(f"{name} ({type(module).__name__})")
         if _draws_random_masks(module):

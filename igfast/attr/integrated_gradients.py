@@ -8,7 +8,7 @@ from ..adaptive import (
     AdaptiveIntegral, AdaptiveSettings, adaptive_settings, integrate_adaptively, refuse_several_targets,
     round_row_limit,
 )
-from ..chunking import Chunk, choose_row_limit
+from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
 from ..quadrature import path_nodes
@@ -67,6 +67,7 @@ class IntegratedGradients:
         self._multiply_by_inputs = multiply_by_inputs
         # Captum's LayerIntegratedGradients replaces this slot with its own function.
         self.gradient_func = compute_gradients
+        self._row_costs = RowCosts()  # what earlier calls measured: later ones need no probe
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -184,14 +185,18 @@ class IntegratedGradients:
                 internal_batch_size, memory_budget)
         else:
             nodes = path_nodes(method, n_steps)
+            target_count = len(many) if many else 1
+            cost_key = RowCosts.key(formatted_inputs, args or (), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs,
-                                         nodes.count, target_count=len(many) if many else 1,
-                                         batch_dependent=batch_dependent_call())
+                                         nodes.count, target_count=target_count,
+                                         batch_dependent=batch_dependent_call(),
+                                         known_row_bytes=self._row_costs.get(cost_key))
             integral = integrate_gradients(
                 formatted_inputs, formatted_baselines, nodes,
                 self._gradients_at(chunk_target, many, args), row_limit,
                 target_count=len(many) if many is not None else None,
             )
+            self._row_costs.remember(cost_key, row_limit)
         self.last_integral: Union[PathIntegral, AdaptiveIntegral] = integral
         attributions = attributions_from(
             integral, formatted_inputs, formatted_baselines, self.multiplies_by_inputs
@@ -207,15 +212,23 @@ class IntegratedGradients:
 
     def _gradients_at(self, chunk_target: Any, many: Optional[list], args: Any):
         """The engine's gradients_at for a target (or K targets) and forward args."""
+        # The examples whose targets were range-checked: each is checked once per call,
+        # not once per chunk (a reduction, and a synchronisation on a GPU).
+        checked = set()
 
         def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
             chunk_args = expand_additional_forward_args(args, chunk)
+            examples = (chunk.example_begin, chunk.example_end)
+            check = examples not in checked
+            checked.add(examples)
             if many is not None:
                 return gradients_and_outputs_per_target(
-                    self.forward_func, path, [expand_target(t, chunk) for t in many], chunk_args)
+                    self.forward_func, path, [expand_target(t, chunk) for t in many], chunk_args,
+                    check_targets=check)
             target_ind = expand_target(chunk_target, chunk)
             if self.gradient_func is compute_gradients:
-                grads, outputs = gradients_and_outputs(self.forward_func, path, target_ind, chunk_args)
+                grads, outputs = gradients_and_outputs(self.forward_func, path, target_ind, chunk_args,
+                                                       check_targets=check)
                 return grads, outputs if with_outputs else None
             grads = self.gradient_func(
                 forward_fn=self.forward_func, inputs=path, target_ind=target_ind,

@@ -21,7 +21,7 @@ import torch
 from ..adaptive import (
     AdaptiveIntegral, adaptive_settings, integrate_adaptively, refuse_several_targets, round_row_limit,
 )
-from ..chunking import Chunk, choose_row_limit
+from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
@@ -79,6 +79,7 @@ class LayerIntegratedGradients:
         self.ig = IntegratedGradients(forward_func, multiply_by_inputs)
         self.forward_func = forward_func
         self._eager_forward = eager_original(forward_func)
+        self._row_costs = RowCosts()  # what earlier calls measured: later ones need no probe
         self._layers = layer_list(layer, forward_func)
         self.layer = layer
         self.device_ids = device_ids
@@ -184,11 +185,13 @@ class LayerIntegratedGradients:
                         grads, outputs = gradients_and_outputs_per_target(
                             self._eager_forward, chunk_inputs, [expand_target(t, chunk) for t in many],
                             chunk_args, wrt=path, grad_kwargs=grad_kwargs, on_unused=unused_layer,
+                            check_targets=False,  # checked on the outputs at the ends
                         )
                     else:
                         grads, outputs = gradients_and_outputs(
                             self._eager_forward, chunk_inputs, expand_target(target_of_rows, chunk),
                             chunk_args, wrt=path, grad_kwargs=grad_kwargs, on_unused=unused_layer,
+                            check_targets=False,  # checked on the outputs at the ends
                         )
                 if not all(called):
                     # The layer ran when its activations were read, so the model's control
@@ -215,11 +218,14 @@ class LayerIntegratedGradients:
             integral = integrate_adaptively(ends, starts, adaptive, run_round, start_values, end_values)
         else:
             nodes = path_nodes(method, n_steps)
+            target_count = len(many) if many else 1
+            cost_key = RowCosts.key(ends, model_inputs + (args or ()), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
-                                         target_count=len(many) if many else 1,
-                                         batch_dependent=batch_dependent_call())
+                                         target_count=target_count, batch_dependent=batch_dependent_call(),
+                                         known_row_bytes=self._row_costs.get(cost_key))
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
                                            row_limit, target_count=len(many) if many is not None else None)
+            self._row_costs.remember(cost_key, row_limit)
         self.last_integral: Union[PathIntegral, AdaptiveIntegral] = integral
         attributions = attributions_from(integral, ends, starts, self.multiplies_by_inputs)
         result = self._format_result(attributions, slots)
