@@ -322,7 +322,8 @@ def test_a_repeated_call_sizes_its_chunks_without_a_probe(monkeypatch):
     first = ig.attribute(x, target=3, n_steps=50)
     assert len(ig.last_integral.chunks) == 2  # a first chunk sized by a guess, measured
     meters = []
-    monkeypatch.setattr(memory.PeakMeter, "__enter__", lambda self: meters.append(self) or self)
+    enter = memory.PeakMeter.__enter__
+    monkeypatch.setattr(memory.PeakMeter, "__enter__", lambda self: meters.append(self) or enter(self))
     again = ig.attribute(x, target=3, n_steps=50)
     assert [c.rows for c in ig.last_integral.chunks] == [50 * 64] and not meters
     torch.testing.assert_close(again, first, rtol=1e-6, atol=1e-7)
