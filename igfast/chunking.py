@@ -282,7 +282,7 @@ def choose_row_limit(
         return RowLimit(n_nodes * batch_size)
     row_bytes = sum(x[0].numel() * x.element_size() for x in inputs) if batch_size else 0
     reserved = target_count * sum(  # one accumulator per input and target
-        x.numel() * torch.finfo(dtype_policy(x.dtype).accumulate).bits // 8 for x in inputs
+        x.numel() * dtype_policy(x.dtype).accumulate.itemsize for x in inputs
     )
     explicit = memory_budget is not None
     budget = parse_memory_size(memory_budget) if explicit else automatic_budget(inputs[0].device)

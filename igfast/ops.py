@@ -36,7 +36,7 @@ def _registered(device_type: str) -> bool:
 
 def kernels_available(device) -> bool:
     """Whether the compiled kernels run for tensors on ``device``."""
-    return _enabled and _registered(torch.device(device).type)
+    return _enabled and _registered(device.type if isinstance(device, torch.device) else torch.device(device).type)
 
 
 def why_not_kernels(device) -> Optional[str]:

@@ -89,10 +89,12 @@ def _check_index(index: int, size: int, dim: int, shape: torch.Size) -> None:
 
 
 def _check_indices(indices: torch.Tensor, low: int, size: int, dim: int, shape: torch.Size) -> None:
-    """Vectorised range check of per-example indices (one device sync)."""
-    outside = (indices < low) | (indices >= size)
-    if indices.numel() and bool(outside.any()):
-        raise _out_of_range(int(indices[outside][0].item()), dim, shape)
+    """Vectorised range check of per-example indices: one reduction (a device sync)."""
+    if not indices.numel():
+        return
+    smallest, largest = (int(v) for v in torch.aminmax(indices))
+    if smallest < low or largest >= size:
+        raise _out_of_range(smallest if smallest < low else largest, dim, shape)
 
 
 def _select_columns(output: torch.Tensor, indices: Tuple) -> torch.Tensor:
