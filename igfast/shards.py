@@ -169,7 +169,7 @@ class Attributions:
 
 
 def open_attributions(path: str, mmap: bool = True) -> Attributions:
-    """Open the output directory of a finished ``attribute_dataset`` run.
+    """Open the output directory (``path``) of a finished ``attribute_dataset`` run.
 
     Fields index like arrays over all examples, in data-set order:
     ``store.attributions[10:20]`` (a tensor), ``store.deltas[3]``, ``store[5]``

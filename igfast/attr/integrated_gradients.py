@@ -74,6 +74,7 @@ class IntegratedGradients:
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """True: ``attribute`` can return the convergence delta (Captum's protocol)."""
         return True
 
     @wrappable_by_captum

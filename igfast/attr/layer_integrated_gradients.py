@@ -95,6 +95,7 @@ class LayerIntegratedGradients:
         return self.ig.multiplies_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """True: ``attribute`` can return the convergence delta (Captum's protocol)."""
         return True
 
     @wrappable_by_captum

@@ -66,6 +66,7 @@ class NoiseTunnel:
         return self._multiply_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """Whether the wrapped method can return the convergence delta (Captum's protocol)."""
         return self.is_delta_supported
 
     def attribute(
