@@ -181,6 +181,7 @@ def choose_row_limit(
     inputs: Tuple[torch.Tensor, ...],
     n_nodes: int,
     target_count: int = 1,
+    accumulator_bytes: Optional[int] = None,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
 
@@ -190,6 +191,9 @@ def choose_row_limit(
       starting from one row.
     - neither, or ``internal_batch_size="auto"``: the same under an automatic budget
       (a share of the device's free memory), starting from an estimated first chunk.
+
+    ``accumulator_bytes``: what the call's accumulators hold, when not one tensor
+    shaped like each input per target (reduced gradients, see integrate_gradients).
     """
     batch_size = inputs[0].shape[0]
     if internal_batch_size is not None and internal_batch_size != "auto":
@@ -216,7 +220,8 @@ def choose_row_limit(
         return RowLimit(steps * batch_size)
 
     row_bytes = sum(x[0].numel() * x.element_size() for x in inputs) if batch_size else 0
-    reserved = target_count * sum(  # one accumulator per input and target
+    reserved = accumulator_bytes if accumulator_bytes is not None else target_count * sum(
+        # one accumulator per input and target
         x.numel() * torch.finfo(dtype_policy(x.dtype).accumulate).bits // 8 for x in inputs
     )
     explicit = memory_budget is not None
