@@ -154,6 +154,12 @@ def save_token_html(rows: Sequence[Tuple[Sequence[str], Sequence[float], str]], 
     return path
 
 
+def token_labels(tokens: Sequence[str]) -> list:
+    """Tokens as a reader sees them: the word-start markers of byte-level BPE ("Ġ")
+    and SentencePiece ("▁") become a space, the newline marker "Ċ" becomes "\\n"."""
+    return [t.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\\n") for t in tokens]
+
+
 def token_attribution_map(input_tokens: Sequence[str], output_tokens: Sequence[str], token_attr: torch.Tensor,
                           title: Optional[str] = None):
     """The output-token x input-token map of an LLM attribution (matplotlib), as
@@ -170,8 +176,9 @@ def token_attribution_map(input_tokens: Sequence[str], output_tokens: Sequence[s
                                          max(2.5, 0.4 * len(output_tokens) + 1.5)))
     artist = axes.imshow(values.numpy(), cmap=COLOR_MAP, vmin=-limit, vmax=limit, aspect="auto")
     figure.colorbar(artist, ax=axes, fraction=0.03, pad=0.02)
-    axes.set_xticks(range(len(input_tokens)), labels=list(input_tokens), rotation=60, ha="right", fontsize=8)
-    axes.set_yticks(range(len(output_tokens)), labels=list(output_tokens), fontsize=8)
+    axes.set_xticks(range(len(input_tokens)), labels=token_labels(input_tokens), rotation=60, ha="right",
+                    fontsize=8)
+    axes.set_yticks(range(len(output_tokens)), labels=token_labels(output_tokens), fontsize=8)
     axes.set_xlabel("prompt tokens")
     axes.set_ylabel("output tokens")
     if values.numel() <= 600:
@@ -194,7 +201,8 @@ def sequence_attribution_bars(input_tokens: Sequence[str], seq_attr: torch.Tenso
     figure, axes = plt.subplots(figsize=(max(4.0, 0.5 * len(input_tokens) + 1.5), 3.0))
     colours = plt.get_cmap(COLOR_MAP)((values / (2 * limit) + 0.5).clamp(0, 1).numpy())
     axes.bar(range(len(values)), values.numpy(), color=colours, edgecolor="grey", linewidth=0.5)
-    axes.set_xticks(range(len(input_tokens)), labels=list(input_tokens), rotation=60, ha="right", fontsize=8)
+    axes.set_xticks(range(len(input_tokens)), labels=token_labels(input_tokens), rotation=60, ha="right",
+                    fontsize=8)
     axes.axhline(0, color="grey", linewidth=0.5)
     figure.tight_layout()
     return figure, axes
@@ -224,7 +232,7 @@ def token_map_html(input_tokens: Sequence[str], output_tokens: Sequence[str], to
     values = token_attr.detach().to("cpu", torch.float64)
     limit = symmetric_limit(values)
     header = "".join(f"<th style='writing-mode:vertical-rl;font-weight:normal'>{html.escape(t)}</th>"
-                     for t in input_tokens)
+                     for t in token_labels(input_tokens))
     rows = []
     for output_token, row in zip(output_tokens, values.tolist()):
         cells = "".join(f"<td title='{v:+.4f}' style='background:{_token_colour(v, limit)};min-width:1.6em'></td>"

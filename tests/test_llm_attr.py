@@ -282,3 +282,21 @@ def test_pretrained_smollm2_wiring():
     ours, theirs = both(model, tokenizer, inp, gen_args={"max_new_tokens": 3, "do_sample": False}, n_steps=4)
     assert "Paris" in "".join(ours.output_tokens)
     assert_same_result(ours, theirs)
+
+
+def test_gpu_check_case_runs_on_a_tiny_llama():
+    """benchmarks/bench_llm.py's llama_case (the GPU check's entry point), on CPU with
+    a tiny config: every field the check reads, and parity with Captum."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_llm.py")
+    spec = importlib.util.spec_from_file_location("bench_llm", path)
+    bench_llm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_llm)
+    row = bench_llm.llama_case("cpu", torch.float32, prompt_len=12, target_len=5, n_steps=4, tiny=True)
+    for key in ("time_igfast_s", "time_captum_s", "peak_igfast_bytes", "peak_captum_bytes", "calls_igfast",
+                "calls_captum", "bound", "speedup", "of_bound", "parameters"):
+        assert key in row, key
+    assert row["calls_igfast"] == 2 and row["calls_captum"] == 5 * 3
+    assert row["rel_diff_igfast"] <= 1e-5 and row["bound"] > 0
