@@ -108,7 +108,7 @@ def forward_backward_row_costs(model, ids: torch.Tensor, targets: torch.Tensor, 
     """Seconds per path row: sum_t (F_t + B_t) of the per-token loop and F + T * B of
     the one pass, the backward taken with respect to the embedding output."""
     layer = model.get_input_embeddings()
-    prompt_len, count = ids.shape[1], targets.shape[0]
+    count = targets.shape[0]
 
     def forward_backward(forward, sequence, backwards):
         batch = sequence.expand(rows, -1).contiguous()

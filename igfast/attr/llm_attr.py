@@ -29,8 +29,7 @@ fit, beyond the T-proportional logits and accumulators.
 """
 
 import inspect
-import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -43,7 +42,7 @@ from ..quadrature import path_nodes
 from ._forms import repeat_rows
 from ._layers import activations_replaced, record_activations
 from .layer_integrated_gradients import LayerIntegratedGradients
-from .llm_inputs import TokenPrompt, captum_input_classes, token_prompt
+from .llm_inputs import TokenPrompt, token_prompt
 from .llm_result import make_result, pretty_tokens
 
 # Captum's generation defaults when ``target`` is None and ``gen_args`` is not given.

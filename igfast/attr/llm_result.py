@@ -3,7 +3,7 @@ installed (so its plotting methods and any code written for it work), else
 igfast's class with the same fields and plots; and readable output tokens.
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 

@@ -9,8 +9,6 @@ is noise: the picture shows the mechanics, not language).
 import os
 from typing import Dict, Optional
 
-import torch
-
 from .. import viz
 from ..attr import LLMGradientAttribution, LayerIntegratedGradients, TextTokenInput
 from .hf_causal_lm import byte_level_tokenizer, random_causal_lm, smollm2, smollm2_available
