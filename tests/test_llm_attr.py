@@ -300,3 +300,28 @@ def test_gpu_check_case_runs_on_a_tiny_llama():
         assert key in row, key
     assert row["calls_igfast"] == 2 and row["calls_captum"] == 5 * 3
     assert row["rel_diff_igfast"] <= 1e-5 and row["bound"] > 0
+
+
+def test_igfast_input_classes_behave_like_captums(tokenizer):
+    """igfast's TextTokenInput / TextTemplateInput (used without Captum) against Captum's."""
+    from igfast.attr import llm_inputs
+
+    for kwargs in ({}, {"skip_tokens": ["<s>"], "baselines": "<pad>"}, {"skip_tokens": [1, 15]}):
+        ours, theirs = (cls(PROMPT, tokenizer, **kwargs) for cls in (llm_inputs.TextTokenInput,
+                                                                      captum_attr.TextTokenInput))
+        assert ours.values == theirs.values and ours.baselines == theirs.baselines
+        assert torch.equal(ours.to_tensor(), theirs.to_tensor())
+        perturbed = (torch.rand(3, ours.n_itp_features, generator=torch.Generator().manual_seed(1)) > 0.5).long()
+        assert torch.equal(ours.to_model_input(perturbed), theirs.to_model_input(perturbed))
+        assert torch.equal(ours.to_model_input(), theirs.to_model_input())
+    for kwargs in ({}, {"baselines": ["It", "mat", "x"]}, {"mask": [3, 1, 3]}):
+        ours, theirs = (cls("{} lives in {} and is {}", ["He", "Palm Coast", "sad"], **kwargs)
+                        for cls in (llm_inputs.TextTemplateInput, captum_attr.TextTemplateInput))
+        assert ours.n_itp_features == theirs.n_itp_features
+        for row in ([[1, 0, 1]], [[0, 1, 0]])[:1 if "mask" in kwargs else 2]:
+            row = torch.tensor(row)[:, :ours.n_itp_features]
+            assert ours.to_model_input(row) == theirs.to_model_input(row)
+        attr = torch.randn(4, ours.n_itp_features)
+        assert torch.equal(ours.format_attr(attr), theirs.format_attr(attr))
+    named = llm_inputs.TextTemplateInput("{a} and {b}", {"a": "x", "b": "y"}, baselines={"a": "p", "b": "q"})
+    assert named.to_model_input(torch.tensor([[1, 0]])) == "x and q"

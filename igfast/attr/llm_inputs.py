@@ -144,11 +144,6 @@ class TextTemplateInput:
     def to_tensor(self) -> torch.Tensor:
         return torch.ones(1, self.n_itp_features)
 
-    def _fill(self, values: List[str]) -> str:
-        if self.dict_keys:
-            return self.format_fn(**dict(zip(self.dict_keys, values)))
-        return self.format_fn(*values)
-
     def to_model_input(self, perturbed_tensor: Optional[torch.Tensor] = None) -> str:
         """The filled template; features that are 0 in ``perturbed_tensor`` get their baseline."""
         values = list(self.values)
@@ -160,7 +155,7 @@ class TextTemplateInput:
                 feature = self.formatted_mask[index] if self.mask is not None else index
                 if not perturbed_tensor[0][feature]:
                     values[index] = baselines[index]
-        return self._fill(values)
+        return fill_template(self, values)
 
     def format_attr(self, itp_attr: torch.Tensor) -> torch.Tensor:
         """(..., n_itp_features) -> (..., n_features): each value gets its feature's attribution."""
@@ -251,8 +246,7 @@ _MARKER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 def value_spans(inp: Any) -> Tuple[str, List[Tuple[int, int, int]]]:
     """The filled template and (begin, end, value index) of each value's characters,
     found by filling the template with markers (a value may occur several times)."""
-    marked = inp._fill([f"{_OPEN}{i}{_CLOSE}" for i in range(len(inp.values))]) if hasattr(inp, "_fill") \
-        else _fill_captum_template(inp, [f"{_OPEN}{i}{_CLOSE}" for i in range(len(inp.values))])
+    marked = fill_template(inp, [f"{_OPEN}{i}{_CLOSE}" for i in range(len(inp.values))])
     pieces, spans, position, cursor = [], [], 0, 0
     for match in _MARKER.finditer(marked):
         literal = marked[cursor:match.start()]
@@ -274,7 +268,8 @@ def value_spans(inp: Any) -> Tuple[str, List[Tuple[int, int, int]]]:
     return text, spans
 
 
-def _fill_captum_template(inp: Any, values: List[str]) -> str:
+def fill_template(inp: Any, values: List[str]) -> str:
+    """The template of ``inp`` (Captum's or igfast's TextTemplateInput) filled with ``values``."""
     if inp.dict_keys:
         return inp.format_fn(**dict(zip(inp.dict_keys, values)))
     return inp.format_fn(*values)
