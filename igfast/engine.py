@@ -101,6 +101,7 @@ def integrate_gradients(
     gradients_at: GradientsAt,
     row_limit: RowLimit,
     target_count: Optional[int] = None,
+    gradient_shapes: Optional[Sequence[Tuple[int, ...]]] = None,
 ) -> PathIntegral:
     """sum_k w_k * grad F(x' + alpha_k (x - x')) for every input, chunk by chunk.
 
@@ -109,7 +110,11 @@ def integrate_gradients(
     with ``target_count`` K, one per target: (K,) + input shape. The K targets share
     every forward pass; only the backward passes are per target. A (levels, n)
     weight table in ``nodes`` likewise gives one accumulator per level: every level's
-    rule is summed from the same gradients.
+    rule is summed from the same gradients. ``gradient_shapes`` (per input, the shape
+    of what gradients_at returns for B rows) lets gradients_at reduce each gradient
+    before it is accumulated (LLM attribution contracts it with the input difference
+    at once, so the accumulators do not grow with the layer's width); default: the
+    inputs' own shapes.
     """
     assert target_count is None or nodes.rule_count is None, "targets and nested rules do not mix"
     leading = next(((count,) for count in (target_count, nodes.rule_count) if count is not None), ())
@@ -123,9 +128,10 @@ def integrate_gradients(
     # Gradients are needed even when the caller is under no_grad or inference_mode
     # (the accumulators are written in place, so they must not be inference tensors).
     with torch.inference_mode(False), torch.enable_grad():
+        shapes = [tuple(x.shape) for x in inputs] if gradient_shapes is None else gradient_shapes
         accumulators = tuple(
-            torch.zeros(leading + tuple(x.shape), dtype=dtype_policy(x.dtype).accumulate, device=x.device)
-            for x in inputs
+            torch.zeros(leading + tuple(shape), dtype=dtype_policy(x.dtype).accumulate, device=x.device)
+            for x, shape in zip(inputs, shapes)
         )
         alphas_on = [nodes.alphas.to(x.device) for x in inputs]
         weights_on = [nodes.weights.to(x.device) for x in inputs]

@@ -8,6 +8,7 @@ white always means "no effect".
     from igfast import viz
     viz.save_image_attributions(images, attributions, "attributions.png")
     viz.save_token_html([(tokens, scores, "caption")], "tokens.html")
+    viz.save_token_attribution_map(llm_result, "tokens.png")   # or .html
 """
 
 import html
@@ -151,3 +152,97 @@ def save_token_html(rows: Sequence[Tuple[Sequence[str], Sequence[float], str]], 
     with open(os.fspath(path), "w", encoding="utf-8") as handle:
         handle.write(page)
     return path
+
+
+def token_labels(tokens: Sequence[str]) -> list:
+    """Tokens as a reader sees them: the word-start markers of byte-level BPE ("Ġ")
+    and SentencePiece ("▁") become a space, the newline marker "Ċ" becomes "\\n"."""
+    return [t.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\\n") for t in tokens]
+
+
+def token_attribution_map(input_tokens: Sequence[str], output_tokens: Sequence[str], token_attr: torch.Tensor,
+                          title: Optional[str] = None):
+    """The output-token x input-token map of an LLM attribution (matplotlib), as
+    Captum's ``LLMAttributionResult.plot_token_attr`` draws it: one row per output
+    token, one column per input token, values written in the cells. Returns
+    (figure, axes)."""
+    plt = _pyplot()
+    values = token_attr.detach().to("cpu", torch.float64)
+    if values.shape != (len(output_tokens), len(input_tokens)):
+        raise ValueError(f"`token_attr` must be ({len(output_tokens)}, {len(input_tokens)}); "
+                         f"got {tuple(values.shape)}.")
+    limit = symmetric_limit(values)
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.55 * len(input_tokens) + 2),
+                                         max(2.5, 0.4 * len(output_tokens) + 1.5)))
+    artist = axes.imshow(values.numpy(), cmap=COLOR_MAP, vmin=-limit, vmax=limit, aspect="auto")
+    figure.colorbar(artist, ax=axes, fraction=0.03, pad=0.02)
+    axes.set_xticks(range(len(input_tokens)), labels=token_labels(input_tokens), rotation=60, ha="right",
+                    fontsize=8)
+    axes.set_yticks(range(len(output_tokens)), labels=token_labels(output_tokens), fontsize=8)
+    axes.set_xlabel("prompt tokens")
+    axes.set_ylabel("output tokens")
+    if values.numel() <= 600:
+        for (row, column), value in zip(torch.cartesian_prod(torch.arange(values.shape[0]),
+                                                             torch.arange(values.shape[1])).tolist(),
+                                        values.reshape(-1).tolist()):
+            axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                      color="white" if abs(value) > 0.6 * limit else "black")
+    if title:
+        axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure, axes
+
+
+def sequence_attribution_bars(input_tokens: Sequence[str], seq_attr: torch.Tensor):
+    """Bars of the attribution of the whole output to each input token. Returns (figure, axes)."""
+    plt = _pyplot()
+    values = seq_attr.detach().to("cpu", torch.float64).reshape(-1)
+    limit = symmetric_limit(values)
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.5 * len(input_tokens) + 1.5), 3.0))
+    colours = plt.get_cmap(COLOR_MAP)((values / (2 * limit) + 0.5).clamp(0, 1).numpy())
+    axes.bar(range(len(values)), values.numpy(), color=colours, edgecolor="grey", linewidth=0.5)
+    axes.set_xticks(range(len(input_tokens)), labels=token_labels(input_tokens), rotation=60, ha="right",
+                    fontsize=8)
+    axes.axhline(0, color="grey", linewidth=0.5)
+    figure.tight_layout()
+    return figure, axes
+
+
+def save_token_attribution_map(result, path: str, title: Optional[str] = None, dpi: int = 120) -> str:
+    """Write an LLM attribution result's token map as a PNG (``.png``) or as an HTML
+    table (``.html``, no matplotlib needed). Returns path."""
+    if result.token_attr is None:
+        raise ValueError("the result has no token_attr to draw")
+    if os.fspath(path).endswith(".html"):
+        with open(os.fspath(path), "w", encoding="utf-8") as handle:
+            handle.write(token_map_html(result.input_tokens, result.output_tokens, result.token_attr,
+                                        title or "igfast LLM attribution"))
+        return path
+    plt = _pyplot()
+    figure, _ = token_attribution_map(result.input_tokens, result.output_tokens, result.token_attr, title)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
+def token_map_html(input_tokens: Sequence[str], output_tokens: Sequence[str], token_attr: torch.Tensor,
+                   title: str = "igfast LLM attribution") -> str:
+    """The output-token x input-token map as an HTML page: a table of coloured cells
+    (red raises the output token's log-probability, blue lowers it; hover for values)."""
+    values = token_attr.detach().to("cpu", torch.float64)
+    limit = symmetric_limit(values)
+    header = "".join(f"<th style='writing-mode:vertical-rl;font-weight:normal'>{html.escape(t)}</th>"
+                     for t in token_labels(input_tokens))
+    rows = []
+    for output_token, row in zip(output_tokens, values.tolist()):
+        cells = "".join(f"<td title='{v:+.4f}' style='background:{_token_colour(v, limit)};min-width:1.6em'></td>"
+                        for v in row)
+        rows.append(f"<tr><th style='text-align:right'>{html.escape(output_token)}</th>{cells}</tr>")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>"
+        f"<body style='font-family:monospace'><h3>{html.escape(title)}</h3>"
+        "<p>rows: output tokens; columns: prompt tokens; red raises the output token's "
+        "log-probability, blue lowers it (hover for values)</p>"
+        f"<table style='border-collapse:collapse'><tr><th></th>{header}</tr>{''.join(rows)}</table>"
+        "</body></html>\n"
+    )

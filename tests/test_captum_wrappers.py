@@ -97,3 +97,124 @@ def test_attribute_exposes_wrapped_for_captum():
     assert torch.equal(direct, unwrapped)
     assert ig.has_convergence_delta() and ig.multiplies_by_inputs
     assert not igfast.IntegratedGradients(MLP(), multiply_by_inputs=False).multiplies_by_inputs
+
+
+def test_igfast_classes_pass_captums_type_checks():
+    """Captum 0.9 checks types in LLMGradientAttribution (SUPPORTED_METHODS) and in
+    NoiseTunnel (is_gradient_method): igfast's classes are instances of Captum's."""
+    model = TokenModel().eval()
+    ig = igfast.IntegratedGradients(model)
+    lig = igfast.LayerIntegratedGradients(model, model.embedding)
+    nt = igfast.NoiseTunnel(ig)
+    assert isinstance(ig, captum_attr.IntegratedGradients) and isinstance(ig, captum_attr.GradientAttribution)
+    assert isinstance(lig, captum_attr.LayerIntegratedGradients)
+    assert isinstance(lig, captum_attr.LLMGradientAttribution.SUPPORTED_METHODS)
+    assert isinstance(nt, captum_attr.NoiseTunnel)
+    assert captum_attr.NoiseTunnel(ig).is_gradient_method
+    assert igfast.attr._captum_protocol.why_no_captum() is None
+    # igfast's methods come first: Captum's attribute never runs on igfast's objects.
+    assert type(ig).attribute is not captum_attr.IntegratedGradients.attribute
+    assert type(lig).attribute is not captum_attr.LayerIntegratedGradients.attribute
+
+
+def test_tcav_with_igfast_layer_ig(tmp_path):
+    """Captum's TCAV sets `layer` on the layer method before each call and calls
+    attribute.__wrapped__: with igfast's LayerIG its scores equal Captum's."""
+    pytest.importorskip("sklearn")
+    from captum.concept import TCAV, Concept
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).eval()
+
+    def concept(index, name, shift):
+        rows = torch.randn(12, 6, generator=torch.Generator().manual_seed(index)) + shift
+        return Concept(index, name, [rows[:6], rows[6:]])  # two batches of examples
+
+    concepts = [[concept(0, "up", 1.0), concept(1, "down", -1.0)]]
+    inputs = torch.randn(5, 6, generator=torch.Generator().manual_seed(9))
+    scores = {}
+    for name, method in (("captum", captum_attr.LayerIntegratedGradients(model, None, multiply_by_inputs=False)),
+                         ("igfast", igfast.LayerIntegratedGradients(model, None, multiply_by_inputs=False))):
+        tcav = TCAV(model, layers=["1", "3"], layer_attr_method=method, save_path=str(tmp_path))
+        scores[name] = tcav.interpret(inputs, experimental_sets=concepts, target=0, n_steps=8)
+    first, second = (scores["captum"]["0-1"][layer]["magnitude"] for layer in ("1", "3"))
+    assert not torch.allclose(first, second)  # the layers differ, so following `layer` matters
+    for key, layers in scores["captum"].items():
+        for layer, values in layers.items():
+            for score, value in values.items():
+                torch.testing.assert_close(scores["igfast"][key][layer][score], value, rtol=1e-5, atol=1e-6)
+
+
+BLOCKED_CAPTUM = """
+import importlib.abc, json, sys
+class NoCaptum(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "captum" or name.startswith("captum."):
+            raise ImportError("captum is blocked in this test")
+sys.meta_path.insert(0, NoCaptum())
+import torch, igfast
+from igfast.examples.hf_causal_lm import byte_level_tokenizer, random_causal_lm
+assert "captum" not in sys.modules
+torch.manual_seed(0)
+mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+x = torch.randn(4, 6)
+ig = igfast.IntegratedGradients(mlp).attribute(x, target=1, n_steps=10)
+nt = igfast.NoiseTunnel(igfast.IntegratedGradients(mlp)).attribute(x, target=1, n_steps=10, nt_samples=3, stdevs=0.1)
+tokenizer = byte_level_tokenizer()
+lm = random_causal_lm("gpt2", tokenizer)
+inp = igfast.TextTokenInput("Dave lives in Palm Coast", tokenizer, skip_tokens=["<s>"])
+explainer = igfast.LLMGradientAttribution(igfast.LayerIntegratedGradients(lm, lm.get_input_embeddings()), tokenizer)
+result = explainer.attribute(inp, target=" is a lawyer", n_steps=8)
+template = explainer.attribute(igfast.TextTemplateInput("{} lives in Palm Coast and is a {}", ["He", "sad"],
+                                                        mask=[1, 0]), target=" is a lawyer", n_steps=8)
+import matplotlib
+matplotlib.use("Agg")
+figure, _ = result.plot_token_attr()
+print(json.dumps({
+    "bases": [len(c.__mro__) for c in (igfast.IntegratedGradients, igfast.LayerIntegratedGradients, igfast.NoiseTunnel)],
+    "why": igfast.attr._captum_protocol.why_no_captum(),
+    "classes": [type(result).__module__, igfast.TextTokenInput.__module__],
+    "ig": ig.tolist(), "nt_shape": list(nt.shape),
+    "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+    "token_attr": result.token_attr.tolist(), "seq_attr": result.seq_attr.tolist(),
+    "template": template.token_attr.tolist(), "captum_loaded": "captum" in sys.modules,
+}))
+"""
+
+
+def test_igfast_works_without_captum():
+    """In a process where importing captum fails: igfast imports, its classes have no
+    Captum base, IG/NoiseTunnel/LLM attribution run (igfast's input and result
+    classes) and give what they give with Captum installed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-c", BLOCKED_CAPTUM], capture_output=True, text=True,
+                               env=dict(os.environ), timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    seen = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert seen["bases"] == [2, 2, 2]  # the class and object
+    assert "blocked" in seen["why"] and not seen["captum_loaded"]
+    assert seen["classes"] == ["igfast.attr.llm_result", "igfast.attr.llm_inputs"]
+    from igfast.examples.hf_causal_lm import byte_level_tokenizer, random_causal_lm
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(torch.tensor(seen["ig"]), igfast.IntegratedGradients(mlp).attribute(x, target=1, n_steps=10))
+    tokenizer = byte_level_tokenizer()
+    lm = random_causal_lm("gpt2", tokenizer)
+    inp = captum_attr.TextTokenInput("Dave lives in Palm Coast", tokenizer, skip_tokens=["<s>"])
+    layer_ig = captum_attr.LayerIntegratedGradients(lm, lm.get_input_embeddings())
+    theirs = captum_attr.LLMGradientAttribution(layer_ig, tokenizer).attribute(inp, target=" is a lawyer", n_steps=8)
+    assert seen["input_tokens"] == theirs.input_tokens and seen["output_tokens"] == theirs.output_tokens
+    torch.testing.assert_close(torch.tensor(seen["token_attr"]), theirs.token_attr, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(seen["seq_attr"]), theirs.seq_attr, rtol=1e-5, atol=1e-7)
+    with_captum = igfast.LLMGradientAttribution(igfast.LayerIntegratedGradients(lm, lm.get_input_embeddings()),
+                                                tokenizer).attribute(
+        captum_attr.TextTemplateInput("{} lives in Palm Coast and is a {}", ["He", "sad"], mask=[1, 0]),
+        target=" is a lawyer", n_steps=8)
+    torch.testing.assert_close(torch.tensor(seen["template"]), with_captum.token_attr, rtol=1e-5, atol=1e-7)

@@ -162,3 +162,21 @@ def test_viz_helpers(tmp_path):
     assert_png(path)
     with pytest.raises(ValueError, match="same number of rows"):
         viz.save_image_attributions(images, attributions[:1], str(tmp_path / "y.png"))
+
+
+def test_llm_command_writes_the_token_map(tmp_path):
+    """`igfast llm`: a generated continuation attributed to the prompt, drawn as the
+    output-token x prompt-token map (PNG and HTML)."""
+    pytest.importorskip("transformers")
+    completed = run_command("llm", "--model", "tiny", "--max-new-tokens", "3", "--n-steps", "4",
+                            "--prompt", "The cat sat on the mat", "--out", str(tmp_path))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "tiny GPT-2" in completed.stdout
+    assert_png(str(tmp_path / "llm-token-map.png"))
+    page = (tmp_path / "llm-token-map.html").read_text()
+    assert page.count("<tr>") == 1 + 3 and ("title='+" in page or "title='-" in page)
+
+
+def test_llm_command_bad_option():
+    completed = run_command("llm", "--max-new-tokens", "0")
+    assert completed.returncode == 2 and "--max-new-tokens must be >= 1" in completed.stderr

@@ -11,6 +11,8 @@ import igfast
 def _public_callables():
     for name in igfast.__all__:
         value = getattr(igfast, name)
+        if not getattr(value, "__module__", "igfast").startswith("igfast"):
+            continue  # Captum's own class, re-exported when Captum is installed
         if inspect.isclass(value):
             yield name, value
             if issubclass(value, BaseException):

@@ -12,7 +12,7 @@ from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
 from ..quadrature import path_nodes
-from ._captum_protocol import wrappable_by_captum
+from ._captum_protocol import captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
@@ -34,7 +34,7 @@ from ._target import expand_target, normalize_target
 TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 
-class IntegratedGradients:
+class IntegratedGradients(*captum_bases("IntegratedGradients")):
     r"""Integrated Gradients (Sundararajan, Taly and Yan, 2017), as in Captum.
 
     A drop-in replacement for ``captum.attr.IntegratedGradients``: the same

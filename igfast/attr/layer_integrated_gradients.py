@@ -25,7 +25,7 @@ from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
-from ._captum_protocol import wrappable_by_captum
+from ._captum_protocol import captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
@@ -50,7 +50,7 @@ TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 LayerAttributions = Union[TensorOrTuple, List[TensorOrTuple]]
 
 
-class LayerIntegratedGradients:
+class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
     r"""Layer Integrated Gradients, a drop-in for ``captum.attr.LayerIntegratedGradients``.
 
     Attributes the target output to each neuron of a layer's output (or input):
@@ -78,17 +78,37 @@ class LayerIntegratedGradients:
     ) -> None:
         self.ig = IntegratedGradients(forward_func, multiply_by_inputs)
         self.forward_func = forward_func
-        self._eager_forward = eager_original(forward_func)
+        self._eager_of = self._eager = None
         self._row_costs = RowCosts()  # what earlier calls measured: later ones need no probe
-        self._layers = layer_list(layer, forward_func)
         self.layer = layer
         self.device_ids = device_ids
-        if len(self._layers) > 1:
+        if self._layers is not None and len(self._layers) > 1:
             warnings.warn(
                 "Several layers given: none of them may compute its activation from "
                 "another's, or the path of one would be overwritten by the other.",
                 stacklevel=2,
             )
+
+    @property
+    def layer(self) -> Any:
+        """The layer(s) attributed to. Captum's TCAV assigns it before each call, so
+        assigning checks the new layer(s) as the constructor does."""
+        return self._layer
+
+    @layer.setter
+    def layer(self, layer: Any) -> None:
+        # None is accepted until attribute() (Captum's TCAV constructs with None).
+        self._layers = None if layer is None else layer_list(layer, self.forward_func)
+        self._layer = layer
+
+    @property
+    def _eager_forward(self) -> Callable:
+        """``forward_func`` as the layer hooks need it: a compiled model's eager
+        original. Follows ``forward_func`` when it is replaced (Captum's
+        LLMGradientAttribution sets its own)."""
+        if self._eager_of is not self.forward_func:
+            self._eager_of, self._eager = self.forward_func, eager_original(self.forward_func)
+        return self._eager
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -147,6 +167,8 @@ class LayerIntegratedGradients:
             With ``return_convergence_delta``, ``(attributions, delta)``; with
             ``return_adaptive_info``, the AdaptiveInfo last.
         """
+        if self._layers is None:
+            raise ArgumentError("`layer` is None: give the layer(s) to attribute to (set `layer`).")
         if self.device_ids is None:
             self.device_ids = getattr(self.forward_func, "device_ids", None)
         if self.device_ids is not None and len(self.device_ids) > 1:
