@@ -41,7 +41,8 @@ import igfast
 from igfast.attr.llm_attr import TargetLogProbs
 from igfast.bench.timing import interleaved_medians, synchronize
 from igfast.examples.hf_causal_lm import CORPUS, byte_level_tokenizer, random_causal_lm
-from igfast.memory import PeakMeter, format_size
+from igfast.bench.peak import AllocationPeak
+from igfast.memory import format_size
 
 try:
     import captum.attr as captum_attr
@@ -171,9 +172,9 @@ def run_case(model, tokenizer, device: str, prompt_len: int, target_len: int, n_
             variants["captum+igfast"] = lambda: wrapped.attribute(inp, target=targets, n_steps=n_steps)
     results, peaks, calls = {}, {}, {}
     for name, run in variants.items():  # first, untimed round: results, peaks, calls
-        with CountCalls(model) as counter, PeakMeter(torch.device(device)) as meter:
+        with CountCalls(model) as counter, AllocationPeak(device) as meter:
             results[name] = run()
-        peaks[name], calls[name] = meter.peak, counter.calls
+        peaks[name], calls[name] = meter.bytes, counter.calls
     row: Dict[str, Any] = {"prompt": prompt_len, "targets": target_len, "n_steps": n_steps,
                            "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     if "captum" in results:

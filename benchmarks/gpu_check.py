@@ -34,12 +34,9 @@ JSON in gpu-<card>.json, and the output of every section in gpu-<card>.log.
           back-off survives with the unchunked result. On the CPU the out-of-memory
           errors are simulated by a model that refuses large batches.
   llm     the Llama case of benchmarks/bench_llm.py (issue 17), skipped cleanly while
-          that file or its function llama_case is absent. Its contract:
-          llama_case(device: str, quick: bool) -> dict with "name" (str), "variants"
-          ({"igfast": call, "captum": call, optional "floor": call}, each call one
-          attribution without arguments), optional "check" (a function of the dict of
-          the variants' results returning their largest difference) and optional
-          "items" ((count, unit), e.g. (64, "tokens"), for a rate).
+          that file is absent: bench_llm.llama_case measures igfast's and Captum's
+          LLMGradientAttribution on a Llama config of about 1.1B parameters (bfloat16,
+          prompt 256, target 64; a 2-layer one with --quick or on CPU).
 
 Captum is a benchmark dependency only: when it is not importable (GPU machines have no
 internet), the run installs it from a wheel in --wheels (default: .whl in the
@@ -477,7 +474,7 @@ def resnet_case(device: str, quick: bool, dtype_name: str = "float32"):
     """IntegratedGradients on ResNet-50 images (batch 16, 3x224x224; --quick: 2, 3x32x32)."""
     import torch
 
-    from igfast.bench.workloads import BenchCase, input_path_floor
+    from igfast.bench.workloads import BenchCase, input_path_floor, input_path_plain_ig
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
@@ -489,14 +486,15 @@ def resnet_case(device: str, quick: bool, dtype_name: str = "float32"):
     with torch.no_grad():
         target = model(x).argmax(1)
 
-    def run(library, n_steps, method):
+    def run(library, n_steps, method, with_delta=True):
         return library.IntegratedGradients(model).attribute(
-            x, baseline, target=target, n_steps=n_steps, method=method, return_convergence_delta=True)
+            x, baseline, target=target, n_steps=n_steps, method=method, return_convergence_delta=with_delta)
 
     label = "ResNet-50" if not quick else "ResNet (bottleneck blocks, one per stage; stand-in)"
     case = BenchCase("resnet50" + ("" if dtype_name == "float32" else "-bf16"),
                      f"{label}, batch {batch}, 3x{side}x{side}, {dtype_name}", run,
-                     lambda n, m: input_path_floor(model, x, baseline, target, n, m))
+                     lambda n, m: input_path_floor(model, x, baseline, target, n, m),
+                     lambda n, m: input_path_plain_ig(model, x, baseline, target, n, m))
     return case, batch, "images"
 
 
@@ -504,7 +502,7 @@ def bert_case(device: str, quick: bool, dtype_name: str = "float32"):
     """LayerIntegratedGradients on BERT-base's embeddings (batch 16, sequence 128)."""
     import torch
 
-    from igfast.bench.workloads import BenchCase, layer_path_floor
+    from igfast.bench.workloads import BenchCase, layer_path_floor, layer_path_plain_ig
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
@@ -522,15 +520,16 @@ def bert_case(device: str, quick: bool, dtype_name: str = "float32"):
     with torch.no_grad():
         target = model(ids, mask).argmax(1)
 
-    def run(library, n_steps, method):
+    def run(library, n_steps, method, with_delta=True):
         return library.LayerIntegratedGradients(model, layer).attribute(
             ids, baselines=baselines, target=target, additional_forward_args=(mask,), n_steps=n_steps,
-            method=method, return_convergence_delta=True)
+            method=method, return_convergence_delta=with_delta)
 
     label = "BERT-base" if not quick else "BERT (2 layers, width 64; stand-in)"
     case = BenchCase("bert" + ("" if dtype_name == "float32" else "-bf16"),
                      f"{label} LayerIG on the embeddings, batch {batch}, sequence {length}, {dtype_name}",
-                     run, lambda n, m: layer_path_floor(model, layer, ids, baselines, (mask,), n, m))
+                     run, lambda n, m: layer_path_floor(model, layer, ids, baselines, (mask,), n, m),
+                     lambda n, m: layer_path_plain_ig(model, layer, ids, baselines, (mask,), n, m))
     return case, batch, "sequences"
 
 
@@ -817,49 +816,35 @@ LLM_FILE = os.path.join(ROOT, "benchmarks", "bench_llm.py")
 
 
 def section_llm(ctx: Context) -> None:
-    """The Llama case of benchmarks/bench_llm.py: see the module docstring's contract."""
+    """The Llama case of benchmarks/bench_llm.py (llama_case): a Llama config of about
+    1.1B parameters in bfloat16 (a 2-layer one on CPU or --quick), prompt 256 and
+    target 64 tokens, igfast's LLMGradientAttribution against Captum's: times, peaks,
+    model calls, parity and the one-pass bound, measured by bench_llm itself."""
     if not os.path.exists(LLM_FILE):
-        raise SectionSkipped("benchmarks/bench_llm.py is not there yet (issue 17)")
+        raise SectionSkipped("benchmarks/bench_llm.py is not there")
     spec = importlib.util.spec_from_file_location("bench_llm", LLM_FILE)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(LLM_FILE))
-    spec.loader.exec_module(module)
-    llama_case = getattr(module, "llama_case", None)
-    if llama_case is None:
-        raise SectionSkipped("benchmarks/bench_llm.py has no function llama_case(device, quick) yet")
-
-    from igfast.bench.timing import interleaved_medians
-    from igfast.bench.peak import AllocationPeak
-    from igfast.memory import format_size
     try:
-        case = llama_case(ctx.device, ctx.quick)
+        spec.loader.exec_module(module)
     except ImportError as error:
-        raise SectionSkipped(f"llama_case needs a package that is missing: {error}") from None
-    variants = dict(case["variants"])
-    if importlib.util.find_spec("captum") is None:
-        variants.pop("captum", None)
-    results, peaks = {}, {}
-    for name, run in variants.items():  # also the warm-up
-        with AllocationPeak(ctx.device) as meter:
-            results[name] = run()
-        peaks[name] = meter.bytes
-    row: Dict[str, Any] = {"name": case["name"]}
-    if "check" in case and len(results) > 1:
-        row["max_difference"] = float(case["check"](results))
-    del results
-    repeats = 2 if ctx.quick else 3
-    medians = interleaved_medians(variants, repeats, ctx.device, warmup=False)
-    for name, seconds in medians.items():
-        row[f"{name}_s"] = seconds
-        row[f"{name}_peak"] = format_size(peaks[name])
-    if "items" in case:
-        count, unit = case["items"]
-        for name, seconds in medians.items():
-            row[f"{name}_{unit}_per_s"] = count / seconds
-    if "captum" in medians:
-        row["speedup_over_captum"] = medians["captum"] / medians["igfast"]
-    ctx.row(row)
+        raise SectionSkipped(f"bench_llm.py needs a package that is missing: {error}") from None
+    import torch
 
+    from igfast.memory import format_size
+    small = ctx.quick or ctx.device == "cpu"
+    dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
+    row = module.llama_case(ctx.device, dtype, prompt_len=12 if small else 256, target_len=4 if small else 64,
+                            n_steps=8 if small else 16, repeats=1 if small else 2, tiny=small)
+    shown = {key: row[key] for key in ("prompt", "targets", "n_steps", "dtype", "parameters") if key in row}
+    for key, value in row.items():
+        if key.startswith("time_"):
+            shown[key] = round(value, 3)
+        elif key.startswith("peak_"):
+            shown[key.replace("_bytes", "")] = format_size(value)
+        elif key.startswith(("calls_", "rel_diff_")) or key in ("speedup", "bound", "of_bound"):
+            shown[key] = value
+    ctx.row(shown)
 
 SECTIONS = [
     Section("build", 200, 200, section_build),  # a check only, unless it compiles (GPU, or --build)
