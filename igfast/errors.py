@@ -38,3 +38,8 @@ class OutputShapeError(ArgumentError, IndexError):
 class GradientError(ArgumentError, RuntimeError):
     """Autograd cannot take the gradient the attribution needs through this model
     (e.g. reentrant activation checkpointing); Captum raises autograd's RuntimeError."""
+
+
+class NotPiecewiseLinearError(ArgumentError):
+    """method="exact" met an op that is not piecewise linear where the network must be
+    (before its last piecewise-linear op), or one it cannot classify."""

@@ -11,6 +11,7 @@ from ..adaptive import (
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
+from ..exact import POINT_NODES, ExactIntegral, ExactSettings, exact_settings, integrate_exactly
 from ..quadrature import path_nodes
 from ._captum_protocol import captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
@@ -163,7 +164,8 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
         """
         formatted_inputs, is_tuple = format_inputs(inputs)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
-        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
+        exact = method == "exact"
+        adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = formatted_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
         device = formatted_inputs[0].device
@@ -175,7 +177,12 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
             raise ArgumentError("Several targets need igfast's own gradient_func (not Captum's LayerIG).")
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
         refuse_several_targets(adaptive, many)
-        if adaptive is not None:
+        if exact:
+            settings = exact_settings(n_steps, tolerance, max_steps, many is not None)
+            self._refuse_foreign_gradient_func("method='exact'")
+            integral = self._integrate_exactly(formatted_inputs, formatted_baselines, chunk_target, args,
+                                               settings, internal_batch_size, memory_budget)
+        elif adaptive is not None:
             if self.gradient_func is not compute_gradients:
                 raise ArgumentError(
                     "n_steps='auto' needs igfast's own gradient_func (it reads F along the "
@@ -198,7 +205,7 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 target_count=len(many) if many is not None else None,
             )
             self._row_costs.remember(cost_key, row_limit)
-        self.last_integral: Union[PathIntegral, AdaptiveIntegral] = integral
+        self.last_integral: Union[PathIntegral, AdaptiveIntegral, ExactIntegral] = integral
         attributions = attributions_from(
             integral, formatted_inputs, formatted_baselines, self.multiplies_by_inputs
         )
@@ -238,6 +245,30 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
             return grads, None
 
         return gradients_at
+
+    def _refuse_foreign_gradient_func(self, what: str) -> None:
+        if self.gradient_func is not compute_gradients:
+            raise ArgumentError(
+                f"{what} needs igfast's own gradient_func; Captum's LayerIntegratedGradients "
+                "replaces it: use igfast.LayerIntegratedGradients.")
+
+    def _integrate_exactly(self, inputs, baselines, target, args, settings: ExactSettings,
+                           internal_batch_size, memory_budget) -> ExactIntegral:
+        batch_size = inputs[0].shape[0]
+        # One limit for every round: measured in the first (a walk round, the costliest
+        # rows), then settled. The driver holds the sums, the directions and the points.
+        row_limit = choose_row_limit(internal_batch_size, memory_budget, inputs, 1, target_count=3,
+                                     batch_dependent=batch_dependent_call())
+
+        def run_round(examples: torch.Tensor, points, wrap) -> PathIntegral:
+            gradients_at = self._gradients_at(
+                select_examples(target, examples, batch_size), None,
+                select_additional_forward_args(args, examples, batch_size))
+            sub_inputs = tuple(select_examples(x, examples, batch_size) for x in inputs)
+            return integrate_gradients(sub_inputs, points, POINT_NODES,
+                                       wrap(gradients_at) if wrap else gradients_at, row_limit)
+
+        return integrate_exactly(inputs, baselines, settings, run_round)
 
     def _integrate_adaptively(self, inputs, baselines, target, args, settings: AdaptiveSettings,
                               internal_batch_size, memory_budget) -> AdaptiveIntegral:

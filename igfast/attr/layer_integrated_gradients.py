@@ -23,6 +23,7 @@ from ..adaptive import (
 )
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
+from ..exact import POINT_NODES, ExactIntegral, exact_settings, integrate_exactly
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
 from ._captum_protocol import captum_bases, wrappable_by_captum
@@ -179,7 +180,8 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
             )
         model_inputs, _ = format_inputs(inputs, floating=False)
         model_baselines = format_baselines(baselines, model_inputs)
-        adaptive = adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
+        exact = exact_settings(n_steps, tolerance, max_steps, targets is not None) if method == "exact" else None
+        adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
         device = model_inputs[0].device
@@ -227,7 +229,24 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
 
             return gradients_at
 
-        if adaptive is not None:
+        if exact is not None:
+            if many is not None:
+                raise ArgumentError("method='exact' follows one target's path pieces; give one `target`.")
+            # One limit for every round (see IntegratedGradients._integrate_exactly).
+            row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, 1, target_count=3,
+                                         batch_dependent=batch_dependent_call())
+
+            def run_point_round(examples: torch.Tensor, points, wrap) -> PathIntegral:
+                gradients_at = gradients_at_for(
+                    tuple(select_examples(x, examples, batch_size) for x in model_inputs),
+                    select_examples(chunk_target, examples, batch_size),
+                    select_additional_forward_args(args, examples, batch_size))
+                sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
+                return integrate_gradients(sub_ends, points, POINT_NODES,
+                                           wrap(gradients_at) if wrap else gradients_at, row_limit)
+
+            integral = integrate_exactly(ends, starts, exact, run_point_round)
+        elif adaptive is not None:
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
                 sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
                 sub_starts = tuple(select_examples(s, examples, batch_size) for s in starts)
@@ -249,7 +268,7 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
                                            row_limit, target_count=len(many) if many is not None else None)
             self._row_costs.remember(cost_key, row_limit)
-        self.last_integral: Union[PathIntegral, AdaptiveIntegral] = integral
+        self.last_integral: Union[PathIntegral, AdaptiveIntegral, ExactIntegral] = integral
         attributions = attributions_from(integral, ends, starts, self.multiplies_by_inputs)
         result = self._format_result(attributions, slots)
         extras = []

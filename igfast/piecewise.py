@@ -1,0 +1,434 @@
+"""Breakpoints of a piecewise-linear network along a straight path, read while it runs.
+
+On the path p(t) = x' + t (x - x'), a network built from affine maps and
+piecewise-linear functions (ReLU, LeakyReLU, hardtanh/clamp, abs, maximum/minimum,
+max-pool, max over a dimension) is affine in t between breakpoints (Sotoudeh and
+Thakur, ExactLine, NeurIPS 2019). Inside one such piece, every pre-activation z is
+affine in t: z(t + s) = z + s dz, where dz is its derivative along the path. The
+next breakpoint is therefore the smallest positive s at which any unit reaches a
+kink (z + s dz = kink), and the gradient is constant until then.
+
+``BreakpointMode`` is a TorchFunctionMode that runs the model with forward-mode AD
+tangents (dz, one per path row) and, at each piecewise-linear op:
+
+- replaces the op by the affine piece the path moves into: a unit exactly at a kink
+  (or within ``kink_margin`` of it) takes the side it enters, so the gradient of the
+  backward pass that follows is the gradient of the piece that starts here (PyTorch's
+  own subgradient at a kink, e.g. relu'(0) = 0, would be the wrong side's);
+- records, per path row, the smallest positive step to the next kink.
+
+It also checks that the network is piecewise linear where it has to be: an op it does
+not know raises, and a smooth op (softmax, GELU, ...) is allowed only after the last
+piecewise-linear op (a smooth head), whose presence is reported so the caller can
+integrate each piece with Gauss nodes instead of one gradient.
+"""
+
+import math
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import NotPiecewiseLinearError
+
+# Units this close to a kink (in path length, t in [0, 1]) count as on it: they take
+# the side the path moves into, and no piece shorter than this is started for them.
+# Rounding of a unit's recomputed value at the new point can leave it a few ulps on
+# the wrong side; the error this margin allows is at most margin x gradient, far below
+# any quadrature error.
+KINK_MARGIN = {torch.float64: 1e-12, torch.float32: 1e-6}
+HALF_PRECISION_KINK_MARGIN = 1e-3
+
+
+def kink_margin(dtype: torch.dtype) -> float:
+    return KINK_MARGIN.get(dtype, HALF_PRECISION_KINK_MARGIN)
+
+
+# Ops that are affine in every tensor that carries a tangent (a path-dependent tensor),
+# given that the other operands do not: they pass through untouched.
+AFFINE_OPS = frozenset("""
+    linear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d bilinear
+    add __add__ __radd__ __iadd__ add_ sub __sub__ __rsub__ __isub__ sub_ neg __neg__ negative
+    __pos__ positive sum mean cumsum
+    view view_as reshape reshape_as flatten unflatten permute transpose t contiguous movedim
+    __getitem__ select narrow index_select gather take_along_dim squeeze unsqueeze expand
+    expand_as repeat repeat_interleave tile cat concat concatenate stack hstack vstack split
+    chunk unbind tensor_split flip roll pad
+    avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
+    to float double half bfloat16 type clone identity pixel_shuffle pixel_unshuffle
+    matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__
+    div __truediv__ div_ __itruediv__ masked_fill interpolate upsample zero_pad2d
+""".split())
+# Products and quotients are affine only while at most one factor depends on the path
+# (and never in a divisor).
+PRODUCT_OPS = frozenset("matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__ bilinear".split())
+QUOTIENT_OPS = frozenset("div __truediv__ div_ __itruediv__".split())
+# Ops affine only outside training (in training they mix the rows of a batch).
+EVAL_ONLY_OPS = frozenset("batch_norm dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout".split())
+# Smooth ops: allowed after the last piecewise-linear op (a smooth head), where each
+# piece is integrated with Gauss nodes.
+SMOOTH_OPS = frozenset("""
+    softmax log_softmax sigmoid tanh exp log log1p expm1 gelu silu softplus elu selu celu mish
+    logsigmoid layer_norm group_norm rms_norm pow __pow__ __rpow__ sqrt rsqrt erf sin cos
+    logsumexp normalize square reciprocal __rtruediv__ scaled_dot_product_attention
+    cross_entropy nll_loss
+""".split())
+# Ops whose result carries no tangent and cannot bend the path (shapes, constants).
+NEUTRAL_OPS = frozenset("""
+    detach dim size numel ones_like zeros_like empty_like full_like rand_like randn_like
+    new_zeros new_ones new_empty new_full new_tensor requires_grad_ retain_grad register_hook
+    __len__ __get__ __set__ is_floating_point is_complex element_size data_ptr grad backward
+""".split())
+
+
+class BreakpointMode(TorchFunctionMode):
+    """Run a model on path rows that carry forward-AD tangents (dz/dt), taking at every
+    kink the side the path moves into and recording the distance to the next kink.
+
+    ``rows`` is the number of path rows of the call (dim 0 of the path tensors); every
+    piecewise-linear op must see its rows along dim 0 (possibly merged with later
+    dimensions, as a (rows * tokens, features) reshape does). After the call,
+    ``next_step`` (rows,) holds the smallest step > margin to a kink (inf when none),
+    ``smooth_op`` the first smooth op applied to the path (None when there is none).
+    """
+
+    def __init__(self, rows: int, margin: float) -> None:
+        super().__init__()
+        self.rows = rows
+        self.margin = margin
+        self.next_step: Optional[torch.Tensor] = None
+        self.smooth_op: Optional[str] = None
+        self._curved: Dict[int, "weakref.ref[torch.Tensor]"] = {}
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _is_curved(self, tensor: torch.Tensor) -> bool:
+        ref = self._curved.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _mark_curved(self, outputs: Any) -> None:
+        for value in tree_flatten(outputs)[0]:
+            if isinstance(value, torch.Tensor):
+                self._curved[id(value)] = weakref.ref(value)
+
+    def _record_steps(self, steps: torch.Tensor, op: str) -> None:
+        """Fold a tensor of candidate steps (inf where none) into next_step, per row."""
+        if steps.dim() == 0 or steps.shape[0] % self.rows:
+            raise NotPiecewiseLinearError(
+                f"method='exact': {op} sees a tensor of shape {tuple(steps.shape)} whose first "
+                f"dimension does not hold the {self.rows} path rows; exact IG needs every "
+                "piecewise-linear op to keep examples along dim 0.")
+        per_row = steps.detach().reshape(self.rows, -1).amin(1).double()
+        self.next_step = per_row if self.next_step is None else torch.minimum(self.next_step, per_row)
+
+    def _steps_to(self, z: torch.Tensor, dz: torch.Tensor, kink: Any) -> torch.Tensor:
+        """Step s > margin at which z + s dz reaches ``kink`` (inf where it never does)."""
+        with torch.no_grad():
+            steps = (kink - z) / dz
+            return torch.where((dz != 0) & (steps > self.margin), steps, torch.full_like(steps, math.inf))
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None) or str(func)
+        if name in NEUTRAL_OPS:  # shapes, dtypes, autograd.grad: nothing to read
+            return func(*args, **kwargs)
+        tensors = _tensors_in(args, kwargs)
+        moving = [t for t in tensors if _tangent(t) is not None]
+        if not moving:
+            return func(*args, **kwargs)
+        curved = any(self._is_curved(t) for t in tensors)
+        handler = PIECEWISE_OPS.get(name)
+        if handler is not None:
+            if curved:
+                raise NotPiecewiseLinearError(
+                    f"method='exact' needs a network that is piecewise linear up to its last "
+                    f"piecewise-linear op, but {self.smooth_op} is applied to the path before "
+                    f"{name}. Use a fixed n_steps or n_steps='auto' for this model.")
+            return handler(self, func, name, args, kwargs)
+        if name in AFFINE_HANDLERS and not curved:
+            return AFFINE_HANDLERS[name](self, func, name, args, kwargs)
+        bends = name in SMOOTH_OPS or _nonlinear_use(name, args, kwargs, moving)
+        if not bends and name not in AFFINE_OPS and name not in EVAL_ONLY_OPS:
+            raise NotPiecewiseLinearError(
+                f"method='exact' cannot tell whether {name} is piecewise linear along the path: "
+                "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
+                "BatchNorm, shape ops), ReLU, LeakyReLU, hardtanh/ReLU6/clamp, abs, "
+                "maximum/minimum, max-pool and max/min over a dimension, followed by an optional "
+                "smooth head (softmax, log-softmax, sigmoid, ...). Use a fixed n_steps or "
+                "n_steps='auto' for this model.")
+        if name in EVAL_ONLY_OPS and _training_flag(name, args, kwargs):
+            raise NotPiecewiseLinearError(
+                f"method='exact': {name} runs in training mode, where it mixes the rows of a batch; "
+                "call model.eval() first.")
+        result = func(*args, **kwargs)
+        if bends and self.smooth_op is None:
+            self.smooth_op = name
+        if bends or curved:
+            self._mark_curved(result)
+        return result
+
+
+def _tensors_in(args, kwargs) -> List[torch.Tensor]:
+    """The tensors among the arguments, one level into lists and tuples (torch.cat's
+    sequence); cheaper than a pytree flatten, which every Tensor attribute read pays."""
+    found = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+def _tangent(tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    if not tensor.is_floating_point():
+        return None
+    return fwAD.unpack_dual(tensor).tangent
+
+
+def _nonlinear_use(name: str, args, kwargs, moving: Sequence[torch.Tensor]) -> bool:
+    """A product of two path-dependent factors, or a division by one, is not affine."""
+    if name in PRODUCT_OPS:
+        return len(moving) > 1
+    if name in QUOTIENT_OPS:
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
+    return False
+
+
+def _training_flag(name: str, args, kwargs) -> bool:
+    # F.batch_norm(input, running_mean, running_var, weight, bias, training, ...);
+    # F.dropout(input, p, training, inplace) and its relatives.
+    position = 5 if name == "batch_norm" else 2
+    if "training" in kwargs:
+        return bool(kwargs["training"])
+    if len(args) > position:
+        return bool(args[position])
+    return name != "batch_norm"  # F.dropout defaults to training=True
+
+
+def _primal_and_tangent(tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A unit's value and its derivative along the path, in float64: the side a unit is
+    on (z + margin dz) and its step to the kink (-z / dz) must agree to the last bit,
+    and in float32 a margin of 1e-6 is only a few ulps of z."""
+    primal, tangent = fwAD.unpack_dual(tensor)
+    primal = primal.detach().double()
+    return primal, (tangent.detach().double() if tangent is not None else torch.zeros_like(primal))
+
+
+# -- piecewise-linear ops ---------------------------------------------------------------
+# Each handler computes the op's value from the primal (connected to autograd) and its
+# tangent separately, and joins them with make_dual. Letting forward-mode AD push the
+# tangent through ``x * mask`` instead costs 4x: the constant factor's zero tangent
+# takes a slow path, and every saved tensor would carry a tangent into the backward.
+
+def _parts(tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(primal, tangent) in the tensor's own dtype; a zero tangent for a constant."""
+    if not isinstance(tensor, torch.Tensor):
+        tensor = torch.as_tensor(tensor)
+    primal, tangent = fwAD.unpack_dual(tensor)
+    return primal, (tangent if tangent is not None else torch.zeros_like(primal))
+
+
+def _side(mode: BreakpointMode, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """z just after the current point: its sign decides the piece a unit is on."""
+    return z + mode.margin * dz
+
+
+def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: Sequence[float], name: str):
+    """x times a per-unit factor chosen from the side of z (float64 z, dz); the steps to
+    every kink are recorded."""
+    z, dz = _primal_and_tangent(x)
+    with torch.no_grad():
+        factor = factor_of(_side(mode, z, dz)).to(x.dtype)
+    for kink in kinks:
+        mode._record_steps(mode._steps_to(z, dz, kink), name)
+    primal, tangent = _parts(x)
+    return fwAD.make_dual(primal * factor, tangent * factor)
+
+
+def _relu(mode: BreakpointMode, func, name, args, kwargs):
+    return _scaled(mode, args[0], lambda ahead: ahead > 0, (0.0,), name)
+
+
+def _leaky_relu(mode: BreakpointMode, func, name, args, kwargs):
+    slope = float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
+    return _scaled(mode, args[0], lambda ahead: torch.where(ahead > 0, torch.ones_like(ahead), torch.full_like(ahead, slope)), (0.0,), name)
+
+
+def _abs(mode: BreakpointMode, func, name, args, kwargs):
+    return _scaled(mode, args[0], torch.sign, (0.0,), name)
+
+
+def _clamp(mode: BreakpointMode, func, name, args, kwargs):
+    x = args[0]
+    if name.startswith("hardtanh"):
+        low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    else:
+        low = kwargs.get("min", args[1] if len(args) > 1 else None)
+        high = kwargs.get("max", args[2] if len(args) > 2 else None)
+    for bound in (low, high):
+        if isinstance(bound, torch.Tensor) and _tangent(bound) is not None:
+            raise NotPiecewiseLinearError(f"method='exact': {name} with path-dependent bounds is not supported.")
+    z, dz = _primal_and_tangent(x)
+    with torch.no_grad():
+        ahead = _side(mode, z, dz)
+        inside = torch.ones_like(z, dtype=torch.bool)
+        if low is not None:
+            inside &= ahead > low
+        if high is not None:
+            inside &= ahead < high
+    for bound in (low, high):
+        if bound is not None:
+            mode._record_steps(mode._steps_to(z, dz, bound), name)
+    primal, tangent = _parts(x)
+    inside = inside.to(x.dtype)
+    # Inside: the identity piece; outside: the bound, a constant.
+    clamped = torch.clamp(primal.detach(), low, high)
+    return fwAD.make_dual(primal * inside + clamped * (1 - inside), tangent * inside)
+
+
+def _maximum(mode: BreakpointMode, func, name, args, kwargs):
+    a = args[0]
+    b = args[1] if len(args) > 1 else kwargs["other"]
+    if not isinstance(b, torch.Tensor):
+        b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    larger = name in ("maximum", "max", "fmax")
+    (pa, ta), (pb, tb) = _parts(a), _parts(b)
+    with torch.no_grad():
+        d, dd = (pa - pb).double(), (ta - tb).double()
+        if not larger:
+            d, dd = -d, -dd
+        ahead = _side(mode, d, dd)
+        # Equal along the whole piece: PyTorch splits the gradient between the two.
+        weight_a = ((ahead > 0).double() + 0.5 * (ahead == 0).double()).to(pa.dtype)
+    mode._record_steps(mode._steps_to(d, dd, 0.0), name)
+    return fwAD.make_dual(pa * weight_a + pb * (1 - weight_a), ta * weight_a + tb * (1 - weight_a))
+
+
+def _affine_with_bias(mode: BreakpointMode, func, name, args, kwargs):
+    """linear / conv: the value from the primal, the tangent from the same map without
+    its bias (forward-mode AD would run the bias's zero tangent through a slow path)."""
+    x = args[0]
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    if _tangent(x) is None or (isinstance(weight, torch.Tensor) and _tangent(weight) is not None):
+        return func(*args, **kwargs)  # a path-dependent weight: not affine, see SMOOTH handling
+    primal, tangent = _parts(x)
+    value = func(primal, *args[1:], **kwargs)
+    with torch.no_grad():
+        rest = list(args[1:])
+        if len(rest) >= 2:
+            rest[1] = None
+        unbiased = {**kwargs, "bias": None} if "bias" in kwargs else kwargs
+        direction = func(tangent, *rest, **unbiased)
+    return fwAD.make_dual(value, direction)
+
+
+def _select_in_windows(mode: BreakpointMode, windows: torch.Tensor, largest: bool, name: str):
+    """Per window (last dim): the element that is the max (min) just after the current
+    point, and the steps at which another one overtakes it. Returns (values, index)."""
+    v, dv = _primal_and_tangent(windows)
+    sign = 1.0 if largest else -1.0
+    with torch.no_grad():
+        sv, sdv = sign * v, sign * dv
+        # The max just after the current point (a tie goes to the element rising fastest).
+        index = _side(mode, sv, sdv).argmax(-1, keepdim=True)
+        chosen_v, chosen_dv = sv.gather(-1, index), sdv.gather(-1, index)
+        gaining = sdv > chosen_dv
+        steps = (chosen_v - sv) / (sdv - chosen_dv)
+        steps = torch.where(gaining & (steps > mode.margin) & torch.isfinite(sv), steps,
+                            torch.full_like(steps, math.inf))
+    mode._record_steps(steps, name)
+    primal, tangent = _parts(windows)
+    chosen = fwAD.make_dual(primal.gather(-1, index).squeeze(-1), tangent.gather(-1, index).squeeze(-1))
+    return chosen, index.squeeze(-1)
+
+
+def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:
+        raise NotPiecewiseLinearError(
+            f"method='exact': {name} over the whole tensor mixes the examples of the batch; "
+            "give a dimension.")
+    if isinstance(dim, torch.Tensor):  # torch.max(a, b) with a second tensor
+        return _maximum(mode, func, "maximum" if name.startswith("max") else "minimum", args, kwargs)
+    if isinstance(dim, (tuple, list)):
+        if len(dim) != 1:
+            raise NotPiecewiseLinearError(f"method='exact': {name} over several dimensions is not supported.")
+        dim = dim[0]
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    dim = dim % x.dim()
+    if dim == 0:
+        raise NotPiecewiseLinearError(f"method='exact': {name} over dim 0 mixes the examples of the batch.")
+    values, index = _select_in_windows(mode, x.movedim(dim, -1), name.startswith(("max", "amax")), name)
+    if keepdim:
+        values, index = values.unsqueeze(dim), index.unsqueeze(dim)
+    if name in ("amax", "amin"):
+        return values
+    return torch.return_types.max((values, index)) if name == "max" else torch.return_types.min((values, index))
+
+
+def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
+    spatial = 1 if "1d" in name else 2 if "2d" in name else 3
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    given = dict(zip(names, args), **kwargs)
+    x = given["input"]
+    if given.get("return_indices", False) or name.endswith("with_indices"):
+        raise NotPiecewiseLinearError(f"method='exact': {name} with return_indices is not supported.")
+
+    def per_dim(value, default):
+        value = default if value is None or (isinstance(value, (list, tuple)) and not value) else value
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * spatial
+
+    kernel = per_dim(given["kernel_size"], None)
+    stride = per_dim(given.get("stride"), kernel)
+    padding = per_dim(given.get("padding", 0), 0)
+    dilation = per_dim(given.get("dilation", 1), 1)
+    ceil_mode = bool(given.get("ceil_mode", False))
+    unbatched = x.dim() == spatial + 1
+    windows = x.unsqueeze(0) if unbatched else x
+    pads = []
+    for axis in reversed(range(spatial)):
+        size = windows.shape[-spatial + axis]
+        span = dilation[axis] * (kernel[axis] - 1) + 1
+        length = size + 2 * padding[axis] - span
+        out = (-(-length // stride[axis]) if ceil_mode else length // stride[axis]) + 1
+        if ceil_mode and (out - 1) * stride[axis] >= size + padding[axis]:
+            out -= 1  # the last window must start inside the input or its left padding
+        right = (out - 1) * stride[axis] + span - size - padding[axis]
+        pads += [padding[axis], max(right, padding[axis])]
+    windows = torch.nn.functional.pad(windows, pads, value=-math.inf)
+    for axis in range(spatial):
+        # unfold appends the window as the last dim; the spatial dims keep their places.
+        windows = windows.unfold(2 + axis, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+        if dilation[axis] > 1:
+            windows = windows[..., :: dilation[axis]]
+    # windows: (N, C, out_1, ..., out_s, k_1, ..., k_s)
+    windows = windows.flatten(-spatial)
+    values, _ = _select_in_windows(mode, windows, True, name)
+    return values.squeeze(0) if unbatched else values
+
+
+# linear / conv are affine, handled here only to give their tangent cheaply.
+AFFINE_HANDLERS: Dict[str, Callable] = {
+    n: _affine_with_bias for n in ("linear", "conv1d", "conv2d", "conv3d")
+}
+
+PIECEWISE_OPS: Dict[str, Callable] = {
+    **{n: _relu for n in ("relu", "relu_")},
+    **{n: _leaky_relu for n in ("leaky_relu", "leaky_relu_")},
+    **{n: _clamp for n in ("hardtanh", "hardtanh_", "clamp", "clamp_", "clip", "clip_")},
+    **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
+    **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},
+    **{n: _max_over_dim for n in ("max", "min", "amax", "amin")},
+    **{n: _max_pool for n in ("max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d",
+                              "_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+                              "max_pool3d_with_indices")},
+}
