@@ -11,8 +11,8 @@ from .attr import (
 from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import (
-    ArgumentError, GradientError, InputTypeError, OutputShapeError, OutputTypeError, TargetError,
-    UnusedLayerError,
+    ArgumentError, GradientError, InputTypeError, NotPiecewiseLinearError, OutputShapeError, OutputTypeError,
+    TargetError, UnusedLayerError,
 )
 from .shards import open_attributions
 
@@ -33,6 +33,7 @@ __all__ = [
     "ArgumentError",
     "GradientError",
     "InputTypeError",
+    "NotPiecewiseLinearError",
     "OutputShapeError",
     "OutputTypeError",
     "TargetError",

@@ -235,7 +235,8 @@ def attribute_dataset(
     dataset, batch_size = _dataset_and_batch(data, batch_size)
     batch_size = _positive(batch_size, "batch_size")
     shard_size = _positive(shard_size, "shard_size")
-    validate_method_and_steps(method, n_steps)
+    if method != "exact":  # exact has no rule; attribute() checks its arguments
+        validate_method_and_steps(method, n_steps)
     if not (target is None or target in TARGET_FORMS or (isinstance(target, int) and not isinstance(target, bool))):
         raise ArgumentError(f"`target` must be 'predicted', 'label', an int or None; got {target!r}.")
     forward = explainer.forward_func

@@ -116,8 +116,15 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 (igfast only): refine each example's rule until its estimated error
                 is within ``tolerance`` (see ``tolerance``). Default: 50.
             method (str, optional): ``gausslegendre``, ``riemann_left``,
-                ``riemann_right``, ``riemann_middle`` or ``riemann_trapezoid``.
-                Default: ``gausslegendre``.
+                ``riemann_right``, ``riemann_middle`` or ``riemann_trapezoid``; or
+                ``exact`` (igfast only): for networks of affine maps and
+                piecewise-linear ops (ReLU, LeakyReLU, hardtanh/clamp, abs,
+                maximum/minimum, max-pool), the path's linear pieces are found and
+                each contributes one gradient times its length, so there is no
+                quadrature error (n_steps is ignored). A smooth head after the last
+                piecewise-linear op (softmax, sigmoid, ...) is integrated with 3
+                Gauss-Legendre nodes per piece. Other networks raise
+                NotPiecewiseLinearError naming the op. Default: ``gausslegendre``.
             internal_batch_size (int or "auto", optional): an int: at most this
                 many path rows per forward/backward, whole steps of the batch (as
                 in Captum). "auto" (or None): chunks sized to fit a memory budget,
@@ -147,13 +154,18 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 the attributions at the last doubling of the rule. Nested
                 Clenshaw-Curtis rules of 9, 17, 33, ... nodes; every evaluation is
                 reused and a converged example stops costing. Default: 1e-3.
-            max_steps (int, optional; n_steps="auto" only): the most path points per
-                example (the largest rule 2^k + 1 <= max_steps; at least 9). Examples
-                that reach it are returned with ``converged`` False. Default: 257.
-            return_adaptive_info (bool, optional; n_steps="auto" only): also return
-                an ``AdaptiveInfo`` with, per example, ``evaluations`` (path points
-                evaluated), ``error_estimate``, ``completeness_error`` and
-                ``converged``. Default: False.
+            max_steps (int, optional; n_steps="auto" or method="exact"): with "auto",
+                the most path points per example (the largest rule 2^k + 1 <=
+                max_steps; at least 9); examples that reach it are returned with
+                ``converged`` False. Default: 257. With "exact", the most linear pieces
+                per path; more raise ArgumentError. Default: 65536.
+            return_adaptive_info (bool, optional; n_steps="auto" or method="exact"):
+                also return, with "auto", an ``AdaptiveInfo`` with, per example,
+                ``evaluations`` (path points evaluated), ``error_estimate``,
+                ``completeness_error`` and ``converged``; with "exact", an
+                ``ExactInfo`` with per example ``pieces``, ``evaluations`` and
+                ``breakpoints`` (t of each piece's start), and ``smooth_head``.
+                Default: False.
 
         Returns:
             attributions, shaped like ``inputs`` (a tensor for a tensor, a tuple for

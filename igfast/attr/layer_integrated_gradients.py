@@ -166,7 +166,7 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
             For one layer: a tensor shaped like its activation, or a tuple when the
             layer gives several tensors; for a list of layers, a list of those.
             With ``return_convergence_delta``, ``(attributions, delta)``; with
-            ``return_adaptive_info``, the AdaptiveInfo last.
+            ``return_adaptive_info``, the AdaptiveInfo (ExactInfo with method="exact") last.
         """
         if self._layers is None:
             raise ArgumentError("`layer` is None: give the layer(s) to attribute to (set `layer`).")

@@ -1,0 +1,464 @@
+"""method="exact" against an independent oracle.
+
+The oracle knows nothing of forward-mode AD or of igfast's breakpoint mode: it reads
+each piecewise-linear unit's region (ReLU sign, max-pool argmax, clamp side, ...)
+with forward hooks on a fine grid of the path, bisects every interval where the
+regions change down to 1e-15, and sums, over the pieces it found, piece length times
+the ordinary autograd gradient at the piece's midpoint (a piecewise-linear network
+has one gradient per piece). For a smooth head after the last kink the midpoint is
+replaced by 16 Gauss-Legendre nodes per piece.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import igfast
+from igfast import ArgumentError, NotPiecewiseLinearError
+
+# ---------------------------------------------------------------------------- models
+
+
+class Abs(nn.Module):
+    def forward(self, x):
+        return torch.abs(x)
+
+    def region(self, x):
+        return x > 0
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x, min=-0.5, max=0.7)
+
+    def region(self, x):
+        return (x > -0.5).to(torch.int8) + (x > 0.7).to(torch.int8)
+
+
+class Maximum(nn.Module):
+    """max(a(x), b(x)) of two affine branches, then min with a third."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.minimum(torch.maximum(self.a(x), self.b(x)), self.c(x) + 1)
+
+    def region(self, x):
+        a, b, c = self.a(x), self.b(x), self.c(x) + 1
+        return torch.cat([a > b, torch.maximum(a, b) > c], dim=-1)
+
+
+class Softmax(nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, dim=-1)
+
+
+def _region_of(module, x):
+    if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
+        return x > 0
+    if isinstance(module, nn.Hardtanh):
+        return (x > module.min_val).to(torch.int8) + (x > module.max_val).to(torch.int8)
+    if isinstance(module, nn.MaxPool2d):
+        _, indices = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                                  ceil_mode=module.ceil_mode, return_indices=True)
+        return indices
+    if isinstance(module, nn.MaxPool1d):
+        _, indices = F.max_pool1d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                                  ceil_mode=module.ceil_mode, return_indices=True)
+        return indices
+    return module.region(x)
+
+
+PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, Abs, Clamp, Maximum)
+
+
+def relu_mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def leaky_mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.1), nn.Linear(16, 12), nn.LeakyReLU(0.3), nn.Linear(12, 3))
+
+
+def mixed_mlp():
+    return nn.Sequential(nn.Linear(6, 12), nn.Hardtanh(), nn.Linear(12, 10), Abs(), Maximum(10), Clamp(),
+                         nn.Linear(10, 10), nn.LeakyReLU(0.2), nn.Linear(10, 3))
+
+
+def max_pool_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(6 * 3 * 3, 4))
+
+
+def pool1d_net():
+    return nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.MaxPool1d(3, stride=2, dilation=2, padding=1),
+                         nn.Flatten(), nn.Linear(4 * 4, 3))
+
+
+def softmax_head_mlp():
+    return nn.Sequential(*relu_mlp(), Softmax())
+
+
+MODELS = {
+    "relu_mlp": (relu_mlp, (6,)),
+    "leaky_mlp": (leaky_mlp, (6,)),
+    "mixed_mlp": (mixed_mlp, (6,)),
+    "max_pool_cnn": (max_pool_cnn, (1, 12, 12)),
+    "pool1d_net": (pool1d_net, (2, 12)),
+}
+
+
+def make(name, device, dtype=torch.float64, seed=0):
+    factory, shape = MODELS[name]
+    torch.manual_seed(seed)
+    return factory().to(device, dtype).eval(), shape
+
+
+# ---------------------------------------------------------------------------- oracle
+
+
+def _regions(model, points):
+    """Per point, one int64 row of every piecewise-linear unit's region."""
+    found = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: found.append(_region_of(m, inp[0])))
+             for m in model.modules() if isinstance(m, PIECEWISE_MODULES)]
+    try:
+        with torch.no_grad():
+            model(points)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat([r.reshape(points.shape[0], -1).long() for r in found], dim=1)
+
+
+def oracle_pieces(model, x, baseline, grid=2000):
+    """The breakpoints of model on baseline -> x (one example), found by region changes."""
+    direction = x - baseline
+
+    def regions_at(t):
+        return _regions(model, baseline + t.view(-1, *[1] * x.dim()).to(x.dtype) * direction)
+
+    def region(t: float):
+        # One point per call: a unit within rounding of its kink must be read the same
+        # way every time, and a batched matmul may round a row differently.
+        return regions_at(torch.tensor([t], dtype=torch.float64, device=x.device))[0]
+
+    # Strictly inside (0, 1): a path that starts or ends on a kink takes the side it moves into.
+    t = torch.linspace(1e-13, 1 - 1e-13, grid + 1, dtype=torch.float64, device=x.device)
+    grid_regions = regions_at(t)
+    changed = (grid_regions[1:] != grid_regions[:-1]).any(dim=1).nonzero().flatten().tolist()
+    breakpoints = [0.0]
+    for index in changed:
+        left, right = t[index].item(), t[index + 1].item()
+        left_region, right_region = region(left), region(right)
+        while not torch.equal(left_region, right_region):  # an interval may hold several changes
+            lo, hi = left, right
+            for _ in range(44):  # bisect to the first change (grid cell / 2^44 < 1e-16)
+                mid = (lo + hi) / 2
+                if torch.equal(region(mid), left_region):
+                    lo = mid
+                else:
+                    hi = mid
+            breakpoints.append(hi)
+            left, left_region = hi, region(hi)
+    points = torch.tensor(sorted(breakpoints), dtype=torch.float64)
+    # Changes closer than 1e-10 are one breakpoint (units with the same crossing).
+    keep = torch.ones_like(points, dtype=torch.bool)
+    keep[1:] = points[1:] - points[:-1] > 1e-10
+    return points[keep]
+
+
+def oracle_integral(model, x, baseline, target, nodes_per_piece=1):
+    """(x - x') * sum over the oracle's pieces of length x mean gradient, for one example."""
+    starts = oracle_pieces(model, x, baseline)
+    ends = torch.cat([starts[1:], torch.ones(1, dtype=torch.float64)])
+    if nodes_per_piece == 1:
+        nodes, weights = np.array([0.5]), np.array([1.0])
+    else:
+        nodes, weights = np.polynomial.legendre.leggauss(nodes_per_piece)
+        nodes, weights = 0.5 * (nodes + 1), 0.5 * weights
+    ts = torch.cat([starts + float(n) * (ends - starts) for n in nodes]).to(x.device)
+    ws = torch.cat([float(w) * (ends - starts) for w in weights]).to(x.device, x.dtype)
+    points = (baseline + ts.view(-1, *[1] * x.dim()).to(x.dtype) * (x - baseline)).requires_grad_()
+    output = model(points)
+    (gradient,) = torch.autograd.grad(output[:, target].sum(), points)
+    mean_gradient = (ws.view(-1, *[1] * x.dim()) * gradient).sum(0)
+    return (x - baseline) * mean_gradient, len(starts)
+
+
+def oracle(model, inputs, baselines, target, nodes_per_piece=1):
+    results = [oracle_integral(model, x, b, target, nodes_per_piece) for x, b in zip(inputs, baselines)]
+    return torch.stack([r[0] for r in results]), torch.tensor([r[1] for r in results])
+
+
+def _close(actual, expected, rtol):
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= rtol * scale, f"max error {error:.3e} against scale {scale:.3e} (rtol {rtol})"
+
+
+def _completeness(model, attributions, inputs, baselines, target, rtol):
+    with torch.no_grad():
+        end, start = model(inputs)[:, target], model(baselines)[:, target]
+    total = attributions.flatten(1).sum(1)
+    scale = torch.maximum(torch.maximum(end.abs(), start.abs()), attributions.flatten(1).abs().sum(1))
+    error = ((total - (end - start)).abs() / scale).max().item()
+    assert error <= rtol, f"completeness error {error:.3e} relative (bound {rtol})"
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_equals_independent_partition_float64(name, device):
+    model, shape = make(name, device)
+    examples = 2 if name == "max_pool_cnn" else 4  # the oracle reads ~100 pieces one point at a time
+    inputs = torch.randn(examples, *shape, dtype=torch.float64, device=device)
+    baselines = 0.3 * torch.randn(examples, *shape, dtype=torch.float64, device=device)
+    attributions, delta, info = igfast.IntegratedGradients(model).attribute(
+        inputs, baselines, target=1, method="exact", return_convergence_delta=True, return_adaptive_info=True)
+    expected, pieces = oracle(model, inputs, baselines, 1)
+    _close(attributions, expected, 1e-10)
+    _completeness(model, attributions, inputs, baselines, 1, 1e-12)
+    assert delta.abs().max() < 1e-11
+    assert info.pieces.cpu().tolist() == pieces.tolist()
+    assert (pieces >= 2).all() and pieces.sum() >= 4 * examples, "the workload must have breakpoints to find"
+    assert info.evaluations.tolist() == info.pieces.tolist() and info.smooth_head is None
+    for example in range(examples):
+        found = info.breakpoints[example]
+        assert found[0] == 0 and (found[1:] > found[:-1]).all()
+        torch.testing.assert_close(found, oracle_pieces(model, inputs[example], baselines[example]),
+                                   rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["relu_mlp", "mixed_mlp", "max_pool_cnn"])
+def test_exact_float32_matches_float64_and_is_complete(name, device):
+    model, shape = make(name, device)
+    inputs = torch.randn(6, *shape, dtype=torch.float64, device=device)
+    baselines = torch.zeros_like(inputs)
+    exact64 = igfast.IntegratedGradients(model).attribute(inputs, baselines, target=2, method="exact")
+    model32 = model.float()
+    attributions = igfast.IntegratedGradients(model32).attribute(inputs.float(), baselines.float(), target=2,
+                                                                 method="exact")
+    assert attributions.dtype == torch.float32
+    _close(attributions.double(), exact64, 1e-5)
+    _completeness(model32, attributions, inputs.float(), baselines.float(), 2, 1e-6)
+
+
+def test_exact_beats_a_dense_rule():
+    """A dense float64 Gauss-Legendre rule converges to the exact result (slowly: the
+    integrand jumps at every kink), and exact IG is nearer to completeness than any."""
+    model, shape = make("relu_mlp", "cpu")
+    inputs = torch.randn(3, *shape, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    exact = ig.attribute(inputs, target=0, method="exact")
+    errors = [(ig.attribute(inputs, target=0, n_steps=n) - exact).abs().max().item() for n in (64, 1024)]
+    assert errors[1] < errors[0] / 4 and errors[1] < 1e-3 * exact.abs().max().item()
+
+
+def test_smooth_head_is_integrated_per_piece(device):
+    torch.manual_seed(1)
+    model = softmax_head_mlp().to(device, torch.float64).eval()
+    inputs = torch.randn(4, 6, dtype=torch.float64, device=device)
+    baselines = torch.zeros_like(inputs)
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        inputs, baselines, target=1, method="exact", return_adaptive_info=True)
+    expected, pieces = oracle(model, inputs, baselines, 1, nodes_per_piece=16)
+    _close(attributions, expected, 1e-8)
+    _completeness(model, attributions, inputs, baselines, 1, 1e-8)
+    assert info.smooth_head == "softmax" and info.nodes_per_piece == 3
+    assert info.pieces.cpu().tolist() == pieces.tolist()
+    assert info.evaluations.tolist() == (4 * info.pieces).tolist()
+
+
+def test_layer_integrated_gradients_exact(device):
+    """LayerIG on the first layer's output is IG of the rest of the network between the
+    layer's activations at the baseline and at the input."""
+    model, shape = make("relu_mlp", device)
+    inputs = torch.randn(4, *shape, dtype=torch.float64, device=device)
+    baselines = torch.randn(4, *shape, dtype=torch.float64, device=device)
+    lig = igfast.LayerIntegratedGradients(model, model[0])
+    attributions, delta, info = lig.attribute(inputs, baselines, target=0, method="exact",
+                                              return_convergence_delta=True, return_adaptive_info=True)
+    with torch.no_grad():
+        layer_in, layer_base = model[0](inputs), model[0](baselines)
+    expected, pieces = oracle(model[1:], layer_in, layer_base, 0)
+    _close(attributions, expected, 1e-10)
+    assert delta.abs().max() < 1e-11
+    assert info.pieces.cpu().tolist() == pieces.tolist()
+
+
+def test_noise_tunnel_and_memory_budget_and_chunks_do_not_change_exact(device):
+    model, shape = make("max_pool_cnn", device)
+    inputs = torch.randn(5, *shape, dtype=torch.float64, device=device)
+    ig = igfast.IntegratedGradients(model)
+    whole = ig.attribute(inputs, target=3, method="exact")
+    chunked = ig.attribute(inputs, target=3, method="exact", internal_batch_size=2)
+    budgeted = ig.attribute(inputs, target=3, method="exact", memory_budget="64MB")
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)
+    torch.testing.assert_close(budgeted, whole, rtol=0, atol=1e-13)
+    # NoiseTunnel: each noisy copy is integrated exactly; the same noise (seed) through
+    # a fine fixed rule agrees to that rule's error.
+    nt = igfast.NoiseTunnel(ig)
+    torch.manual_seed(5)
+    smooth_exact = nt.attribute(inputs, nt_type="smoothgrad", nt_samples=3, stdevs=0.1, target=3, method="exact")
+    torch.manual_seed(5)
+    smooth_fine = nt.attribute(inputs, nt_type="smoothgrad", nt_samples=3, stdevs=0.1, target=3, n_steps=2048)
+    _close(smooth_fine, smooth_exact, 5e-3)
+
+
+def test_attribute_dataset_exact(tmp_path):
+    model, shape = make("relu_mlp", "cpu")
+    data = torch.utils.data.TensorDataset(torch.randn(10, *shape, dtype=torch.float64))
+    summary = igfast.attribute_dataset(model, data, str(tmp_path), target=1, method="exact", batch_size=4,
+                                       shard_size=4, progress=False)
+    assert summary["examples"] == 10
+    store = igfast.open_attributions(str(tmp_path))
+    expected = igfast.IntegratedGradients(model).attribute(data.tensors[0], target=1, method="exact")
+    torch.testing.assert_close(store.attributions[:], expected, rtol=1e-12, atol=1e-14)
+    assert float(summary["max_abs_delta"] if "max_abs_delta" in summary else store.deltas[:].abs().max()) < 1e-11
+
+
+# ------------------------------------------------------------------- the path's corners
+
+
+def test_zero_length_path_and_no_breakpoint(device):
+    model, shape = make("relu_mlp", device)
+    inputs = torch.randn(3, *shape, dtype=torch.float64, device=device)
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        inputs, inputs.clone(), target=0, method="exact", return_adaptive_info=True)
+    assert torch.equal(attributions, torch.zeros_like(attributions)) and info.pieces.tolist() == [1, 1, 1]
+    # A network whose units stay on one side over the whole path: one piece, the
+    # gradient times the difference.
+    positive = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).to(device, torch.float64)
+    with torch.no_grad():
+        positive[0].weight.uniform_(0.1, 1.0)
+        positive[0].bias.fill_(0.5)
+    x = torch.rand(2, 4, dtype=torch.float64, device=device)
+    attributions, info = igfast.IntegratedGradients(positive).attribute(
+        x, target=1, method="exact", return_adaptive_info=True)
+    expected = x * (positive[2].weight[1] @ positive[0].weight)
+    torch.testing.assert_close(attributions, expected, rtol=1e-14, atol=0)
+    assert info.pieces.tolist() == [1, 1]
+
+
+def test_paths_that_start_and_end_on_kinks_take_the_side_they_move_into(device):
+    """Zero biases and a zero baseline put every unit on its kink at t = 0; an input
+    built to put a unit on its kink at t = 1 ends there. PyTorch's relu'(0) = 0 would
+    give a zero gradient for the first piece."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(),
+                          nn.Linear(8, 2)).to(device, torch.float64).eval()
+    inputs = torch.randn(4, 5, dtype=torch.float64, device=device)
+    # Example 3 ends on the kink of unit 0 of the first layer: remove that unit's value.
+    w = model[0].weight[0]
+    inputs[3] = inputs[3] - (w @ inputs[3]) / (w @ w) * w
+    baselines = torch.zeros_like(inputs)
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        inputs, baselines, target=1, method="exact", return_adaptive_info=True)
+    expected, pieces = oracle(model, inputs, baselines, 1)
+    _close(attributions, expected, 1e-10)
+    _completeness(model, attributions, inputs, baselines, 1, 1e-12)
+    assert attributions.abs().sum() > 0
+
+
+def test_ties_units_crossing_at_the_same_point(device):
+    """Duplicated units cross their kinks at the same t: one breakpoint, not two, and no
+    piece of zero length."""
+    model, shape = make("relu_mlp", device)
+    with torch.no_grad():
+        model[0].weight[8:] = model[0].weight[:8]
+        model[0].bias[8:] = model[0].bias[:8]
+    inputs = torch.randn(4, *shape, dtype=torch.float64, device=device)
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        inputs, target=1, method="exact", return_adaptive_info=True)
+    expected, pieces = oracle(model, inputs, torch.zeros_like(inputs), 1)
+    _close(attributions, expected, 1e-10)
+    assert info.pieces.cpu().tolist() == pieces.tolist()
+    for found in info.breakpoints:
+        assert (found[1:] - found[:-1] > 1e-12).all()
+
+
+def test_batch_norm_in_eval_is_affine(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    model = model.to(device, torch.float64)
+    model.train()
+    model(torch.randn(32, 6, dtype=torch.float64, device=device))  # running statistics
+    model.eval()
+    inputs = torch.randn(3, 6, dtype=torch.float64, device=device)
+    attributions = igfast.IntegratedGradients(model).attribute(inputs, target=0, method="exact")
+    _close(attributions, oracle(model, inputs, torch.zeros_like(inputs), 0)[0], 1e-10)
+    model.train()
+    with pytest.raises(NotPiecewiseLinearError, match="batch_norm"):
+        igfast.IntegratedGradients(model).attribute(inputs, target=0, method="exact")
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+class GeluThenRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(F.gelu(self.a(x))))
+
+
+class SineThenRelu(GeluThenRelu):
+    def forward(self, x):
+        return self.b(torch.relu(torch.sin(self.a(x))))
+
+
+class ProductOfBranches(GeluThenRelu):
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.relu(h * h))
+
+
+@pytest.mark.parametrize("model, op", [(GeluThenRelu, "gelu"), (SineThenRelu, "sin"),
+                                       (ProductOfBranches, "mul")])
+def test_networks_that_are_not_piecewise_linear_are_refused_naming_the_op(model, op):
+    with pytest.raises(NotPiecewiseLinearError, match=op):
+        igfast.IntegratedGradients(model().double()).attribute(torch.randn(2, 4, dtype=torch.float64),
+                                                               target=0, method="exact")
+
+
+def test_smooth_models_without_kinks_are_integrated_with_gauss_nodes():
+    """A network with no piecewise-linear op at all is one smooth piece: 3 Gauss nodes,
+    reported as a smooth head (a quadrature, not exact)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
+    x = 0.1 * torch.randn(2, 4, dtype=torch.float64)
+    attributions, info = igfast.IntegratedGradients(model).attribute(x, target=0, method="exact",
+                                                                    return_adaptive_info=True)
+    assert info.smooth_head == "tanh" and info.pieces.tolist() == [1, 1]
+    reference = igfast.IntegratedGradients(model).attribute(x, target=0, n_steps=64)
+    _close(attributions, reference, 1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_steps": "auto"}, "n_steps"),
+    ({"tolerance": 1e-3}, "tolerance"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"max_steps": 2}, "max_steps"),
+    ({"targets": [0, 1]}, "target"),
+])
+def test_argument_errors(kwargs, match):
+    model, shape = make("relu_mlp", "cpu")
+    kwargs.setdefault("target", None) if "targets" in kwargs else kwargs.setdefault("target", 0)
+    with pytest.raises(ArgumentError, match=match):
+        igfast.IntegratedGradients(model).attribute(torch.randn(3, *shape, dtype=torch.float64), method="exact",
+                                                    **kwargs)
+
+
+def test_unknown_method_still_lists_exact_nowhere_else():
+    model, shape = make("relu_mlp", "cpu")
+    with pytest.raises(ArgumentError, match="method"):
+        igfast.IntegratedGradients(model).attribute(torch.randn(2, *shape, dtype=torch.float64), target=0,
+                                                    method="exactly")
