@@ -33,6 +33,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from .dtypes import dtype_policy
+from .chunking import RowLimit
 from .engine import GradientsAt, PathIntegral
 from .errors import ArgumentError
 from .piecewise import BreakpointMode, kink_margin
@@ -54,6 +55,12 @@ POINT_NODES = PathNodes(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype
 # tensors); wrap, when given, wraps the engine's gradients_at.
 RunRound = Callable[[torch.Tensor, Tuple[torch.Tensor, ...], Optional[Callable[[GradientsAt], GradientsAt]]],
                     PathIntegral]
+# forward_at(examples, points): the model's forward (output unused) for those
+# examples at those points (one row each); called under the walk's mode and tangents.
+ForwardAt = Callable[[torch.Tensor, Tuple[torch.Tensor, ...]], None]
+# Gradient points handed to the engine per pass, in units of its row limit: enough
+# for full chunks, few enough that the points themselves stay small.
+POINTS_PER_ROW_LIMIT = 16
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,11 @@ class ExactInfo:
     """What method="exact" did, per example."""
 
     pieces: torch.Tensor  # (B,) int64: linear pieces of the path
-    evaluations: torch.Tensor  # (B,) int64: path points evaluated (forward+backward rows)
+    # (B,) int64: model evaluations: forward+backward rows (one per piece, or
+    # GAUSS_NODES_PER_PIECE with a smooth head) plus the walk's forwards with tangents
+    # (one per piece after the first, whose walk and gradient share a row)
+    evaluations: torch.Tensor
+    walk_forwards: int  # of those, forwards with tangents only, over the batch
     breakpoints: List[torch.Tensor]  # per example, float64: t of every piece's start (0 first)
     smooth_head: Optional[str]  # the first smooth op after the last kink (None: the pieces are exact)
     nodes_per_piece: int  # gradients per piece: 1, or GAUSS_NODES_PER_PIECE with a smooth head
@@ -78,9 +89,7 @@ class ExactIntegral:
 
     gradient_sums: Tuple[torch.Tensor, ...]
     info: ExactInfo
-    rounds: List[PathIntegral]
-    start_values: Optional[torch.Tensor] = None
-    end_values: Optional[torch.Tensor] = None
+    rounds: List[PathIntegral]  # the engine passes
 
     @property
     def forward_calls(self) -> int:
@@ -109,11 +118,13 @@ def exact_settings(n_steps, tolerance, max_steps, targets_given: bool) -> ExactS
 
 
 def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
-                      settings: ExactSettings, run_round: RunRound) -> ExactIntegral:
+                      settings: ExactSettings, run_round: RunRound, forward_at: ForwardAt,
+                      row_limit: RowLimit) -> ExactIntegral:
     """sum over pieces of (piece length) x (gradient on the piece), per example and input.
 
     ends / starts are the path's ends (inputs and baselines, or a layer's activations),
-    starts with batch size B or 1.
+    starts with batch size B or 1. row_limit is the engine's (the walk takes its
+    chunks from it too).
     """
     batch_size = ends[0].shape[0]
     device = ends[0].device
@@ -123,39 +134,26 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     # Summed in float64: a path of thousands of pieces would otherwise lose the last
     # digits of float32 completeness to the order of the sum.
     sums = tuple(torch.zeros_like(d, dtype=torch.float64) for d in directions)
+    everyone = torch.arange(batch_size, device=device)
+    found: dict = {}
+
+    # The first piece: walked and its gradient taken in one engine pass (gradient at
+    # t = 0 on the side the path enters), which also sizes the engine's chunks.
+    next_step = torch.full((batch_size,), float("inf"), dtype=torch.float64, device=device)
+    rounds = [run_round(everyone, starts, _walker(directions, next_step, margin, found))]
+    walk_forwards = 0
+    piece_examples, piece_starts, piece_lengths = [], [], []
     position = torch.zeros(batch_size, dtype=torch.float64, device=device)
     pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
-    evaluations = torch.zeros(batch_size, dtype=torch.long, device=device)
-    breakpoints: List[List[float]] = [[] for _ in range(batch_size)]
-    rounds: List[PathIntegral] = []
-    smooth_head: Optional[str] = None
-    start_values: Optional[torch.Tensor] = None
-    active = torch.arange(batch_size, device=device)
-    while active.numel():
+    active = everyone
+    while True:
         here = position[active]
-        next_step = torch.full((active.numel(),), float("inf"), dtype=torch.float64, device=device)
-        found = {}
-        rounds.append(run_round(active, _points(starts, directions, active, here),
-                                _walker(tuple(d[active] for d in directions), next_step, margin, found)))
-        if start_values is None:
-            start_values = rounds[0].start_values
         remaining = 1 - here
         last = next_step >= remaining - margin  # no kink before the end (or within the margin of it)
         length = torch.where(last, remaining, next_step)
-        smooth_head = smooth_head or found.get("smooth_op")
-        if smooth_head is None:
-            _add(sums, active, rounds[-1].gradient_sums, length)
-            evaluations[active] += 1
-        else:
-            # The walk's gradient is the head's at the piece start only: integrate the
-            # piece with Gauss nodes instead (the breakpoints stay exact).
-            nodes, weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
-            for node, weight in zip(0.5 * (1 + nodes), 0.5 * weights):
-                rounds.append(run_round(active, _points(starts, directions, active, here + node * length), None))
-                _add(sums, active, rounds[-1].gradient_sums, weight * length)
-            evaluations[active] += 1 + GAUSS_NODES_PER_PIECE
-        for example, t in zip(active.tolist(), here.tolist()):
-            breakpoints[example].append(t)
+        piece_examples.append(active)
+        piece_starts.append(here)
+        piece_lengths.append(length)
         pieces[active] += 1
         position[active] = torch.where(last, torch.ones_like(here), here + length)
         if bool(((pieces[active] >= settings.max_pieces) & ~last).any()):
@@ -163,10 +161,79 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
                 f"method='exact': an example's path has more than max_steps={settings.max_pieces} linear "
                 "pieces; raise `max_steps` or use a fixed n_steps.")
         active = active[~last]
-    info = ExactInfo(pieces, evaluations, [torch.tensor(b, dtype=torch.float64) for b in breakpoints],
-                     smooth_head, GAUSS_NODES_PER_PIECE if smooth_head else 1)
+        if not active.numel():
+            break
+        # The next piece of the examples still walking: a forward with tangents only
+        # (its gradient comes later, with every piece's, in full chunks).
+        next_step = _walk(forward_at, active, _points(starts, directions, active, position[active]),
+                          tuple(d[active] for d in directions), margin, found, row_limit)
+        walk_forwards += active.numel()
+    examples = torch.cat(piece_examples)
+    piece_start = torch.cat(piece_starts)
+    piece_length = torch.cat(piece_lengths)
+    smooth_head = found.get("smooth_op")
+    first = slice(0, batch_size)  # the first piece of every example, in batch order
+    if smooth_head is None:
+        # Constant gradient on a piece: the first pieces' is known; the others' is read
+        # at their midpoints, strictly inside the piece, so no side has to be chosen.
+        _add(sums, everyone, rounds[0].gradient_sums, piece_length[first])
+        nodes, weights = [0.5], [1.0]
+        examples, piece_start, piece_length = examples[batch_size:], piece_start[batch_size:], piece_length[batch_size:]
+    else:
+        # The head bends the gradient inside a piece: Gauss nodes on every piece (the
+        # breakpoints stay exact), the first one's start gradient unused.
+        gauss_nodes, gauss_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
+        nodes, weights = (0.5 * (1 + gauss_nodes)).tolist(), (0.5 * gauss_weights).tolist()
+    group = max(1, row_limit.rows) * POINTS_PER_ROW_LIMIT
+    for node, weight in zip(nodes, weights):
+        for begin in range(0, examples.numel(), group):
+            rows = slice(begin, begin + group)
+            t = piece_start[rows] + node * piece_length[rows]
+            rounds.append(run_round(examples[rows], _points(starts, directions, examples[rows], t), None))
+            _add(sums, examples[rows], rounds[-1].gradient_sums, weight * piece_length[rows])
+    gradient_rows = torch.bincount(examples, minlength=batch_size) * len(nodes)
+    evaluations = gradient_rows + pieces  # + the walk's forwards and the first engine pass
+    breakpoints = _breakpoints(torch.cat(piece_examples), torch.cat(piece_starts), batch_size)
+    info = ExactInfo(pieces, evaluations, walk_forwards, breakpoints, smooth_head,
+                     GAUSS_NODES_PER_PIECE if smooth_head else 1)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
-    return ExactIntegral(results, info, rounds, start_values=start_values)
+    return ExactIntegral(results, info, rounds)
+
+
+def _breakpoints(examples: torch.Tensor, piece_starts: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
+    order = torch.argsort(examples, stable=True)  # pieces were recorded in walk order
+    counts = torch.bincount(examples, minlength=batch_size).tolist()
+    return list(torch.split(piece_starts[order].cpu(), counts))
+
+
+def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Tensor, ...],
+          directions: Tuple[torch.Tensor, ...], margin: float, found: dict, row_limit: RowLimit) -> torch.Tensor:
+    """Each example's distance from its point to the next kink: forwards with tangents
+    along the path, no backward, in chunks of the engine's row limit (a walk row holds
+    less than an engine row: no autograd graph), halved after out-of-memory errors."""
+    count = examples.numel()
+    next_step = torch.full((count,), float("inf"), dtype=torch.float64, device=examples.device)
+    chunk = max(1, row_limit.rows)
+    begin = 0
+    while begin < count:
+        rows = slice(begin, min(begin + chunk, count))
+        mode = BreakpointMode(rows.stop - rows.start, margin)
+        try:
+            with torch.no_grad(), fwAD.dual_level():
+                duals = tuple(fwAD.make_dual(p[rows], d[rows]) for p, d in zip(points, directions))
+                with mode:
+                    forward_at(examples[rows], duals)
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk //= 2
+            continue
+        if mode.next_step is not None:
+            next_step[rows] = mode.next_step
+        if mode.smooth_op is not None:
+            found.setdefault("smooth_op", mode.smooth_op)
+        begin = rows.stop
+    return next_step
 
 
 def _points(starts, directions, active: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, ...]:

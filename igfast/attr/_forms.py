@@ -145,7 +145,7 @@ def select_examples(value: Any, index: torch.Tensor, batch_size: int) -> Any:
     """Rows ``index`` of a per-example value: a tensor with batch_size rows, or a list
     of batch_size entries (per-example targets). Anything else applies to every
     example and passes as is; so does everything when index keeps the whole batch."""
-    if index.numel() == batch_size:
+    if _whole_batch(index, batch_size):
         return value
     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch_size:
         return value[index.to(value.device)]
@@ -154,18 +154,26 @@ def select_examples(value: Any, index: torch.Tensor, batch_size: int) -> Any:
     return value
 
 
+def _whole_batch(index: torch.Tensor, batch_size: int) -> bool:
+    # method="exact" selects rows with repeats (one per piece of a path), which may
+    # number batch_size without being the batch.
+    return index.numel() == batch_size and bool((index == torch.arange(batch_size, device=index.device)).all())
+
+
 def select_additional_forward_args(
     args: Optional[Tuple[Any, ...]], index: torch.Tensor, batch_size: int
 ) -> Optional[Tuple[Any, ...]]:
     """The arguments of examples ``index`` (n_steps='auto' refines a subset of the
-    batch): tensors with a dimension must have one row per example."""
-    if args is None or index.numel() == batch_size:
+    batch, method='exact' walks one): tensors with a dimension must have one row per
+    example."""
+    if args is None or _whole_batch(index, batch_size):
         return args
     for position, arg in enumerate(args):
         if isinstance(arg, torch.Tensor) and arg.dim() and arg.shape[0] != batch_size:
             raise ArgumentError(
                 f"`additional_forward_args[{position}]` must have one row per example "
-                f"({batch_size}) with n_steps='auto', which refines some examples only; "
+                f"({batch_size}) with n_steps='auto' or method='exact', which evaluate some "
+                f"examples only; "
                 f"got shape {tuple(arg.shape)}."
             )
     return tuple(select_examples(arg, index, batch_size) if isinstance(arg, torch.Tensor) else arg

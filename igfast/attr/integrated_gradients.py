@@ -280,7 +280,10 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
             return integrate_gradients(sub_inputs, points, POINT_NODES,
                                        wrap(gradients_at) if wrap else gradients_at, row_limit)
 
-        return integrate_exactly(inputs, baselines, settings, run_round)
+        def forward_at(examples: torch.Tensor, points) -> None:
+            self.forward_func(*points, *(select_additional_forward_args(args, examples, batch_size) or ()))
+
+        return integrate_exactly(inputs, baselines, settings, run_round, forward_at, row_limit)
 
     def _integrate_adaptively(self, inputs, baselines, target, args, settings: AdaptiveSettings,
                               internal_batch_size, memory_budget) -> AdaptiveIntegral:

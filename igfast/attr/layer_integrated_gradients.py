@@ -245,7 +245,12 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
                 return integrate_gradients(sub_ends, points, POINT_NODES,
                                            wrap(gradients_at) if wrap else gradients_at, row_limit)
 
-            integral = integrate_exactly(ends, starts, exact, run_point_round)
+            def forward_at(examples: torch.Tensor, points) -> None:
+                with activations_replaced(self._layers, attribute_to_layer_input, slots, points):
+                    self._eager_forward(*(select_examples(x, examples, batch_size) for x in model_inputs),
+                                        *(select_additional_forward_args(args, examples, batch_size) or ()))
+
+            integral = integrate_exactly(ends, starts, exact, run_point_round, forward_at, row_limit)
         elif adaptive is not None:
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
                 sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)

@@ -1,0 +1,231 @@
+"""method="exact", n_steps="auto" and fixed Gauss-Legendre: the cost of "every example within tol".
+
+For each workload and tolerance tol (1e-2, 1e-3, 1e-4), per example the error of an
+attribution is its relative L2 distance to the float64 exact result (whose own
+completeness error is printed: about 1e-16 relative). Each rule must bring EVERY
+example within tol:
+
+- fixed GL: the fewest Gauss-Legendre steps n found by doubling from 8 then bisecting
+  (to 3%) that puts every example within tol (the error of a ReLU network jumps with n,
+  so this is the first n on that search path, not a guaranteed minimum);
+- auto: n_steps="auto" with tolerance=tol; its true worst error is reported, and when
+  it misses tol, the loosest tolerance tol/2^k that meets it is used instead;
+- exact: method="exact" (one evaluation per linear piece; 4 with a smooth head).
+
+Evaluations are path points (forward+backward rows) per example, mean over the batch.
+Times: float32, one thread, medians of interleaved runs. A plot of the worst error
+against evaluations for every rule (GL, trapezoid, auto, exact) goes to --plot.
+
+Workloads: the MLP of igfast.bench (batch 64), the same MLP with a softmax of the
+target's logits as head, and the CNN of igfast.bench (batch 2 here: its paths have
+about 11,000 pieces each).
+
+    python benchmarks/bench_exact.py                  # about 10 minutes on a 2-core CPU
+    python benchmarks/bench_exact.py --quick          # small MLP batch, one tolerance (CI smoke)
+"""
+
+import argparse
+import json
+import math
+import time
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+import igfast
+from igfast.bench.timing import interleaved_medians
+from igfast.bench.workloads import WORKLOADS
+
+TOLERANCES = (1e-2, 1e-3, 1e-4)
+
+
+class SoftmaxHead(nn.Module):
+    """The MLP's class probabilities: a smooth head after its last ReLU."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return torch.softmax(self.body(x), dim=1)
+
+
+def problem(key: str, batch: int, dtype: torch.dtype):
+    """(name, attribute(**kwargs)) of a workload at one dtype."""
+    model, x, baseline, _ = WORKLOADS["cnn" if key == "cnn" else "mlp"].build("cpu")
+    if key == "softmax_mlp":
+        model = SoftmaxHead(model).eval()
+    x, baseline = x[:batch].to(dtype), baseline[:batch].to(dtype)
+    model = model.to(dtype)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    ig = igfast.IntegratedGradients(model)
+    shape = "x".join(map(str, x.shape[1:]))
+    name = {"mlp": "MLP", "softmax_mlp": "MLP + softmax head", "cnn": "CNN"}[key]
+    return f"{name} ({shape}, batch {batch})", lambda **kw: ig.attribute(x, baseline, target=target, **kw)
+
+
+def worst_error(attributions: torch.Tensor, reference: torch.Tensor) -> float:
+    per_example = (attributions - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+    return float(per_example.max())
+
+
+def fewest_gl_steps(attribute: Callable, reference: torch.Tensor, tol: float, cache: Dict[int, float],
+                    limit: int) -> int:
+    def error(n: int) -> float:
+        if n not in cache:
+            cache[n] = worst_error(attribute(n_steps=n), reference)
+        return cache[n]
+
+    n = 8
+    while error(n) > tol:
+        if n >= limit:
+            return -1
+        n = min(2 * n, limit)
+    low, high = n // 2, n  # low misses (or is below 8), high meets
+    while high - low > max(1, high // 32):
+        middle = (low + high) // 2
+        if error(middle) <= tol:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def auto_for(attribute: Callable, reference: torch.Tensor, tol: float, sweep: List[Dict[str, Any]]) -> Dict[str, Any]:
+    tolerance = tol
+    for _ in range(8):
+        attributions, info = attribute(n_steps="auto", tolerance=tolerance, max_steps=16385, return_adaptive_info=True)
+        point = {"tolerance": tolerance, "mean_evaluations": float(info.evaluations.double().mean()),
+                 "worst_error": worst_error(attributions, reference),
+                 "reported_converged": float(info.converged.double().mean())}
+        sweep.append(point)
+        if point["worst_error"] <= tol:
+            return point
+        tolerance /= 2
+    return point
+
+
+def run_workload(key: str, batch: int, tolerances, repeats: int) -> Dict[str, Any]:
+    name, attribute = problem(key, batch, torch.float64)
+    print(f"{name}:", flush=True)
+    started = time.perf_counter()
+    reference, delta, info = attribute(method="exact", return_convergence_delta=True, return_adaptive_info=True)
+    exact_seconds64 = time.perf_counter() - started
+    with torch.no_grad():
+        scale = reference.flatten(1).abs().sum(1)
+    completeness = float((delta.abs() / scale).max())
+    exact_evaluations = float(info.evaluations.double().mean())
+    print(f"  exact: {float(info.pieces.double().mean()):.1f} pieces mean, {int(info.pieces.max())} max, "
+          f"completeness {completeness:.1e} relative, {exact_seconds64:.1f} s in float64", flush=True)
+    limit = 65536 if key != "cnn" else 16384
+    gl_cache: Dict[int, float] = {}
+    auto_sweep: List[Dict[str, Any]] = []
+    rows = []
+    for tol in tolerances:
+        n = fewest_gl_steps(attribute, reference, tol, gl_cache, limit)
+        auto = auto_for(attribute, reference, tol, auto_sweep)
+        rows.append({"tol": tol, "gl_steps": n, "auto": auto})
+        print(f"  tol {tol:.0e}: GL {n} steps, auto {auto['mean_evaluations']:.1f} evals at tolerance "
+              f"{auto['tolerance']:.1e} (worst error {auto['worst_error']:.1e}), exact {exact_evaluations:.1f}",
+              flush=True)
+    # Times in float32: exact once per workload, GL and auto per tolerance.
+    _, attribute32 = problem(key, batch, torch.float32)
+    variants = {"exact": lambda: attribute32(method="exact")}
+    for row in rows:
+        if row["gl_steps"] > 0:
+            variants[f"gl{row['gl_steps']}"] = (lambda n: lambda: attribute32(n_steps=n))(row["gl_steps"])
+        tolerance = row["auto"]["tolerance"]
+        variants[f"auto{tolerance:.1e}"] = (lambda t: lambda: attribute32(n_steps="auto", tolerance=t,
+                                                                          max_steps=16385))(tolerance)
+    seconds = interleaved_medians(variants, repeats=repeats, device="cpu", warmup=repeats > 1)
+    for row in rows:
+        row["gl_seconds"] = seconds.get(f"gl{row['gl_steps']}")
+        row["auto_seconds"] = seconds[f"auto{row['auto']['tolerance']:.1e}"]
+        row["exact_seconds"] = seconds["exact"]
+    # The error curves of the fixed rules (float64), for the plot.
+    curves = {"gausslegendre": sorted(gl_cache.items())}
+    trapezoid = []
+    for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if n <= limit // 4:
+            trapezoid.append((n, worst_error(attribute(n_steps=n, method="riemann_trapezoid"), reference)))
+    curves["riemann_trapezoid"] = trapezoid
+    curves["auto"] = sorted((p["mean_evaluations"], p["worst_error"]) for p in auto_sweep)
+    return {"workload": name, "key": key, "exact_pieces_mean": float(info.pieces.double().mean()),
+            "exact_pieces_max": int(info.pieces.max()), "exact_evaluations": exact_evaluations,
+            "exact_completeness": completeness, "smooth_head": info.smooth_head, "rows": rows, "curves": curves}
+
+
+def print_table(results: List[Dict[str, Any]]) -> None:
+    print()
+    print("| workload | tol | fixed GL: steps | auto: evaluations (tolerance used) | exact: evaluations | "
+          "GL / exact evals | GL / auto evals | GL s | auto s | exact s | GL / exact time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for row in r["rows"]:
+            n, auto = row["gl_steps"], row["auto"]
+            gl_text = str(n) if n > 0 else "> limit"
+            ratio_exact = f"{n / r['exact_evaluations']:.2f}x" if n > 0 else "-"
+            ratio_auto = f"{n / auto['mean_evaluations']:.2f}x" if n > 0 else "-"
+            gl_s = f"{row['gl_seconds']:.3f}" if row["gl_seconds"] else "-"
+            time_ratio = f"{row['gl_seconds'] / row['exact_seconds']:.2f}x" if row["gl_seconds"] else "-"
+            print(f"| {r['workload']} | {row['tol']:.0e} | {gl_text} | {auto['mean_evaluations']:.1f} "
+                  f"({auto['tolerance']:.1e}) | {r['exact_evaluations']:.1f} | {ratio_exact} | {ratio_auto} | "
+                  f"{gl_s} | {row['auto_seconds']:.3f} | {row['exact_seconds']:.3f} | {time_ratio} |")
+    print()
+    for r in results:
+        print(f"{r['workload']}: {r['exact_pieces_mean']:.1f} pieces mean, {r['exact_pieces_max']} max; "
+              f"exact completeness {r['exact_completeness']:.1e} relative (float64)"
+              + (f"; smooth head {r['smooth_head']}, 3 Gauss nodes per piece" if r["smooth_head"] else ""))
+
+
+def plot(results: List[Dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for axis, r in zip(axes[0], results):
+        for label, points in r["curves"].items():
+            if points:
+                xs, ys = zip(*points)
+                axis.loglog(xs, [max(y, 1e-17) for y in ys], "o-" if label != "auto" else "s--", label=label,
+                            markersize=3)
+        axis.loglog([r["exact_evaluations"]], [max(r["exact_completeness"], 1e-17)], "k*", markersize=12,
+                    label="exact")
+        for tol in TOLERANCES:
+            axis.axhline(tol, color="grey", linewidth=0.5)
+        axis.set_title(r["workload"], fontsize=9)
+        axis.set_xlabel("evaluations per example")
+        axis.set_ylabel("worst relative L2 error")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="MLP batch 8, tolerance 1e-3, one timing (CI smoke)")
+    parser.add_argument("--workloads", default=None, help="comma-separated: mlp,softmax_mlp,cnn")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", default=None, help="write the error-versus-evaluations plot here (.png)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    keys = args.workloads.split(",") if args.workloads else (["mlp"] if args.quick else ["mlp", "softmax_mlp", "cnn"])
+    results = []
+    for key in keys:
+        batch = 8 if args.quick else {"mlp": 64, "softmax_mlp": 64, "cnn": 2}[key]
+        results.append(run_workload(key, batch, (1e-3,) if args.quick else TOLERANCES, 1 if args.quick else 3))
+    print_table(results)
+    if args.plot:
+        plot(results, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
