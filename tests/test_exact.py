@@ -462,3 +462,31 @@ def test_unknown_method_still_lists_exact_nowhere_else():
     with pytest.raises(ArgumentError, match="method"):
         igfast.IntegratedGradients(model).attribute(torch.randn(2, *shape, dtype=torch.float64), target=0,
                                                     method="exactly")
+
+
+def test_rows_selected_with_repeats_are_not_mistaken_for_the_batch():
+    """The gradient pass selects one row per piece; B of them are not the batch."""
+    from igfast.attr._forms import select_additional_forward_args, select_examples
+
+    values = torch.arange(6.0).view(3, 2)
+    index = torch.tensor([2, 2, 0])
+    assert torch.equal(select_examples(values, index, 3), values[index])
+    assert torch.equal(select_additional_forward_args((values, 7), index, 3)[0], values[index])
+    assert select_examples(values, torch.arange(3), 3) is values
+
+
+def test_additional_forward_args_follow_their_examples(device):
+    """Per-example forward arguments reach every piece of their own example's path."""
+    model, shape = make("relu_mlp", device)
+
+    def forward(x, scale):
+        return model(x * scale)
+
+    inputs = torch.randn(3, *shape, dtype=torch.float64, device=device)
+    scale = torch.tensor([[0.5], [1.0], [2.0]], dtype=torch.float64, device=device)
+    attributions = igfast.IntegratedGradients(forward).attribute(inputs, target=1, method="exact",
+                                                                additional_forward_args=(scale,))
+    for example in range(3):
+        alone = igfast.IntegratedGradients(lambda x: model(x * scale[example])).attribute(
+            inputs[example:example + 1], target=1, method="exact")
+        torch.testing.assert_close(attributions[example:example + 1], alone, rtol=1e-12, atol=1e-14)
