@@ -11,6 +11,7 @@ tests/test_readme.py checks that they appear in it; regenerate both together.
     python benchmarks/report.py                      # the whole suite (about 1.5 h on 2 cores)
     python benchmarks/report.py --quick --out /tmp/r # every section's smoke run (minutes)
     python benchmarks/report.py --sections speed,many_calls
+    python benchmarks/report.py --update-readme      # quote an existing report in README.md
 """
 
 import argparse
@@ -18,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -128,13 +130,98 @@ def _tables_of(stdout: str) -> str:
     return kept if "|---" in kept else f"```text\n{kept}\n```"
 
 
+# The README's figures: lines quoted verbatim from cpu.md. Per entry: the section
+# (its title starts with the first field), a caption, the table (its header row
+# matches; None for a text block) and the rows (they match).
+README_QUOTES = [
+    ("igfast against Captum", "Time of one call, gausslegendre, 50 steps (s; ratios of medians):",
+     r"\| workload \| n_steps", r"\| (mlp|cnn|minilm) \| 50 \| gausslegendre \|"),
+    ("Small models and many calls", "1000 calls of one example each (s):",
+     r"\| floor \| plain IG \| igfast \| Captum", r"\| \d"),
+    ("Peak memory", "Peak memory one call adds (MiB) against the floor at the same rows:", None,
+     r"([a-z]+, batch \d+|case  |captum  |igfast \(default|igfast, memory_budget=16MiB)"),
+    ("Exact IG", "Every example within tol: fixed Gauss-Legendre, n_steps='auto' and method='exact':",
+     r"\| workload \| tol", r"\| MLP \(64, batch 64\) \|"),
+    ("LLM attribution", "LLMGradientAttribution against Captum's (GPT-2-small config):",
+     r"\| target tokens", r"\| \d+ \| \d+ \|"),
+]
+README = os.path.join(ROOT, "README.md")
+BLOCK = re.compile(r"(<!-- figures:cpu -->\n)(.*?)(<!-- /figures -->)", re.S)
+
+
+def _sections(report: str):
+    """title -> lines of each '## ' section of a report."""
+    sections, title = {}, None
+    for line in report.splitlines():
+        if line.startswith("## "):
+            title = line[3:].strip()
+            sections[title] = []
+        elif title is not None:
+            sections[title].append(line)
+    return sections
+
+
+def _table_rows(lines, header_pattern: str, row_pattern: str):
+    """The header, separator and matching rows of the first table whose header matches."""
+    for index, line in enumerate(lines):
+        if re.match(header_pattern, line) and index + 1 < len(lines) and lines[index + 1].startswith("|---"):
+            rows = []
+            for row in lines[index + 2:]:
+                if not row.startswith("|"):
+                    break
+                if re.match(row_pattern, row):
+                    rows.append(row)
+            return [line, lines[index + 1], *rows] if rows else []
+    return []
+
+
+def readme_figures(report: str) -> str:
+    """The README's figures block for a report: its header facts, then quoted lines."""
+    facts = [line[2:] for line in report.splitlines()[:8] if line.startswith("- ")]
+    out = ["From [benchmarks/results/cpu.md](benchmarks/results/cpu.md) (" + "; ".join(facts) + "):", ""]
+    sections = _sections(report)
+    for prefix, caption, header_pattern, row_pattern in README_QUOTES:
+        lines = next((body for title, body in sections.items() if title.startswith(prefix)), None)
+        if lines is None:
+            continue
+        if header_pattern is not None:
+            quoted = _table_rows(lines, header_pattern, row_pattern)
+            if quoted:
+                out += [caption, "", *quoted, ""]
+        else:
+            quoted = [line for line in lines if re.match(row_pattern, line)]
+            if quoted:
+                out += [caption, "", "```text", *quoted, "```", ""]
+    return "\n".join(out)
+
+
+def update_readme(report_dir: str) -> None:
+    with open(os.path.join(report_dir, "cpu.md")) as handle:
+        report = handle.read()
+    if "smoke run" in report.splitlines()[0]:
+        raise SystemExit("refusing to quote a --quick report in the README")
+    with open(README) as handle:
+        readme = handle.read()
+    if not BLOCK.search(readme):
+        raise SystemExit("README.md has no <!-- figures:cpu --> ... <!-- /figures --> block")
+    readme = BLOCK.sub(lambda m: m.group(1) + readme_figures(report) + "\n" + m.group(3), readme)
+    with open(README, "w") as handle:
+        handle.write(readme)
+    print(f"README.md: figures quoted from {os.path.join(report_dir, 'cpu.md')}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every section's smoke run")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated from {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for cpu.md and cpu.json")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="run nothing: quote the report in --out in README.md's figures block")
     args = parser.parse_args()
+    if args.update_readme:
+        update_readme(args.out)
+        return 0
     names = [n for n in args.sections.split(",") if n]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
