@@ -228,6 +228,7 @@ def test_exact_equals_independent_partition_float64(name, device):
     assert info.pieces.cpu().tolist() == pieces.tolist()
     assert (pieces >= 2).all() and pieces.sum() >= 4 * examples, "the workload must have breakpoints to find"
     assert info.evaluations.tolist() == (2 * info.pieces - 1).tolist() and info.smooth_head is None
+    assert info.head_error_estimate is None
     for example in range(examples):
         found = info.breakpoints[example]
         assert found[0] == 0 and (found[1:] > found[:-1]).all()
@@ -271,6 +272,10 @@ def test_smooth_head_is_integrated_per_piece(device):
     _close(attributions, expected, 1e-8)
     _completeness(model, attributions, inputs, baselines, 1, 1e-8)
     assert info.smooth_head == "softmax" and info.nodes_per_piece == 3
+    # The head's error estimate (the midpoint rule's) is above the true error, and small.
+    true_error = (attributions - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)
+    assert (info.head_error_estimate.to(true_error) >= true_error).all()
+    assert (info.head_error_estimate < 1e-2).all() and (info.head_error_estimate > 0).all()
     assert info.pieces.cpu().tolist() == pieces.tolist()
     assert info.evaluations.tolist() == (4 * info.pieces).tolist()  # 3 Gauss nodes and the walk
 
@@ -438,6 +443,7 @@ def test_smooth_models_without_kinks_are_integrated_with_gauss_nodes():
     attributions, info = igfast.IntegratedGradients(model).attribute(x, target=0, method="exact",
                                                                     return_adaptive_info=True)
     assert info.smooth_head == "tanh" and info.pieces.tolist() == [1, 1]
+    assert info.head_error_estimate.shape == (2,)
     reference = igfast.IntegratedGradients(model).attribute(x, target=0, n_steps=64)
     _close(attributions, reference, 1e-6)
 

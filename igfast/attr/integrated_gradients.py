@@ -164,7 +164,8 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 ``evaluations`` (path points evaluated), ``error_estimate``,
                 ``completeness_error`` and ``converged``; with "exact", an
                 ``ExactInfo`` with per example ``pieces``, ``evaluations`` and
-                ``breakpoints`` (t of each piece's start), and ``smooth_head``.
+                ``breakpoints`` (t of each piece's start), ``smooth_head`` and, with
+                a head, ``head_error_estimate`` (relative; an overestimate).
                 Default: False.
 
         Returns:
