@@ -8,7 +8,7 @@ benchmark's own JSON). The header says when, on what commit, CPU, torch version 
 thread count. The README quotes figures from this file only, and
 tests/test_readme.py checks that they appear in it; regenerate both together.
 
-    python benchmarks/report.py                      # the whole suite (about 1.5 h on 2 cores)
+    python benchmarks/report.py                      # the whole suite (about an hour on 2 cores)
     python benchmarks/report.py --quick --out /tmp/r # every section's smoke run (minutes)
     python benchmarks/report.py --sections speed,many_calls
     python benchmarks/report.py --update-readme      # quote an existing report in README.md
@@ -46,7 +46,8 @@ SECTIONS = {
     "exact": ("Exact IG, n_steps='auto' and fixed rules",
               [sys.executable, "benchmarks/bench_exact.py", "--plot", "benchmarks/results/exact-error.png"],
               [sys.executable, "benchmarks/bench_exact.py", "--quick"]),
-    "llm": ("LLM attribution", [sys.executable, "benchmarks/bench_llm.py"],
+    # The 16-token, 16-step case: the full table (64 tokens, 50 steps) takes hours on one thread.
+    "llm": ("LLM attribution", [sys.executable, "benchmarks/bench_llm.py", "--cases", "16x16", "--repeats", "1"],
             [sys.executable, "benchmarks/bench_llm.py", "--quick"]),
     "zoo": ("The model zoo against Captum", [sys.executable, "benchmarks/bench_zoo.py"],
             [sys.executable, "benchmarks/bench_zoo.py", "--quick"]),
