@@ -11,7 +11,8 @@ tests/test_readme.py checks that they appear in it; regenerate both together.
     python benchmarks/report.py                      # the whole suite (about an hour on 2 cores)
     python benchmarks/report.py --quick --out /tmp/r # every section's smoke run (minutes)
     python benchmarks/report.py --sections speed,many_calls
-    python benchmarks/report.py --update-readme      # quote an existing report in README.md
+    python benchmarks/report.py --update-readme      # summarise benchmarks/results/cpu.md in README.md
+    python benchmarks/report.py --update-readme --out DIR   # ... or DIR/cpu.md
 """
 
 import argparse
@@ -131,23 +132,13 @@ def _tables_of(stdout: str) -> str:
     return kept if "|---" in kept else f"```text\n{kept}\n```"
 
 
-# The README's figures: lines quoted verbatim from cpu.md. Per entry: the section
-# (its title starts with the first field), a caption, the table (its header row
-# matches; None for a text block) and the rows (they match).
-README_QUOTES = [
-    ("igfast against Captum", "Time of one call, gausslegendre, 50 steps (s; ratios of medians):",
-     r"\| workload \| n_steps", r"\| (mlp|cnn|minilm) \| 50 \| gausslegendre \|"),
-    ("Small models and many calls", "1000 calls of one example each (s):",
-     r"\| floor \| plain IG \| igfast \| Captum", r"\| \d"),
-    ("Peak memory", "Peak memory one call adds (MiB) against the floor at the same rows:", None,
-     r"([a-z]+, batch \d+|case  |captum  |igfast \(default|igfast, memory_budget=16MiB)"),
-    ("Exact IG", "Every example within tol: fixed Gauss-Legendre, n_steps='auto' and method='exact':",
-     r"\| workload \| tol", r"\| MLP \(64, batch 64\) \|"),
-    ("LLM attribution", "LLMGradientAttribution against Captum's (GPT-2-small config):",
-     r"\| target tokens", r"\| \d+ \| \d+ \|"),
-]
+# The README's figures: a few summary lines built from cpu.md's tables. Every figure is
+# a cell (or a number in a line) of cpu.md copied as text, never recomputed or rounded,
+# so tests/test_readme.py can find each one in the report. A line whose section or
+# table is missing from the report is left out.
 README = os.path.join(ROOT, "README.md")
 BLOCK = re.compile(r"(<!-- figures:cpu -->\n)(.*?)(<!-- /figures -->)", re.S)
+REPORT_LINK = "[benchmarks/results/cpu.md](benchmarks/results/cpu.md)"
 
 
 def _sections(report: str):
@@ -162,38 +153,145 @@ def _sections(report: str):
     return sections
 
 
-def _table_rows(lines, header_pattern: str, row_pattern: str):
-    """The header, separator and matching rows of the first table whose header matches."""
-    for index, line in enumerate(lines):
-        if re.match(header_pattern, line) and index + 1 < len(lines) and lines[index + 1].startswith("|---"):
-            rows = []
-            for row in lines[index + 2:]:
-                if not row.startswith("|"):
-                    break
-                if re.match(row_pattern, row):
-                    rows.append(row)
-            return [line, lines[index + 1], *rows] if rows else []
+def _section(sections, prefix: str):
+    return next((body for title, body in sections.items() if title.startswith(prefix)), None)
+
+
+def _cells(line: str):
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _markdown_table(lines, columns, start: int = 0):
+    """Rows (column -> cell text) of the first markdown table from lines[start:]
+    whose header has all `columns`; [] when there is none."""
+    for index in range(start, len(lines) - 1):
+        line = lines[index]
+        if not line.startswith("|") or not lines[index + 1].startswith("|---"):
+            continue
+        header = _cells(line)
+        if not all(column in header for column in columns):
+            continue
+        rows = []
+        for row in lines[index + 2:]:
+            if not row.startswith("|"):
+                break
+            cells = _cells(row)
+            if len(cells) == len(header):
+                rows.append(dict(zip(header, cells)))
+        return rows
     return []
 
 
-def readme_figures(report: str) -> str:
-    """The README's figures block for a report: its header facts, then quoted lines."""
-    facts = [line[2:] for line in report.splitlines()[:8] if line.startswith("- ")]
-    out = ["From [benchmarks/results/cpu.md](benchmarks/results/cpu.md) (" + "; ".join(facts) + "):", ""]
-    sections = _sections(report)
-    for prefix, caption, header_pattern, row_pattern in README_QUOTES:
-        lines = next((body for title, body in sections.items() if title.startswith(prefix)), None)
-        if lines is None:
+def _speed_line(sections):
+    body = _section(sections, "igfast against Captum")
+    rows = [r for r in _markdown_table(body or [], ("workload", "n_steps", "speedup", "igfast / floor",
+                                                    "Captum / floor"))
+            if r["n_steps"] == "50" and r.get("method", "gausslegendre") == "gausslegendre"]
+    if not rows:
+        return None
+    parts = [f"{r['workload']} {r['speedup']} (igfast {r['igfast / floor']}x the floor, Captum "
+             f"{r['Captum / floor']}x)" for r in rows]
+    return ("- Speed, one call at 50 steps (gausslegendre), speedup over Captum; the floor is the "
+            "model's own forward and backward on the same rows: " + "; ".join(parts) + ".")
+
+
+def _many_calls_line(sections):
+    body = _section(sections, "Small models and many calls") or []
+    for index, line in enumerate(body):
+        match = re.match(r"(\d+) calls of one example each \((.*?)\)", line)
+        if not match:
             continue
-        if header_pattern is not None:
-            quoted = _table_rows(lines, header_pattern, row_pattern)
-            if quoted:
-                out += [caption, "", *quoted, ""]
-        else:
-            quoted = [line for line in lines if re.match(row_pattern, line)]
-            if quoted:
-                out += [caption, "", "```text", *quoted, "```", ""]
-    return "\n".join(out)
+        rows = _markdown_table(body, ("floor", "igfast", "Captum", "speedup over Captum"), index)
+        if rows:
+            r = rows[0]
+            return (f"- {match.group(1)} calls of one example each ({match.group(2)}): igfast {r['igfast']} s, "
+                    f"Captum {r['Captum']} s (speedup {r['speedup over Captum']}), floor {r['floor']} s.")
+    return None
+
+
+MEMORY_ROW = re.compile(r"^(?P<label>\S.*?)\s+(?P<chunks>\d+)\s+(?P<rows>\d+)\s+(?P<alloc>[\d.]+)\s+"
+                        r"(?P<rss>[\d.]+)\s+(?P<over_floor>[\d.]+)\s+(?P<seconds>[\d.]+)\s+[\d.]+$")
+
+
+def _memory_line(sections):
+    body = _section(sections, "Peak memory") or []
+    groups, current = [], None
+    for index, line in enumerate(body):
+        if index + 1 < len(body) and body[index + 1].startswith("case "):
+            current = (line.strip(), [])
+            groups.append(current)
+        elif current is not None:
+            match = MEMORY_ROW.match(line)
+            if match:
+                current[1].append(match)
+    parts = []
+    for group, rows in groups:
+        captum = next((r for r in rows if r["label"].startswith("captum")), None)
+        default = next((r for r in rows if r["label"].startswith("igfast (default")), None)
+        budgets = [r for r in rows if r["label"].startswith("igfast, memory_budget=")]
+        smallest = min(budgets, key=lambda r: float(r["alloc"]), default=None)
+        figures = []
+        if captum is not None:
+            qualifier = captum["label"][len("captum"):].lstrip(", ")
+            figures.append(f"Captum {captum['alloc']} MiB" + (f" ({qualifier})" if qualifier else ""))
+        if default is not None:
+            figures.append(f"igfast {default['alloc']} MiB (automatic budget)")
+        if smallest is not None:
+            figures.append(f"{smallest['alloc']} MiB with {smallest['label'][len('igfast, '):]}")
+        if len(figures) >= 2:
+            parts.append(f"{group}: " + ", ".join(figures))
+    if not parts:
+        return None
+    return ("- Peak memory one call adds (bytes from PyTorch's allocator, read by the profiler on CPU): "
+            + "; ".join(parts) + ".")
+
+
+def _exact_line(sections):
+    body = _section(sections, "Exact IG") or []
+    rows = _markdown_table(body, ("workload", "tol", "fixed GL: steps", "auto: evaluations (tolerance used)",
+                                  "exact: evaluations"))
+    tightest = {}
+    for r in rows:
+        try:
+            tol = float(r["tol"])
+        except ValueError:
+            continue
+        if r["workload"] not in tightest or tol < float(tightest[r["workload"]]["tol"]):
+            tightest[r["workload"]] = r
+    if not tightest:
+        return None
+    parts = [f"{name} at {r['tol']}: {r['fixed GL: steps']} / {r['auto: evaluations (tolerance used)'].split()[0]}"
+             f" / {r['exact: evaluations']}" for name, r in tightest.items()]
+    return ("- Evaluations per example until every example is within the tolerance (fixed Gauss-Legendre / "
+            "`n_steps=\"auto\"` / `method=\"exact\"`): " + "; ".join(parts) + ".")
+
+
+LLM_ROW = re.compile(r"^\s*(?P<targets>\d+)\s+(?P<n_steps>\d+)\s+(?P<igfast>[\d.]+)\s+(?P<captum>[\d.]+)\s+\S+\s+"
+                     r"(?P<speedup>[\d.]+)\s+(?P<bound>[\d.]+)\s+(?P<of_bound>[\d.]+)\s+[\d.]+\s+"
+                     r"(?P<peak_igfast>[\d.]+ [KMG]?i?B)\s+(?P<peak_captum>[\d.]+ [KMG]?i?B)\s+\d+/\d+\s+\S+\s*$")
+
+
+def _llm_line(sections):
+    body = _section(sections, "LLM attribution") or []
+    rows = [m for m in map(LLM_ROW.match, body) if m]
+    if not rows:
+        return None
+    parts = [f"{r['targets']} target tokens, {r['n_steps']} steps: igfast {r['igfast']} s, Captum {r['captum']} s "
+             f"(speedup {r['speedup']}, {r['of_bound']} of the one-pass bound), peak {r['peak_igfast']} against "
+             f"{r['peak_captum']}" for r in rows]
+    return "- LLMGradientAttribution against Captum's: " + "; ".join(parts) + "."
+
+
+README_LINES = (_speed_line, _many_calls_line, _memory_line, _exact_line, _llm_line)
+
+
+def readme_figures(report: str) -> str:
+    """The README's figures block for a report: where the figures come from (the
+    report's header facts), then one line per benchmark the report has."""
+    facts = [line[2:] for line in report.splitlines()[:8] if line.startswith("- ")]
+    sections = _sections(report)
+    lines = [line for line in (make(sections) for make in README_LINES) if line]
+    return "\n".join([f"From {REPORT_LINK} ({'; '.join(facts)}):", "", *lines, ""])
 
 
 def update_readme(report_dir: str) -> None:
@@ -216,9 +314,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="every section's smoke run")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated from {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for cpu.md and cpu.json")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"),
+                        help="folder for cpu.md and cpu.json (with --update-readme: the report to read; "
+                             "default benchmarks/results)")
     parser.add_argument("--update-readme", action="store_true",
-                        help="run nothing: quote the report in --out in README.md's figures block")
+                        help="run nothing: rewrite README.md's figures block (between <!-- figures:cpu --> "
+                             "and <!-- /figures -->) as a summary of --out/cpu.md; refuses a --quick report")
     args = parser.parse_args()
     if args.update_readme:
         update_readme(args.out)
