@@ -25,6 +25,7 @@ GAUSS_NODES_PER_PIECE Gauss-Legendre nodes: breakpoint-aware quadrature, whose
 integrand is smooth on every piece.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -35,7 +36,7 @@ import torch.autograd.forward_ad as fwAD
 from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .engine import GradientsAt, PathIntegral
-from .errors import ArgumentError
+from .errors import ArgumentError, NotPiecewiseLinearError
 from .piecewise import BreakpointMode, kink_margin
 from .quadrature import PathNodes
 
@@ -238,7 +239,7 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
         rows = slice(begin, min(begin + chunk, count))
         mode = BreakpointMode(rows.stop - rows.start, margin)
         try:
-            with torch.no_grad(), fwAD.dual_level():
+            with torch.no_grad(), fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p[rows], d[rows]) for p, d in zip(points, directions))
                 with mode:
                     forward_at(examples[rows], duals)
@@ -269,6 +270,19 @@ def _add(sums, active: torch.Tensor, gradient_sums, factor: torch.Tensor) -> Non
         total.index_add_(0, active, gradient.to(total.dtype) * scale)
 
 
+@contextlib.contextmanager
+def _forward_ad_refusals_named():
+    """A part of the model without forward-mode AD (a custom autograd.Function without
+    jvp) cannot be walked: say so as NotPiecewiseLinearError, not NotImplementedError."""
+    try:
+        yield
+    except NotImplementedError as error:
+        raise NotPiecewiseLinearError(
+            f"method='exact' runs the model with forward-mode AD along the path, which a part of it "
+            f"does not support ({error}). Give custom torch.autograd.Functions a jvp (with "
+            "setup_context), or use a fixed n_steps or n_steps='auto'.") from error
+
+
 def _walker(directions: Tuple[torch.Tensor, ...], next_step: torch.Tensor, margin: float, found: dict):
     """Wrap the engine's gradients_at so that each chunk runs with tangents along the
     path and BreakpointMode, and writes each row's distance to its next kink."""
@@ -277,7 +291,7 @@ def _walker(directions: Tuple[torch.Tensor, ...], next_step: torch.Tensor, margi
         def at(path, chunk, with_outputs):
             rows = slice(chunk.example_begin, chunk.example_end)
             mode = BreakpointMode(chunk.rows, margin)
-            with fwAD.dual_level():
+            with fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p, d[rows]) for p, d in zip(path, directions))
                 with mode:
                     grads, outputs = gradients_at(duals, chunk, with_outputs)
