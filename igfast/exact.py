@@ -60,8 +60,11 @@ RunRound = Callable[[torch.Tensor, Tuple[torch.Tensor, ...], Optional[Callable[[
 # examples at those points (one row each); called under the walk's mode and tangents.
 ForwardAt = Callable[[torch.Tensor, Tuple[torch.Tensor, ...]], None]
 # Gradient points handed to the engine per pass, in units of its row limit: enough
-# for full chunks, few enough that the points themselves stay small.
+# for full chunks of small models, whose per-pass overhead would show; but the points
+# (and the rows of the inputs they go with) beyond one chunk's may hold at most
+# EXTRA_POINT_BYTES, since the memory budget was measured for one chunk.
 POINTS_PER_ROW_LIMIT = 16
+EXTRA_POINT_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     # With a head, the middle Gauss node alone is the midpoint rule: its distance from the
     # Gauss sum estimates the midpoint rule's error, far above the Gauss rule's own.
     midpoint_sums = tuple(torch.zeros_like(total) for total in sums) if smooth_head else None
-    group = max(1, row_limit.rows) * POINTS_PER_ROW_LIMIT
+    group = _gradient_group(row_limit, directions)
     for node, weight in zip(nodes, weights):
         for begin in range(0, examples.numel(), group):
             rows = slice(begin, begin + group)
@@ -210,6 +213,15 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
                      _relative_difference(midpoint_sums, sums, directions) if smooth_head else None)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
     return ExactIntegral(results, info, rounds)
+
+
+def _gradient_group(row_limit: RowLimit, directions: Tuple[torch.Tensor, ...]) -> int:
+    """How many pieces' gradient points one engine pass takes (see POINTS_PER_ROW_LIMIT)."""
+    rows = max(1, row_limit.rows)
+    row_bytes = max(1, sum(d[:1].numel() * d.element_size() for d in directions))
+    # Each point is held twice: the point and its example's row of the path's end.
+    within = (rows * 2 * row_bytes + EXTRA_POINT_BYTES) // (2 * row_bytes)
+    return max(rows, min(rows * POINTS_PER_ROW_LIMIT, within))
 
 
 def _relative_difference(estimate, sums, directions) -> torch.Tensor:
