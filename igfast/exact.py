@@ -25,6 +25,7 @@ GAUSS_NODES_PER_PIECE Gauss-Legendre nodes: breakpoint-aware quadrature, whose
 integrand is smooth on every piece.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -35,7 +36,7 @@ import torch.autograd.forward_ad as fwAD
 from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .engine import GradientsAt, PathIntegral
-from .errors import ArgumentError
+from .errors import ArgumentError, NotPiecewiseLinearError
 from .piecewise import BreakpointMode, kink_margin
 from .quadrature import PathNodes
 
@@ -59,8 +60,11 @@ RunRound = Callable[[torch.Tensor, Tuple[torch.Tensor, ...], Optional[Callable[[
 # examples at those points (one row each); called under the walk's mode and tangents.
 ForwardAt = Callable[[torch.Tensor, Tuple[torch.Tensor, ...]], None]
 # Gradient points handed to the engine per pass, in units of its row limit: enough
-# for full chunks, few enough that the points themselves stay small.
+# for full chunks of small models, whose per-pass overhead would show; but the points
+# (and the rows of the inputs they go with) beyond one chunk's may hold at most
+# EXTRA_POINT_BYTES, since the memory budget was measured for one chunk.
 POINTS_PER_ROW_LIMIT = 16
+EXTRA_POINT_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     # With a head, the middle Gauss node alone is the midpoint rule: its distance from the
     # Gauss sum estimates the midpoint rule's error, far above the Gauss rule's own.
     midpoint_sums = tuple(torch.zeros_like(total) for total in sums) if smooth_head else None
-    group = max(1, row_limit.rows) * POINTS_PER_ROW_LIMIT
+    group = _gradient_group(row_limit, directions)
     for node, weight in zip(nodes, weights):
         for begin in range(0, examples.numel(), group):
             rows = slice(begin, begin + group)
@@ -209,6 +213,15 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
                      _relative_difference(midpoint_sums, sums, directions) if smooth_head else None)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
     return ExactIntegral(results, info, rounds)
+
+
+def _gradient_group(row_limit: RowLimit, directions: Tuple[torch.Tensor, ...]) -> int:
+    """How many pieces' gradient points one engine pass takes (see POINTS_PER_ROW_LIMIT)."""
+    rows = max(1, row_limit.rows)
+    row_bytes = max(1, sum(d[:1].numel() * d.element_size() for d in directions))
+    # Each point is held twice: the point and its example's row of the path's end.
+    within = (rows * 2 * row_bytes + EXTRA_POINT_BYTES) // (2 * row_bytes)
+    return max(rows, min(rows * POINTS_PER_ROW_LIMIT, within))
 
 
 def _relative_difference(estimate, sums, directions) -> torch.Tensor:
@@ -238,7 +251,7 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
         rows = slice(begin, min(begin + chunk, count))
         mode = BreakpointMode(rows.stop - rows.start, margin)
         try:
-            with torch.no_grad(), fwAD.dual_level():
+            with torch.no_grad(), fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p[rows], d[rows]) for p, d in zip(points, directions))
                 with mode:
                     forward_at(examples[rows], duals)
@@ -269,6 +282,19 @@ def _add(sums, active: torch.Tensor, gradient_sums, factor: torch.Tensor) -> Non
         total.index_add_(0, active, gradient.to(total.dtype) * scale)
 
 
+@contextlib.contextmanager
+def _forward_ad_refusals_named():
+    """A part of the model without forward-mode AD (a custom autograd.Function without
+    jvp) cannot be walked: say so as NotPiecewiseLinearError, not NotImplementedError."""
+    try:
+        yield
+    except NotImplementedError as error:
+        raise NotPiecewiseLinearError(
+            f"method='exact' runs the model with forward-mode AD along the path, which a part of it "
+            f"does not support ({error}). Give custom torch.autograd.Functions a jvp (with "
+            "setup_context), or use a fixed n_steps or n_steps='auto'.") from error
+
+
 def _walker(directions: Tuple[torch.Tensor, ...], next_step: torch.Tensor, margin: float, found: dict):
     """Wrap the engine's gradients_at so that each chunk runs with tangents along the
     path and BreakpointMode, and writes each row's distance to its next kink."""
@@ -277,7 +303,7 @@ def _walker(directions: Tuple[torch.Tensor, ...], next_step: torch.Tensor, margi
         def at(path, chunk, with_outputs):
             rows = slice(chunk.example_begin, chunk.example_end)
             mode = BreakpointMode(chunk.rows, margin)
-            with fwAD.dual_level():
+            with fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p, d[rows]) for p, d in zip(path, directions))
                 with mode:
                     grads, outputs = gradients_at(duals, chunk, with_outputs)

@@ -496,3 +496,58 @@ def test_additional_forward_args_follow_their_examples(device):
         alone = igfast.IntegratedGradients(lambda x: model(x * scale[example])).attribute(
             inputs[example:example + 1], target=1, method="exact")
         torch.testing.assert_close(attributions[example:example + 1], alone, rtol=1e-12, atol=1e-14)
+
+
+class _IdentityWithoutJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_autograd_function_without_jvp_is_named():
+    model, shape = make("relu_mlp", "cpu")
+    forward = lambda x: model[2:](model[1](_IdentityWithoutJvp.apply(model[0](x))))  # noqa: E731
+    with pytest.raises(NotPiecewiseLinearError, match="jvp"):
+        igfast.IntegratedGradients(forward).attribute(torch.randn(2, *shape, dtype=torch.float64), target=0,
+                                                      method="exact")
+
+
+def test_compiled_model_walks_its_eager_original():
+    model, shape = make("relu_mlp", "cpu", dtype=torch.float32)
+    inputs = torch.randn(3, *shape)
+    expected = igfast.IntegratedGradients(model).attribute(inputs, target=1, method="exact")
+    with pytest.warns(UserWarning, match="eager original"):
+        compiled = igfast.IntegratedGradients(torch.compile(model)).attribute(inputs, target=1, method="exact")
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tuple_inputs_and_half_precision():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = relu_mlp()
+
+        def forward(self, a, b):
+            return self.net(torch.cat([a, b], dim=1))
+
+    torch.manual_seed(2)
+    model = TwoInputs().double().eval()
+    a, b = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    (attr_a, attr_b), delta = igfast.IntegratedGradients(model).attribute((a, b), target=2, method="exact",
+                                                                         return_convergence_delta=True)
+    expected, _ = oracle(model.net, torch.cat([a, b], 1), torch.zeros(4, 6, dtype=torch.float64), 2)
+    torch.testing.assert_close(torch.cat([attr_a, attr_b], 1), expected, rtol=1e-10, atol=1e-12)
+    assert delta.abs().max() < 1e-12
+    # Half precision: against the exact IG of the same rounded weights and inputs in float64.
+    for dtype, bound in ((torch.bfloat16, 1e-2), (torch.float16, 1e-3)):  # measured 2.3e-3, 2.1e-4
+        half = relu_mlp().to(dtype).eval()
+        half.load_state_dict(model.net.state_dict())
+        x = torch.cat([a, b], 1).to(dtype)
+        attributions = igfast.IntegratedGradients(half).attribute(x, target=2, method="exact")
+        assert attributions.dtype == torch.float32
+        reference = igfast.IntegratedGradients(half.double()).attribute(x.double(), target=2, method="exact")
+        _close(attributions.double(), reference, bound)

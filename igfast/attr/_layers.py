@@ -22,21 +22,23 @@ from ..errors import ArgumentError
 ModuleOrList = Union[nn.Module, List[nn.Module]]
 
 
-def eager_original(forward_func: Callable) -> Callable:
-    """The eager module (or function) of a torch.compile'd one, with a warning; else
-    ``forward_func``. A compiled graph does not run forward hooks added to submodules
-    after it was compiled (torch._dynamo.config.skip_nnmodule_hook_guards), so the
-    layer's activation could not be read or replaced in it."""
+LAYER_HOOKS_NEED_EAGER = (
+    "igfast: LayerIntegratedGradients runs the eager original of this torch.compile'd model: "
+    "a compiled graph does not call hooks added to its layers after compiling, so the layer's "
+    "activation cannot be replaced in it. IntegratedGradients runs compiled models compiled.")
+
+
+def eager_original(forward_func: Callable, why: str = LAYER_HOOKS_NEED_EAGER) -> Callable:
+    """The eager module (or function) of a torch.compile'd one, with a warning that says
+    ``why``; else ``forward_func``. A compiled graph does not run forward hooks added to
+    submodules after it was compiled (torch._dynamo.config.skip_nnmodule_hook_guards),
+    so the layer's activation could not be read or replaced in it; nor does it run
+    forward-mode AD or a torch function mode (method="exact")."""
     original = getattr(forward_func, "_orig_mod", None) if isinstance(forward_func, nn.Module) else \
         getattr(forward_func, "_torchdynamo_orig_callable", None)
     if original is None:
         return forward_func
-    warnings.warn(
-        "igfast: LayerIntegratedGradients runs the eager original of this torch.compile'd model: "
-        "a compiled graph does not call hooks added to its layers after compiling, so the layer's "
-        "activation cannot be replaced in it. IntegratedGradients runs compiled models compiled.",
-        UserWarning, stacklevel=3,
-    )
+    warnings.warn(why, UserWarning, stacklevel=3)
     return original
 
 

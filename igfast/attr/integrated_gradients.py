@@ -25,6 +25,7 @@ from ._forms import (
     select_additional_forward_args,
     select_examples,
 )
+from ._layers import eager_original
 from ._gradients import (
     compute_gradients, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
     run_forward, values_per_target,
@@ -33,6 +34,12 @@ from ._multi_target import resolve_targets
 from ._target import expand_target, normalize_target
 
 TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+WALK_NEEDS_EAGER = (
+    "igfast: method='exact' walks the path's pieces in the eager original of this torch.compile'd "
+    "model (forward-mode AD and the breakpoint mode run eagerly); the gradients of the pieces run "
+    "compiled.")
 
 
 class IntegratedGradients(*captum_bases("IntegratedGradients")):
@@ -231,8 +238,10 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
             extras.append(integral.info)
         return (result, *extras) if extras else result
 
-    def _gradients_at(self, chunk_target: Any, many: Optional[list], args: Any):
-        """The engine's gradients_at for a target (or K targets) and forward args."""
+    def _gradients_at(self, chunk_target: Any, many: Optional[list], args: Any, forward: Optional[Callable] = None):
+        """The engine's gradients_at for a target (or K targets) and forward args, through
+        ``forward`` (default: forward_func)."""
+        forward = forward or self.forward_func
         # The examples whose targets were range-checked: each is checked once per call,
         # not once per chunk (a reduction, and a synchronisation on a GPU).
         checked = set()
@@ -244,15 +253,15 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
             checked.add(examples)
             if many is not None:
                 return gradients_and_outputs_per_target(
-                    self.forward_func, path, [expand_target(t, chunk) for t in many], chunk_args,
+                    forward, path, [expand_target(t, chunk) for t in many], chunk_args,
                     check_targets=check)
             target_ind = expand_target(chunk_target, chunk)
             if self.gradient_func is compute_gradients:
-                grads, outputs = gradients_and_outputs(self.forward_func, path, target_ind, chunk_args,
+                grads, outputs = gradients_and_outputs(forward, path, target_ind, chunk_args,
                                                        check_targets=check)
                 return grads, outputs if with_outputs else None
             grads = self.gradient_func(
-                forward_fn=self.forward_func, inputs=path, target_ind=target_ind,
+                forward_fn=forward, inputs=path, target_ind=target_ind,
                 additional_forward_args=chunk_args,
             )
             return grads, None
@@ -273,16 +282,21 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
         row_limit = choose_row_limit(internal_batch_size, memory_budget, inputs, 1, target_count=3,
                                      batch_dependent=batch_dependent_call())
 
+        # The walk runs a compiled model's eager original: forward-mode AD and the
+        # breakpoint mode run eagerly. The gradient rounds run it as given.
+        eager = eager_original(self.forward_func, WALK_NEEDS_EAGER)
+
         def run_round(examples: torch.Tensor, points, wrap) -> PathIntegral:
             gradients_at = self._gradients_at(
                 select_examples(target, examples, batch_size), None,
-                select_additional_forward_args(args, examples, batch_size))
+                select_additional_forward_args(args, examples, batch_size),
+                forward=eager if wrap else None)
             sub_inputs = tuple(select_examples(x, examples, batch_size) for x in inputs)
             return integrate_gradients(sub_inputs, points, POINT_NODES,
                                        wrap(gradients_at) if wrap else gradients_at, row_limit)
 
         def forward_at(examples: torch.Tensor, points) -> None:
-            self.forward_func(*points, *(select_additional_forward_args(args, examples, batch_size) or ()))
+            eager(*points, *(select_additional_forward_args(args, examples, batch_size) or ()))
 
         return integrate_exactly(inputs, baselines, settings, run_round, forward_at, row_limit)
 
