@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import igfast
 from igfast import ArgumentError, NotPiecewiseLinearError
+from models import IdentityFunction
 
 # ---------------------------------------------------------------------------- models
 
@@ -498,19 +499,9 @@ def test_additional_forward_args_follow_their_examples(device):
         torch.testing.assert_close(attributions[example:example + 1], alone, rtol=1e-12, atol=1e-14)
 
 
-class _IdentityWithoutJvp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 1
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 def test_autograd_function_without_jvp_is_named():
     model, shape = make("relu_mlp", "cpu")
-    forward = lambda x: model[2:](model[1](_IdentityWithoutJvp.apply(model[0](x))))  # noqa: E731
+    forward = lambda x: model[2:](model[1](IdentityFunction.apply(model[0](x))))  # noqa: E731
     with pytest.raises(NotPiecewiseLinearError, match="jvp"):
         igfast.IntegratedGradients(forward).attribute(torch.randn(2, *shape, dtype=torch.float64), target=0,
                                                       method="exact")

@@ -15,7 +15,7 @@ from torch import nn
 import igfast
 from igfast.attr._train_mode import BatchDependenceWarning
 from igfast.memory import PeakMeter
-from models import MLP, MultiInputModel
+from models import MLP, IdentityFunction, MultiInputModel
 from test_layer_integrated_gradients import TokenClassifier, token_batch
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -28,20 +28,10 @@ def _close(ours, theirs, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-class _Identity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 1
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 def test_autograd_function_runs_under_the_peak_meter():
     """The CPU meter once held c10's debug-info slot, where Function.apply fails."""
     with PeakMeter(torch.device("cpu")):
-        out = _Identity.apply(torch.randn(3, requires_grad=True))
+        out = IdentityFunction.apply(torch.randn(3, requires_grad=True))
     assert out.shape == (3,)
 
 
