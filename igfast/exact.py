@@ -105,7 +105,7 @@ class ExactIntegral:
         return sum(r.forward_calls for r in self.rounds)
 
 
-def exact_settings(n_steps, tolerance, max_steps, targets_given: bool) -> ExactSettings:
+def exact_settings(n_steps, tolerance, max_steps) -> ExactSettings:
     """Check the arguments that go with method="exact"; n_steps is not used (the rule has
     one node per piece) but must still be an integer, as for any method."""
     if isinstance(n_steps, str):
@@ -116,14 +116,17 @@ def exact_settings(n_steps, tolerance, max_steps, targets_given: bool) -> ExactS
         raise ArgumentError(f"`n_steps` must be an integer; got {n_steps!r}.")
     if tolerance is not None:
         raise ArgumentError("`tolerance` applies to n_steps='auto' only; method='exact' has no error to control.")
-    if targets_given:
-        raise ArgumentError("method='exact' follows one target's path pieces; give one `target`.")
     if max_steps is None:
         return ExactSettings(DEFAULT_MAX_PIECES)
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ArgumentError(f"`max_steps` (with method='exact': the most pieces per example) must be an "
                             f"integer >= 1; got {max_steps!r}.")
     return ExactSettings(int(max_steps))
+
+
+def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[list]) -> None:
+    if settings is not None and many is not None:
+        raise ArgumentError("method='exact' follows one target's path pieces; give one `target`.")
 
 
 def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],

@@ -12,6 +12,7 @@ from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
 from ..exact import POINT_NODES, ExactIntegral, ExactSettings, exact_settings, integrate_exactly
+from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..quadrature import path_nodes
 from ._captum_protocol import captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
@@ -184,7 +185,7 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
         """
         formatted_inputs, is_tuple = format_inputs(inputs)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
-        exact = method == "exact"
+        exact = exact_settings(n_steps, tolerance, max_steps) if method == "exact" else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = formatted_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
@@ -197,11 +198,11 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
             raise ArgumentError("Several targets need igfast's own gradient_func (not Captum's LayerIG).")
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
         refuse_several_targets(adaptive, many)
-        if exact:
-            settings = exact_settings(n_steps, tolerance, max_steps, many is not None)
+        refuse_several_targets_exactly(exact, many)
+        if exact is not None:
             self._refuse_foreign_gradient_func("method='exact'")
             integral = self._integrate_exactly(formatted_inputs, formatted_baselines, chunk_target, args,
-                                               settings, internal_batch_size, memory_budget)
+                                               exact, internal_batch_size, memory_budget)
         elif adaptive is not None:
             if self.gradient_func is not compute_gradients:
                 raise ArgumentError(

@@ -24,6 +24,7 @@ from ..adaptive import (
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..exact import POINT_NODES, ExactIntegral, exact_settings, integrate_exactly
+from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
 from ._captum_protocol import captum_bases, wrappable_by_captum
@@ -180,7 +181,7 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
             )
         model_inputs, _ = format_inputs(inputs, floating=False)
         model_baselines = format_baselines(baselines, model_inputs)
-        exact = exact_settings(n_steps, tolerance, max_steps, targets is not None) if method == "exact" else None
+        exact = exact_settings(n_steps, tolerance, max_steps) if method == "exact" else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
@@ -195,6 +196,7 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
         if many is None:
             end_values, start_values = end_values[0], start_values[0]
         refuse_several_targets(adaptive, many)
+        refuse_several_targets_exactly(exact, many)
 
         def unused_layer(tensor_index: int) -> None:
             raise self._unused_layer_error(slots, tensor_index, attribute_to_layer_input)
@@ -230,8 +232,6 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
             return gradients_at
 
         if exact is not None:
-            if many is not None:
-                raise ArgumentError("method='exact' follows one target's path pieces; give one `target`.")
             # One limit for every round (see IntegratedGradients._integrate_exactly).
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, 1, target_count=3,
                                          batch_dependent=batch_dependent_call())
