@@ -32,15 +32,17 @@ both levels miss the same jump; completeness is still checked exactly, and tests
 compare the estimate and the result with a 4096-node reference.
 """
 
+import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 from .chunking import choose_row_limit
 from .dtypes import dtype_policy
 from .engine import PathIntegral
-from .errors import ArgumentError
+from .errors import ArgumentError, NotPiecewiseLinearError
+from .exact import ExactRoute
 from .quadrature import (
     DEFAULT_MAX_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
     validate_method_and_steps,
@@ -77,6 +79,12 @@ class AdaptiveInfo:
     completeness_error: torch.Tensor  # (B,): |sum(attributions) - (F(x) - F(x'))| / scale, exact
     converged: torch.Tensor  # (B,) bool: error_estimate <= tolerance (else max_steps was reached)
     tolerance: float
+    # (B,) bool: integrated by method="exact" after the rule's first rounds (see
+    # integrate_adaptively); their error_estimate is the exact result's own.
+    exact: Optional[torch.Tensor] = None
+    # Why no example could switch to the exact rule (the network is not piecewise
+    # linear, ...); None when the switch was open or never needed.
+    exact_unavailable: Optional[str] = None
 
 
 def adaptive_settings(n_steps, method: str, tolerance, max_steps,
@@ -132,7 +140,7 @@ class AdaptiveIntegral:
     start_values: torch.Tensor
     end_values: torch.Tensor
     info: AdaptiveInfo
-    rounds: List[PathIntegral]
+    rounds: List[Any]  # the engine passes (PathIntegral), and any exact integral's
 
     @property
     def forward_calls(self) -> int:
@@ -146,12 +154,16 @@ def integrate_adaptively(
     run_round: RunRound,
     start_values: Optional[torch.Tensor] = None,
     end_values: Optional[torch.Tensor] = None,
+    exact_route: Optional[ExactRoute] = None,
+    no_route_because: Optional[str] = None,
 ) -> AdaptiveIntegral:
     """Integrate the path gradients of every example to its tolerance.
 
     ends / starts are the path's ends (inputs and baselines, or a layer's
     activations), starts with batch size B or 1. F values at both ends are read from
-    round 0 (which has alpha 0 and 1) unless given.
+    round 0 (which has alpha 0 and 1) unless given. With ``exact_route``, examples
+    whose exact integral costs fewer evaluations than refining their rule further
+    switch to it (see _ExactSwitch); ``no_route_because`` says why there is none.
     """
     levels = settings.levels
     batch_size = ends[0].shape[0]
@@ -165,7 +177,8 @@ def integrate_adaptively(
     rounds: List[PathIntegral] = []
     active = torch.arange(batch_size, device=device)
     sums: Optional[Tuple[torch.Tensor, ...]] = None  # (levels, active, ...) per input
-    keep = scale = None
+    last_change = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    keep = scale = switch = None
     for round_index in range(levels.rounds):
         if active.numel() == 0:
             break
@@ -178,6 +191,9 @@ def integrate_adaptively(
             if end_values is None:
                 start_values, end_values = integral.start_values, integral.end_values
             scale = _scale(start_values, end_values)
+            if exact_route is not None:
+                switch = _ExactSwitch(exact_route, settings, differences, results, evaluations, estimate,
+                                      completeness, converged, end_values - start_values, scale)
         else:
             sums = tuple(s[:, keep] for s in sums)  # drop the rows of last round's finished examples
             for s, new in zip(sums, integral.gradient_sums):
@@ -187,20 +203,148 @@ def integrate_adaptively(
         change, complete, norm = _estimates(sums, level, differences, active,
                                             end_values[active] - start_values[active])
         relative_completeness = complete / torch.maximum(scale[active], norm)
+        if switch is not None:
+            # Probe whether the network is piecewise linear (one forward per example that
+            # may still refine) before judging the examples: its estimate is stricter.
+            could_refine = torch.maximum(change * PRE_ASYMPTOTIC_FACTOR, relative_completeness) > settings.tolerance
+            switch.probe(active[could_refine])
+            if switch.piecewise_linear:
+                change = torch.maximum(change, last_change[active] / 2)
+        last_change[active] = change
+        # The error the rule is predicted to have at this level; the estimate that judges
+        # it is stricter at coarse levels of a piecewise-linear network (see above).
+        predicted = torch.maximum(change, relative_completeness)
+        if switch is not None and switch.piecewise_linear and levels.steps[level] < ASYMPTOTIC_STEPS:
+            change = change * PRE_ASYMPTOTIC_FACTOR
         estimate[active] = torch.maximum(change, relative_completeness)
         completeness[active] = relative_completeness
         done = estimate[active] <= settings.tolerance
         last = round_index == levels.rounds - 1
-        finishing = torch.ones_like(done) if last else done
+        walked = torch.zeros_like(done)
+        if switch is not None and not last and not bool(done.all()):
+            walked = switch.take(active, ~done, predicted, level, rounds)
+        finishing = torch.ones_like(done) if last else done | walked
         for result, s in zip(results, sums):
-            result[active[finishing]] = s[level][finishing].to(result.dtype)
-        converged[active[done]] = True
+            quadrature = finishing & ~walked
+            result[active[quadrature]] = s[level][quadrature].to(result.dtype)
+        converged[active[done]] = True  # walked examples are not done: the switch judged them
         keep = ~finishing
         active = active[keep]
     if end_values is None:  # an empty batch runs no round
         start_values = end_values = torch.zeros(0, device=device)
     info = AdaptiveInfo(evaluations, estimate, completeness, converged, settings.tolerance)
+    if switch is not None:
+        info.exact, info.exact_unavailable = switch.walked, switch.unavailable
+    else:
+        info.exact, info.exact_unavailable = torch.zeros_like(converged), no_route_because
     return AdaptiveIntegral(tuple(results), start_values, end_values, info, rounds)
+
+
+# On a piecewise-linear network the integrand is piecewise constant and every rule's
+# error falls as 1/n once the nodes are finer than most pieces. Measured on ReLU MLPs
+# against exact IG, the change alone let about 1 in 200 converged examples past their
+# tolerance, by up to 1.7x, always at the coarse levels:
+# - below ASYMPTOTIC_STEPS nodes the change is multiplied by PRE_ASYMPTOTIC_FACTOR;
+# - a change that fell by more than half since the last level is taken for the two
+#   levels' errors happening to coincide, not for convergence: half the last change
+#   stays the floor (on the MLP of igfast bench, the largest true error over this
+#   estimate went from 1.12 to 0.99).
+ASYMPTOTIC_STEPS = 33
+PRE_ASYMPTOTIC_FACTOR = 2.0
+
+
+
+class _ExactSwitch:
+    """Moves examples from the nested rule to method="exact" where walking the pieces of
+    their path is predicted to cost fewer evaluations than the rule's remaining levels.
+
+    On a piecewise-linear network the integrand is piecewise constant, so every rule's
+    error falls as 1/n: an example whose estimate is e at n nodes needs about
+    n e / tolerance nodes, i.e. the first level at least that fine (or never converges
+    below max_steps). Its exact cost is predicted from one forward with tangents at the
+    path's start (ExactRoute.estimate_pieces, counted as one evaluation). An example
+    switches when that prediction is below the rule's cost to go and within what is left
+    of max_steps; the prediction is not a bound, so an exact example may end above
+    max_steps. The first probe that finds the network cannot be walked closes the switch
+    for the call, and says why (AdaptiveInfo.exact_unavailable).
+    """
+
+    def __init__(self, route: ExactRoute, settings: AdaptiveSettings, differences, results, evaluations,
+                 estimate, completeness, converged, value_change, scale) -> None:
+        self.route, self.settings = route, settings
+        self.differences, self.results = differences, results
+        self.evaluations, self.estimate, self.completeness, self.converged = evaluations, estimate, completeness, converged
+        self.value_change, self.scale = value_change, scale
+        batch_size = evaluations.shape[0]
+        self.walked = torch.zeros(batch_size, dtype=torch.bool, device=evaluations.device)
+        self.exact_cost: Optional[torch.Tensor] = None  # (B,) predicted evaluations, -1 until probed
+        self.unavailable: Optional[str] = None
+
+    def probe(self, examples: torch.Tensor) -> None:
+        """Predict the exact cost of the examples not probed yet (one forward each), or
+        find that the network cannot be walked."""
+        if self.unavailable is not None:
+            return
+        if self.exact_cost is None:
+            self.exact_cost = torch.full_like(self.evaluations, -1)
+        unprobed = examples[self.exact_cost[examples] < 0]
+        try:
+            # The first probe takes one example: a network that cannot be walked costs one row.
+            for group in ((unprobed[:1], unprobed[1:]) if self.exact_cost.max() < 0 else (unprobed,)):
+                if group.numel():
+                    self.evaluations[group] += 1  # the model ran, whatever the probe finds
+                    self.exact_cost[group] = self.route.estimate_pieces(group).evaluations
+        except NotPiecewiseLinearError as error:
+            self.unavailable = str(error)
+
+    @property
+    def piecewise_linear(self) -> bool:
+        """Whether a probe has walked the network (so its integrand is piecewise smooth
+        with jumps, and every rule converges as 1/n)."""
+        return self.unavailable is None and self.exact_cost is not None and bool((self.exact_cost >= 0).any())
+
+    def take(self, active: torch.Tensor, undone: torch.Tensor, predicted: torch.Tensor, level: int,
+             rounds: list) -> torch.Tensor:
+        """Integrate exactly the undone active examples for which it is cheaper; returns
+        the mask (over ``active``) of those it took."""
+        taken = torch.zeros_like(undone)
+        candidates = active[undone]
+        self.probe(candidates)
+        if self.unavailable is not None:
+            return taken
+        steps = torch.tensor(self.settings.levels.steps, dtype=torch.float64, device=active.device)
+        needed = steps[level] * predicted[undone] / self.settings.tolerance
+        reachable = needed <= steps[-1]
+        finer = torch.searchsorted(steps, needed.clamp(max=float(steps[-1])))
+        to_go = torch.where(reachable, steps[finer] - steps[level], torch.full_like(needed, math.inf))
+        exact_cost = self.exact_cost[candidates].double()
+        left = self.settings.max_steps - self.evaluations[candidates]
+        cheaper = (exact_cost < to_go) & (exact_cost <= left)
+        if not bool(cheaper.any()):
+            return taken
+        chosen = candidates[cheaper]
+        integral = self.route.integrate(chosen)
+        rounds.append(integral)
+        self._record(chosen, integral)
+        taken[undone.nonzero()[:, 0][cheaper]] = True
+        return taken
+
+    def _record(self, chosen: torch.Tensor, integral) -> None:
+        total = norm = 0.0
+        for result, exact_sums, difference in zip(self.results, integral.gradient_sums, self.differences):
+            result[chosen] = exact_sums.to(result.dtype)
+            attributions = (exact_sums.double() * difference[chosen].double()).flatten(1)
+            total = total + attributions.sum(1)
+            norm = norm + attributions.square().sum(1)
+        norm = torch.as_tensor(norm).sqrt()
+        complete = (total - self.value_change[chosen].double()).abs() / torch.maximum(self.scale[chosen], norm)
+        head = integral.info.head_error_estimate
+        estimate = complete if head is None else torch.maximum(complete, head.to(complete))
+        self.evaluations[chosen] += integral.info.evaluations
+        self.completeness[chosen] = complete
+        self.estimate[chosen] = estimate
+        self.converged[chosen] = estimate <= self.settings.tolerance
+        self.walked[chosen] = True
 
 
 def _scale(start_values: torch.Tensor, end_values: torch.Tensor) -> torch.Tensor:

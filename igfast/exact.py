@@ -218,6 +218,68 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     return ExactIntegral(results, info, rounds)
 
 
+# The pieces of a sub-batch's paths: for the examples given (a long index tensor into
+# the batch), the run_round, forward_at and row limit of integrate_exactly on the
+# sub-batch of those examples alone.
+ExactParts = Tuple[RunRound, ForwardAt, RowLimit]
+
+
+@dataclass(frozen=True)
+class PieceEstimate:
+    """What one forward with tangents at the start of each path tells of its pieces."""
+
+    pieces: torch.Tensor  # (E,) int64: 1 + the kinks the units would cross if they stayed affine
+    smooth_head: Optional[str]  # the first smooth op after the last kink, or None
+
+    @property
+    def evaluations(self) -> torch.Tensor:
+        """method="exact"'s evaluations for that many pieces (see ExactInfo.evaluations)."""
+        nodes = GAUSS_NODES_PER_PIECE if self.smooth_head else 1
+        return self.pieces * (nodes + 1) - (0 if self.smooth_head else 1)
+
+
+class ExactRoute:
+    """method="exact" for some examples of a batch: how n_steps="auto" switches an
+    example to exact IG when walking its pieces costs less than refining its rule.
+
+    ``make_parts(examples)`` gives integrate_exactly's callables for the sub-batch of
+    those examples (indices into the batch of ``ends``).
+    """
+
+    def __init__(self, ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
+                 make_parts: Callable[[torch.Tensor], ExactParts],
+                 settings: ExactSettings = ExactSettings(DEFAULT_MAX_PIECES)) -> None:
+        self.ends, self.starts, self.make_parts, self.settings = ends, starts, make_parts, settings
+
+    def _rows(self, examples: torch.Tensor):
+        batch_size = self.ends[0].shape[0]
+        ends = tuple(e[examples] for e in self.ends)
+        starts = tuple(s[examples] if s.shape[0] == batch_size else s.expand_as(e)
+                       for s, e in zip(self.starts, ends))
+        return ends, starts
+
+    def estimate_pieces(self, examples: torch.Tensor) -> PieceEstimate:
+        """One forward with tangents at t = 0 per example. Raises NotPiecewiseLinearError
+        where the network cannot be walked or has no piecewise-linear op (a smooth
+        network: its "pieces" would be one, integrated by 3 Gauss nodes without control)."""
+        ends, starts = self._rows(examples)
+        _, forward_at, row_limit = self.make_parts(examples)
+        directions = tuple(e - s for e, s in zip(ends, starts))
+        margin = max(kink_margin(d.dtype) for d in directions)
+        local = torch.arange(examples.numel(), device=examples.device)
+        found: dict = {}
+        at_start = torch.zeros(local.numel(), dtype=torch.float64, device=local.device)
+        _walk(forward_at, local, _points(starts, directions, local, at_start), directions, margin, found,
+              row_limit, horizon=1 - at_start)
+        if not found.get("piecewise_linear_ops"):
+            raise NotPiecewiseLinearError("the network applies no piecewise-linear op to the path")
+        return PieceEstimate(1 + found["crossings"], found.get("smooth_op"))
+
+    def integrate(self, examples: torch.Tensor) -> ExactIntegral:
+        ends, starts = self._rows(examples)
+        return integrate_exactly(ends, starts, self.settings, *self.make_parts(examples))
+
+
 def _gradient_group(row_limit: RowLimit, directions: Tuple[torch.Tensor, ...]) -> int:
     """How many pieces' gradient points one engine pass takes (see POINTS_PER_ROW_LIMIT)."""
     rows = max(1, row_limit.rows)
@@ -242,17 +304,21 @@ def _breakpoints(examples: torch.Tensor, piece_starts: torch.Tensor, batch_size:
 
 
 def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Tensor, ...],
-          directions: Tuple[torch.Tensor, ...], margin: float, found: dict, row_limit: RowLimit) -> torch.Tensor:
+          directions: Tuple[torch.Tensor, ...], margin: float, found: dict, row_limit: RowLimit,
+          horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each example's distance from its point to the next kink: forwards with tangents
     along the path, no backward, in chunks of the engine's row limit (a walk row holds
-    less than an engine row: no autograd graph), halved after out-of-memory errors."""
+    less than an engine row: no autograd graph), halved after out-of-memory errors.
+    With ``horizon`` (per example), found["crossings"] gets each example's count of
+    kinks within it (BreakpointMode.crossings)."""
     count = examples.numel()
     next_step = torch.full((count,), float("inf"), dtype=torch.float64, device=examples.device)
+    crossings = torch.zeros(count, dtype=torch.long, device=examples.device)
     chunk = max(1, row_limit.rows)
     begin = 0
     while begin < count:
         rows = slice(begin, min(begin + chunk, count))
-        mode = BreakpointMode(rows.stop - rows.start, margin)
+        mode = BreakpointMode(rows.stop - rows.start, margin, None if horizon is None else horizon[rows])
         try:
             with torch.no_grad(), fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p[rows], d[rows]) for p, d in zip(points, directions))
@@ -265,9 +331,14 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
             continue
         if mode.next_step is not None:
             next_step[rows] = mode.next_step
+            found["piecewise_linear_ops"] = True
+        if mode.crossings is not None:
+            crossings[rows] = mode.crossings
         if mode.smooth_op is not None:
             found.setdefault("smooth_op", mode.smooth_op)
         begin = rows.stop
+    if horizon is not None:
+        found["crossings"] = crossings
     return next_step
 
 

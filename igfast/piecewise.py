@@ -94,13 +94,20 @@ class BreakpointMode(TorchFunctionMode):
     dimensions, as a (rows * tokens, features) reshape does). After the call,
     ``next_step`` (rows,) holds the smallest step > margin to a kink (inf when none),
     ``smooth_op`` the first smooth op applied to the path (None when there is none).
+
+    With ``horizon`` (rows,), the mode also counts, per row, the kinks that every unit
+    would reach within that step if it stayed affine (``crossings``): exact for the
+    first piecewise-linear layer, whose inputs are affine along the whole path, and a
+    linearised guess for later ones. It estimates a path's pieces from one forward.
     """
 
-    def __init__(self, rows: int, margin: float) -> None:
+    def __init__(self, rows: int, margin: float, horizon: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.rows = rows
         self.margin = margin
+        self.horizon = horizon
         self.next_step: Optional[torch.Tensor] = None
+        self.crossings: Optional[torch.Tensor] = None
         self.smooth_op: Optional[str] = None
         self._curved: Dict[int, "weakref.ref[torch.Tensor]"] = {}
 
@@ -122,8 +129,12 @@ class BreakpointMode(TorchFunctionMode):
                 f"method='exact': {op} sees a tensor of shape {tuple(steps.shape)} whose first "
                 f"dimension does not hold the {self.rows} path rows; exact IG needs every "
                 "piecewise-linear op to keep examples along dim 0.")
-        per_row = steps.detach().reshape(self.rows, -1).amin(1).double()
+        rows = steps.detach().reshape(self.rows, -1)
+        per_row = rows.amin(1).double()
         self.next_step = per_row if self.next_step is None else torch.minimum(self.next_step, per_row)
+        if self.horizon is not None:
+            within = (rows.double() <= self.horizon.view(-1, 1)).sum(1)
+            self.crossings = within if self.crossings is None else self.crossings + within
 
     def _steps_to(self, z: torch.Tensor, dz: torch.Tensor, kink: Any) -> torch.Tensor:
         """Step s > margin at which z + s dz reaches ``kink`` (inf where it never does)."""

@@ -12,7 +12,7 @@ import contextlib
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,12 +34,17 @@ def eager_original(forward_func: Callable, why: str = LAYER_HOOKS_NEED_EAGER) ->
     submodules after it was compiled (torch._dynamo.config.skip_nnmodule_hook_guards),
     so the layer's activation could not be read or replaced in it; nor does it run
     forward-mode AD or a torch function mode (method="exact")."""
-    original = getattr(forward_func, "_orig_mod", None) if isinstance(forward_func, nn.Module) else \
-        getattr(forward_func, "_torchdynamo_orig_callable", None)
+    original = compiled_original(forward_func)
     if original is None:
         return forward_func
     warnings.warn(why, UserWarning, stacklevel=3)
     return original
+
+
+def compiled_original(forward_func: Callable) -> Optional[Callable]:
+    """The eager module (or function) of a torch.compile'd one; None for any other."""
+    return getattr(forward_func, "_orig_mod", None) if isinstance(forward_func, nn.Module) else \
+        getattr(forward_func, "_torchdynamo_orig_callable", None)
 
 
 def layer_list(layer: Any, forward_func: Callable) -> List[nn.Module]:

@@ -11,7 +11,9 @@ from ..adaptive import (
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
-from ..exact import POINT_NODES, ExactIntegral, ExactSettings, exact_settings, integrate_exactly
+from ..exact import (
+    POINT_NODES, ExactIntegral, ExactParts, ExactRoute, ExactSettings, exact_settings, integrate_exactly,
+)
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..quadrature import path_nodes
 from ._captum_protocol import captum_bases, wrappable_by_captum
@@ -26,7 +28,7 @@ from ._forms import (
     select_additional_forward_args,
     select_examples,
 )
-from ._layers import eager_original
+from ._layers import compiled_original, eager_original
 from ._gradients import (
     compute_gradients, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
     run_forward, values_per_target,
@@ -41,6 +43,9 @@ WALK_NEEDS_EAGER = (
     "igfast: method='exact' walks the path's pieces in the eager original of this torch.compile'd "
     "model (forward-mode AD and the breakpoint mode run eagerly); the gradients of the pieces run "
     "compiled.")
+AUTO_KEEPS_RULE_WHEN_COMPILED = (
+    "a torch.compile'd model keeps n_steps='auto''s rule: walking its pieces would run its eager "
+    "original (pass method='exact' to ask for that)")
 
 
 class IntegratedGradients(*captum_bases("IntegratedGradients")):
@@ -277,15 +282,19 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
 
     def _integrate_exactly(self, inputs, baselines, target, args, settings: ExactSettings,
                            internal_batch_size, memory_budget) -> ExactIntegral:
+        # The walk runs a compiled model's eager original: forward-mode AD and the
+        # breakpoint mode run eagerly. The gradient rounds run it as given.
+        eager = eager_original(self.forward_func, WALK_NEEDS_EAGER)
+        parts = self._exact_parts(inputs, target, args, eager, internal_batch_size, memory_budget)
+        return integrate_exactly(inputs, baselines, settings, *parts)
+
+    def _exact_parts(self, inputs, target, args, eager: Callable, internal_batch_size, memory_budget) -> ExactParts:
+        """integrate_exactly's run_round, forward_at and row limit for these examples."""
         batch_size = inputs[0].shape[0]
         # One limit for every round: measured in the first (a walk round, the costliest
         # rows), then settled. The driver holds the sums, the directions and the points.
         row_limit = choose_row_limit(internal_batch_size, memory_budget, inputs, 1, target_count=3,
                                      batch_dependent=batch_dependent_call())
-
-        # The walk runs a compiled model's eager original: forward-mode AD and the
-        # breakpoint mode run eagerly. The gradient rounds run it as given.
-        eager = eager_original(self.forward_func, WALK_NEEDS_EAGER)
 
         def run_round(examples: torch.Tensor, points, wrap) -> PathIntegral:
             gradients_at = self._gradients_at(
@@ -299,7 +308,7 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
         def forward_at(examples: torch.Tensor, points) -> None:
             eager(*points, *(select_additional_forward_args(args, examples, batch_size) or ()))
 
-        return integrate_exactly(inputs, baselines, settings, run_round, forward_at, row_limit)
+        return run_round, forward_at, row_limit
 
     def _integrate_adaptively(self, inputs, baselines, target, args, settings: AdaptiveSettings,
                               internal_batch_size, memory_budget) -> AdaptiveIntegral:
@@ -314,7 +323,20 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 select_additional_forward_args(args, examples, batch_size))
             return integrate_gradients(sub_inputs, sub_baselines, nodes, gradients_at, row_limit)
 
-        return integrate_adaptively(inputs, baselines, settings, run_round)
+        def exact_parts(examples: torch.Tensor) -> ExactParts:
+            return self._exact_parts(tuple(select_examples(x, examples, batch_size) for x in inputs),
+                                     select_examples(target, examples, batch_size),
+                                     select_additional_forward_args(args, examples, batch_size),
+                                     self.forward_func, internal_batch_size, memory_budget)
+
+        # A torch.compile'd model keeps the rule: its walk would run eagerly (see
+        # _integrate_exactly), which a call that did not ask for exact IG should not pay.
+        # (LayerIntegratedGradients runs such a model eagerly anyway, and may switch.)
+        if compiled_original(self.forward_func) is not None:
+            return integrate_adaptively(inputs, baselines, settings, run_round,
+                                        no_route_because=AUTO_KEEPS_RULE_WHEN_COMPILED)
+        return integrate_adaptively(inputs, baselines, settings, run_round,
+                                    exact_route=ExactRoute(inputs, baselines, exact_parts))
 
     def _delta(self, attributions, integral, many, adaptive: bool, inputs, baselines, target,
                additional_forward_args) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..adaptive import (
 )
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
-from ..exact import POINT_NODES, ExactIntegral, exact_settings, integrate_exactly
+from ..exact import POINT_NODES, ExactIntegral, ExactParts, ExactRoute, exact_settings, integrate_exactly
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
@@ -231,26 +231,35 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
 
             return gradients_at
 
-        if exact is not None:
-            # One limit for every round (see IntegratedGradients._integrate_exactly).
-            row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, 1, target_count=3,
+        def exact_parts(examples: torch.Tensor) -> ExactParts:
+            """integrate_exactly's callables for the sub-batch of these examples."""
+            sub_inputs = tuple(select_examples(x, examples, batch_size) for x in model_inputs)
+            sub_target = select_examples(chunk_target, examples, batch_size)
+            sub_args = select_additional_forward_args(args, examples, batch_size)
+            sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
+            sub_batch = examples.numel()
+            # One limit for every round (see IntegratedGradients._exact_parts).
+            row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_ends, 1, target_count=3,
                                          batch_dependent=batch_dependent_call())
 
-            def run_point_round(examples: torch.Tensor, points, wrap) -> PathIntegral:
+            def run_point_round(rows: torch.Tensor, points, wrap) -> PathIntegral:
                 gradients_at = gradients_at_for(
-                    tuple(select_examples(x, examples, batch_size) for x in model_inputs),
-                    select_examples(chunk_target, examples, batch_size),
-                    select_additional_forward_args(args, examples, batch_size))
-                sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
-                return integrate_gradients(sub_ends, points, POINT_NODES,
+                    tuple(select_examples(x, rows, sub_batch) for x in sub_inputs),
+                    select_examples(sub_target, rows, sub_batch),
+                    select_additional_forward_args(sub_args, rows, sub_batch))
+                row_ends = tuple(select_examples(e, rows, sub_batch) for e in sub_ends)
+                return integrate_gradients(row_ends, points, POINT_NODES,
                                            wrap(gradients_at) if wrap else gradients_at, row_limit)
 
-            def forward_at(examples: torch.Tensor, points) -> None:
+            def forward_at(rows: torch.Tensor, points) -> None:
                 with activations_replaced(self._layers, attribute_to_layer_input, slots, points):
-                    self._eager_forward(*(select_examples(x, examples, batch_size) for x in model_inputs),
-                                        *(select_additional_forward_args(args, examples, batch_size) or ()))
+                    self._eager_forward(*(select_examples(x, rows, sub_batch) for x in sub_inputs),
+                                        *(select_additional_forward_args(sub_args, rows, sub_batch) or ()))
 
-            integral = integrate_exactly(ends, starts, exact, run_point_round, forward_at, row_limit)
+            return run_point_round, forward_at, row_limit
+
+        if exact is not None:
+            integral = integrate_exactly(ends, starts, exact, *exact_parts(torch.arange(batch_size, device=device)))
         elif adaptive is not None:
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
                 sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
@@ -262,7 +271,8 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
                     select_additional_forward_args(args, examples, batch_size))
                 return integrate_gradients(sub_ends, sub_starts, nodes, gradients_at, row_limit)
 
-            integral = integrate_adaptively(ends, starts, adaptive, run_round, start_values, end_values)
+            integral = integrate_adaptively(ends, starts, adaptive, run_round, start_values, end_values,
+                                            exact_route=ExactRoute(ends, starts, exact_parts))
         else:
             nodes = path_nodes(method, n_steps)
             target_count = len(many) if many else 1
