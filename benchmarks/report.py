@@ -11,6 +11,7 @@ tests/test_readme.py checks that they appear in it; regenerate both together.
     python benchmarks/report.py                      # the whole suite (about an hour on 2 cores)
     python benchmarks/report.py --quick --out /tmp/r # every section's smoke run (minutes)
     python benchmarks/report.py --sections speed,many_calls
+    python benchmarks/report.py --sections exact --merge   # re-measure sections in the existing report
     python benchmarks/report.py --update-readme      # summarise benchmarks/results/cpu.md in README.md
     python benchmarks/report.py --update-readme --out DIR   # ... or DIR/cpu.md
 """
@@ -309,6 +310,29 @@ def update_readme(report_dir: str) -> None:
     print(f"README.md: figures quoted from {os.path.join(report_dir, 'cpu.md')}")
 
 
+def merged(out: str, names, texts, results):
+    """The existing report with the sections ``names`` replaced by ``texts``, each
+    headed by the date and commit of this run (the header keeps the full run's)."""
+    with open(os.path.join(out, "cpu.md")) as handle:
+        report = handle.read()
+    with open(os.path.join(out, "cpu.json")) as handle:
+        old_results = json.load(handle)
+    pieces = re.split(r"(?m)^(?=## )", report)
+    stamp = (f"Re-measured alone with `--sections {','.join(names)} --merge`: "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_commit()} "
+             "(the other sections are the header's run).")
+    for name, text in zip(names, texts):
+        title = f"## {SECTIONS[name][0]}\n"
+        text = text.replace(title, title + "\n" + stamp + "\n", 1)
+        index = next((i for i, piece in enumerate(pieces) if piece.startswith(title)), None)
+        if index is None:
+            pieces.append(text)
+        else:
+            pieces[index] = text + ("\n" if pieces[index].endswith("\n\n") else "")
+        old_results[name] = {**results[name], "merged": stamp}
+    return ["".join(pieces).rstrip("\n") + "\n"], old_results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every section's smoke run")
@@ -317,6 +341,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "results"),
                         help="folder for cpu.md and cpu.json (with --update-readme: the report to read; "
                              "default benchmarks/results)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the --sections run in the existing --out/cpu.md and cpu.json, "
+                             "each marked with its own date and commit (the header keeps the full run's)")
     parser.add_argument("--update-readme", action="store_true",
                         help="run nothing: rewrite README.md's figures block (between <!-- figures:cpu --> "
                              "and <!-- /figures -->) as a summary of --out/cpu.md; refuses a --quick report")
@@ -337,6 +364,8 @@ def main() -> int:
             parts.append(text)
             print(f"report: {name} done in {results[name]['seconds']:.0f} s (exit {results[name]['returncode']})",
                   file=sys.stderr, flush=True)
+    if args.merge:
+        parts, results = merged(args.out, names, parts[1:], results)
     with open(os.path.join(args.out, "cpu.md"), "w") as handle:
         handle.write("\n".join(parts))
     with open(os.path.join(args.out, "cpu.json"), "w") as handle:

@@ -30,6 +30,17 @@ integrand with features narrower than the node spacing (a ReLU network's gradien
 piecewise constant along the path and jumps at every kink) can look converged when
 both levels miss the same jump; completeness is still checked exactly, and tests
 compare the estimate and the result with a 4096-node reference.
+
+Piecewise-linear networks (ReLU, max-pool, ...; see exact.py) get two things more,
+once one forward with tangents per example (exact.ExactRoute.estimate_pieces) has
+found the network walkable and predicted each path's pieces:
+
+- a switch to method="exact" for an example whose exact cost (2 evaluations per
+  piece, 4 with a smooth head) is below what refining its rule is predicted to cost
+  (_ExactSwitch: the rule's error falls as 1/n on such a network);
+- a stricter estimate, measured against exact IG: below ASYMPTOTIC_STEPS nodes the
+  change counts PRE_ASYMPTOTIC_FACTOR times, and it never falls below half the last
+  level's change.
 """
 
 import math

@@ -166,7 +166,11 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 norm) and the relative L2 change of
                 the attributions at the last doubling of the rule. Nested
                 Clenshaw-Curtis rules of 9, 17, 33, ... nodes; every evaluation is
-                reused and a converged example stops costing. Default: 1e-3.
+                reused and a converged example stops costing. On a piecewise-linear
+                network (found by one forward per example) an example switches to
+                method="exact" when that is predicted cheaper than refining its
+                rule, and below 33 nodes the change counts double (there it alone
+                understated the error). Default: 1e-3.
             max_steps (int, optional; n_steps="auto" or method="exact"): with "auto",
                 the most path points per example (the largest rule 2^k + 1 <=
                 max_steps; at least 9); examples that reach it are returned with
@@ -174,8 +178,10 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 per path; more raise ArgumentError. Default: 65536.
             return_adaptive_info (bool, optional; n_steps="auto" or method="exact"):
                 also return, with "auto", an ``AdaptiveInfo`` with, per example,
-                ``evaluations`` (path points evaluated), ``error_estimate``,
-                ``completeness_error`` and ``converged``; with "exact", an
+                ``evaluations`` (path points evaluated, and the walk's forwards of
+                examples that switched to exact), ``error_estimate``,
+                ``completeness_error``, ``converged`` and ``exact`` (switched), and
+                ``exact_unavailable`` (why none could switch); with "exact", an
                 ``ExactInfo`` with per example ``pieces``, ``evaluations`` and
                 ``breakpoints`` (t of each piece's start), ``smooth_head`` and, with
                 a head, ``head_error_estimate`` (relative; an overestimate).
