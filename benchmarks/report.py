@@ -310,7 +310,7 @@ def update_readme(report_dir: str) -> None:
     print(f"README.md: figures quoted from {os.path.join(report_dir, 'cpu.md')}")
 
 
-def merged(out: str, names, texts, results):
+def merged(out: str, names, texts, results, commit: str):
     """The existing report with the sections ``names`` replaced by ``texts``, each
     headed by the date and commit of this run (the header keeps the full run's)."""
     with open(os.path.join(out, "cpu.md")) as handle:
@@ -319,7 +319,7 @@ def merged(out: str, names, texts, results):
         old_results = json.load(handle)
     pieces = re.split(r"(?m)^(?=## )", report)
     stamp = (f"Re-measured alone with `--sections {','.join(names)} --merge`: "
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_commit()} "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit} "
              "(the other sections are the header's run).")
     for name, text in zip(names, texts):
         title = f"## {SECTIONS[name][0]}\n"
@@ -356,6 +356,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     os.makedirs(args.out, exist_ok=True)
+    commit = _commit()  # before the run writes its results into the tree
     parts, results = [header(args.quick)], {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
@@ -365,7 +366,7 @@ def main() -> int:
             print(f"report: {name} done in {results[name]['seconds']:.0f} s (exit {results[name]['returncode']})",
                   file=sys.stderr, flush=True)
     if args.merge:
-        parts, results = merged(args.out, names, parts[1:], results)
+        parts, results = merged(args.out, names, parts[1:], results, commit)
     with open(os.path.join(args.out, "cpu.md"), "w") as handle:
         handle.write("\n".join(parts))
     with open(os.path.join(args.out, "cpu.json"), "w") as handle:

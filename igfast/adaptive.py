@@ -37,13 +37,16 @@ found the network walkable and predicted each path's pieces:
 
 - a switch to method="exact" for an example whose exact cost (2 evaluations per
   piece, 4 with a smooth head) is below what refining its rule is predicted to cost
-  (_ExactSwitch: the rule's error falls as 1/n on such a network);
+  (_ExactSwitch: the rule's error falls as 1/n on such a network), unless the walk's
+  sequential rounds (one per piece, timed by the probe) would take longer than the
+  rule's remaining rows (timed in round 0): the choice depends on measured times;
 - a stricter estimate, measured against exact IG: below ASYMPTOTIC_STEPS nodes the
   change counts PRE_ASYMPTOTIC_FACTOR times, and it never falls below half the last
   level's change.
 """
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -53,9 +56,9 @@ from .chunking import choose_row_limit
 from .dtypes import dtype_policy
 from .engine import PathIntegral
 from .errors import ArgumentError, NotPiecewiseLinearError
-from .exact import ExactRoute
+from .exact import ExactRoute, SmoothNetworkError
 from .quadrature import (
-    DEFAULT_MAX_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
+    DEFAULT_MAX_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
     validate_method_and_steps,
 )
 
@@ -190,21 +193,32 @@ def integrate_adaptively(
     sums: Optional[Tuple[torch.Tensor, ...]] = None  # (levels, active, ...) per input
     last_change = torch.zeros(batch_size, dtype=torch.float64, device=device)
     keep = scale = switch = None
+    if exact_route is not None and batch_size:
+        switch = _ExactSwitch(exact_route, settings, differences, results, evaluations, estimate,
+                              completeness, converged)
+        # One forward with tangents, on one example, tells how the network bends the
+        # path: a smooth one starts from lower levels.
+        switch.probe(active[:1])
+        if switch.smooth:
+            levels = nested_levels(settings.max_steps, SMOOTH_SMALLEST_LEVEL_STEPS)
+        switch.levels = levels
     for round_index in range(levels.rounds):
         if active.numel() == 0:
             break
         nodes = levels.round_nodes(round_index)
+        started = _seconds(device)
         integral = run_round(active, nodes)
         rounds.append(integral)
+        if round_index == 0:
+            row_seconds = (_seconds(device) - started) / max(1, nodes.count * active.numel())
         first_level = levels.first_level_of_round(round_index)
         if sums is None:
             sums = integral.gradient_sums
             if end_values is None:
                 start_values, end_values = integral.start_values, integral.end_values
             scale = _scale(start_values, end_values)
-            if exact_route is not None:
-                switch = _ExactSwitch(exact_route, settings, differences, results, evaluations, estimate,
-                                      completeness, converged, end_values - start_values, scale)
+            if switch is not None:
+                switch.value_change, switch.scale, switch.row_seconds = end_values - start_values, scale, row_seconds
         else:
             sums = tuple(s[:, keep] for s in sums)  # drop the rows of last round's finished examples
             for s, new in zip(sums, integral.gradient_sums):
@@ -281,15 +295,24 @@ class _ExactSwitch:
     """
 
     def __init__(self, route: ExactRoute, settings: AdaptiveSettings, differences, results, evaluations,
-                 estimate, completeness, converged, value_change, scale) -> None:
+                 estimate, completeness, converged) -> None:
         self.route, self.settings = route, settings
+        self.levels = settings.levels  # the driver's, once it has chosen them
         self.differences, self.results = differences, results
         self.evaluations, self.estimate, self.completeness, self.converged = evaluations, estimate, completeness, converged
-        self.value_change, self.scale = value_change, scale
+        # Set after round 0: F(x) - F(x') and the completeness scale per example.
+        self.value_change: Optional[torch.Tensor] = None
+        self.scale: Optional[torch.Tensor] = None
+        self.smooth = False  # the probe met no piecewise-linear op
         batch_size = evaluations.shape[0]
         self.walked = torch.zeros(batch_size, dtype=torch.bool, device=evaluations.device)
         self.exact_cost: Optional[torch.Tensor] = None  # (B,) predicted evaluations, -1 until probed
+        self.pieces: Optional[torch.Tensor] = None  # (B,) predicted pieces
         self.unavailable: Optional[str] = None
+        # Seconds of one forward+backward row (from round 0) and of one walk round (the
+        # slowest probe): the walk takes one round per piece of its longest path, a
+        # latency the rule's evaluations do not have (see take).
+        self.row_seconds, self.walk_round_seconds = 0.0, 0.0
 
     def probe(self, examples: torch.Tensor) -> None:
         """Predict the exact cost of the examples not probed yet (one forward each), or
@@ -298,15 +321,21 @@ class _ExactSwitch:
             return
         if self.exact_cost is None:
             self.exact_cost = torch.full_like(self.evaluations, -1)
+            self.pieces = torch.zeros_like(self.evaluations)
         unprobed = examples[self.exact_cost[examples] < 0]
         try:
             # The first probe takes one example: a network that cannot be walked costs one row.
             for group in ((unprobed[:1], unprobed[1:]) if self.exact_cost.max() < 0 else (unprobed,)):
                 if group.numel():
                     self.evaluations[group] += 1  # the model ran, whatever the probe finds
-                    self.exact_cost[group] = self.route.estimate_pieces(group).evaluations
+                    started = _seconds(group.device)
+                    estimate = self.route.estimate_pieces(group)
+                    self.walk_round_seconds = max(self.walk_round_seconds, _seconds(group.device) - started)
+                    self.exact_cost[group] = estimate.evaluations
+                    self.pieces[group] = estimate.pieces
         except NotPiecewiseLinearError as error:
             self.unavailable = str(error)
+            self.smooth = isinstance(error, SmoothNetworkError)
 
     @property
     def piecewise_linear(self) -> bool:
@@ -323,7 +352,7 @@ class _ExactSwitch:
         self.probe(candidates)
         if self.unavailable is not None:
             return taken
-        steps = torch.tensor(self.settings.levels.steps, dtype=torch.float64, device=active.device)
+        steps = torch.tensor(self.levels.steps, dtype=torch.float64, device=active.device)
         needed = steps[level] * predicted[undone] / self.settings.tolerance
         reachable = needed <= steps[-1]
         finer = torch.searchsorted(steps, needed.clamp(max=float(steps[-1])))
@@ -334,6 +363,12 @@ class _ExactSwitch:
         if not bool(cheaper.any()):
             return taken
         chosen = candidates[cheaper]
+        # In time, the walk also pays one round per piece of its longest path: a few
+        # examples of a small model walk for longer than the rule takes to refine them.
+        walk_seconds = (float(self.pieces[chosen].max()) * self.walk_round_seconds
+                        + float(exact_cost[cheaper].sum()) * self.row_seconds)
+        if walk_seconds > float(to_go[cheaper].sum()) * self.row_seconds:
+            return taken
         integral = self.route.integrate(chosen)
         rounds.append(integral)
         self._record(chosen, integral)
@@ -356,6 +391,13 @@ class _ExactSwitch:
         self.estimate[chosen] = estimate
         self.converged[chosen] = estimate <= self.settings.tolerance
         self.walked[chosen] = True
+
+
+def _seconds(device: torch.device) -> float:
+    """A wall-clock reading after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _scale(start_values: torch.Tensor, end_values: torch.Tensor) -> torch.Tensor:

@@ -238,6 +238,10 @@ class PieceEstimate:
         return self.pieces * (nodes + 1) - (0 if self.smooth_head else 1)
 
 
+class SmoothNetworkError(NotPiecewiseLinearError):
+    """The probe walked the whole network and met no piecewise-linear op."""
+
+
 class ExactRoute:
     """method="exact" for some examples of a batch: how n_steps="auto" switches an
     example to exact IG when walking its pieces costs less than refining its rule.
@@ -272,7 +276,9 @@ class ExactRoute:
         _walk(forward_at, local, _points(starts, directions, local, at_start), directions, margin, found,
               row_limit, horizon=1 - at_start)
         if not found.get("piecewise_linear_ops"):
-            raise NotPiecewiseLinearError("the network applies no piecewise-linear op to the path")
+            raise SmoothNetworkError(
+                "the network applies no piecewise-linear op to the path: it is smooth along it "
+                f"(first smooth op: {found.get('smooth_op')}), or affine")
         return PieceEstimate(1 + found["crossings"], found.get("smooth_op"))
 
     def integrate(self, examples: torch.Tensor) -> ExactIntegral:
