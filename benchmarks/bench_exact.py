@@ -20,8 +20,9 @@ against evaluations for every rule (GL, trapezoid, auto, exact) goes to --plot.
 
 Workloads: the MLP of igfast.bench (batch 64), the same MLP with a softmax of the
 target's logits as head, the CNN of igfast.bench (batch 2 here: its paths have
-about 11,000 pieces each), and the MLP with GELU for ReLU (smooth: no exact IG; its
-reference is a converged 1024-node Gauss-Legendre rule).
+about 11,000 pieces each), the MLP with GELU for ReLU, and igfast bench's MiniLM
+LayerIG workload (both smooth: no exact IG; their reference is a converged 1024-node
+Gauss-Legendre rule).
 
     python benchmarks/bench_exact.py                  # about 10 minutes on a 2-core CPU
     python benchmarks/bench_exact.py --quick          # small MLP batch, one tolerance (CI smoke)
@@ -38,7 +39,7 @@ import torch.nn as nn
 
 import igfast
 from igfast.bench.timing import interleaved_medians
-from igfast.bench.workloads import WORKLOADS
+from igfast.bench.workloads import WORKLOADS, minilm_available
 
 TOLERANCES = (1e-2, 1e-3, 1e-4)
 
@@ -57,11 +58,30 @@ class SoftmaxHead(nn.Module):
 # Smooth workloads have no exact IG: their reference is a Gauss-Legendre rule of this
 # many nodes, converged to rounding (a 5-node rule is within 4e-7 on the GELU MLP).
 SMOOTH_REFERENCE_STEPS = 1024
-SMOOTH = ("gelu_mlp",)
+SMOOTH = ("gelu_mlp", "minilm")
+MINILM_BATCH, MINILM_LENGTH = 4, 32  # as in igfast bench
+
+
+def minilm_problem(dtype: torch.dtype):
+    """LayerIntegratedGradients on all-MiniLM-L6-v2's embeddings, igfast bench's
+    similarity task: a smooth transformer (GELU, softmax attention, layer norm)."""
+    from igfast.examples import minilm
+
+    sentences = (minilm.SENTENCES * 4)[:MINILM_BATCH]
+    references = (minilm.PAIRED_SENTENCES * 4)[:MINILM_BATCH]
+    task = minilm.similarity_task(sentences, references, length=MINILM_LENGTH)
+    model = task.model.to(dtype)
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in task.additional_forward_args)
+    layer = igfast.LayerIntegratedGradients(model, task.layer)
+    name = f"MiniLM LayerIG on embeddings (batch {MINILM_BATCH}, sequence {MINILM_LENGTH})"
+    return name, lambda **kw: layer.attribute(task.inputs, baselines=task.baselines, additional_forward_args=args,
+                                              **kw)
 
 
 def problem(key: str, batch: int, dtype: torch.dtype):
     """(name, attribute(**kwargs)) of a workload at one dtype."""
+    if key == "minilm":
+        return minilm_problem(dtype)
     model, x, baseline, _ = WORKLOADS["cnn" if key == "cnn" else "mlp"].build("cpu")
     if key == "softmax_mlp":
         model = SoftmaxHead(model).eval()
@@ -271,16 +291,19 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="MLP batch 8, tolerance 1e-3, one timing (CI smoke)")
-    parser.add_argument("--workloads", default=None, help="comma-separated: mlp,softmax_mlp,cnn,gelu_mlp")
+    parser.add_argument("--workloads", default=None, help="comma-separated: mlp,softmax_mlp,cnn,gelu_mlp,minilm")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write the error-versus-evaluations plot here (.png)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     keys = args.workloads.split(",") if args.workloads else (
-        ["mlp"] if args.quick else ["mlp", "softmax_mlp", "cnn", "gelu_mlp"])
+        ["mlp"] if args.quick else ["mlp", "softmax_mlp", "cnn", "gelu_mlp", "minilm"])
+    if "minilm" in keys and minilm_available() and not args.workloads:
+        print(f"MiniLM left out: {minilm_available()}")
+        keys.remove("minilm")
     results = []
     for key in keys:
-        batch = 8 if args.quick else {"mlp": 64, "softmax_mlp": 64, "cnn": 2, "gelu_mlp": 64}[key]
+        batch = 8 if args.quick else {"mlp": 64, "softmax_mlp": 64, "cnn": 2, "gelu_mlp": 64, "minilm": MINILM_BATCH}[key]
         results.append(run_workload(key, batch, (1e-3,) if args.quick else TOLERANCES, 1 if args.quick else 3))
     print_table(results)
     if args.plot:

@@ -31,9 +31,13 @@ piecewise constant along the path and jumps at every kink) can look converged wh
 both levels miss the same jump; completeness is still checked exactly, and tests
 compare the estimate and the result with a 4096-node reference.
 
-Piecewise-linear networks (ReLU, max-pool, ...; see exact.py) get two things more,
-once one forward with tangents per example (exact.ExactRoute.estimate_pieces) has
-found the network walkable and predicted each path's pieces:
+Before round 0, one forward with tangents on one example (exact.ExactRoute
+.estimate_pieces, counted as an evaluation) tells how the network bends the path.
+A smooth network (no piecewise-linear op: GELU, tanh, attention, ...) starts from
+the 3- and 5-node levels, and where its changes fall geometrically the estimate is
+extrapolated from the convergence ratio (_smooth_estimate). Piecewise-linear
+networks (ReLU, max-pool, ...; see exact.py) get two things, once the same forward
+per example has predicted each path's pieces:
 
 - a switch to method="exact" for an example whose exact cost (2 evaluations per
   piece, 4 with a smooth head) is below what refining its rule is predicted to cost
@@ -235,7 +239,10 @@ def integrate_adaptively(
             switch.probe(active[could_refine])
             if switch.piecewise_linear:
                 change = torch.maximum(change, last_change[active] / 2)
-        last_change[active] = change
+        raw_change = change
+        if switch is not None and switch.smooth and round_index > 0:
+            change = _smooth_estimate(change, last_change[active])
+        last_change[active] = raw_change
         # The error the rule is predicted to have at this level; the estimate that judges
         # it is stricter at coarse levels of a piecewise-linear network (see above).
         predicted = torch.maximum(change, relative_completeness)
@@ -277,6 +284,26 @@ def integrate_adaptively(
 ASYMPTOTIC_STEPS = 33
 PRE_ASYMPTOTIC_FACTOR = 2.0
 
+
+
+# On a smooth network the error of nested Clenshaw-Curtis rules falls geometrically
+# once the rule resolves the integrand, so the change at the last doubling (about the
+# coarser level's error) overstates the finer level's by the convergence ratio. Where
+# the change fell by at least GEOMETRIC_RATIO since the last level (faster than any
+# n^-3: a kink gives n^-2, a jump n^-1, so a nearly-kinked smooth unit that is not yet
+# resolved keeps the plain change) the estimate is SMOOTH_SAFETY * change^2 / last
+# change. Measured on MiniLM's embeddings (LayerIG) the true error was at most 0.76x
+# of change^2 / last change (at 33 nodes); on MLPs with tanh, GELU, SiLU, softplus and
+# softplus(beta=50), 3200 converged examples from tolerance 1e-1 to 1e-6 stay within it
+# (without the ratio test, two of softplus(beta=50)'s exceeded it by up to 1.3x).
+SMOOTH_SAFETY = 2.0
+GEOMETRIC_RATIO = 1 / 8
+
+
+def _smooth_estimate(change: torch.Tensor, last_change: torch.Tensor) -> torch.Tensor:
+    ratio = torch.where(last_change > 0, change / last_change.clamp_min(torch.finfo(change.dtype).tiny),
+                        torch.ones_like(change))
+    return torch.where(ratio <= GEOMETRIC_RATIO, torch.minimum(change, SMOOTH_SAFETY * change * ratio), change)
 
 
 class _ExactSwitch:

@@ -75,7 +75,7 @@ SMOOTH_OPS = frozenset("""
     softmax log_softmax sigmoid tanh exp log log1p expm1 gelu silu softplus elu selu celu mish
     logsigmoid layer_norm group_norm rms_norm pow __pow__ __rpow__ sqrt rsqrt erf sin cos
     logsumexp normalize square reciprocal __rtruediv__ scaled_dot_product_attention
-    cross_entropy nll_loss
+    cross_entropy nll_loss cosine_similarity
 """.split())
 # Ops whose result carries no tangent and cannot bend the path (shapes, constants).
 NEUTRAL_OPS = frozenset("""
@@ -177,12 +177,36 @@ class BreakpointMode(TorchFunctionMode):
             raise NotPiecewiseLinearError(
                 f"method='exact': {name} runs in training mode, where it mixes the rows of a batch; "
                 "call model.eval() first.")
-        result = func(*args, **kwargs)
+        if name == "scaled_dot_product_attention":
+            # PyTorch's fused attention kernels have no forward-mode derivative; the same
+            # attention computed by parts has (smooth: the path bends here).
+            result = _attention_by_parts(*args, **kwargs)
+        else:
+            result = func(*args, **kwargs)
         if bends and self.smooth_op is None:
             self.smooth_op = name
         if bends or curved:
             self._mark_curved(result)
         return result
+
+
+def _attention_by_parts(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False):
+    """F.scaled_dot_product_attention in plain ops (which forward-mode AD supports)."""
+    if dropout_p:
+        raise NotPiecewiseLinearError(
+            "scaled_dot_product_attention runs with dropout (training mode), which mixes in random "
+            "masks; call model.eval() first.")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeats = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
 
 
 def _tensors_in(args, kwargs) -> List[torch.Tensor]:

@@ -166,11 +166,13 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 norm) and the relative L2 change of
                 the attributions at the last doubling of the rule. Nested
                 Clenshaw-Curtis rules of 9, 17, 33, ... nodes; every evaluation is
-                reused and a converged example stops costing. On a piecewise-linear
-                network (found by one forward per example) an example switches to
-                method="exact" when that is predicted cheaper than refining its
-                rule, and below 33 nodes the change counts double (there it alone
-                understated the error). Default: 1e-3.
+                reused and a converged example stops costing. One forward with
+                derivatives along the path classifies the network: a smooth one
+                starts from 3 and 5 nodes and, where the changes fall geometrically,
+                estimates from their ratio; on a piecewise-linear one an example
+                switches to method="exact" when that is predicted cheaper than
+                refining its rule, and below 33 nodes the change counts double (there
+                it alone understated the error). Default: 1e-3.
             max_steps (int, optional; n_steps="auto" or method="exact"): with "auto",
                 the most path points per example (the largest rule 2^k + 1 <=
                 max_steps; at least 9); examples that reach it are returned with
