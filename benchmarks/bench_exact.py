@@ -141,6 +141,36 @@ def auto_for(attribute: Callable, reference: torch.Tensor, tol: float, sweep: Li
     return point
 
 
+def rule_rows(attribute: Callable, reference: torch.Tensor, tolerances, limit: int, gl_cache: Dict[int, float],
+              auto_sweep: List[Dict[str, Any]], exact_text: str) -> List[Dict[str, Any]]:
+    """Per tolerance: the fewest fixed GL steps and auto's run that meet it."""
+    rows = []
+    for tol in tolerances:
+        n = fewest_gl_steps(attribute, reference, tol, gl_cache, limit)
+        auto = auto_for(attribute, reference, tol, auto_sweep)
+        rows.append({"tol": tol, "gl_steps": n, "auto": auto})
+        print(f"  tol {tol:.0e}: GL {n} steps, auto {auto['mean_evaluations']:.1f} evals at tolerance "
+              f"{auto['tolerance']:.1e} (worst error {auto['worst_error']:.1e}){exact_text}", flush=True)
+    return rows
+
+
+def time_rules(key: str, batch: int, rows: List[Dict[str, Any]], repeats: int, with_exact: bool) -> None:
+    """Float32 times of GL and auto per tolerance (and exact once), interleaved, into rows."""
+    _, attribute32 = problem(key, batch, torch.float32)
+    variants = {"exact": lambda: attribute32(method="exact")} if with_exact else {}
+    for row in rows:
+        if row["gl_steps"] > 0:
+            variants[f"gl{row['gl_steps']}"] = (lambda n: lambda: attribute32(n_steps=n))(row["gl_steps"])
+        tolerance = row["auto"]["tolerance"]
+        variants[f"auto{tolerance:.1e}"] = (lambda t: lambda: attribute32(n_steps="auto", tolerance=t,
+                                                                          max_steps=16385))(tolerance)
+    seconds = interleaved_medians(variants, repeats=repeats, device="cpu", warmup=repeats > 1)
+    for row in rows:
+        row["gl_seconds"] = seconds.get(f"gl{row['gl_steps']}")
+        row["auto_seconds"] = seconds[f"auto{row['auto']['tolerance']:.1e}"]
+        row["exact_seconds"] = seconds.get("exact")
+
+
 def run_workload(key: str, batch: int, tolerances, repeats: int) -> Dict[str, Any]:
     name, attribute = problem(key, batch, torch.float64)
     print(f"{name}:", flush=True)
@@ -161,28 +191,8 @@ def run_workload(key: str, batch: int, tolerances, repeats: int) -> Dict[str, An
     limit = 65536 if key != "cnn" else 16384
     gl_cache: Dict[int, float] = {}
     auto_sweep: List[Dict[str, Any]] = []
-    rows = []
-    for tol in tolerances:
-        n = fewest_gl_steps(attribute, reference, tol, gl_cache, limit)
-        auto = auto_for(attribute, reference, tol, auto_sweep)
-        rows.append({"tol": tol, "gl_steps": n, "auto": auto})
-        print(f"  tol {tol:.0e}: GL {n} steps, auto {auto['mean_evaluations']:.1f} evals at tolerance "
-              f"{auto['tolerance']:.1e} (worst error {auto['worst_error']:.1e}), exact {exact_evaluations:.1f}",
-              flush=True)
-    # Times in float32: exact once per workload, GL and auto per tolerance.
-    _, attribute32 = problem(key, batch, torch.float32)
-    variants = {"exact": lambda: attribute32(method="exact")}
-    for row in rows:
-        if row["gl_steps"] > 0:
-            variants[f"gl{row['gl_steps']}"] = (lambda n: lambda: attribute32(n_steps=n))(row["gl_steps"])
-        tolerance = row["auto"]["tolerance"]
-        variants[f"auto{tolerance:.1e}"] = (lambda t: lambda: attribute32(n_steps="auto", tolerance=t,
-                                                                          max_steps=16385))(tolerance)
-    seconds = interleaved_medians(variants, repeats=repeats, device="cpu", warmup=repeats > 1)
-    for row in rows:
-        row["gl_seconds"] = seconds.get(f"gl{row['gl_steps']}")
-        row["auto_seconds"] = seconds[f"auto{row['auto']['tolerance']:.1e}"]
-        row["exact_seconds"] = seconds["exact"]
+    rows = rule_rows(attribute, reference, tolerances, limit, gl_cache, auto_sweep, f", exact {exact_evaluations:.1f}")
+    time_rules(key, batch, rows, repeats, with_exact=True)
     # The error curves of the fixed rules (float64), for the plot.
     curves = {"gausslegendre": sorted(gl_cache.items())}
     trapezoid = []
@@ -204,25 +214,8 @@ def run_smooth_workload(key, name, batch, attribute, tolerances, repeats) -> Dic
           f"{worst_error(attribute(n_steps=SMOOTH_REFERENCE_STEPS // 2), reference):.1e}", flush=True)
     gl_cache: Dict[int, float] = {}
     auto_sweep: List[Dict[str, Any]] = []
-    rows = []
-    for tol in tolerances:
-        n = fewest_gl_steps(attribute, reference, tol, gl_cache, 4096)
-        auto = auto_for(attribute, reference, tol, auto_sweep)
-        rows.append({"tol": tol, "gl_steps": n, "auto": auto})
-        print(f"  tol {tol:.0e}: GL {n} steps, auto {auto['mean_evaluations']:.1f} evals at tolerance "
-              f"{auto['tolerance']:.1e} (worst error {auto['worst_error']:.1e})", flush=True)
-    _, attribute32 = problem(key, batch, torch.float32)
-    variants = {}
-    for row in rows:
-        variants[f"gl{row['gl_steps']}"] = (lambda n: lambda: attribute32(n_steps=n))(row["gl_steps"])
-        tolerance = row["auto"]["tolerance"]
-        variants[f"auto{tolerance:.1e}"] = (lambda t: lambda: attribute32(n_steps="auto", tolerance=t,
-                                                                          max_steps=16385))(tolerance)
-    seconds = interleaved_medians(variants, repeats=repeats, device="cpu", warmup=repeats > 1)
-    for row in rows:
-        row["gl_seconds"] = seconds[f"gl{row['gl_steps']}"]
-        row["auto_seconds"] = seconds[f"auto{row['auto']['tolerance']:.1e}"]
-        row["exact_seconds"] = None
+    rows = rule_rows(attribute, reference, tolerances, 4096, gl_cache, auto_sweep, "")
+    time_rules(key, batch, rows, repeats, with_exact=False)
     curves = {"gausslegendre": sorted(gl_cache.items()),
               "auto": sorted((p["mean_evaluations"], p["worst_error"]) for p in auto_sweep)}
     return {"workload": name, "key": key, "exact_pieces_mean": None, "exact_pieces_max": None,
