@@ -12,7 +12,8 @@ example within tol:
   it misses tol, the loosest tolerance tol/2^k that meets it is used instead; it
   switches examples to method="exact" where that is predicted cheaper (the share of
   examples it walked exactly is printed);
-- exact: method="exact" (one evaluation per linear piece; 4 with a smooth head).
+- exact: method="exact" (one evaluation per linear piece; 4 with a smooth head);
+  on mixed networks gausslegendre_pieces instead.
 
 Evaluations are path points (forward+backward rows) per example, mean over the batch.
 Times: float32, one thread, medians of interleaved runs. A plot of the worst error
@@ -22,7 +23,12 @@ Workloads: the MLP of igfast.bench (batch 64), the same MLP with a softmax of th
 target's logits as head, the CNN of igfast.bench (batch 2 here: its paths have
 about 11,000 pieces each), the MLP with GELU for ReLU, and igfast bench's MiniLM
 LayerIG workload (both smooth: no exact IG; their reference is a converged 1024-node
-Gauss-Legendre rule).
+Gauss-Legendre rule). Two mixed networks (smooth ops before kinks) compare
+method="gausslegendre_pieces" (kinks found, 3 Gauss nodes per piece, smooth stretches
+cut for n_steps nodes: the fewest n_steps that meets tol, found by doubling) with the
+rules: the MLP with tanh for its first ReLU (batch 32), and a small transformer encoder
+layer with a ReLU feed-forward block; their reference is gausslegendre_pieces with 8
+nodes per piece.
 
     python benchmarks/bench_exact.py                  # about 10 minutes on a 2-core CPU
     python benchmarks/bench_exact.py --quick          # small MLP batch, one tolerance (CI smoke)
@@ -39,7 +45,8 @@ import torch.nn as nn
 
 import igfast
 from igfast.bench.timing import interleaved_medians
-from igfast.bench.workloads import WORKLOADS, minilm_available
+import igfast.exact
+from igfast.bench.workloads import WORKLOADS, SmallEncoder, minilm_available
 
 TOLERANCES = (1e-2, 1e-3, 1e-4)
 
@@ -78,10 +85,35 @@ def minilm_problem(dtype: torch.dtype):
                                               **kw)
 
 
+# Mixed networks (smooth ops before kinks): no exact IG; method="gausslegendre_pieces"
+# finds their kinks. Their reference is that method with REFERENCE_NODES_PER_PIECE Gauss
+# nodes per piece and smooth stretches cut for REFERENCE_SPREAD nodes (checked against
+# 6 nodes and half the spread).
+MIXED = ("tanh_mlp", "relu_encoder")
+REFERENCE_NODES_PER_PIECE, REFERENCE_SPREAD = 8, 2048
+ENCODER_BATCH = 2
+
+
+def encoder_problem(dtype: torch.dtype):
+    """A transformer encoder layer with a ReLU feed-forward block (igfast bench's encoder,
+    scaled down: width 32, 4 heads, sequence 8): layer norm and softmax attention before
+    every kink."""
+    torch.manual_seed(0)
+    model = SmallEncoder(width=32, layers=1, heads=4).to(dtype).eval()
+    x = torch.randn(ENCODER_BATCH, 8, 32, dtype=dtype)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    ig = igfast.IntegratedGradients(model)
+    name = f"ReLU-FFN encoder (8x32, 1 layer, batch {ENCODER_BATCH})"
+    return name, lambda **kw: ig.attribute(x, target=target, **kw)
+
+
 def problem(key: str, batch: int, dtype: torch.dtype):
     """(name, attribute(**kwargs)) of a workload at one dtype."""
     if key == "minilm":
         return minilm_problem(dtype)
+    if key == "relu_encoder":
+        return encoder_problem(dtype)
     model, x, baseline, _ = WORKLOADS["cnn" if key == "cnn" else "mlp"].build("cpu")
     if key == "softmax_mlp":
         model = SoftmaxHead(model).eval()
@@ -89,13 +121,16 @@ def problem(key: str, batch: int, dtype: torch.dtype):
         for index, module in enumerate(model.net):
             if isinstance(module, nn.ReLU):
                 model.net[index] = nn.GELU()
+    if key == "tanh_mlp":  # the same MLP, mixed: tanh for its first ReLU
+        model.net[1] = nn.Tanh()
     x, baseline = x[:batch].to(dtype), baseline[:batch].to(dtype)
     model = model.to(dtype)
     with torch.no_grad():
         target = model(x).argmax(1)
     ig = igfast.IntegratedGradients(model)
     shape = "x".join(map(str, x.shape[1:]))
-    name = {"mlp": "MLP", "softmax_mlp": "MLP + softmax head", "cnn": "CNN", "gelu_mlp": "GELU MLP"}[key]
+    name = {"mlp": "MLP", "softmax_mlp": "MLP + softmax head", "cnn": "CNN", "gelu_mlp": "GELU MLP",
+            "tanh_mlp": "tanh-then-ReLU MLP"}[key]
     return f"{name} ({shape}, batch {batch})", lambda **kw: ig.attribute(x, baseline, target=target, **kw)
 
 
@@ -155,10 +190,14 @@ def rule_rows(attribute: Callable, reference: torch.Tensor, tolerances, limit: i
 
 
 def time_rules(key: str, batch: int, rows: List[Dict[str, Any]], repeats: int, with_exact: bool) -> None:
-    """Float32 times of GL and auto per tolerance (and exact once), interleaved, into rows."""
+    """Float32 times of GL and auto per tolerance (and exact once, or gausslegendre_pieces
+    per tolerance), interleaved, into rows."""
     _, attribute32 = problem(key, batch, torch.float32)
     variants = {"exact": lambda: attribute32(method="exact")} if with_exact else {}
     for row in rows:
+        if row.get("piece_steps", -1) > 0:
+            variants[f"pieces{row['piece_steps']}"] = (lambda n: lambda: attribute32(
+                method="gausslegendre_pieces", n_steps=n))(row["piece_steps"])
         if row["gl_steps"] > 0:
             variants[f"gl{row['gl_steps']}"] = (lambda n: lambda: attribute32(n_steps=n))(row["gl_steps"])
         tolerance = row["auto"]["tolerance"]
@@ -168,7 +207,7 @@ def time_rules(key: str, batch: int, rows: List[Dict[str, Any]], repeats: int, w
     for row in rows:
         row["gl_seconds"] = seconds.get(f"gl{row['gl_steps']}")
         row["auto_seconds"] = seconds[f"auto{row['auto']['tolerance']:.1e}"]
-        row["exact_seconds"] = seconds.get("exact")
+        row["exact_seconds"] = seconds.get("exact", seconds.get(f"pieces{row.get('piece_steps')}"))
 
 
 def run_workload(key: str, batch: int, tolerances, repeats: int) -> Dict[str, Any]:
@@ -176,6 +215,8 @@ def run_workload(key: str, batch: int, tolerances, repeats: int) -> Dict[str, An
     print(f"{name}:", flush=True)
     if key in SMOOTH:
         return run_smooth_workload(key, name, batch, attribute, tolerances, repeats)
+    if key in MIXED:
+        return run_mixed_workload(key, name, batch, attribute, tolerances, repeats)
     started = time.perf_counter()
     reference, delta, info = attribute(method="exact", return_convergence_delta=True, return_adaptive_info=True)
     exact_seconds64 = time.perf_counter() - started
@@ -223,21 +264,79 @@ def run_smooth_workload(key, name, batch, attribute, tolerances, repeats) -> Dic
             "head_error_estimate": None, "rows": rows, "curves": curves}
 
 
+def pieces_with(attribute: Callable, nodes_per_piece: int, spread: int, **kwargs):
+    """method="gausslegendre_pieces" with another number of Gauss nodes per piece (for
+    the reference only: the method's own is fixed)."""
+    saved = igfast.exact.GAUSS_NODES_PER_PIECE
+    igfast.exact.GAUSS_NODES_PER_PIECE = nodes_per_piece
+    try:
+        return attribute(method="gausslegendre_pieces", n_steps=spread, **kwargs)
+    finally:
+        igfast.exact.GAUSS_NODES_PER_PIECE = saved
+
+
+def fewest_piece_steps(attribute: Callable, reference: torch.Tensor, tol: float,
+                       cache: Dict[int, Dict[str, float]]) -> Dict[str, Any]:
+    """The fewest n_steps (doubling from 1) with which gausslegendre_pieces puts every
+    example within tol, and its evaluations."""
+    n = 1
+    while True:
+        if n not in cache:
+            attributions, info = attribute(method="gausslegendre_pieces", n_steps=n, return_adaptive_info=True)
+            cache[n] = {"worst_error": worst_error(attributions, reference),
+                        "mean_evaluations": float(info.evaluations.double().mean()),
+                        "pieces": float(info.pieces.double().mean())}
+        if cache[n]["worst_error"] <= tol or n >= 4096:
+            return {"steps": n if cache[n]["worst_error"] <= tol else -1, **cache[n]}
+        n *= 2
+
+
+def run_mixed_workload(key, name, batch, attribute, tolerances, repeats) -> Dict[str, Any]:
+    """A mixed network: fixed GL, auto and gausslegendre_pieces against a converged
+    gausslegendre_pieces reference."""
+    started = time.perf_counter()
+    reference, info = pieces_with(attribute, REFERENCE_NODES_PER_PIECE, REFERENCE_SPREAD, return_adaptive_info=True)
+    check = pieces_with(attribute, 6, REFERENCE_SPREAD // 2)
+    print(f"  reference: gausslegendre_pieces, {REFERENCE_NODES_PER_PIECE} nodes per piece, n_steps "
+          f"{REFERENCE_SPREAD}: {float(info.pieces.double().mean()):.1f} pieces mean, {int(info.pieces.max())} max, "
+          f"{time.perf_counter() - started:.1f} s; differs from 6 nodes and n_steps {REFERENCE_SPREAD // 2} by "
+          f"{worst_error(check, reference):.1e}", flush=True)
+    gl_cache: Dict[int, float] = {}
+    piece_cache: Dict[int, Dict[str, float]] = {}
+    auto_sweep: List[Dict[str, Any]] = []
+    rows = rule_rows(attribute, reference, tolerances, 16384, gl_cache, auto_sweep, "")
+    for row in rows:
+        pieces = fewest_piece_steps(attribute, reference, row["tol"], piece_cache)
+        row["piece_steps"], row["piece_evaluations"] = pieces["steps"], pieces["mean_evaluations"]
+        print(f"  tol {row['tol']:.0e}: gausslegendre_pieces n_steps {pieces['steps']}, "
+              f"{pieces['mean_evaluations']:.1f} evals (worst error {pieces['worst_error']:.1e})", flush=True)
+    time_rules(key, batch, rows, repeats, with_exact=False)
+    curves = {"gausslegendre": sorted(gl_cache.items()),
+              "auto": sorted((p["mean_evaluations"], p["worst_error"]) for p in auto_sweep),
+              "gausslegendre_pieces": sorted((p["mean_evaluations"], p["worst_error"]) for p in piece_cache.values())}
+    return {"workload": f"{name}: gausslegendre_pieces", "key": key,
+            "exact_pieces_mean": float(info.pieces.double().mean()), "exact_pieces_max": int(info.pieces.max()),
+            "exact_evaluations": None, "exact_completeness": None, "smooth_head": None,
+            "head_error_estimate": None, "rows": rows, "curves": curves}
+
+
 def print_table(results: List[Dict[str, Any]]) -> None:
     print()
     print("| workload | tol | fixed GL: steps | auto: evaluations (tolerance used) | auto: walked exactly | "
-          "exact: evaluations | GL / exact evals | GL / auto evals | GL s | auto s | exact s | GL / exact time | "
+          "exact (mixed: gausslegendre_pieces): evaluations | GL / exact evals | GL / auto evals | GL s | auto s | "
+          "exact s | GL / exact time | "
           "GL / auto time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for row in r["rows"]:
             n, auto = row["gl_steps"], row["auto"]
-            exact = r["exact_evaluations"]
+            exact = r["exact_evaluations"] or (row.get("piece_evaluations") if row.get("piece_steps", -1) > 0 else None)
             gl_text = str(n) if n > 0 else "> limit"
             ratio_exact = f"{n / exact:.2f}x" if n > 0 and exact else "-"
             ratio_auto = f"{n / auto['mean_evaluations']:.2f}x" if n > 0 else "-"
             gl_s = f"{row['gl_seconds']:.3f}" if row["gl_seconds"] else "-"
-            exact_text = f"{exact:.1f}" if exact else "- (smooth)"
+            exact_text = (f"{exact:.1f}" + (f" (n_steps {row['piece_steps']})" if row.get("piece_steps") else "")
+                          if exact else "- (smooth)")
             exact_s = f"{row['exact_seconds']:.3f}" if row["exact_seconds"] else "-"
             time_ratio = f"{row['gl_seconds'] / row['exact_seconds']:.2f}x" if row["gl_seconds"] and exact else "-"
             auto_time_ratio = f"{row['gl_seconds'] / row['auto_seconds']:.2f}x" if row["gl_seconds"] else "-"
@@ -246,6 +345,9 @@ def print_table(results: List[Dict[str, Any]]) -> None:
                   f"{ratio_exact} | {ratio_auto} | {gl_s} | {row['auto_seconds']:.3f} | {exact_s} | "
                   f"{time_ratio} | {auto_time_ratio} |")
     print()
+    for r in (r for r in results if r["key"] in MIXED):
+        print(f"{r['workload']}: {r['exact_pieces_mean']:.1f} pieces mean, {r['exact_pieces_max']} max (kinks after "
+              "smooth ops, located by Newton steps); 3 Gauss nodes per piece, pieces longer than 3/n_steps cut")
     for r in (r for r in results if r["exact_evaluations"]):
         print(f"{r['workload']}: {r['exact_pieces_mean']:.1f} pieces mean, {r['exact_pieces_max']} max; "
               f"exact completeness {r['exact_completeness']:.1e} relative (float64)"
@@ -284,19 +386,21 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="MLP batch 8, tolerance 1e-3, one timing (CI smoke)")
-    parser.add_argument("--workloads", default=None, help="comma-separated: mlp,softmax_mlp,cnn,gelu_mlp,minilm")
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated: mlp,softmax_mlp,cnn,gelu_mlp,minilm,tanh_mlp,relu_encoder")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write the error-versus-evaluations plot here (.png)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     keys = args.workloads.split(",") if args.workloads else (
-        ["mlp"] if args.quick else ["mlp", "softmax_mlp", "cnn", "gelu_mlp", "minilm"])
+        ["mlp"] if args.quick else ["mlp", "softmax_mlp", "cnn", "gelu_mlp", "minilm", "tanh_mlp", "relu_encoder"])
     if "minilm" in keys and minilm_available() and not args.workloads:
         print(f"MiniLM left out: {minilm_available()}")
         keys.remove("minilm")
     results = []
     for key in keys:
-        batch = 8 if args.quick else {"mlp": 64, "softmax_mlp": 64, "cnn": 2, "gelu_mlp": 64, "minilm": MINILM_BATCH}[key]
+        batch = 8 if args.quick else {"mlp": 64, "softmax_mlp": 64, "cnn": 2, "gelu_mlp": 64, "minilm": MINILM_BATCH,
+                                      "tanh_mlp": 32, "relu_encoder": ENCODER_BATCH}[key]
         results.append(run_workload(key, batch, (1e-3,) if args.quick else TOLERANCES, 1 if args.quick else 3))
     print_table(results)
     if args.plot:

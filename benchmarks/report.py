@@ -247,10 +247,13 @@ def _memory_line(sections):
             + "; ".join(parts) + ".")
 
 
+EXACT_COLUMN = "exact (mixed: gausslegendre_pieces): evaluations"  # bench_exact's table
+
+
 def _exact_line(sections):
     body = _section(sections, "Exact IG") or []
     rows = _markdown_table(body, ("workload", "tol", "fixed GL: steps", "auto: evaluations (tolerance used)",
-                                  "exact: evaluations"))
+                                  EXACT_COLUMN))
     tightest = {}
     for r in rows:
         try:
@@ -262,9 +265,10 @@ def _exact_line(sections):
     if not tightest:
         return None
     parts = [f"{name} at {r['tol']}: {r['fixed GL: steps']} / {r['auto: evaluations (tolerance used)'].split()[0]}"
-             f" / {r['exact: evaluations']}" for name, r in tightest.items()]
+             f" / {r[EXACT_COLUMN]}" for name, r in tightest.items()]
     return ("- Evaluations per example until every example is within the tolerance (fixed Gauss-Legendre / "
-            "`n_steps=\"auto\"` / `method=\"exact\"`): " + "; ".join(parts) + ".")
+            "`n_steps=\"auto\"` / `method=\"exact\"`, on mixed networks `\"gausslegendre_pieces\"`): "
+            + "; ".join(parts) + ".")
 
 
 LLM_ROW = re.compile(r"^\s*(?P<targets>\d+)\s+(?P<n_steps>\d+)\s+(?P<igfast>[\d.]+)\s+(?P<captum>[\d.]+)\s+\S+\s+"

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_col
 
 from .attr import IntegratedGradients, LayerIntegratedGradients
 from .errors import ArgumentError
+from .exact import PIECE_METHODS
 from .quadrature import validate_method_and_steps
 from .shards import (
     CONFIG, FORMAT_VERSION, MANIFEST, complete_shards, read_json, remove_partial_shards,
@@ -235,7 +236,7 @@ def attribute_dataset(
     dataset, batch_size = _dataset_and_batch(data, batch_size)
     batch_size = _positive(batch_size, "batch_size")
     shard_size = _positive(shard_size, "shard_size")
-    if method != "exact":  # exact has no rule; attribute() checks its arguments
+    if method not in PIECE_METHODS:  # these have no rule; attribute() checks their arguments
         validate_method_and_steps(method, n_steps)
     if not (target is None or target in TARGET_FORMS or (isinstance(target, int) and not isinstance(target, bool))):
         raise ArgumentError(f"`target` must be 'predicted', 'label', an int or None; got {target!r}.")

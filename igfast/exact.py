@@ -23,9 +23,16 @@ the target) makes the gradient vary inside a piece. The breakpoints are still ex
 (they come from the piecewise-linear part), and each piece is integrated with
 GAUSS_NODES_PER_PIECE Gauss-Legendre nodes: breakpoint-aware quadrature, whose
 integrand is smooth on every piece.
+
+method="gausslegendre_pieces" is the same quadrature for mixed networks, whose kinks
+come after smooth ops: their pre-activations are curved along the path, a unit's step
+to its kink only a Newton estimate, so _follow_curved_pieces brackets and locates each
+kink (BreakpointMode with curved_kinks), and every piece gets Gauss nodes; long pieces
+are cut so the smooth stretches get about n_steps nodes.
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -37,7 +44,7 @@ from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .engine import GradientsAt, PathIntegral
 from .errors import ArgumentError, NotPiecewiseLinearError
-from .piecewise import BreakpointMode, kink_margin
+from .piecewise import BreakpointMode, PathState, kink_margin
 from .quadrature import PathNodes
 
 # The most pieces an example's path may have before the call stops (each costs one
@@ -46,6 +53,12 @@ DEFAULT_MAX_PIECES = 65536
 # Gauss-Legendre nodes per piece when a smooth head follows the last kink: a softmax
 # head is integrated to about 1e-9 relative with 2, to rounding with 3.
 GAUSS_NODES_PER_PIECE = 3
+# method="gausslegendre_pieces" (kinks after smooth ops): a kink is located once it is
+# bracketed this closely in t (or the changed units' Newton estimate says so); the
+# error this leaves is at most the bracket times the gradient's jump. A bracket that
+# Newton steps have not closed after BISECT_AFTER rounds is bisected.
+KINK_POSITION_TOLERANCE = 1e-10
+BISECT_AFTER = 6
 # One node at alpha 0 of a path that starts at each example's current point, so the
 # engine evaluates exactly that point (x' + 0 * (x - x') is x' to the bit); its output
 # value is kept (start_node), which gives F(x') in the first round.
@@ -67,9 +80,19 @@ POINTS_PER_ROW_LIMIT = 16
 EXTRA_POINT_BYTES = 16 * 2**20
 
 
+# The methods that integrate along the path's pieces, and whether they allow smooth ops
+# before kinks (curved pre-activations, whose kinks are searched for).
+PIECE_METHODS = {"exact": False, "gausslegendre_pieces": True}
+
+
 @dataclass(frozen=True)
 class ExactSettings:
     max_pieces: int
+    curved_kinks: bool = False  # method="gausslegendre_pieces"
+    # method="gausslegendre_pieces": n_steps; a piece longer than
+    # GAUSS_NODES_PER_PIECE / n_steps is cut into equal parts no longer than that, so the
+    # smooth stretches between kinks get about n_steps nodes over the whole path.
+    spread_steps: Optional[int] = None
 
 
 @dataclass
@@ -90,6 +113,10 @@ class ExactInfo:
     # and so overstates the Gauss rule's (accurate to a higher order in the piece length)
     # by orders of magnitude; it is not a proven bound. None without a head (exact).
     head_error_estimate: Optional[torch.Tensor] = None
+    # method="gausslegendre_pieces": kinks after smooth ops, located to
+    # KINK_POSITION_TOLERANCE and every piece integrated by Gauss nodes (the estimate
+    # above then covers the whole network, not only a head).
+    curved_kinks: bool = False
 
 
 @dataclass
@@ -105,23 +132,30 @@ class ExactIntegral:
         return sum(r.forward_calls for r in self.rounds)
 
 
-def exact_settings(n_steps, tolerance, max_steps) -> ExactSettings:
-    """Check the arguments that go with method="exact"; n_steps is not used (the rule has
-    one node per piece) but must still be an integer, as for any method."""
+def exact_settings(n_steps, tolerance, max_steps, method: str = "exact") -> ExactSettings:
+    """Check the arguments that go with a method of PIECE_METHODS. n_steps is not used by
+    method="exact" (one node per piece) but must still be an integer, as for any method;
+    method="gausslegendre_pieces" spreads about that many nodes over the smooth
+    stretches (see ExactSettings.spread_steps)."""
     if isinstance(n_steps, str):
         raise ArgumentError(
-            f"method='exact' integrates without a rule: give no n_steps (or an integer, which "
-            f"is ignored); got n_steps={n_steps!r}.")
+            f"method={method!r} integrates along the path's pieces, without a global rule: give no "
+            f"n_steps (or an integer, which is ignored); got n_steps={n_steps!r}.")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise ArgumentError(f"`n_steps` must be an integer; got {n_steps!r}.")
     if tolerance is not None:
-        raise ArgumentError("`tolerance` applies to n_steps='auto' only; method='exact' has no error to control.")
+        raise ArgumentError(f"`tolerance` applies to n_steps='auto' only; method={method!r} does not take it.")
+    curved = PIECE_METHODS[method]
+    if curved and n_steps < 1:
+        raise ArgumentError(f"`n_steps` (with method={method!r}: Gauss nodes spread over the path's smooth "
+                            f"stretches) must be an integer >= 1; got {n_steps!r}.")
+    spread = int(n_steps) if curved else None
     if max_steps is None:
-        return ExactSettings(DEFAULT_MAX_PIECES)
+        return ExactSettings(DEFAULT_MAX_PIECES, curved, spread)
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ArgumentError(f"`max_steps` (with method='exact': the most pieces per example) must be an "
+        raise ArgumentError(f"`max_steps` (with method={method!r}: the most pieces per example) must be an "
                             f"integer >= 1; got {max_steps!r}.")
-    return ExactSettings(int(max_steps))
+    return ExactSettings(int(max_steps), curved, spread)
 
 
 def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[list]) -> None:
@@ -132,7 +166,8 @@ def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[lis
 def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
                       settings: ExactSettings, run_round: RunRound, forward_at: ForwardAt,
                       row_limit: RowLimit) -> ExactIntegral:
-    """sum over pieces of (piece length) x (gradient on the piece), per example and input.
+    """sum over pieces of (piece length) x (gradient on the piece), per example and input
+    (with settings.curved_kinks: Gauss nodes on every piece, see _follow_curved_pieces).
 
     ends / starts are the path's ends (inputs and baselines, or a layer's activations),
     starts with batch size B or 1. row_limit is the engine's (the walk takes its
@@ -151,54 +186,31 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
 
     # The first piece: walked and its gradient taken in one engine pass (gradient at
     # t = 0 on the side the path enters), which also sizes the engine's chunks.
-    next_step = torch.full((batch_size,), float("inf"), dtype=torch.float64, device=device)
-    rounds = [run_round(everyone, starts, _walker(directions, next_step, margin, found))]
-    walk_forwards = 0
-    piece_examples, piece_starts, piece_lengths = [], [], []
-    position = torch.zeros(batch_size, dtype=torch.float64, device=device)
-    pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
-    active = everyone
-    while True:
-        here = position[active]
-        remaining = 1 - here
-        last = next_step >= remaining - margin  # no kink before the end (or within the margin of it)
-        length = torch.where(last, remaining, next_step)
-        piece_examples.append(active)
-        piece_starts.append(here)
-        piece_lengths.append(length)
-        pieces[active] += 1
-        position[active] = torch.where(last, torch.ones_like(here), here + length)
-        if bool(((pieces[active] >= settings.max_pieces) & ~last).any()):
-            raise ArgumentError(
-                f"method='exact': an example's path has more than max_steps={settings.max_pieces} linear "
-                "pieces; raise `max_steps` or use a fixed n_steps.")
-        active = active[~last]
-        if not active.numel():
-            break
-        # The next piece of the examples still walking: a forward with tangents only
-        # (its gradient comes later, with every piece's, in full chunks).
-        next_step = _walk(forward_at, active, _points(starts, directions, active, position[active]),
-                          tuple(d[active] for d in directions), margin, found, row_limit)
-        walk_forwards += active.numel()
-    examples = torch.cat(piece_examples)
-    piece_start = torch.cat(piece_starts)
-    piece_length = torch.cat(piece_lengths)
+    first = _WalkRecord(batch_size, device)
+    rounds = [run_round(everyone, starts, _walker(directions, first, margin, found, settings.curved_kinks))]
+    follow = _follow_curved_pieces if settings.curved_kinks else _follow_pieces
+    pieces = follow(forward_at, starts, directions, first, margin, found, row_limit, settings)
+    examples, piece_start, piece_length = pieces.examples, pieces.starts, pieces.lengths
+    if settings.spread_steps is not None:
+        examples, piece_start, piece_length = _cut_long_pieces(
+            examples, piece_start, piece_length, GAUSS_NODES_PER_PIECE / settings.spread_steps)
     smooth_head = found.get("smooth_op")
+    gauss = smooth_head is not None or settings.curved_kinks
     first = slice(0, batch_size)  # the first piece of every example, in batch order
-    if smooth_head is None:
+    if not gauss:
         # Constant gradient on a piece: the first pieces' is known; the others' is read
         # at their midpoints, strictly inside the piece, so no side has to be chosen.
         _add(sums, everyone, rounds[0].gradient_sums, piece_length[first])
         nodes, weights = [0.5], [1.0]
         examples, piece_start, piece_length = examples[batch_size:], piece_start[batch_size:], piece_length[batch_size:]
     else:
-        # The head bends the gradient inside a piece: Gauss nodes on every piece (the
+        # The gradient bends inside a piece: Gauss nodes on every piece (the
         # breakpoints stay exact), the first one's start gradient unused.
         gauss_nodes, gauss_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
         nodes, weights = (0.5 * (1 + gauss_nodes)).tolist(), (0.5 * gauss_weights).tolist()
-    # With a head, the middle Gauss node alone is the midpoint rule: its distance from the
+    # With Gauss nodes, the middle one alone is the midpoint rule: its distance from the
     # Gauss sum estimates the midpoint rule's error, far above the Gauss rule's own.
-    midpoint_sums = tuple(torch.zeros_like(total) for total in sums) if smooth_head else None
+    midpoint_sums = tuple(torch.zeros_like(total) for total in sums) if gauss else None
     group = _gradient_group(row_limit, directions)
     for node, weight in zip(nodes, weights):
         for begin in range(0, examples.numel(), group):
@@ -209,13 +221,197 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
             if midpoint_sums is not None and node == 0.5:
                 _add(midpoint_sums, examples[rows], rounds[-1].gradient_sums, piece_length[rows])
     gradient_rows = torch.bincount(examples, minlength=batch_size) * len(nodes)
-    evaluations = gradient_rows + pieces  # + the walk's forwards and the first engine pass
-    breakpoints = _breakpoints(torch.cat(piece_examples), torch.cat(piece_starts), batch_size)
-    info = ExactInfo(pieces, evaluations, walk_forwards, breakpoints, smooth_head,
-                     GAUSS_NODES_PER_PIECE if smooth_head else 1,
-                     _relative_difference(midpoint_sums, sums, directions) if smooth_head else None)
+    evaluations = gradient_rows + pieces.walk_rows  # + the walk's forwards and the first engine pass
+    breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
+    info = ExactInfo(pieces.count, evaluations, int(pieces.walk_rows.sum()) - batch_size, breakpoints,
+                     smooth_head, GAUSS_NODES_PER_PIECE if gauss else 1,
+                     _relative_difference(midpoint_sums, sums, directions) if gauss else None,
+                     curved_kinks=settings.curved_kinks)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
     return ExactIntegral(results, info, rounds)
+
+
+@dataclass
+class _Pieces:
+    """The pieces of every example's path, in the order they were found."""
+
+    # (P,) long: the example of each piece, in the order found (by _follow_pieces: the
+    # first piece of every example first, in batch order)
+    examples: torch.Tensor
+    starts: torch.Tensor  # (P,) float64: t where each piece starts
+    lengths: torch.Tensor  # (P,) float64
+    count: torch.Tensor  # (B,) long: pieces per example
+    walk_rows: torch.Tensor  # (B,) long: forwards of the walk per example, the first engine pass's included
+
+
+def _cut_long_pieces(examples: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, longest: float):
+    """Each piece cut into the fewest equal parts no longer than ``longest``."""
+    parts = torch.ceil(lengths / longest).clamp_min(1).long()
+    if bool((parts == 1).all()):
+        return examples, starts, lengths
+    index = torch.repeat_interleave(torch.arange(parts.numel(), device=parts.device), parts)
+    first = torch.cumsum(parts, 0) - parts  # where each piece's parts begin
+    part = torch.arange(index.numel(), device=parts.device) - first[index]
+    length = lengths[index] / parts[index]
+    return examples[index], starts[index] + part * length, length
+
+
+def _piece_limit(settings: ExactSettings, pieces: torch.Tensor, going_on: torch.Tensor) -> None:
+    if bool(((pieces >= settings.max_pieces) & going_on).any()):
+        raise ArgumentError(
+            f"method='{'gausslegendre_pieces' if settings.curved_kinks else 'exact'}': an example's path "
+            f"has more than max_steps={settings.max_pieces} pieces; raise `max_steps` or use a fixed n_steps.")
+
+
+def _follow_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,
+                   found: dict, row_limit: RowLimit, settings: ExactSettings) -> _Pieces:
+    """The pieces of a piecewise-linear path: each round's step to the next kink is exact
+    (every unit is affine until then), so every piece costs one forward."""
+    batch_size = first.count
+    device = first.next_step.device
+    next_step = first.next_step
+    piece_examples, piece_starts, piece_lengths = [], [], []
+    position = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
+    active = torch.arange(batch_size, device=device)
+    while True:
+        here = position[active]
+        remaining = 1 - here
+        last = next_step >= remaining - margin  # no kink before the end (or within the margin of it)
+        length = torch.where(last, remaining, next_step)
+        piece_examples.append(active)
+        piece_starts.append(here)
+        piece_lengths.append(length)
+        pieces[active] += 1
+        position[active] = torch.where(last, torch.ones_like(here), here + length)
+        _piece_limit(settings, pieces[active], ~last)
+        active = active[~last]
+        if not active.numel():
+            break
+        # The next piece of the examples still walking: a forward with tangents only
+        # (its gradient comes later, with every piece's, in full chunks).
+        next_step = _walk(forward_at, active, _points(starts, directions, active, position[active]),
+                          tuple(d[active] for d in directions), margin, found, row_limit).next_step
+    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, pieces)
+
+
+def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,
+                          found: dict, row_limit: RowLimit, settings: ExactSettings) -> _Pieces:
+    """The pieces of a path whose pre-activations are curved (smooth ops before kinks).
+
+    A unit's step to its kink is now a Newton estimate, so each kink is bracketed:
+    ``low`` is a point still on the current piece (every unit on the side it was at the
+    piece's start), ``high`` one where some unit is on another. Each round evaluates,
+    per example, one trial point (all examples at once), at most ``reach`` past low:
+
+    - no bracket yet: the Newton step from ``low`` (the earliest kink any unit would
+      reach if it stayed straight), or the path's end;
+    - a bracket: that Newton point where inside (it undershoots where units curve
+      towards their kinks), else the changed units' Newton point back from ``high``
+      (the earliest crossing they estimate), else its middle; after BISECT_AFTER rounds
+      on one bracket every other round bisects.
+
+    A trial where a unit changed piece becomes ``high``. One where none did becomes
+    ``low`` (and reach doubles), unless a unit bent so much between the two points that
+    it may have crossed its kink and come back (BreakpointMode.bent): then the trial is
+    rejected and reach cut to a quarter of the step (after a kink, reach is at least
+    four times the piece's length). A kink is located at ``high`` once the bracket is
+    narrower than the kink tolerance, or the changed units' estimate puts them all
+    within it of ``high`` and no other unit bent on the way; the next piece starts
+    there. On a piecewise-linear path nothing bends and the first Newton point is the
+    kink itself: a piece costs one forward, as in _follow_pieces (plus one that checks
+    the end: a curved path may still cross a kink after the last Newton estimate).
+    """
+    batch_size = first.count
+    device = first.next_step.device
+    tolerance = max(margin, KINK_POSITION_TOLERANCE)
+    if first.state is None:  # no piecewise-linear op: one smooth piece
+        everyone = torch.arange(batch_size, device=device)
+        zeros = torch.zeros(batch_size, dtype=torch.float64, device=device)
+        ones = torch.ones(batch_size, dtype=torch.long, device=device)
+        return _Pieces(everyone, zeros, zeros + 1, ones, ones)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+    at_low = first.state  # the units at low (their pieces: those of the piece's start)
+    at_high = PathState(*([torch.empty_like(t) for t in tensors]
+                          for tensors in (at_low.choices, at_low.gaps, at_low.rates)))
+    start = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    low = start.clone()
+    high = torch.full_like(start, math.inf)
+    newton_from_low = first.next_step.clone()
+    back_from_high, newton_from_high = torch.zeros_like(start), torch.zeros_like(start)
+    bent_at_high = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    reach = torch.ones_like(start)
+    tries = torch.zeros(batch_size, dtype=torch.long, device=device)
+    pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
+    walk_rows = torch.ones(batch_size, dtype=torch.long, device=device)
+    piece_examples, piece_starts, piece_lengths = [], [], []
+    active = torch.arange(batch_size, device=device)
+    while active.numel():
+        lo, hi = low[active], high[active]
+        bracketed = torch.isfinite(hi)
+        ahead = lo + newton_from_low[active]
+        behind = hi - back_from_high[active]
+        candidate = torch.where((ahead > lo) & (ahead < hi), ahead,
+                                torch.where((behind > lo) & (behind < hi), behind, inf))
+        # Newton, but every other round a bisection once Newton has had BISECT_AFTER tries.
+        newton = torch.isfinite(candidate) & ((tries[active] < BISECT_AFTER) | (tries[active] % 2 == 0))
+        trial = torch.where(bracketed, torch.where(newton, candidate, 0.5 * (lo + hi)), ahead)
+        trial = torch.minimum(trial, lo + reach[active])
+        trial = torch.where(~bracketed & (trial >= 1 - margin), torch.ones_like(trial), trial)
+        step = trial - lo
+        record = _walk(forward_at, active, _points(starts, directions, active, trial),
+                       tuple(d[active] for d in directions), margin, found, row_limit,
+                       curved_kinks=True, reference=at_low.rows(active), reference_step=step)
+        walk_rows[active] += 1
+        changed = record.changed
+        # A unit bent enough to have crossed and come back: too long a step to tell.
+        rejected = ~changed & record.bent & (step > tolerance)
+        accepted = ~changed & ~rejected
+        # A unit changed piece: the first kink lies in (low, trial].
+        to_high = active[changed]
+        high[to_high] = trial[changed]
+        back_from_high[to_high] = record.back_step[changed]
+        bent_at_high[to_high] = record.bent[changed]
+        newton_from_high[to_high] = record.next_step[changed]
+        _keep(at_high, to_high, record.state, changed)
+        # Still on the piece: low moves up.
+        to_low = active[accepted]
+        low[to_low] = trial[accepted]
+        newton_from_low[to_low] = record.next_step[accepted]
+        _keep(at_low, to_low, record.state, accepted)
+        reach[to_low] = 2 * reach[to_low]
+        reach[active[rejected]] = step[rejected] / 4
+        tries[active] += bracketed.long()
+        # Pieces that end: at the path's end, or at a located kink.
+        hi, lo = high[active], low[active]
+        at_end = accepted & (trial >= 1)
+        located = torch.isfinite(hi) & ((hi - lo <= tolerance)
+                                        | ((back_from_high[active] <= tolerance) & ~bent_at_high[active]))
+        ending = at_end | located
+        done = active[ending]
+        end = torch.where(at_end, torch.ones_like(hi), hi)[ending]
+        piece_examples.append(done)
+        piece_starts.append(start[done])
+        piece_lengths.append(end - start[done])
+        pieces[done] += 1
+        _piece_limit(settings, pieces[done], ~at_end[ending])
+        moving_on = active[located & ~at_end]
+        # A step reaches at least a few pieces' length ahead.
+        reach[moving_on] = torch.maximum(reach[moving_on], 4 * (high[moving_on] - start[moving_on]))
+        start[moving_on] = low[moving_on] = high[moving_on]
+        newton_from_low[moving_on] = newton_from_high[moving_on]
+        high[moving_on] = math.inf
+        tries[moving_on] = 0
+        _keep(at_low, moving_on, at_high, moving_on)
+        active = active[~at_end]
+    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, walk_rows)
+
+
+def _keep(state: PathState, examples: torch.Tensor, seen: PathState, which) -> None:
+    """state's rows of ``examples`` := seen's rows ``which``."""
+    for kept_all, seen_all in ((state.choices, seen.choices), (state.gaps, seen.gaps), (state.rates, seen.rates)):
+        for kept, new in zip(kept_all, seen_all):
+            kept[examples] = new[which]
 
 
 # The pieces of a sub-batch's paths: for the examples given (a long index tensor into
@@ -273,13 +469,13 @@ class ExactRoute:
         local = torch.arange(examples.numel(), device=examples.device)
         found: dict = {}
         at_start = torch.zeros(local.numel(), dtype=torch.float64, device=local.device)
-        _walk(forward_at, local, _points(starts, directions, local, at_start), directions, margin, found,
-              row_limit, horizon=1 - at_start)
+        record = _walk(forward_at, local, _points(starts, directions, local, at_start), directions, margin,
+                       found, row_limit, horizon=1 - at_start)
         if not found.get("piecewise_linear_ops"):
             raise SmoothNetworkError(
                 "the network applies no piecewise-linear op to the path: it is smooth along it "
                 f"(first smooth op: {found.get('smooth_op')}), or affine")
-        return PieceEstimate(1 + found["crossings"], found.get("smooth_op"))
+        return PieceEstimate(1 + record.crossings, found.get("smooth_op"))
 
     def integrate(self, examples: torch.Tensor) -> ExactIntegral:
         ends, starts = self._rows(examples)
@@ -309,22 +505,72 @@ def _breakpoints(examples: torch.Tensor, piece_starts: torch.Tensor, batch_size:
     return list(torch.split(piece_starts[order].cpu(), counts))
 
 
+class _WalkRecord:
+    """What walk forwards read at each example's point, filled chunk by chunk (see
+    BreakpointMode): the step to the next kink, with a horizon the kinks within it, and
+    with curved kinks the state of the units and the comparison with a reference's."""
+
+    def __init__(self, count: int, device, reference: Optional[PathState] = None,
+                 reference_step: Optional[torch.Tensor] = None) -> None:
+        self.next_step = torch.full((count,), float("inf"), dtype=torch.float64, device=device)
+        self.crossings = torch.zeros(count, dtype=torch.long, device=device)
+        self.changed = torch.zeros(count, dtype=torch.bool, device=device)
+        self.bent = torch.zeros(count, dtype=torch.bool, device=device)
+        self.back_step = torch.zeros(count, dtype=torch.float64, device=device)
+        self.state: Optional[PathState] = None  # per op, (count, units)
+        self.reference, self.reference_step = reference, reference_step
+        self.count = count
+
+    def reference_rows(self, rows: slice):
+        if self.reference is None:
+            return {}
+        return {"reference": self.reference.rows(rows), "reference_step": self.reference_step[rows]}
+
+    def take(self, rows: slice, mode: BreakpointMode, found: dict) -> None:
+        if mode.next_step is not None:
+            self.next_step[rows] = mode.next_step
+            found["piecewise_linear_ops"] = True
+        if mode.crossings is not None:
+            self.crossings[rows] = mode.crossings
+        if mode.changed is not None:
+            self.changed[rows] = mode.changed
+            self.back_step[rows] = mode.back_step
+            self.bent[rows] = mode.bent
+        if mode.smooth_op is not None:
+            found.setdefault("smooth_op", mode.smooth_op)
+        if mode.state.choices:
+            if self.state is None:
+                self.state = PathState(*([torch.empty((self.count,) + t.shape[1:], dtype=t.dtype, device=t.device)
+                                          for t in tensors]
+                                         for tensors in (mode.state.choices, mode.state.gaps, mode.state.rates)))
+            if [c.shape[1:] for c in self.state.choices] != [c.shape[1:] for c in mode.state.choices]:
+                raise NotPiecewiseLinearError(
+                    "method='gausslegendre_pieces': the network runs other piecewise-linear ops for "
+                    "different examples; its pieces cannot be followed.")
+            for fulls, chunks in ((self.state.choices, mode.state.choices), (self.state.gaps, mode.state.gaps),
+                                  (self.state.rates, mode.state.rates)):
+                for full, chunk in zip(fulls, chunks):
+                    full[rows] = chunk
+
+
 def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Tensor, ...],
           directions: Tuple[torch.Tensor, ...], margin: float, found: dict, row_limit: RowLimit,
-          horizon: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Each example's distance from its point to the next kink: forwards with tangents
-    along the path, no backward, in chunks of the engine's row limit (a walk row holds
-    less than an engine row: no autograd graph), halved after out-of-memory errors.
-    With ``horizon`` (per example), found["crossings"] gets each example's count of
-    kinks within it (BreakpointMode.crossings)."""
+          horizon: Optional[torch.Tensor] = None, curved_kinks: bool = False,
+          reference: Optional[PathState] = None, reference_step: Optional[torch.Tensor] = None) -> _WalkRecord:
+    """Forwards with tangents along the path at each example's point, no backward, in
+    chunks of the engine's row limit (a walk row holds less than an engine row: no
+    autograd graph), halved after out-of-memory errors: each example's distance to its
+    next kink and what else BreakpointMode reads (with ``horizon``, per example, the
+    kinks within it; with ``curved_kinks``, the state of its units, and with
+    ``reference`` (the state at a point ``reference_step`` back), the comparison)."""
     count = examples.numel()
-    next_step = torch.full((count,), float("inf"), dtype=torch.float64, device=examples.device)
-    crossings = torch.zeros(count, dtype=torch.long, device=examples.device)
+    record = _WalkRecord(count, examples.device, reference, reference_step)
     chunk = max(1, row_limit.rows)
     begin = 0
     while begin < count:
         rows = slice(begin, min(begin + chunk, count))
-        mode = BreakpointMode(rows.stop - rows.start, margin, None if horizon is None else horizon[rows])
+        mode = BreakpointMode(rows.stop - rows.start, margin, None if horizon is None else horizon[rows],
+                              curved_kinks=curved_kinks, **record.reference_rows(rows))
         try:
             with torch.no_grad(), fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p[rows], d[rows]) for p, d in zip(points, directions))
@@ -335,17 +581,9 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
                 raise
             chunk //= 2
             continue
-        if mode.next_step is not None:
-            next_step[rows] = mode.next_step
-            found["piecewise_linear_ops"] = True
-        if mode.crossings is not None:
-            crossings[rows] = mode.crossings
-        if mode.smooth_op is not None:
-            found.setdefault("smooth_op", mode.smooth_op)
+        record.take(rows, mode, found)
         begin = rows.stop
-    if horizon is not None:
-        found["crossings"] = crossings
-    return next_step
+    return record
 
 
 def _points(starts, directions, active: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -375,22 +613,20 @@ def _forward_ad_refusals_named():
             "setup_context), or use a fixed n_steps or n_steps='auto'.") from error
 
 
-def _walker(directions: Tuple[torch.Tensor, ...], next_step: torch.Tensor, margin: float, found: dict):
+def _walker(directions: Tuple[torch.Tensor, ...], record: _WalkRecord, margin: float, found: dict,
+            curved_kinks: bool = False):
     """Wrap the engine's gradients_at so that each chunk runs with tangents along the
-    path and BreakpointMode, and writes each row's distance to its next kink."""
+    path and BreakpointMode, and writes what it reads of each row into ``record``."""
 
     def wrap(gradients_at: GradientsAt) -> GradientsAt:
         def at(path, chunk, with_outputs):
             rows = slice(chunk.example_begin, chunk.example_end)
-            mode = BreakpointMode(chunk.rows, margin)
+            mode = BreakpointMode(chunk.rows, margin, curved_kinks=curved_kinks)
             with fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p, d[rows]) for p, d in zip(path, directions))
                 with mode:
                     grads, outputs = gradients_at(duals, chunk, with_outputs)
-            if mode.next_step is not None:
-                next_step[rows] = mode.next_step
-            if mode.smooth_op is not None:
-                found.setdefault("smooth_op", mode.smooth_op)
+            record.take(rows, mode, found)
             return grads, outputs
 
         return at

@@ -21,10 +21,19 @@ It also checks that the network is piecewise linear where it has to be: an op it
 not know raises, and a smooth op (softmax, GELU, ...) is allowed only after the last
 piecewise-linear op (a smooth head), whose presence is reported so the caller can
 integrate each piece with Gauss nodes instead of one gradient.
+
+With ``curved_kinks`` (method="gausslegendre_pieces") smooth ops may also come before
+kinks. A pre-activation is then curved along the path, its step to the kink only a
+Newton estimate, so the mode also records the piece every unit is on (its "choice":
+the side of a ReLU, the winner of a max-pool window, ...) and, given the choices of
+another point as ``reference``, which rows changed piece since then and how far back,
+by Newton from here, the earliest changed unit crossed its kink. The caller brackets
+each kink between a point on the old piece and one on a new piece from these.
 """
 
 import math
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -70,12 +79,12 @@ QUOTIENT_OPS = frozenset("div __truediv__ div_ __itruediv__".split())
 # Ops affine only outside training (in training they mix the rows of a batch).
 EVAL_ONLY_OPS = frozenset("batch_norm dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout".split())
 # Smooth ops: allowed after the last piecewise-linear op (a smooth head), where each
-# piece is integrated with Gauss nodes.
+# piece is integrated with Gauss nodes; anywhere with curved_kinks.
 SMOOTH_OPS = frozenset("""
     softmax log_softmax sigmoid tanh exp log log1p expm1 gelu silu softplus elu selu celu mish
     logsigmoid layer_norm group_norm rms_norm pow __pow__ __rpow__ sqrt rsqrt erf sin cos
     logsumexp normalize square reciprocal __rtruediv__ scaled_dot_product_attention
-    cross_entropy nll_loss cosine_similarity
+    multi_head_attention_forward cross_entropy nll_loss cosine_similarity
 """.split())
 # Ops whose result carries no tangent and cannot bend the path (shapes, constants).
 NEUTRAL_OPS = frozenset("""
@@ -83,6 +92,44 @@ NEUTRAL_OPS = frozenset("""
     new_zeros new_ones new_empty new_full new_tensor requires_grad_ retain_grad register_hook
     __len__ __get__ __set__ is_floating_point is_complex element_size data_ptr grad backward
 """.split())
+
+
+@dataclass
+class PathState:
+    """Per piecewise-linear op (in call order): the piece each unit is on (``choices``,
+    (rows, units)), and its distance to the kinks that bound that piece, positive inside
+    it (``gaps``, float64, (rows, units, kinks)), with the distances' derivatives along
+    the path (``rates``)."""
+
+    choices: List[torch.Tensor]
+    gaps: List[torch.Tensor]
+    rates: List[torch.Tensor]
+
+    def rows(self, index) -> "PathState":
+        return PathState([c[index] for c in self.choices], [g[index] for g in self.gaps],
+                         [r[index] for r in self.rates])
+
+
+# A step is trusted when every unit's distance to its kink moved within this fraction
+# (of the two distances' sum) of where its derivative at the step's start pointed.
+TRUSTED_BEND = 0.5
+
+
+def _bent_across(gap0, rate0, gap1, rate1, step) -> torch.Tensor:
+    """Whether a unit on the same side of its kink at two points ``step`` apart may have
+    crossed it twice in between: its distance moved further from its linear prediction
+    than TRUSTED_BEND allows (a unit that turns back to its kink, or oscillates, moves
+    away from its tangent by at least its distance), or its quadratic model from either
+    point (the curvature the derivatives' change implies) dips across the kink."""
+    off_tangent = (gap1 - gap0 - rate0 * step).abs() > TRUSTED_BEND * (gap0.abs() + gap1.abs())
+    curvature = (rate1 - rate0) / step
+    dips = torch.zeros_like(gap1, dtype=torch.bool)
+    for gap, rate, sign in ((gap0, rate0, 1.0), (gap1, rate1, -1.0)):
+        # from point 0 forward (u = -rate/curvature), from point 1 backward
+        vertex = -sign * rate / curvature
+        lowest = gap - rate * rate / (2 * curvature)
+        dips |= (vertex > 0) & (vertex < step) & (lowest < 0) & (gap1 > 0) & torch.isfinite(lowest)
+    return ((dips & (curvature != 0)) | off_tangent) & torch.isfinite(gap0) & torch.isfinite(gap1)
 
 
 class BreakpointMode(TorchFunctionMode):
@@ -99,19 +146,43 @@ class BreakpointMode(TorchFunctionMode):
     would reach within that step if it stayed affine (``crossings``): exact for the
     first piecewise-linear layer, whose inputs are affine along the whole path, and a
     linearised guess for later ones. It estimates a path's pieces from one forward.
+
+    With ``curved_kinks``, smooth ops may precede kinks (see the module's docstring):
+    ``state`` gets, per piecewise-linear op in call order, the piece each unit is on and
+    its distances to its kinks with their derivatives (a PathState). Given the state of
+    an earlier point of the same rows as ``reference``, ``reference_step`` (rows,) back
+    along the path: ``changed`` (rows,) says which rows have a unit on another piece;
+    ``back_step`` (rows,) the largest of the changed units' Newton steps back to their
+    kink (0 where none changed, inf where a unit turned since and gives no estimate);
+    ``bent`` (rows,) which rows have a unit on the same piece at both points that bent
+    too much between them to be sure it did not cross its kink and come back
+    (_bent_across): the step was too long to tell.
     """
 
-    def __init__(self, rows: int, margin: float, horizon: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, rows: int, margin: float, horizon: Optional[torch.Tensor] = None, *,
+                 curved_kinks: bool = False, reference: Optional["PathState"] = None,
+                 reference_step: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.rows = rows
         self.margin = margin
         self.horizon = horizon
+        self.curved_kinks = curved_kinks
+        self.reference = reference
+        self.reference_step = reference_step
         self.next_step: Optional[torch.Tensor] = None
         self.crossings: Optional[torch.Tensor] = None
         self.smooth_op: Optional[str] = None
+        self.state = PathState([], [], [])
+        self.changed: Optional[torch.Tensor] = None
+        self.back_step: Optional[torch.Tensor] = None
+        self.bent: Optional[torch.Tensor] = None
         self._curved: Dict[int, "weakref.ref[torch.Tensor]"] = {}
 
     # -- bookkeeping ------------------------------------------------------------------
+
+    @property
+    def _method(self) -> str:
+        return "gausslegendre_pieces" if self.curved_kinks else "exact"
 
     def _is_curved(self, tensor: torch.Tensor) -> bool:
         ref = self._curved.get(id(tensor))
@@ -136,6 +207,49 @@ class BreakpointMode(TorchFunctionMode):
             within = (rows.double() <= self.horizon.view(-1, 1)).sum(1)
             self.crossings = within if self.crossings is None else self.crossings + within
 
+    def _record_choice(self, choice: torch.Tensor, back_from: Callable[[torch.Tensor], torch.Tensor],
+                       gap: torch.Tensor, rate: torch.Tensor, op: str) -> None:
+        """With curved_kinks: keep the piece of every unit (``choice``) and its distance to
+        the kinks around it (``gap``, positive on the unit's side, and its derivative
+        ``rate``, float64), and compare them with the reference's: ``back_from(reference
+        choice)`` gives, per unit, the Newton step back to the kink between the two pieces
+        (inf where there is no estimate)."""
+        if not self.curved_kinks:
+            return
+        flat = choice.detach().reshape(self.rows, -1)
+        # (rows, units, kinks around each unit's piece)
+        gap, rate = gap.reshape(self.rows, flat.shape[1], -1), rate.reshape(self.rows, flat.shape[1], -1)
+        index = len(self.state.choices)
+        self.state.choices.append(flat)
+        self.state.gaps.append(gap)
+        self.state.rates.append(rate)
+        if self.reference is None:
+            return
+        if index >= len(self.reference.choices) or self.reference.choices[index].shape != flat.shape:
+            raise NotPiecewiseLinearError(
+                f"method='gausslegendre_pieces': the network runs other piecewise-linear ops at "
+                f"different points of the path ({op} is op {index}); its pieces cannot be followed.")
+        reference = self.reference.choices[index]
+        flipped = flat != reference
+        with torch.no_grad():
+            back = back_from(reference.reshape(choice.shape)).reshape(self.rows, -1)
+            back = torch.where(flipped, back, torch.full_like(back, -math.inf)).amax(1).clamp_min(0)
+            bent = _bent_across(self.reference.gaps[index], self.reference.rates[index], gap, rate,
+                                self.reference_step.view(-1, 1, 1))
+            bent = (bent & ~flipped.unsqueeze(-1)).flatten(1).any(1)  # units still on their piece
+        changed = flipped.any(1)
+        self.changed = changed if self.changed is None else self.changed | changed
+        self.back_step = back if self.back_step is None else torch.maximum(self.back_step, back)
+        self.bent = bent if self.bent is None else self.bent | bent
+
+    def _back_to(self, z: torch.Tensor, dz: torch.Tensor, kink: Any) -> torch.Tensor:
+        """Step s >= 0 back along the path at which z - s dz reaches ``kink``; inf where
+        the unit moves away from it (it turned since it crossed: Newton cannot say where)."""
+        with torch.no_grad():
+            steps = (z - kink) / dz
+            return torch.where((dz != 0) & (steps >= -self.margin), steps.clamp_min(0),
+                               torch.full_like(steps, math.inf))
+
     def _steps_to(self, z: torch.Tensor, dz: torch.Tensor, kink: Any) -> torch.Tensor:
         """Step s > margin at which z + s dz reaches ``kink`` (inf where it never does)."""
         with torch.no_grad():
@@ -156,31 +270,36 @@ class BreakpointMode(TorchFunctionMode):
         curved = any(self._is_curved(t) for t in tensors)
         handler = PIECEWISE_OPS.get(name)
         if handler is not None:
-            if curved:
+            if curved and not self.curved_kinks:
                 raise NotPiecewiseLinearError(
                     f"method='exact' needs a network that is piecewise linear up to its last "
                     f"piecewise-linear op, but {self.smooth_op} is applied to the path before "
-                    f"{name}. Use a fixed n_steps or n_steps='auto' for this model.")
+                    f"{name}. Use method='gausslegendre_pieces', a fixed n_steps or n_steps='auto' "
+                "for this model.")
             return handler(self, func, name, args, kwargs)
         if name in AFFINE_HANDLERS and not curved:
             return AFFINE_HANDLERS[name](self, func, name, args, kwargs)
         bends = name in SMOOTH_OPS or _nonlinear_use(name, args, kwargs, moving)
         if not bends and name not in AFFINE_OPS and name not in EVAL_ONLY_OPS:
             raise NotPiecewiseLinearError(
-                f"method='exact' cannot tell whether {name} is piecewise linear along the path: "
+                f"method={self._method!r} cannot tell whether {name} is piecewise linear along the path: "
                 "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
                 "BatchNorm, shape ops), ReLU, LeakyReLU, hardtanh/ReLU6/clamp, abs, "
                 "maximum/minimum, max-pool and max/min over a dimension, followed by an optional "
-                "smooth head (softmax, log-softmax, sigmoid, ...). Use a fixed n_steps or "
-                "n_steps='auto' for this model.")
+                "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
+                "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
         if name in EVAL_ONLY_OPS and _training_flag(name, args, kwargs):
             raise NotPiecewiseLinearError(
-                f"method='exact': {name} runs in training mode, where it mixes the rows of a batch; "
+                f"method={self._method!r}: {name} runs in training mode, where it mixes the rows of a batch; "
                 "call model.eval() first.")
         if name == "scaled_dot_product_attention":
             # PyTorch's fused attention kernels have no forward-mode derivative; the same
             # attention computed by parts has (smooth: the path bends here).
             result = _attention_by_parts(*args, **kwargs)
+        elif name == "multi_head_attention_forward" and not kwargs.get("need_weights", True):
+            # nn.MultiheadAttention: asked for its weights it computes attention by parts
+            # (inside it, ops no longer reach this mode), not by the fused kernel.
+            result = (func(*args, **{**kwargs, "need_weights": True})[0], None)
         else:
             result = func(*args, **kwargs)
         if bends and self.smooth_op is None:
@@ -283,9 +402,15 @@ def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: S
     every kink are recorded."""
     z, dz = _primal_and_tangent(x)
     with torch.no_grad():
-        factor = factor_of(_side(mode, z, dz)).to(x.dtype)
+        factor = factor_of(_side(mode, z, dz))
     for kink in kinks:
         mode._record_steps(mode._steps_to(z, dz, kink), name)
+    (kink,) = kinks
+    if mode.curved_kinks:
+        side = torch.where(factor_of(torch.ones_like(z)) == factor, 1.0, -1.0).to(z.dtype)
+        mode._record_choice(factor, lambda reference: mode._back_to(z, dz, kink), side * (z - kink),
+                            side * dz, name)
+    factor = factor.to(x.dtype)
     primal, tangent = _parts(x)
     return fwAD.make_dual(primal * factor, tangent * factor)
 
@@ -325,6 +450,25 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
     for bound in (low, high):
         if bound is not None:
             mode._record_steps(mode._steps_to(z, dz, bound), name)
+    with torch.no_grad():
+        # 0 below low, 1 inside, 2 above high: a unit crossed each bound between its
+        # region and the reference's.
+        region = inside.long() + (ahead >= high).long() * 2 if high is not None else inside.long()
+
+    def back_from(reference):
+        back = torch.full_like(z, -math.inf)
+        for bound, code in ((low, 0), (high, 2)):
+            if bound is not None:
+                crossed = (reference == code) != (region == code)
+                back = torch.where(crossed, torch.maximum(back, mode._back_to(z, dz, bound)), back)
+        return back
+
+    if mode.curved_kinks:
+        bounds = [b for b in (low, high) if b is not None]
+        # The distance to each bound, positive on the unit's side of it.
+        sides = torch.stack([torch.where(ahead > b, 1.0, -1.0).to(z.dtype) for b in bounds], -1)
+        gaps = torch.stack([z - b for b in bounds], -1) * sides
+        mode._record_choice(region, back_from, gaps, dz.unsqueeze(-1) * sides, name)
     primal, tangent = _parts(x)
     inside = inside.to(x.dtype)
     # Inside: the identity piece; outside: the bound, a constant.
@@ -347,6 +491,9 @@ def _maximum(mode: BreakpointMode, func, name, args, kwargs):
         # Equal along the whole piece: PyTorch splits the gradient between the two.
         weight_a = ((ahead > 0).double() + 0.5 * (ahead == 0).double()).to(pa.dtype)
     mode._record_steps(mode._steps_to(d, dd, 0.0), name)
+    if mode.curved_kinks:
+        side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
+        mode._record_choice(weight_a, lambda reference: mode._back_to(d, dd, 0.0), side * d, side * dd, name)
     return fwAD.make_dual(pa * weight_a + pb * (1 - weight_a), ta * weight_a + tb * (1 - weight_a))
 
 
@@ -383,6 +530,14 @@ def _select_in_windows(mode: BreakpointMode, windows: torch.Tensor, largest: boo
         steps = torch.where(gaining & (steps > mode.margin) & torch.isfinite(sv), steps,
                             torch.full_like(steps, math.inf))
     mode._record_steps(steps, name)
+
+    def back_from(reference):  # back to where the reference's winner was level with this one
+        return mode._back_to(chosen_v - sv.gather(-1, reference), chosen_dv - sdv.gather(-1, reference), 0.0)
+
+    if mode.curved_kinks:  # every element's distance below the winner
+        finite = torch.isfinite(sv)
+        mode._record_choice(index, back_from, torch.where(finite, chosen_v - sv, math.inf),
+                            torch.where(finite, chosen_dv - sdv, 0.0), name)
     primal, tangent = _parts(windows)
     chosen = fwAD.make_dual(primal.gather(-1, index).squeeze(-1), tangent.gather(-1, index).squeeze(-1))
     return chosen, index.squeeze(-1)

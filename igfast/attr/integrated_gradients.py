@@ -12,7 +12,8 @@ from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
 from ..exact import (
-    POINT_NODES, ExactIntegral, ExactParts, ExactRoute, ExactSettings, exact_settings, integrate_exactly,
+    POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, ExactSettings, exact_settings,
+    integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..quadrature import path_nodes
@@ -137,7 +138,13 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 quadrature error (n_steps is ignored). A smooth head after the last
                 piecewise-linear op (softmax, sigmoid, ...) is integrated with 3
                 Gauss-Legendre nodes per piece. Other networks raise
-                NotPiecewiseLinearError naming the op. Default: ``gausslegendre``.
+                NotPiecewiseLinearError naming the op. ``gausslegendre_pieces``
+                (igfast only): for networks whose kinks follow smooth ops (tanh,
+                layer norm, attention before a ReLU), the kinks are located by
+                Newton steps along the path and each piece between them gets 3
+                Gauss-Legendre nodes; pieces longer than 3 / n_steps are cut, so
+                the smooth stretches get about n_steps nodes. Default:
+                ``gausslegendre``.
             internal_batch_size (int or "auto", optional): an int: at most this
                 many path rows per forward/backward, whole steps of the batch (as
                 in Captum). "auto" (or None): chunks sized to fit a memory budget,
@@ -198,7 +205,7 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
         """
         formatted_inputs, is_tuple = format_inputs(inputs)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
-        exact = exact_settings(n_steps, tolerance, max_steps) if method == "exact" else None
+        exact = exact_settings(n_steps, tolerance, max_steps, method) if method in PIECE_METHODS else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = formatted_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
@@ -213,7 +220,7 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
         refuse_several_targets(adaptive, many)
         refuse_several_targets_exactly(exact, many)
         if exact is not None:
-            self._refuse_foreign_gradient_func("method='exact'")
+            self._refuse_foreign_gradient_func(f"method={method!r}")
             integral = self._integrate_exactly(formatted_inputs, formatted_baselines, chunk_target, args,
                                                exact, internal_batch_size, memory_budget)
         elif adaptive is not None:

@@ -23,7 +23,9 @@ from ..adaptive import (
 )
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
-from ..exact import POINT_NODES, ExactIntegral, ExactParts, ExactRoute, exact_settings, integrate_exactly
+from ..exact import (
+    POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, exact_settings, integrate_exactly,
+)
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
@@ -167,7 +169,8 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
             For one layer: a tensor shaped like its activation, or a tuple when the
             layer gives several tensors; for a list of layers, a list of those.
             With ``return_convergence_delta``, ``(attributions, delta)``; with
-            ``return_adaptive_info``, the AdaptiveInfo (ExactInfo with method="exact") last.
+            ``return_adaptive_info``, the AdaptiveInfo (ExactInfo with method="exact" or
+            "gausslegendre_pieces") last.
         """
         if self._layers is None:
             raise ArgumentError("`layer` is None: give the layer(s) to attribute to (set `layer`).")
@@ -181,7 +184,7 @@ class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
             )
         model_inputs, _ = format_inputs(inputs, floating=False)
         model_baselines = format_baselines(baselines, model_inputs)
-        exact = exact_settings(n_steps, tolerance, max_steps) if method == "exact" else None
+        exact = exact_settings(n_steps, tolerance, max_steps, method) if method in PIECE_METHODS else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)

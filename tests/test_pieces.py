@@ -1,0 +1,246 @@
+"""method="gausslegendre_pieces": kinks after smooth ops, against independent oracles.
+
+The oracle of test_exact reads every piecewise-linear unit's region with forward
+hooks on a fine grid of the path and bisects each change: it does not care whether the
+pre-activations are affine or curved, so it finds the breakpoints of these mixed
+networks too, and integrates each of its pieces with 16 Gauss-Legendre nodes. A
+one-input network whose kinks are the zeros of sines gives breakpoints in closed form.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import igfast
+from igfast import ArgumentError, NotPiecewiseLinearError
+from test_exact import _close, _completeness, make, oracle, oracle_pieces
+
+
+class Sigmoid(nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x)
+
+
+def tanh_then_relu():
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                         nn.Linear(12, 3))
+
+
+def gelu_layer_norm_then_leaky_and_clamp():
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 12), nn.LeakyReLU(0.2),
+                         nn.Linear(12, 12), nn.Hardtanh(-0.5, 0.8), nn.Linear(12, 3))
+
+
+def conv_softplus_then_max_pool():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softplus(beta=2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 5 * 5, 3), Sigmoid())
+
+
+MIXED = {
+    "tanh_then_relu": (tanh_then_relu, (6,)),
+    "gelu_layer_norm_then_leaky_and_clamp": (gelu_layer_norm_then_leaky_and_clamp, (6,)),
+    "conv_softplus_then_max_pool": (conv_softplus_then_max_pool, (1, 12, 12)),
+}
+
+
+def make_mixed(name, device, dtype=torch.float64, seed=0):
+    factory, shape = MIXED[name]
+    torch.manual_seed(seed)
+    return factory().to(device, dtype).eval(), shape
+
+
+def _relative_l2(actual, expected):
+    return (actual - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+def test_pieces_equal_the_independent_partition_float64(name, device):
+    model, shape = make_mixed(name, device)
+    examples = 2 if name.startswith("conv") else 4
+    inputs = 2 * torch.randn(examples, *shape, dtype=torch.float64, device=device)
+    baselines = 0.3 * torch.randn(examples, *shape, dtype=torch.float64, device=device)
+    # n_steps=3: no piece is cut (3 / n_steps is the whole path), 3 nodes per piece.
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        inputs, baselines, target=1, method="gausslegendre_pieces", n_steps=3, return_adaptive_info=True)
+    expected, pieces = oracle(model, inputs, baselines, 1, nodes_per_piece=16)
+    assert info.curved_kinks and info.nodes_per_piece == 3
+    assert info.pieces.cpu().tolist() == pieces.tolist()
+    assert (pieces >= 3).all(), "the workload must have kinks to find"
+    for example in range(examples):
+        torch.testing.assert_close(info.breakpoints[example], oracle_pieces(model, inputs[example], baselines[example]),
+                                   rtol=0, atol=1e-9)
+    # 3 Gauss nodes on smooth pieces (measured: 9e-6 to 1.3e-4 on the GELU and layer-norm
+    # model, whose long pieces bend most; a missed or misplaced kink costs about 1e-2);
+    # the error estimate (the midpoint rule's) stays above the true error.
+    true_error = _relative_l2(attributions, expected)
+    assert (true_error < 5e-4).all(), true_error
+    assert (info.head_error_estimate.to(true_error) >= true_error).all()
+    _completeness(model, attributions, inputs, baselines, 1, 5e-4)
+    # Evaluations: 3 gradients per piece, one forward per walk round (at least one per
+    # piece: curved kinks take a few Newton rounds).
+    walk = info.evaluations - 3 * info.pieces
+    assert (walk >= info.pieces).all() and (walk <= 12 * info.pieces).all()
+
+
+def test_kinks_of_sines_are_found_in_closed_form():
+    """f(x) = sum_k w_k relu(sin(a_k x + c_k)) on the path 0 -> x of one input: unit k is
+    at a kink where a_k t x + c_k is a multiple of pi. Units curve back and forth, each
+    crossing many times; every crossing must be found (to 1e-9), none invented."""
+    torch.manual_seed(4)
+    a = torch.tensor([3.0, 7.5, 11.0, 2.2], dtype=torch.float64)
+    c = torch.tensor([0.3, -1.0, 2.0, 0.1], dtype=torch.float64)
+    w = torch.tensor([1.0, -0.7, 0.4, 2.0], dtype=torch.float64)
+
+    def model(x):  # (B, 1) -> (B, 1)
+        return (torch.relu(torch.sin(x * a + c)) * w).sum(1, keepdim=True)
+
+    x = torch.tensor([[2.0], [-1.3]], dtype=torch.float64)
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        x, torch.zeros_like(x), target=0, method="gausslegendre_pieces", n_steps=3, return_adaptive_info=True)
+    for example in range(2):
+        crossings = [0.0]
+        for k in range(4):
+            phase_end = float(a[k] * x[example, 0] + c[k])
+            low, high = sorted((float(c[k]), phase_end))
+            for m in range(math.ceil(low / math.pi), math.floor(high / math.pi) + 1):
+                crossings.append((m * math.pi - float(c[k])) / (phase_end - float(c[k])))
+        expected = torch.tensor(sorted(t for t in crossings if t < 1), dtype=torch.float64)
+        torch.testing.assert_close(info.breakpoints[example], expected, rtol=0, atol=1e-9)
+        assert len(expected) >= 6
+    # One input: completeness says the attribution is f(x) - f(0), up to the error of 3
+    # Gauss nodes on pieces over which a sine turns by up to 2 radians (measured 4.7e-5).
+    difference = model(x) - model(torch.zeros_like(x))
+    torch.testing.assert_close(attributions, difference, rtol=5e-4, atol=0)
+    # Cutting the pieces to at most 3 / n_steps: 3 nodes on each part, the same walk.
+    finer, finer_info = igfast.IntegratedGradients(model).attribute(
+        x, torch.zeros_like(x), target=0, method="gausslegendre_pieces", n_steps=300, return_adaptive_info=True)
+    assert finer_info.pieces.tolist() == info.pieces.tolist()
+    for example in range(2):
+        starts = info.breakpoints[example]
+        lengths = torch.diff(starts, append=torch.ones(1, dtype=torch.float64))
+        parts = int(torch.ceil(lengths / (3 / 300)).sum())
+        assert finer_info.evaluations[example] - info.evaluations[example] == 3 * (parts - len(starts))
+    torch.testing.assert_close(finer, difference, rtol=1e-9, atol=0)
+
+
+def test_on_a_piecewise_linear_network_it_is_exact_igs_walk():
+    """Newton's first step is the kink itself: one walk forward per piece (and one that
+    checks the end, which a curved path needs), the same pieces as method="exact", and
+    Gauss nodes on constant pieces add no error."""
+    model, shape = make("mixed_mlp", "cpu")
+    inputs = torch.randn(4, *shape, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    exact, exact_info = ig.attribute(inputs, target=2, method="exact", return_adaptive_info=True)
+    pieces, info = ig.attribute(inputs, target=2, method="gausslegendre_pieces", n_steps=3, return_adaptive_info=True)
+    _close(pieces, exact, 1e-12)
+    assert info.pieces.tolist() == exact_info.pieces.tolist()
+    assert info.evaluations.tolist() == (4 * info.pieces + 1).tolist()  # 3 gradients and 1 forward per piece
+    for found, expected in zip(info.breakpoints, exact_info.breakpoints):
+        torch.testing.assert_close(found, expected, rtol=0, atol=1e-12)
+
+
+def test_float32_matches_float64():
+    model, shape = make_mixed("tanh_then_relu", "cpu")
+    inputs = 2 * torch.randn(6, *shape, dtype=torch.float64)
+    result64 = igfast.IntegratedGradients(model).attribute(inputs, target=0, method="gausslegendre_pieces")
+    model32 = model.float()
+    result32 = igfast.IntegratedGradients(model32).attribute(inputs.float(), target=0, method="gausslegendre_pieces")
+    assert result32.dtype == torch.float32
+    assert (_relative_l2(result32.double(), result64) < 1e-4).all()
+    _completeness(model32, result32, inputs.float(), torch.zeros_like(inputs).float(), 0, 1e-4)
+
+
+def test_layer_integrated_gradients_and_chunking(device):
+    """LayerIG on the first linear layer's output: IG of the rest of the network (tanh,
+    then ReLUs) between the layer's activations."""
+    model, shape = make_mixed("tanh_then_relu", device)
+    inputs = 2 * torch.randn(5, *shape, dtype=torch.float64, device=device)
+    lig = igfast.LayerIntegratedGradients(model, model[0])
+    attributions, info = lig.attribute(inputs, target=2, method="gausslegendre_pieces", return_adaptive_info=True)
+    with torch.no_grad():
+        ends, starts = model[0](inputs), model[0](torch.zeros_like(inputs))
+    expected, pieces = oracle(model[1:], ends, starts, 2, nodes_per_piece=16)
+    assert info.pieces.cpu().tolist() == pieces.tolist()
+    assert (_relative_l2(attributions, expected) < 1e-4).all()
+    ig = igfast.IntegratedGradients(model)
+    whole = ig.attribute(inputs, target=2, method="gausslegendre_pieces")
+    chunked = ig.attribute(inputs, target=2, method="gausslegendre_pieces", internal_batch_size=2)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+
+
+def test_noise_tunnel_and_dataset_take_the_method(tmp_path):
+    model, shape = make_mixed("tanh_then_relu", "cpu")
+    inputs = torch.randn(3, *shape, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    nt = igfast.NoiseTunnel(ig)
+    torch.manual_seed(2)
+    pieces = nt.attribute(inputs, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=1,
+                          method="gausslegendre_pieces")
+    torch.manual_seed(2)
+    fine = nt.attribute(inputs, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=1, n_steps=4096)
+    _close(pieces, fine, 2e-3)  # the fine rule's own error at its kinks
+    data = torch.utils.data.TensorDataset(inputs)
+    igfast.attribute_dataset(model, data, str(tmp_path), target=1, method="gausslegendre_pieces", batch_size=2,
+                             progress=False)
+    stored = igfast.open_attributions(str(tmp_path)).attributions[:]
+    torch.testing.assert_close(stored, ig.attribute(inputs, target=1, method="gausslegendre_pieces"),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_corners_zero_length_paths_smooth_networks_and_kinks_at_the_start(device):
+    model, shape = make_mixed("tanh_then_relu", device)
+    inputs = torch.randn(3, *shape, dtype=torch.float64, device=device)
+    ig = igfast.IntegratedGradients(model)
+    attributions, info = ig.attribute(inputs, inputs.clone(), target=0, method="gausslegendre_pieces",
+                                      return_adaptive_info=True)
+    assert torch.equal(attributions, torch.zeros_like(attributions)) and info.pieces.tolist() == [1, 1, 1]
+    # No piecewise-linear op: one smooth piece, cut into 17 parts of 3 Gauss nodes for
+    # n_steps=50 (and one walk forward).
+    smooth = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).to(device, torch.float64)
+    attributions, info = igfast.IntegratedGradients(smooth).attribute(
+        inputs, target=1, method="gausslegendre_pieces", return_adaptive_info=True)
+    assert info.pieces.tolist() == [1, 1, 1] and info.evaluations.tolist() == [52, 52, 52]
+    _close(attributions, igfast.IntegratedGradients(smooth).attribute(inputs, target=1, n_steps=256), 1e-8)
+    # A zero baseline through tanh (tanh(0) = 0) and bias-free layers: every ReLU unit
+    # starts on its kink and takes the side the path moves into.
+    torch.manual_seed(6)
+    on_kinks = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False), nn.ReLU(),
+                             nn.Linear(8, 2)).to(device, torch.float64)
+    baselines = torch.zeros_like(inputs)
+    attributions = igfast.IntegratedGradients(on_kinks).attribute(inputs, baselines, target=1,
+                                                                  method="gausslegendre_pieces")
+    expected, _ = oracle(on_kinks, inputs, baselines, 1, nodes_per_piece=16)
+    assert (_relative_l2(attributions, expected) < 1e-4).all()
+
+
+def test_exact_names_the_method_for_mixed_networks_and_arguments_are_checked():
+    model, shape = make_mixed("tanh_then_relu", "cpu")
+    inputs = torch.randn(2, *shape, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    with pytest.raises(NotPiecewiseLinearError, match="gausslegendre_pieces"):
+        ig.attribute(inputs, target=0, method="exact")
+    for kwargs, match in (({"n_steps": "auto"}, "n_steps"), ({"tolerance": 1e-3}, "tolerance"),
+                          ({"max_steps": 0}, "max_steps"), ({"max_steps": 2}, "gausslegendre_pieces.*max_steps")):
+        with pytest.raises(ArgumentError, match=match):
+            ig.attribute(2 * inputs, target=0, method="gausslegendre_pieces", **kwargs)
+    with pytest.raises(ArgumentError, match="n_steps"):
+        ig.attribute(inputs, target=0, method="gausslegendre_pieces", n_steps=0)
+
+
+def test_transformer_encoder_layer_with_relu_feed_forward(device):
+    """nn.TransformerEncoderLayer: layer norm and attention (nn.MultiheadAttention, which
+    the walk runs by parts: its fused kernel has no forward-mode derivative) before the
+    ReLU of the feed-forward block, one kink per token and hidden unit."""
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, activation=nn.ReLU(),
+                                       batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(4 * 16, 3)).to(device, torch.float64).eval()
+    inputs = torch.randn(2, 4, 16, dtype=torch.float64, device=device)
+    baselines = 0.5 * torch.randn(2, 4, 16, dtype=torch.float64, device=device)
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        inputs, baselines, target=0, method="gausslegendre_pieces", return_adaptive_info=True)
+    expected, pieces = oracle(model, inputs, baselines, 0, nodes_per_piece=16)
+    assert info.pieces.cpu().tolist() == pieces.tolist() and (pieces > 10).all()
+    assert (_relative_l2(attributions, expected) < 1e-5).all(), _relative_l2(attributions, expected)
