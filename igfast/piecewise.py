@@ -25,10 +25,12 @@ integrate each piece with Gauss nodes instead of one gradient.
 With ``curved_kinks`` (method="gausslegendre_pieces") smooth ops may also come before
 kinks. A pre-activation is then curved along the path, its step to the kink only a
 Newton estimate, so the mode also records the piece every unit is on (its "choice":
-the side of a ReLU, the winner of a max-pool window, ...) and, given the choices of
-another point as ``reference``, which rows changed piece since then and how far back,
-by Newton from here, the earliest changed unit crossed its kink. The caller brackets
-each kink between a point on the old piece and one on a new piece from these.
+the side of a ReLU, the winner of a max-pool window, ...) with its distance to the
+kinks around it, and, given that state at an earlier point as ``reference``: which
+rows changed piece since then, how far back (by Newton from here) the earliest changed
+unit crossed its kink, and whether a unit bent so much on the way that it may have
+crossed and come back. The caller brackets each kink between a point on the old piece
+and one on a new piece from these.
 """
 
 import math
