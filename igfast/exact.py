@@ -332,8 +332,7 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         return _Pieces(everyone, zeros, zeros + 1, ones, ones)
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
     at_low = first.state  # the units at low (their pieces: those of the piece's start)
-    at_high = PathState(*([torch.empty_like(t) for t in tensors]
-                          for tensors in (at_low.choices, at_low.gaps, at_low.rates)))
+    at_high = at_low.empty(batch_size)
     start = torch.zeros(batch_size, dtype=torch.float64, device=device)
     low = start.clone()
     high = torch.full_like(start, math.inf)
@@ -373,12 +372,12 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         back_from_high[to_high] = record.back_step[changed]
         bent_at_high[to_high] = record.bent[changed]
         newton_from_high[to_high] = record.next_step[changed]
-        _keep(at_high, to_high, record.state, changed)
+        at_high.put(to_high, record.state, changed)
         # Still on the piece: low moves up.
         to_low = active[accepted]
         low[to_low] = trial[accepted]
         newton_from_low[to_low] = record.next_step[accepted]
-        _keep(at_low, to_low, record.state, accepted)
+        at_low.put(to_low, record.state, accepted)
         reach[to_low] = 2 * reach[to_low]
         reach[active[rejected]] = step[rejected] / 4
         tries[active] += bracketed.long()
@@ -402,16 +401,9 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         newton_from_low[moving_on] = newton_from_high[moving_on]
         high[moving_on] = math.inf
         tries[moving_on] = 0
-        _keep(at_low, moving_on, at_high, moving_on)
+        at_low.put(moving_on, at_high, moving_on)
         active = active[~at_end]
     return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, walk_rows)
-
-
-def _keep(state: PathState, examples: torch.Tensor, seen: PathState, which) -> None:
-    """state's rows of ``examples`` := seen's rows ``which``."""
-    for kept_all, seen_all in ((state.choices, seen.choices), (state.gaps, seen.gaps), (state.rates, seen.rates)):
-        for kept, new in zip(kept_all, seen_all):
-            kept[examples] = new[which]
 
 
 # The pieces of a sub-batch's paths: for the examples given (a long index tensor into
@@ -540,17 +532,12 @@ class _WalkRecord:
             found.setdefault("smooth_op", mode.smooth_op)
         if mode.state.choices:
             if self.state is None:
-                self.state = PathState(*([torch.empty((self.count,) + t.shape[1:], dtype=t.dtype, device=t.device)
-                                          for t in tensors]
-                                         for tensors in (mode.state.choices, mode.state.gaps, mode.state.rates)))
+                self.state = mode.state.empty(self.count)
             if [c.shape[1:] for c in self.state.choices] != [c.shape[1:] for c in mode.state.choices]:
                 raise NotPiecewiseLinearError(
                     "method='gausslegendre_pieces': the network runs other piecewise-linear ops for "
                     "different examples; its pieces cannot be followed.")
-            for fulls, chunks in ((self.state.choices, mode.state.choices), (self.state.gaps, mode.state.gaps),
-                                  (self.state.rates, mode.state.rates)):
-                for full, chunk in zip(fulls, chunks):
-                    full[rows] = chunk
+            self.state.put(rows, mode.state, slice(None))
 
 
 def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Tensor, ...],

@@ -107,9 +107,22 @@ class PathState:
     gaps: List[torch.Tensor]
     rates: List[torch.Tensor]
 
+    def _lists(self):
+        return self.choices, self.gaps, self.rates
+
     def rows(self, index) -> "PathState":
-        return PathState([c[index] for c in self.choices], [g[index] for g in self.gaps],
-                         [r[index] for r in self.rates])
+        return PathState(*([t[index] for t in tensors] for tensors in self._lists()))
+
+    def empty(self, count: int) -> "PathState":
+        """An uninitialised state of ``count`` rows, shaped like this one's."""
+        return PathState(*([torch.empty((count,) + t.shape[1:], dtype=t.dtype, device=t.device) for t in tensors]
+                           for tensors in self._lists()))
+
+    def put(self, index, other: "PathState", which) -> None:
+        """This state's rows ``index`` := ``other``'s rows ``which``."""
+        for mine, theirs in zip(self._lists(), other._lists()):
+            for kept, new in zip(mine, theirs):
+                kept[index] = new[which]
 
 
 # A step is trusted when every unit's distance to its kink moved within this fraction
