@@ -32,6 +32,7 @@ are cut so the smooth stretches get about n_steps nodes.
 """
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -44,7 +45,7 @@ from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .engine import GradientsAt, PathIntegral
 from .errors import ArgumentError, NotPiecewiseLinearError
-from .piecewise import BreakpointMode, PathState, kink_margin
+from .piecewise import BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin
 from .quadrature import PathNodes
 
 # The most pieces an example's path may have before the call stops (each costs one
@@ -59,6 +60,14 @@ GAUSS_NODES_PER_PIECE = 3
 # Newton steps have not closed after BISECT_AFTER rounds is bisected.
 KINK_POSITION_TOLERANCE = 1e-10
 BISECT_AFTER = 6
+# n_steps="auto" on a mixed network: the Gauss rule on the pieces is checked against the
+# same rule on their halves, the examples whose change is above the tolerance halved
+# again, at most MAX_HALVINGS times (16 parts per piece).
+MAX_HALVINGS = 4
+# Walk forwards per piece of a curved walk (bracketing and Newton steps), measured on
+# bench_exact's mixed workloads: 2.6 (tanh-then-ReLU MLP), 2.2 (ReLU-FFN encoder layer).
+# What auto predicts a curved walk to cost.
+CURVED_WALK_ROWS_PER_PIECE = 3
 # One node at alpha 0 of a path that starts at each example's current point, so the
 # engine evaluates exactly that point (x' + 0 * (x - x') is x' to the bit); its output
 # value is kept (start_node), which gives F(x') in the first round.
@@ -93,6 +102,10 @@ class ExactSettings:
     # GAUSS_NODES_PER_PIECE / n_steps is cut into equal parts no longer than that, so the
     # smooth stretches between kinks get about n_steps nodes over the whole path.
     spread_steps: Optional[int] = None
+    # n_steps="auto" on a mixed network (ExactRoute with curved pieces): the Gauss sums
+    # are refined by halving every piece until the change is within this tolerance (see
+    # _halve_until_within); None: one Gauss rule per piece, as the methods give it.
+    tolerance: Optional[float] = None
 
 
 @dataclass
@@ -196,36 +209,35 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
             examples, piece_start, piece_length, GAUSS_NODES_PER_PIECE / settings.spread_steps)
     smooth_head = found.get("smooth_op")
     gauss = smooth_head is not None or settings.curved_kinks
-    first = slice(0, batch_size)  # the first piece of every example, in batch order
+    group = _gradient_group(row_limit, directions)
+    on_pieces = _OnPieces(run_round, starts, directions, group, batch_size, rounds)
+    estimate = None
     if not gauss:
         # Constant gradient on a piece: the first pieces' is known; the others' is read
         # at their midpoints, strictly inside the piece, so no side has to be chosen.
+        first = slice(0, batch_size)  # the first piece of every example, in batch order
         _add(sums, everyone, rounds[0].gradient_sums, piece_length[first])
-        nodes, weights = [0.5], [1.0]
-        examples, piece_start, piece_length = examples[batch_size:], piece_start[batch_size:], piece_length[batch_size:]
+        rest = slice(batch_size, None)
+        total, _, gradient_rows = on_pieces.integrate(examples[rest], piece_start[rest], piece_length[rest], [0.5], [1.0])
+        sums = tuple(s + t for s, t in zip(sums, total))
     else:
         # The gradient bends inside a piece: Gauss nodes on every piece (the
-        # breakpoints stay exact), the first one's start gradient unused.
+        # breakpoints stay exact), the first one's start gradient unused. With Gauss
+        # nodes, the middle one alone is the midpoint rule: its distance from the Gauss
+        # sum estimates the midpoint rule's error, far above the Gauss rule's own.
         gauss_nodes, gauss_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
         nodes, weights = (0.5 * (1 + gauss_nodes)).tolist(), (0.5 * gauss_weights).tolist()
-    # With Gauss nodes, the middle one alone is the midpoint rule: its distance from the
-    # Gauss sum estimates the midpoint rule's error, far above the Gauss rule's own.
-    midpoint_sums = tuple(torch.zeros_like(total) for total in sums) if gauss else None
-    group = _gradient_group(row_limit, directions)
-    for node, weight in zip(nodes, weights):
-        for begin in range(0, examples.numel(), group):
-            rows = slice(begin, begin + group)
-            t = piece_start[rows] + node * piece_length[rows]
-            rounds.append(run_round(examples[rows], _points(starts, directions, examples[rows], t), None))
-            _add(sums, examples[rows], rounds[-1].gradient_sums, weight * piece_length[rows])
-            if midpoint_sums is not None and node == 0.5:
-                _add(midpoint_sums, examples[rows], rounds[-1].gradient_sums, piece_length[rows])
-    gradient_rows = torch.bincount(examples, minlength=batch_size) * len(nodes)
+        sums, midpoint_sums, gradient_rows = on_pieces.integrate(examples, piece_start, piece_length, nodes, weights)
+        # (None with an even number of nodes, which only bench_exact's reference sets.)
+        estimate = None if midpoint_sums is None else _relative_difference(midpoint_sums, sums, directions)
+        if settings.tolerance is not None:
+            sums, estimate, halving_rows = _halve_until_within(
+                on_pieces, examples, piece_start, piece_length, nodes, weights, sums, settings.tolerance)
+            gradient_rows = gradient_rows + halving_rows
     evaluations = gradient_rows + pieces.walk_rows  # + the walk's forwards and the first engine pass
     breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
     info = ExactInfo(pieces.count, evaluations, int(pieces.walk_rows.sum()) - batch_size, breakpoints,
-                     smooth_head, GAUSS_NODES_PER_PIECE if gauss else 1,
-                     _relative_difference(midpoint_sums, sums, directions) if gauss else None,
+                     smooth_head, GAUSS_NODES_PER_PIECE if gauss else 1, estimate,
                      curved_kinks=settings.curved_kinks)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
     return ExactIntegral(results, info, rounds)
@@ -242,6 +254,65 @@ class _Pieces:
     lengths: torch.Tensor  # (P,) float64
     count: torch.Tensor  # (B,) long: pieces per example
     walk_rows: torch.Tensor  # (B,) long: forwards of the walk per example, the first engine pass's included
+
+
+class _OnPieces:
+    """Gradients at given nodes of given pieces, summed per example with the pieces'
+    lengths times the nodes' weights: engine passes of full gradient groups."""
+
+    def __init__(self, run_round: RunRound, starts, directions, group: int, batch_size: int,
+                 rounds: List[PathIntegral]) -> None:
+        self.run_round, self.starts, self.directions = run_round, starts, directions
+        self.group, self.batch_size, self.rounds = group, batch_size, rounds
+
+    def integrate(self, examples: torch.Tensor, piece_start: torch.Tensor, piece_length: torch.Tensor,
+                  nodes: List[float], weights: List[float]):
+        """(sums, the sums of the node at 0.5 alone (the midpoint rule; None without
+        one), gradient rows per example), sums float64 and zero for examples without
+        pieces."""
+        sums = tuple(torch.zeros_like(d, dtype=torch.float64) for d in self.directions)
+        midpoint_sums = tuple(torch.zeros_like(s) for s in sums) if len(nodes) > 1 and 0.5 in nodes else None
+        for node, weight in zip(nodes, weights):
+            for begin in range(0, examples.numel(), self.group):
+                rows = slice(begin, begin + self.group)
+                t = piece_start[rows] + node * piece_length[rows]
+                self.rounds.append(self.run_round(examples[rows], _points(self.starts, self.directions, examples[rows], t),
+                                                  None))
+                _add(sums, examples[rows], self.rounds[-1].gradient_sums, weight * piece_length[rows])
+                if midpoint_sums is not None and node == 0.5:
+                    _add(midpoint_sums, examples[rows], self.rounds[-1].gradient_sums, piece_length[rows])
+        rows = torch.bincount(examples, minlength=self.batch_size) * len(nodes)
+        return sums, midpoint_sums, rows
+
+
+def _halve_until_within(on_pieces: _OnPieces, examples, piece_start, piece_length, nodes, weights, sums,
+                        tolerance: float):
+    """The Gauss rule on the pieces, checked against the same rule on their halves: per
+    example the finer sums and the relative L2 change between the two (the coarser
+    rule's error, so an overstatement of the finer's). Examples whose change is above
+    ``tolerance`` are halved again, at most MAX_HALVINGS times. Returns (sums,
+    estimate, gradient rows per example)."""
+    batch_size = on_pieces.batch_size
+    directions = on_pieces.directions
+    estimate = torch.full((batch_size,), math.inf, dtype=torch.float64, device=examples.device)
+    rows = torch.zeros(batch_size, dtype=torch.long, device=examples.device)
+    undone = torch.ones(batch_size, dtype=torch.bool, device=examples.device)
+    for halving in range(1, MAX_HALVINGS + 1):
+        chosen = undone[examples]
+        parts = 2 ** halving
+        index = torch.arange(int(chosen.sum()), device=examples.device).repeat_interleave(parts)
+        part = torch.arange(index.numel(), device=examples.device) % parts
+        length = piece_length[chosen][index] / parts
+        finer, _, finer_rows = on_pieces.integrate(examples[chosen][index], piece_start[chosen][index] + part * length,
+                                                   length, nodes, weights)
+        rows += finer_rows
+        change = _relative_difference(sums, finer, directions).double()
+        estimate = torch.where(undone, change, estimate)
+        sums = tuple(torch.where(undone.view((-1,) + (1,) * (s.dim() - 1)), f, s) for s, f in zip(sums, finer))
+        undone &= estimate > tolerance
+        if not bool(undone.any()):
+            break
+    return sums, estimate.to(torch.float32), rows
 
 
 def _cut_long_pieces(examples: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, longest: float):
@@ -418,10 +489,18 @@ class PieceEstimate:
 
     pieces: torch.Tensor  # (E,) int64: 1 + the kinks the units would cross if they stayed affine
     smooth_head: Optional[str]  # the first smooth op after the last kink, or None
+    # Smooth ops before kinks (a mixed network): the pieces are those of
+    # method="gausslegendre_pieces", integrated by ExactRoute with halving (see
+    # _halve_until_within), and the count of kinks a linear extrapolation.
+    curved: bool = False
 
     @property
     def evaluations(self) -> torch.Tensor:
-        """method="exact"'s evaluations for that many pieces (see ExactInfo.evaluations)."""
+        """The predicted evaluations of integrating these pieces (see ExactInfo.evaluations):
+        method="exact"'s, or with curved pieces the curved walk's and three Gauss rules
+        per piece (the rule on the pieces and on their halves)."""
+        if self.curved:
+            return self.pieces * (CURVED_WALK_ROWS_PER_PIECE + 3 * GAUSS_NODES_PER_PIECE)
         nodes = GAUSS_NODES_PER_PIECE if self.smooth_head else 1
         return self.pieces * (nodes + 1) - (0 if self.smooth_head else 1)
 
@@ -435,13 +514,20 @@ class ExactRoute:
     example to exact IG when walking its pieces costs less than refining its rule.
 
     ``make_parts(examples)`` gives integrate_exactly's callables for the sub-batch of
-    those examples (indices into the batch of ``ends``).
+    those examples (indices into the batch of ``ends``). A mixed network (smooth ops
+    before kinks, which method="exact" refuses) is walked as method="gausslegendre_pieces"
+    does, and its Gauss sums are refined to the tolerance ``integrate`` is given.
     """
 
     def __init__(self, ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
                  make_parts: Callable[[torch.Tensor], ExactParts],
                  settings: ExactSettings = ExactSettings(DEFAULT_MAX_PIECES)) -> None:
         self.ends, self.starts, self.make_parts, self.settings = ends, starts, make_parts, settings
+        self.curved = False  # the first probe found smooth ops before kinks
+
+    @property
+    def walk_rounds_per_piece(self) -> float:
+        return CURVED_WALK_ROWS_PER_PIECE if self.curved else 1
 
     def _rows(self, examples: torch.Tensor):
         batch_size = self.ends[0].shape[0]
@@ -451,9 +537,24 @@ class ExactRoute:
         return ends, starts
 
     def estimate_pieces(self, examples: torch.Tensor) -> PieceEstimate:
-        """One forward with tangents at t = 0 per example. Raises NotPiecewiseLinearError
-        where the network cannot be walked or has no piecewise-linear op (a smooth
-        network: its "pieces" would be one, integrated by 3 Gauss nodes without control)."""
+        """One forward with tangents at t = 0 per example (two for the first of a mixed
+        network). Raises NotPiecewiseLinearError where the network cannot be walked or has
+        no piecewise-linear op (a smooth network: its "pieces" would be one, integrated
+        by 3 Gauss nodes without control)."""
+        try:
+            record, found = self._probe(examples)
+        except CurvedBeforeKinkError:
+            if self.curved:
+                raise
+            self.curved = True
+            record, found = self._probe(examples)
+        if not found.get("piecewise_linear_ops"):
+            raise SmoothNetworkError(
+                "the network applies no piecewise-linear op to the path: it is smooth along it "
+                f"(first smooth op: {found.get('smooth_op')}), or affine")
+        return PieceEstimate(1 + record.crossings, found.get("smooth_op"), self.curved)
+
+    def _probe(self, examples: torch.Tensor):
         ends, starts = self._rows(examples)
         _, forward_at, row_limit = self.make_parts(examples)
         directions = tuple(e - s for e, s in zip(ends, starts))
@@ -462,16 +563,17 @@ class ExactRoute:
         found: dict = {}
         at_start = torch.zeros(local.numel(), dtype=torch.float64, device=local.device)
         record = _walk(forward_at, local, _points(starts, directions, local, at_start), directions, margin,
-                       found, row_limit, horizon=1 - at_start)
-        if not found.get("piecewise_linear_ops"):
-            raise SmoothNetworkError(
-                "the network applies no piecewise-linear op to the path: it is smooth along it "
-                f"(first smooth op: {found.get('smooth_op')}), or affine")
-        return PieceEstimate(1 + record.crossings, found.get("smooth_op"))
+                       found, row_limit, horizon=1 - at_start, curved_kinks=self.curved)
+        return record, found
 
-    def integrate(self, examples: torch.Tensor) -> ExactIntegral:
+    def integrate(self, examples: torch.Tensor, tolerance: Optional[float] = None) -> ExactIntegral:
+        """method="exact" on those examples; on a mixed network gausslegendre_pieces'
+        pieces, refined to ``tolerance``."""
         ends, starts = self._rows(examples)
-        return integrate_exactly(ends, starts, self.settings, *self.make_parts(examples))
+        settings = self.settings
+        if self.curved:
+            settings = dataclasses.replace(settings, curved_kinks=True, tolerance=tolerance)
+        return integrate_exactly(ends, starts, settings, *self.make_parts(examples))
 
 
 def _gradient_group(row_limit: RowLimit, directions: Tuple[torch.Tensor, ...]) -> int:

@@ -55,6 +55,11 @@ KINK_MARGIN = {torch.float64: 1e-12, torch.float32: 1e-6}
 HALF_PRECISION_KINK_MARGIN = 1e-3
 
 
+class CurvedBeforeKinkError(NotPiecewiseLinearError):
+    """A smooth op bends the path before a piecewise-linear op: method="exact" cannot
+    walk the network, BreakpointMode with curved_kinks (gausslegendre_pieces) can."""
+
+
 def kink_margin(dtype: torch.dtype) -> float:
     return KINK_MARGIN.get(dtype, HALF_PRECISION_KINK_MARGIN)
 
@@ -286,7 +291,7 @@ class BreakpointMode(TorchFunctionMode):
         handler = PIECEWISE_OPS.get(name)
         if handler is not None:
             if curved and not self.curved_kinks:
-                raise NotPiecewiseLinearError(
+                raise CurvedBeforeKinkError(
                     f"method='exact' needs a network that is piecewise linear up to its last "
                     f"piecewise-linear op, but {self.smooth_op} is applied to the path before "
                     f"{name}. Use method='gausslegendre_pieces', a fixed n_steps or n_steps='auto' "

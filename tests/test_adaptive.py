@@ -13,7 +13,9 @@ from igfast.adaptive import SCALE_FLOOR
 from igfast.errors import ArgumentError
 from igfast.quadrature import FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, nested_levels
 from models import MLP, counted, on
+from test_exact import oracle
 from test_layer_integrated_gradients import TokenClassifier, token_batch
+from test_pieces import tanh_then_relu
 
 SMOOTH_FIRST_ROUND_STEPS = 2 * SMOOTH_SMALLEST_LEVEL_STEPS - 1
 ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "relu": nn.ReLU}
@@ -352,6 +354,61 @@ def test_a_smooth_head_switches_with_its_gauss_estimate():
         # at 1e-6 it is above tolerance, and the examples are reported unconverged.
         assert torch.equal(info.converged, estimate <= tolerance)
         assert bool(info.converged.all()) == (tolerance == 1e-4)
+
+
+def test_a_mixed_network_switches_to_gauss_nodes_on_pieces_refined_to_tolerance(monkeypatch):
+    """Smooth ops before kinks (tanh, then ReLUs): method="exact" cannot walk the network,
+    but where the rule would need thousands of nodes auto walks the pieces as
+    method="gausslegendre_pieces" does and halves them until the Gauss sums change by
+    less than the tolerance. Checked against an independent partition of the path with
+    16 Gauss nodes per piece: the estimate stays above the error, and an example the
+    halvings could not bring within tolerance is reported unconverged. (Below about
+    1e-12 the kinks' positions, located to 1e-10 in t, limit both results.)"""
+    torch.manual_seed(0)
+    model = tanh_then_relu().double().eval()
+    generator = torch.Generator().manual_seed(1)
+    x = 2 * torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    baseline = 0.3 * torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    expected, pieces = oracle(model, x, baseline, 1, nodes_per_piece=16)
+    assert bool((pieces >= 5).all()), "the workload must have kinks"
+    forward, rows = counting(model)
+    ig = igfast.IntegratedGradients(forward)
+    evaluations = []
+    for tolerance in (1e-6, 1e-8, 1e-10):
+        rows.clear()
+        ours, delta, info = ig.attribute(x, baseline, target=1, n_steps="auto", tolerance=tolerance, max_steps=1025,
+                                         return_convergence_delta=True, return_adaptive_info=True)
+        assert info.exact.all() and info.exact_unavailable is None
+        errors = relative_errors(ours, expected)
+        assert bool((errors <= info.error_estimate.double()).all()), (tolerance, errors, info.error_estimate)
+        assert bool((errors[info.converged] <= tolerance).all())
+        assert torch.equal(info.converged, info.error_estimate.double() <= tolerance)
+        assert sum(rows) == int(info.evaluations.sum())  # the probe that exact refused included
+        difference, _ = scale_of(model, x, baseline, torch.ones(4, dtype=torch.long))
+        torch.testing.assert_close(delta, ours.sum(1) - difference, rtol=0, atol=1e-12)
+        evaluations.append(info.evaluations)
+    assert bool(info.converged.all())
+    # A tighter tolerance halves more: more evaluations, never fewer.
+    for looser, tighter in zip(evaluations, evaluations[1:]):
+        assert bool((tighter >= looser).all())
+    assert bool((evaluations[-1] > evaluations[0]).all())
+    # One halving is not enough for 1e-10 (some examples needed three): those are reported.
+    monkeypatch.setattr(igfast.exact, "MAX_HALVINGS", 1)
+    ours, info = ig.attribute(x, baseline, target=1, n_steps="auto", tolerance=1e-10, max_steps=1025,
+                              return_adaptive_info=True)
+    assert info.exact.all() and not info.converged.all()
+    assert torch.equal(info.converged, info.error_estimate.double() <= 1e-10)
+    assert bool((relative_errors(ours, expected) <= info.error_estimate.double()).all())
+
+
+def test_a_mixed_network_keeps_the_rule_at_loose_tolerances():
+    torch.manual_seed(0)
+    model = tanh_then_relu().double().eval()
+    x = 2 * torch.randn(4, 6, dtype=torch.float64)
+    _, info = igfast.IntegratedGradients(model).attribute(
+        x, torch.zeros(1, 6, dtype=torch.float64), target=1, n_steps="auto", tolerance=1e-2,
+        return_adaptive_info=True)
+    assert not info.exact.any() and info.exact_unavailable is None and bool(info.converged.all())
 
 
 def test_a_compiled_model_keeps_the_rule_and_says_why():
