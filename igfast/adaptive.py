@@ -52,9 +52,9 @@ A mixed network (smooth ops before kinks: tanh then ReLU, a transformer's ReLU
 feed-forward block) cannot take the exact walk, but its pieces can be followed as
 method="gausslegendre_pieces" does: the probe counts their kinks as if the units were
 straight, and an example switches as above, judged from ASYMPTOTIC_STEPS nodes on and
-with the rule's order read from its last doubling (1 to 2). Its Gauss sums on the
-pieces are checked against those on the halved pieces, halved again until the change
-is within tolerance (exact._halve_until_within); that change is its estimate.
+with the rule's order read from its last doubling (1 to 2). Its pieces are integrated
+by adaptive Gauss quadrature (a Gauss pair per piece, the pieces that carry the error
+bisected until the estimate is within tolerance: exact._refine_pieces).
 """
 
 import math
@@ -443,7 +443,7 @@ class _ExactSwitch:
         norm = torch.as_tensor(norm).sqrt()
         complete = (total - self.value_change[chosen].double()).abs() / torch.maximum(self.scale[chosen], norm)
         # With Gauss nodes on the pieces (a smooth head, or a mixed network's pieces
-        # refined by halving), their own error estimate joins the completeness error.
+        # integrated adaptively), their own error estimate joins the completeness error.
         gauss = integral.info.head_error_estimate
         estimate = complete if gauss is None else torch.maximum(complete, gauss.to(complete))
         self.evaluations[chosen] += integral.info.evaluations

@@ -60,10 +60,9 @@ GAUSS_NODES_PER_PIECE = 3
 # Newton steps have not closed after BISECT_AFTER rounds is bisected.
 KINK_POSITION_TOLERANCE = 1e-10
 BISECT_AFTER = 6
-# n_steps="auto" on a mixed network: the Gauss rule on the pieces is checked against the
-# same rule on their halves, the examples whose change is above the tolerance halved
-# again, at most MAX_HALVINGS times (16 parts per piece).
-MAX_HALVINGS = 4
+# n_steps="auto" on a mixed network: rounds of bisecting the pieces that carry the error
+# estimate (see _refine_pieces).
+MAX_REFINEMENTS = 8
 # Walk forwards per piece of a curved walk (bracketing and Newton steps), measured on
 # bench_exact's mixed workloads: 2.6 (tanh-then-ReLU MLP), 2.2 (ReLU-FFN encoder layer).
 # What auto predicts a curved walk to cost.
@@ -102,9 +101,9 @@ class ExactSettings:
     # GAUSS_NODES_PER_PIECE / n_steps is cut into equal parts no longer than that, so the
     # smooth stretches between kinks get about n_steps nodes over the whole path.
     spread_steps: Optional[int] = None
-    # n_steps="auto" on a mixed network (ExactRoute with curved pieces): the Gauss sums
-    # are refined by halving every piece until the change is within this tolerance (see
-    # _halve_until_within); None: one Gauss rule per piece, as the methods give it.
+    # n_steps="auto" on a mixed network (ExactRoute with curved pieces): adaptive Gauss
+    # quadrature on the pieces, to this tolerance (see _refine_pieces); None: one Gauss
+    # rule per piece, as the methods give it.
     tolerance: Optional[float] = None
 
 
@@ -227,13 +226,14 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
         # sum estimates the midpoint rule's error, far above the Gauss rule's own.
         gauss_nodes, gauss_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
         nodes, weights = (0.5 * (1 + gauss_nodes)).tolist(), (0.5 * gauss_weights).tolist()
-        sums, midpoint_sums, gradient_rows = on_pieces.integrate(examples, piece_start, piece_length, nodes, weights)
-        # (None with an even number of nodes, which only bench_exact's reference sets.)
-        estimate = None if midpoint_sums is None else _relative_difference(midpoint_sums, sums, directions)
         if settings.tolerance is not None:
-            sums, estimate, halving_rows = _halve_until_within(
-                on_pieces, examples, piece_start, piece_length, nodes, weights, sums, settings.tolerance)
-            gradient_rows = gradient_rows + halving_rows
+            sums, estimate, gradient_rows = _refine_pieces(on_pieces, examples, piece_start, piece_length,
+                                                           settings.tolerance)
+        else:
+            sums, midpoint_sums, gradient_rows = on_pieces.integrate(examples, piece_start, piece_length, nodes,
+                                                                     weights)
+            # (None with an even number of nodes, which only bench_exact's reference sets.)
+            estimate = None if midpoint_sums is None else _relative_difference(midpoint_sums, sums, directions)
     evaluations = gradient_rows + pieces.walk_rows  # + the walk's forwards and the first engine pass
     breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
     info = ExactInfo(pieces.count, evaluations, int(pieces.walk_rows.sum()) - batch_size, breakpoints,
@@ -284,35 +284,104 @@ class _OnPieces:
         rows = torch.bincount(examples, minlength=self.batch_size) * len(nodes)
         return sums, midpoint_sums, rows
 
+    def per_piece(self, examples: torch.Tensor, piece_start: torch.Tensor, piece_length: torch.Tensor,
+                  nodes: List[float], weight_sets):
+        """Per group of pieces: (the group's slice, per weight set the gradient integral
+        of each piece (length x weighted gradients), a tuple over inputs of float64
+        tensors): the engine passes of integrate, with per-piece sums kept a group at a
+        time."""
+        for begin in range(0, examples.numel(), self.group):
+            part = slice(begin, min(begin + self.group, examples.numel()))
+            owners = examples[part]
+            integrals = [None] * len(weight_sets)
+            for index, node in enumerate(nodes):
+                t = piece_start[part] + node * piece_length[part]
+                self.rounds.append(self.run_round(owners, _points(self.starts, self.directions, owners, t), None))
+                gradients = self.rounds[-1].gradient_sums
+                for k, weights in enumerate(weight_sets):
+                    scale = (weights[index] * piece_length[part])
+                    terms = tuple(g.double() * scale.view((-1,) + (1,) * (g.dim() - 1)) for g in gradients)
+                    integrals[k] = terms if integrals[k] is None else tuple(a + t for a, t in zip(integrals[k], terms))
+            yield part, integrals
 
-def _halve_until_within(on_pieces: _OnPieces, examples, piece_start, piece_length, nodes, weights, sums,
-                        tolerance: float):
-    """The Gauss rule on the pieces, checked against the same rule on their halves: per
-    example the finer sums and the relative L2 change between the two (the coarser
-    rule's error, so an overstatement of the finer's). Examples whose change is above
-    ``tolerance`` are halved again, at most MAX_HALVINGS times. Returns (sums,
-    estimate, gradient rows per example)."""
-    batch_size = on_pieces.batch_size
-    directions = on_pieces.directions
-    estimate = torch.full((batch_size,), math.inf, dtype=torch.float64, device=examples.device)
-    rows = torch.zeros(batch_size, dtype=torch.long, device=examples.device)
-    undone = torch.ones(batch_size, dtype=torch.bool, device=examples.device)
-    for halving in range(1, MAX_HALVINGS + 1):
-        chosen = undone[examples]
-        parts = 2 ** halving
-        index = torch.arange(int(chosen.sum()), device=examples.device).repeat_interleave(parts)
-        part = torch.arange(index.numel(), device=examples.device) % parts
-        length = piece_length[chosen][index] / parts
-        finer, _, finer_rows = on_pieces.integrate(examples[chosen][index], piece_start[chosen][index] + part * length,
-                                                   length, nodes, weights)
-        rows += finer_rows
-        change = _relative_difference(sums, finer, directions).double()
-        estimate = torch.where(undone, change, estimate)
-        sums = tuple(torch.where(undone.view((-1,) + (1,) * (s.dim() - 1)), f, s) for s, f in zip(sums, finer))
-        undone &= estimate > tolerance
-        if not bool(undone.any()):
+
+def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, tolerance: float):
+    """Adaptive Gauss quadrature on the pieces (n_steps="auto" on a mixed network).
+
+    Every segment (at first the pieces) gets a Gauss pair, GAUSS_NODES_PER_PIECE nodes
+    and one fewer: the finer rule's sum is kept, the difference between the two
+    estimates the coarser rule's error, so it overstates the finer one's. An example's
+    estimate is ||sum of its segments' differences x direction||_2 / ||attributions||_2.
+    Where it is above ``tolerance`` the segments with the largest differences are
+    bisected, the fewest that leave the others' differences summing to at most half the
+    tolerance (on bench_exact's encoder layer 3 of 470 pieces carried 99% of the
+    error: a kink the walk missed, or a long bending stretch); their old pair is
+    evaluated again to take it out (cheaper than keeping every segment's sums), at most
+    MAX_REFINEMENTS rounds. Returns (sums, estimate, gradient rows per example)."""
+    batch_size, directions = on_pieces.batch_size, on_pieces.directions
+    device = examples.device
+    fine_nodes, fine_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
+    coarse_nodes, coarse_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE - 1)
+    nodes = (0.5 * (1 + np.concatenate([fine_nodes, coarse_nodes]))).tolist()
+    fine = (0.5 * np.concatenate([fine_weights, 0 * coarse_weights])).tolist()
+    coarse = (0.5 * np.concatenate([0 * fine_weights, coarse_weights])).tolist()
+    sums = tuple(torch.zeros_like(d, dtype=torch.float64) for d in directions)
+    differences = tuple(torch.zeros_like(total) for total in sums)
+    rows = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def add_pairs(segment_examples, starts, lengths, sign: float) -> torch.Tensor:
+        """Add (sign +1) or take out (-1) the segments' pairs; their differences' norms."""
+        norms = torch.zeros(segment_examples.numel(), dtype=torch.float64, device=device)
+        for part, (finer, coarser) in on_pieces.per_piece(segment_examples, starts, lengths, nodes, (fine, coarse)):
+            owners = segment_examples[part]
+            change = tuple(f - c for f, c in zip(finer, coarser))
+            norms[part] = _attribution_norm(change, directions, owners)
+            for total, value in zip(sums, finer):
+                total.index_add_(0, owners, sign * value)
+            for total, value in zip(differences, change):
+                total.index_add_(0, owners, sign * value)
+        rows.add_(torch.bincount(segment_examples, minlength=batch_size) * len(nodes))
+        return norms
+
+    everyone = torch.arange(batch_size, device=device)
+    norms = add_pairs(examples, piece_start, piece_length, 1.0)
+    for _ in range(MAX_REFINEMENTS + 1):
+        size = _attribution_norm(sums, directions, everyone)
+        error = _attribution_norm(differences, directions, everyone)
+        estimate = torch.where(size > 0, error / size.clamp_min(torch.finfo(torch.float64).tiny), error)
+        undone = estimate > tolerance
+        if _ == MAX_REFINEMENTS or not bool(undone.any()):
             break
+        split = _largest_carrying(examples, norms, undone, 0.5 * tolerance * size, batch_size)
+        add_pairs(examples[split], piece_start[split], piece_length[split], -1.0)
+        kept = ~split
+        half = piece_length[split] / 2
+        halves = (examples[split].repeat(2), torch.cat([piece_start[split], piece_start[split] + half]), half.repeat(2))
+        examples, piece_start, piece_length = (torch.cat([e[kept], h]) for e, h in
+                                               zip((examples, piece_start, piece_length), halves))
+        norms = torch.cat([norms[kept], add_pairs(*halves, 1.0)])
     return sums, estimate.to(torch.float32), rows
+
+
+def _attribution_norm(gradient_integrals, directions, owners: torch.Tensor) -> torch.Tensor:
+    """Per row, ||integral x its example's direction||_2 over every input, float64."""
+    return sum((g * d[owners].double()).flatten(1).square().sum(1)
+               for g, d in zip(gradient_integrals, directions)).sqrt()
+
+
+def _largest_carrying(owners: torch.Tensor, norms: torch.Tensor, undone: torch.Tensor, budget: torch.Tensor,
+                      batch_size: int) -> torch.Tensor:
+    """Mask of the segments to split: for each undone example, its segments by
+    decreasing norm until those left sum to at most its budget."""
+    order = torch.argsort(norms, descending=True, stable=True)
+    order = order[torch.argsort(owners[order], stable=True)]  # by example, largest first within
+    owner, norm = owners[order], norms[order]
+    totals = torch.bincount(owners, weights=norms, minlength=batch_size)
+    before = torch.cumsum(totals, 0) - totals  # the norms of earlier examples' segments
+    left_from_here = totals[owner] - (torch.cumsum(norm, 0) - norm - before[owner])
+    split = torch.zeros_like(undone[owners])
+    split[order] = undone[owner] & (left_from_here > budget[owner])
+    return split
 
 
 def _cut_long_pieces(examples: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, longest: float):
@@ -490,17 +559,17 @@ class PieceEstimate:
     pieces: torch.Tensor  # (E,) int64: 1 + the kinks the units would cross if they stayed affine
     smooth_head: Optional[str]  # the first smooth op after the last kink, or None
     # Smooth ops before kinks (a mixed network): the pieces are those of
-    # method="gausslegendre_pieces", integrated by ExactRoute with halving (see
-    # _halve_until_within), and the count of kinks a linear extrapolation.
+    # method="gausslegendre_pieces", integrated by ExactRoute adaptively (see
+    # _refine_pieces), and the count of kinks a linear extrapolation.
     curved: bool = False
 
     @property
     def evaluations(self) -> torch.Tensor:
         """The predicted evaluations of integrating these pieces (see ExactInfo.evaluations):
-        method="exact"'s, or with curved pieces the curved walk's and three Gauss rules
-        per piece (the rule on the pieces and on their halves)."""
+        method="exact"'s, or with curved pieces the curved walk's and a Gauss pair per
+        piece (_refine_pieces; its bisections are few and not predicted)."""
         if self.curved:
-            return self.pieces * (CURVED_WALK_ROWS_PER_PIECE + 3 * GAUSS_NODES_PER_PIECE)
+            return self.pieces * (CURVED_WALK_ROWS_PER_PIECE + 2 * GAUSS_NODES_PER_PIECE - 1)
         nodes = GAUSS_NODES_PER_PIECE if self.smooth_head else 1
         return self.pieces * (nodes + 1) - (0 if self.smooth_head else 1)
 

@@ -359,11 +359,12 @@ def test_a_smooth_head_switches_with_its_gauss_estimate():
 def test_a_mixed_network_switches_to_gauss_nodes_on_pieces_refined_to_tolerance(monkeypatch):
     """Smooth ops before kinks (tanh, then ReLUs): method="exact" cannot walk the network,
     but where the rule would need thousands of nodes auto walks the pieces as
-    method="gausslegendre_pieces" does and halves them until the Gauss sums change by
-    less than the tolerance. Checked against an independent partition of the path with
-    16 Gauss nodes per piece: the estimate stays above the error, and an example the
-    halvings could not bring within tolerance is reported unconverged. (Below about
-    1e-12 the kinks' positions, located to 1e-10 in t, limit both results.)"""
+    method="gausslegendre_pieces" does and integrates them by adaptive Gauss quadrature
+    (a Gauss pair per piece, bisected where the error is). Checked against an
+    independent partition of the path with 16 Gauss nodes per piece: the estimate stays
+    above the error, and an example the refinements could not bring within tolerance is
+    reported unconverged. (Below about 1e-12 the kinks' positions, located to 1e-10 in
+    t, limit both results.)"""
     torch.manual_seed(0)
     model = tanh_then_relu().double().eval()
     generator = torch.Generator().manual_seed(1)
@@ -388,12 +389,12 @@ def test_a_mixed_network_switches_to_gauss_nodes_on_pieces_refined_to_tolerance(
         torch.testing.assert_close(delta, ours.sum(1) - difference, rtol=0, atol=1e-12)
         evaluations.append(info.evaluations)
     assert bool(info.converged.all())
-    # A tighter tolerance halves more: more evaluations, never fewer.
+    # A tighter tolerance bisects more: more evaluations, never fewer.
     for looser, tighter in zip(evaluations, evaluations[1:]):
         assert bool((tighter >= looser).all())
     assert bool((evaluations[-1] > evaluations[0]).all())
-    # One halving is not enough for 1e-10 (some examples needed three): those are reported.
-    monkeypatch.setattr(igfast.exact, "MAX_HALVINGS", 1)
+    # Without bisections the Gauss pairs do not reach 1e-10: those examples are reported.
+    monkeypatch.setattr(igfast.exact, "MAX_REFINEMENTS", 0)
     ours, info = ig.attribute(x, baseline, target=1, n_steps="auto", tolerance=1e-10, max_steps=1025,
                               return_adaptive_info=True)
     assert info.exact.all() and not info.converged.all()

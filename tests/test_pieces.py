@@ -244,3 +244,14 @@ def test_transformer_encoder_layer_with_relu_feed_forward(device):
     expected, pieces = oracle(model, inputs, baselines, 0, nodes_per_piece=16)
     assert info.pieces.cpu().tolist() == pieces.tolist() and (pieces > 10).all()
     assert (_relative_l2(attributions, expected) < 1e-5).all(), _relative_l2(attributions, expected)
+
+
+def test_refinement_bisects_the_fewest_pieces_that_carry_the_error():
+    # Example 0: norms 5, 1, 0.5 against a budget of 1.2 split the first two (1.5 and
+    # then 0.5 are left); example 1 is within its budget; example 2 is done.
+    owners = torch.tensor([0, 1, 0, 0, 1, 2])
+    norms = torch.tensor([1.0, 2.0, 5.0, 0.5, 2.0, 9.0], dtype=torch.float64)
+    undone = torch.tensor([True, True, False])
+    budget = torch.tensor([1.2, 10.0, 0.0], dtype=torch.float64)
+    split = igfast.exact._largest_carrying(owners, norms, undone, budget, 3)
+    assert split.tolist() == [True, False, True, False, False, False]
