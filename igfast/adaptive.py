@@ -105,8 +105,9 @@ class AdaptiveInfo:
     completeness_error: torch.Tensor  # (B,): |sum(attributions) - (F(x) - F(x'))| / scale, exact
     converged: torch.Tensor  # (B,) bool: error_estimate <= tolerance (else max_steps was reached)
     tolerance: float
-    # (B,) bool: integrated by method="exact" after the rule's first rounds (see
-    # integrate_adaptively); their error_estimate is the exact result's own.
+    # (B,) bool: integrated by method="exact" (on a mixed network: by Gauss pairs on the
+    # pieces of method="gausslegendre_pieces") after the rule's first rounds (see
+    # integrate_adaptively); their error_estimate is that integral's own.
     exact: Optional[torch.Tensor] = None
     # Why no example could switch to the exact rule (the network is not piecewise
     # linear, ...); None when the switch was open or never needed.
@@ -326,7 +327,9 @@ class _ExactSwitch:
     switches when that prediction is below the rule's cost to go and within what is left
     of max_steps; the prediction is not a bound, so an exact example may end above
     max_steps. The first probe that finds the network cannot be walked closes the switch
-    for the call, and says why (AdaptiveInfo.exact_unavailable).
+    for the call, and says why (AdaptiveInfo.exact_unavailable). A mixed network's
+    examples switch to adaptive Gauss pairs on their pieces (ExactRoute.curved; see the
+    module docstring for how its decision differs).
     """
 
     def __init__(self, route: ExactRoute, settings: AdaptiveSettings, differences, results, evaluations,

@@ -179,7 +179,10 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 estimates from their ratio; on a piecewise-linear one an example
                 switches to method="exact" when that is predicted cheaper than
                 refining its rule, and below 33 nodes the change counts double (there
-                it alone understated the error). Default: 1e-3.
+                it alone understated the error); on a mixed one (smooth ops before
+                kinks) it switches to the pieces of method="gausslegendre_pieces",
+                integrated by Gauss pairs bisected until their estimate is within
+                tolerance. Default: 1e-3.
             max_steps (int, optional; n_steps="auto" or method="exact"): with "auto",
                 the most path points per example (the largest rule 2^k + 1 <=
                 max_steps; at least 9); examples that reach it are returned with
