@@ -57,8 +57,11 @@ GAUSS_NODES_PER_PIECE = 3
 # method="gausslegendre_pieces" (kinks after smooth ops): a kink is located once it is
 # bracketed this closely in t (or the changed units' Newton estimate says so); the
 # error this leaves is at most the bracket times the gradient's jump. A bracket that
-# Newton steps have not closed after BISECT_AFTER rounds is bisected.
+# Newton steps have not closed after BISECT_AFTER rounds is bisected. With a `tolerance`
+# the kinks are located to KINK_SHARE of it where that is closer (a kink misplaced by 1e-10
+# cost 6e-10 relative on a GELU and layer-norm model), down to the dtype's kink margin.
 KINK_POSITION_TOLERANCE = 1e-10
+KINK_SHARE = 1e-2
 BISECT_AFTER = 6
 # n_steps="auto" on a mixed network: rounds of bisecting the pieces that carry the error
 # estimate (see _refine_pieces).
@@ -101,9 +104,10 @@ class ExactSettings:
     # GAUSS_NODES_PER_PIECE / n_steps is cut into equal parts no longer than that, so the
     # smooth stretches between kinks get about n_steps nodes over the whole path.
     spread_steps: Optional[int] = None
-    # n_steps="auto" on a mixed network (ExactRoute with curved pieces): adaptive Gauss
-    # quadrature on the pieces, to this tolerance (see _refine_pieces); None: one Gauss
-    # rule per piece, as the methods give it.
+    # Where pieces get Gauss nodes (gausslegendre_pieces, or a smooth head): adaptive
+    # Gauss quadrature on the pieces to this relative error (see _refine_pieces), as a
+    # user's `tolerance` or n_steps="auto" on a mixed network asks; None: one Gauss rule
+    # per piece, its estimate the midpoint rule's distance.
     tolerance: Optional[float] = None
 
 
@@ -148,7 +152,8 @@ def exact_settings(n_steps, tolerance, max_steps, method: str = "exact") -> Exac
     """Check the arguments that go with a method of PIECE_METHODS. n_steps is not used by
     method="exact" (one node per piece) but must still be an integer, as for any method;
     method="gausslegendre_pieces" spreads about that many nodes over the smooth
-    stretches (see ExactSettings.spread_steps)."""
+    stretches (see ExactSettings.spread_steps). ``tolerance`` asks for adaptive Gauss
+    pairs on the pieces wherever Gauss nodes are used (see ExactSettings.tolerance)."""
     if isinstance(n_steps, str):
         raise ArgumentError(
             f"method={method!r} integrates along the path's pieces, without a global rule: give no "
@@ -156,18 +161,21 @@ def exact_settings(n_steps, tolerance, max_steps, method: str = "exact") -> Exac
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise ArgumentError(f"`n_steps` must be an integer; got {n_steps!r}.")
     if tolerance is not None:
-        raise ArgumentError(f"`tolerance` applies to n_steps='auto' only; method={method!r} does not take it.")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)) or not tolerance > 0:
+            raise ArgumentError(f"`tolerance` (with method={method!r}: the relative error its Gauss nodes on the "
+                                f"pieces are refined to) must be a number > 0; got {tolerance!r}.")
+        tolerance = float(tolerance)
     curved = PIECE_METHODS[method]
     if curved and n_steps < 1:
         raise ArgumentError(f"`n_steps` (with method={method!r}: Gauss nodes spread over the path's smooth "
                             f"stretches) must be an integer >= 1; got {n_steps!r}.")
     spread = int(n_steps) if curved else None
     if max_steps is None:
-        return ExactSettings(DEFAULT_MAX_PIECES, curved, spread)
+        return ExactSettings(DEFAULT_MAX_PIECES, curved, spread, tolerance)
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ArgumentError(f"`max_steps` (with method={method!r}: the most pieces per example) must be an "
                             f"integer >= 1; got {max_steps!r}.")
-    return ExactSettings(int(max_steps), curved, spread)
+    return ExactSettings(int(max_steps), curved, spread, tolerance)
 
 
 def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[list]) -> None:
@@ -464,7 +472,10 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
     """
     batch_size = first.count
     device = first.next_step.device
-    tolerance = max(margin, KINK_POSITION_TOLERANCE)
+    tolerance = KINK_POSITION_TOLERANCE
+    if settings.tolerance is not None:
+        tolerance = min(tolerance, KINK_SHARE * settings.tolerance)
+    tolerance = max(margin, tolerance)
     if first.state is None:  # no piecewise-linear op: one smooth piece
         everyone = torch.arange(batch_size, device=device)
         zeros = torch.zeros(batch_size, dtype=torch.float64, device=device)

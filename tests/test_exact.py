@@ -451,7 +451,8 @@ def test_smooth_models_without_kinks_are_integrated_with_gauss_nodes():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_steps": "auto"}, "n_steps"),
-    ({"tolerance": 1e-3}, "tolerance"),
+    ({"tolerance": 0.0}, "tolerance"),
+    ({"tolerance": "1e-3"}, "tolerance"),
     ({"max_steps": 0}, "max_steps"),
     ({"max_steps": 2}, "max_steps"),
     ({"targets": [0, 1]}, "target"),

@@ -221,7 +221,7 @@ def test_exact_names_the_method_for_mixed_networks_and_arguments_are_checked():
     ig = igfast.IntegratedGradients(model)
     with pytest.raises(NotPiecewiseLinearError, match="gausslegendre_pieces"):
         ig.attribute(inputs, target=0, method="exact")
-    for kwargs, match in (({"n_steps": "auto"}, "n_steps"), ({"tolerance": 1e-3}, "tolerance"),
+    for kwargs, match in (({"n_steps": "auto"}, "n_steps"), ({"tolerance": -1e-3}, "tolerance"),
                           ({"max_steps": 0}, "max_steps"), ({"max_steps": 2}, "gausslegendre_pieces.*max_steps")):
         with pytest.raises(ArgumentError, match=match):
             ig.attribute(2 * inputs, target=0, method="gausslegendre_pieces", **kwargs)
@@ -255,3 +255,28 @@ def test_refinement_bisects_the_fewest_pieces_that_carry_the_error():
     budget = torch.tensor([1.2, 10.0, 0.0], dtype=torch.float64)
     split = igfast.exact._largest_carrying(owners, norms, undone, budget, 3)
     assert split.tolist() == [True, False, True, False, False, False]
+
+
+@pytest.mark.parametrize("name", ["tanh_then_relu", "gelu_layer_norm_then_leaky_and_clamp"])
+def test_a_tolerance_makes_the_gauss_nodes_on_the_pieces_adaptive(name):
+    """With `tolerance`, each piece gets a Gauss pair (3 and 2 nodes) and the pieces that
+    carry the error are bisected until the estimate is within it: checked against the
+    independent partition with 16 nodes per piece; tighter costs more."""
+    model, shape = make_mixed(name, "cpu")
+    inputs = 2 * torch.randn(4, *shape, dtype=torch.float64)
+    baselines = 0.3 * torch.randn(4, *shape, dtype=torch.float64)
+    expected, pieces = oracle(model, inputs, baselines, 1, nodes_per_piece=16)
+    ig = igfast.IntegratedGradients(model)
+    _, plain = ig.attribute(inputs, baselines, target=1, method="gausslegendre_pieces", n_steps=3,
+                            return_adaptive_info=True)
+    evaluations = plain.evaluations
+    for tolerance in (1e-5, 1e-8, 1e-10):
+        attributions, info = ig.attribute(inputs, baselines, target=1, method="gausslegendre_pieces", n_steps=3,
+                                          tolerance=tolerance, return_adaptive_info=True)
+        assert info.pieces.tolist() == pieces.tolist()  # the same kinks
+        error = _relative_l2(attributions, expected)
+        estimate = info.head_error_estimate.double()
+        assert bool((error <= estimate).all()) and bool((estimate <= tolerance).all()), (tolerance, error, estimate)
+        assert bool((info.evaluations >= evaluations).all())
+        evaluations = info.evaluations
+    assert bool((evaluations > plain.evaluations).all())

@@ -166,7 +166,9 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 ``target="topk:k"`` (each example's k top classes at the inputs) ask
                 the same. Attributions then have a leading K dimension and the delta
                 is shaped (K, B).
-            tolerance (float, optional; n_steps="auto" only): the relative error
+            tolerance (float, optional; n_steps="auto", or the Gauss nodes on the
+                pieces of method="gausslegendre_pieces" or of a smooth head with
+                method="exact", which it makes adaptive): the relative error
                 each example is refined to. The estimate is the larger of the exact
                 completeness error relative to |F(inputs) - F(baselines)| (floored at
                 1% of max(|F(inputs)|, |F(baselines)|) and at the attributions' L2
@@ -196,7 +198,8 @@ class IntegratedGradients(*captum_bases("IntegratedGradients")):
                 ``exact_unavailable`` (why none could switch); with "exact", an
                 ``ExactInfo`` with per example ``pieces``, ``evaluations`` and
                 ``breakpoints`` (t of each piece's start), ``smooth_head`` and, with
-                a head, ``head_error_estimate`` (relative; an overestimate).
+                Gauss nodes, ``head_error_estimate`` (relative; the midpoint rule's
+                distance, or with ``tolerance`` the Gauss pairs' estimate).
                 Default: False.
 
         Returns:
