@@ -63,8 +63,8 @@ GAUSS_NODES_PER_PIECE = 3
 KINK_POSITION_TOLERANCE = 1e-10
 KINK_SHARE = 1e-2
 BISECT_AFTER = 6
-# n_steps="auto" on a mixed network: rounds of bisecting the pieces that carry the error
-# estimate (see _refine_pieces).
+# With a tolerance (a user's, or n_steps="auto" on a mixed network): the most rounds of
+# bisecting the pieces that carry the error estimate (see _refine_pieces).
 MAX_REFINEMENTS = 8
 # Walk forwards per piece of a curved walk (bracketing and Newton steps), measured on
 # bench_exact's mixed workloads: 2.6 (tanh-then-ReLU MLP), 2.2 (ReLU-FFN encoder layer).
@@ -314,7 +314,7 @@ class _OnPieces:
 
 
 def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, tolerance: float):
-    """Adaptive Gauss quadrature on the pieces (n_steps="auto" on a mixed network).
+    """Adaptive Gauss quadrature on the pieces (ExactSettings.tolerance).
 
     Every segment (at first the pieces) gets a Gauss pair, GAUSS_NODES_PER_PIECE nodes
     and one fewer: the finer rule's sum is kept, the difference between the two
@@ -353,12 +353,12 @@ def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, to
 
     everyone = torch.arange(batch_size, device=device)
     norms = add_pairs(examples, piece_start, piece_length, 1.0)
-    for _ in range(MAX_REFINEMENTS + 1):
+    for refinement in range(MAX_REFINEMENTS + 1):
         size = _attribution_norm(sums, directions, everyone)
         error = _attribution_norm(differences, directions, everyone)
         estimate = torch.where(size > 0, error / size.clamp_min(torch.finfo(torch.float64).tiny), error)
         undone = estimate > tolerance
-        if _ == MAX_REFINEMENTS or not bool(undone.any()):
+        if refinement == MAX_REFINEMENTS or not bool(undone.any()):
             break
         split = _largest_carrying(examples, norms, undone, 0.5 * tolerance * size, batch_size)
         add_pairs(examples[split], piece_start[split], piece_length[split], -1.0)
