@@ -225,7 +225,8 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
         first = slice(0, batch_size)  # the first piece of every example, in batch order
         _add(sums, everyone, rounds[0].gradient_sums, piece_length[first])
         rest = slice(batch_size, None)
-        total, _, gradient_rows = on_pieces.integrate(examples[rest], piece_start[rest], piece_length[rest], [0.5], [1.0])
+        total, _, gradient_rows = on_pieces.integrate(examples[rest], piece_start[rest], piece_length[rest],
+                                                      [0.5], [1.0])
         sums = tuple(s + t for s, t in zip(sums, total))
     else:
         # The gradient bends inside a piece: Gauss nodes on every piece (the
@@ -284,8 +285,8 @@ class _OnPieces:
             for begin in range(0, examples.numel(), self.group):
                 rows = slice(begin, begin + self.group)
                 t = piece_start[rows] + node * piece_length[rows]
-                self.rounds.append(self.run_round(examples[rows], _points(self.starts, self.directions, examples[rows], t),
-                                                  None))
+                points = _points(self.starts, self.directions, examples[rows], t)
+                self.rounds.append(self.run_round(examples[rows], points, None))
                 _add(sums, examples[rows], self.rounds[-1].gradient_sums, weight * piece_length[rows])
                 if midpoint_sums is not None and node == 0.5:
                     _add(midpoint_sums, examples[rows], self.rounds[-1].gradient_sums, piece_length[rows])

@@ -412,6 +412,21 @@ def test_a_mixed_network_keeps_the_rule_at_loose_tolerances():
     assert not info.exact.any() and info.exact_unavailable is None and bool(info.converged.all())
 
 
+@pytest.mark.parametrize("layer", [False, True])
+def test_a_switched_mixed_example_gets_gausslegendre_pieces_with_that_tolerance(layer):
+    torch.manual_seed(3)
+    model = tanh_then_relu().double().eval()
+    x = 2 * torch.randn(3, 6, dtype=torch.float64)
+    baseline = torch.zeros(1, 6, dtype=torch.float64)
+    explainer = (igfast.LayerIntegratedGradients(model, model[0]) if layer  # the tanh's input: tanh, then kinks
+                 else igfast.IntegratedGradients(model))
+    expected = explainer.attribute(x, baseline, target=2, method="gausslegendre_pieces", n_steps=1, tolerance=1e-7)
+    ours, info = explainer.attribute(x, baseline, target=2, n_steps="auto", tolerance=1e-7, max_steps=1025,
+                                     return_adaptive_info=True)
+    assert info.exact.all() and info.converged.all()
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-13)
+
+
 def test_a_compiled_model_keeps_the_rule_and_says_why():
     model, x, baseline, target = model_and_batch("relu")
     compiled = torch.compile(model, backend="eager")
