@@ -174,9 +174,13 @@ def minilm() -> Subject:
 
     with torch.no_grad():
         vectors = embeddings(task.inputs)
+    # LayerIG through six float32 attention layers differs from Captum by rounding alone,
+    # which depends on the CPU's vector width: on a 2-core AVX2 machine 9.8e-6 (plain
+    # PyTorch path) and 1.15e-5 (with the kernels) relative, where the same comparison in
+    # float64 agrees to 2e-14. IG on the same model: 1.1e-6.
     return Subject(from_embeddings, vectors, 1, model, embeddings, task.inputs, 1,
                    additional_forward_args=(mask,), layer_additional_forward_args=(mask,),
-                   memory_budget=6 * 2**20)
+                   memory_budget=6 * 2**20, tolerance=3e-5)
 
 
 def gpt2() -> Subject:
