@@ -279,38 +279,36 @@ class _OnPieces:
         """(sums, the sums of the node at 0.5 alone (the midpoint rule; None without
         one), gradient rows per example), sums float64 and zero for examples without
         pieces."""
-        sums = tuple(torch.zeros_like(d, dtype=torch.float64) for d in self.directions)
-        midpoint_sums = tuple(torch.zeros_like(s) for s in sums) if len(nodes) > 1 and 0.5 in nodes else None
-        for node, weight in zip(nodes, weights):
-            for begin in range(0, examples.numel(), self.group):
-                rows = slice(begin, begin + self.group)
-                t = piece_start[rows] + node * piece_length[rows]
-                points = _points(self.starts, self.directions, examples[rows], t)
-                self.rounds.append(self.run_round(examples[rows], points, None))
-                _add(sums, examples[rows], self.rounds[-1].gradient_sums, weight * piece_length[rows])
-                if midpoint_sums is not None and node == 0.5:
-                    _add(midpoint_sums, examples[rows], self.rounds[-1].gradient_sums, piece_length[rows])
+        midpoint = len(nodes) > 1 and 0.5 in nodes
+        weight_sets = (weights, [1.0 if node == 0.5 else 0.0 for node in nodes]) if midpoint else (weights,)
+        totals = [tuple(torch.zeros_like(d, dtype=torch.float64) for d in self.directions) for _ in weight_sets]
+        for part, integrals in self.per_piece(examples, piece_start, piece_length, nodes, weight_sets):
+            for total, integral in zip(totals, integrals):
+                for t, value in zip(total, integral):
+                    t.index_add_(0, examples[part], value)
         rows = torch.bincount(examples, minlength=self.batch_size) * len(nodes)
-        return sums, midpoint_sums, rows
+        return totals[0], (totals[1] if midpoint else None), rows
 
     def per_piece(self, examples: torch.Tensor, piece_start: torch.Tensor, piece_length: torch.Tensor,
                   nodes: List[float], weight_sets):
         """Per group of pieces: (the group's slice, per weight set the gradient integral
         of each piece (length x weighted gradients), a tuple over inputs of float64
-        tensors): the engine passes of integrate, with per-piece sums kept a group at a
+        tensors): one engine pass per node and group, per-piece sums kept a group at a
         time."""
         for begin in range(0, examples.numel(), self.group):
             part = slice(begin, min(begin + self.group, examples.numel()))
             owners = examples[part]
-            integrals = [None] * len(weight_sets)
+            integrals = [tuple(torch.zeros_like(d[owners], dtype=torch.float64) for d in self.directions)
+                         for _ in weight_sets]
             for index, node in enumerate(nodes):
                 t = piece_start[part] + node * piece_length[part]
                 self.rounds.append(self.run_round(owners, _points(self.starts, self.directions, owners, t), None))
                 gradients = self.rounds[-1].gradient_sums
-                for k, weights in enumerate(weight_sets):
-                    scale = (weights[index] * piece_length[part])
-                    terms = tuple(g.double() * scale.view((-1,) + (1,) * (g.dim() - 1)) for g in gradients)
-                    integrals[k] = terms if integrals[k] is None else tuple(a + t for a, t in zip(integrals[k], terms))
+                for integral, weights in zip(integrals, weight_sets):
+                    if weights[index]:
+                        scale = weights[index] * piece_length[part]
+                        for total, g in zip(integral, gradients):
+                            total.add_(g.double() * scale.view((-1,) + (1,) * (g.dim() - 1)))
             yield part, integrals
 
 
@@ -669,9 +667,10 @@ def _gradient_group(row_limit: RowLimit, directions: Tuple[torch.Tensor, ...]) -
 def _relative_difference(estimate, sums, directions) -> torch.Tensor:
     """Per example, ||(estimate - sums) * direction|| / ||sums * direction|| over every
     input: the relative L2 distance of two attributions."""
-    difference = sum(((e - s) * d.double()).flatten(1).pow(2).sum(1) for e, s, d in zip(estimate, sums, directions))
-    size = sum((s * d.double()).flatten(1).pow(2).sum(1) for s, d in zip(sums, directions))
-    return (difference.sqrt() / size.sqrt().clamp_min(torch.finfo(torch.float64).tiny)).to(torch.float32)
+    everyone = torch.arange(directions[0].shape[0], device=directions[0].device)
+    difference = _attribution_norm(tuple(e - t for e, t in zip(estimate, sums)), directions, everyone)
+    size = _attribution_norm(sums, directions, everyone)
+    return (difference / size.clamp_min(torch.finfo(torch.float64).tiny)).to(torch.float32)
 
 
 def _breakpoints(examples: torch.Tensor, piece_starts: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
