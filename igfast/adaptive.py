@@ -39,11 +39,12 @@ extrapolated from the convergence ratio (_smooth_estimate). Piecewise-linear
 networks (ReLU, max-pool, ...; see exact.py) get two things, once the same forward
 per example has predicted each path's pieces:
 
-- a switch to method="exact" for an example whose exact cost (2 evaluations per
+- a switch to method="exact" for an example whose exact cost (1 evaluation per
   piece, 4 with a smooth head) is below what refining its rule is predicted to cost
   (_ExactSwitch: the rule's error falls as 1/n on such a network), unless the walk's
-  sequential rounds (one per piece, timed by the probe) would take longer than the
-  rule's remaining rows (timed in round 0): the choice depends on measured times;
+  rows and sequential rounds (about one per piecewise-linear op, each timed by the
+  probe) would take longer than the rule's remaining rows (timed in round 0): the
+  choice depends on measured times;
 - a stricter estimate, measured against exact IG: below ASYMPTOTIC_STEPS nodes the
   change counts PRE_ASYMPTOTIC_FACTOR times, and it never falls below half the last
   level's change.
@@ -351,8 +352,8 @@ class _ExactSwitch:
         self.unavailable: Optional[str] = None
         # Seconds of one forward+backward row (from round 0) and of one walk round (the
         # probe over the most examples: the first probe, on one example, also pays the
-        # first call's setup, up to seconds): the walk takes one round per piece of its
-        # longest path, a latency the rule's evaluations do not have (see take).
+        # first call's setup, up to seconds): the walk's rounds wait on each other, a
+        # latency the rule's evaluations do not have (see take).
         self.row_seconds, self.walk_round_seconds = 0.0, 0.0
         self._timed_probe_size = 0
 
@@ -424,9 +425,10 @@ class _ExactSwitch:
         if not bool(cheaper.any()):
             return taken
         chosen = candidates[cheaper]
-        # In time, the walk also pays one round per piece of its longest path: a few
-        # examples of a small model walk for longer than the rule takes to refine them.
-        walk_rounds = float(self.pieces[chosen].max()) * self.route.walk_rounds_per_piece
+        # In time, the walk also pays its sequential rounds (a curved walk: a few per piece
+        # of its longest path): a few examples of a small model may walk for longer than
+        # the rule takes to refine them.
+        walk_rounds = self.route.walk_rounds(int(self.pieces[chosen].max()))
         walk_seconds = walk_rounds * self.walk_round_seconds + float(exact_cost[cheaper].sum()) * self.row_seconds
         if walk_seconds > float(to_go[cheaper].sum()) * self.row_seconds:
             return taken

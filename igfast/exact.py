@@ -6,17 +6,19 @@ gradient is constant there and
 
     integral_0^1 grad F(p(t)) dt = sum over pieces k of (t_{k+1} - t_k) grad F(p(t_k)),
 
-with grad F(p(t_k)) taken on the side the path moves into. The walk below finds the
-pieces one at a time, for every example at once: round k evaluates each active
-example at its own t_k with forward-mode tangents along the path
-(piecewise.BreakpointMode), which gives in the same forward and backward both the
-piece's gradient and the distance to the next breakpoint. An example leaves the walk
-when it reaches t = 1, so its cost is its own number of pieces.
+with grad F(p(t_k)) taken on the side the path moves into. _split_into_pieces finds
+the pieces in rounds, for every example at once: each segment of a path not yet known
+to be one piece (at first the whole path) is evaluated at its middle with forward-mode
+tangents along the path (piecewise.BreakpointMode), which gives in the same forward
+and backward the gradient there, the piece that holds the point, and every kink that
+point can place exactly; the segment is cut at those kinks, and the parts other than
+the piece are the next round's segments. Each piece costs the one row that found it,
+and the rounds are about as many as the network's piecewise-linear layers.
 
-Each round is one pass of the streaming engine over the active examples (one path
-node per example, at alpha 0 of a path that starts at the example's current point),
-so rounds are chunked to the memory budget and survive out-of-memory errors like
-every other rule; the row limit measured in the first round serves all later ones.
+Each round is one pass of the streaming engine per group of segments (one path node
+per segment, at alpha 0 of a path that starts at the segment's middle), so rounds
+are chunked to the memory budget and survive out-of-memory errors like every other
+rule; the row limit measured in the first round serves all later ones.
 
 A smooth head after the last piecewise-linear op (softmax, log-softmax, sigmoid of
 the target) makes the gradient vary inside a piece. The breakpoints are still exact
@@ -116,11 +118,15 @@ class ExactInfo:
     """What method="exact" did, per example."""
 
     pieces: torch.Tensor  # (B,) int64: linear pieces of the path
-    # (B,) int64: model evaluations: forward+backward rows (one per piece, or
-    # GAUSS_NODES_PER_PIECE with a smooth head) plus the walk's forwards with tangents
-    # (one per piece after the first, whose walk and gradient share a row)
+    # (B,) int64: model evaluations: one forward+backward row per piece (the one that
+    # found it gives its gradient); with a smooth head GAUSS_NODES_PER_PIECE rows more,
+    # the rows that found the pieces being forwards with tangents after the first round;
+    # with gausslegendre_pieces the curved walk's forwards and the Gauss rows
     evaluations: torch.Tensor
     walk_forwards: int  # of those, forwards with tangents only, over the batch
+    # Rounds of the walk: passes that wait on the one before (method="exact": about the
+    # network's piecewise-linear layers; gausslegendre_pieces: a few per piece)
+    walk_rounds: int
     breakpoints: List[torch.Tensor]  # per example, float64: t of every piece's start (0 first)
     smooth_head: Optional[str]  # the first smooth op after the last kink (None: the pieces are exact)
     nodes_per_piece: int  # gradients per piece: 1, or GAUSS_NODES_PER_PIECE with a smooth head
@@ -201,38 +207,33 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     # Summed in float64: a path of thousands of pieces would otherwise lose the last
     # digits of float32 completeness to the order of the sum.
     sums = tuple(torch.zeros_like(d, dtype=torch.float64) for d in directions)
-    everyone = torch.arange(batch_size, device=device)
     found: dict = {}
-
-    # The first piece: walked and its gradient taken in one engine pass (gradient at
-    # t = 0 on the side the path enters), which also sizes the engine's chunks.
-    first = _WalkRecord(batch_size, device)
-    rounds = [run_round(everyone, starts, _walker(directions, first, margin, found, settings.curved_kinks))]
-    follow = _follow_curved_pieces if settings.curved_kinks else _follow_pieces
-    pieces = follow(forward_at, starts, directions, first, margin, found, row_limit, settings)
+    group = _gradient_group(row_limit, directions)
+    rounds: List[PathIntegral] = []
+    if settings.curved_kinks:
+        # The first piece's start: walked and its gradient taken in one engine pass, which
+        # also sizes the engine's chunks (its gradient is not used: Gauss nodes follow).
+        everyone = torch.arange(batch_size, device=device)
+        first = _WalkRecord(batch_size, device)
+        rounds.append(run_round(everyone, starts, _walker(directions, first, margin, found, True)))
+        pieces = _follow_curved_pieces(forward_at, starts, directions, first, margin, found, row_limit, settings)
+    else:
+        pieces = _split_into_pieces(run_round, forward_at, starts, directions, margin, found, row_limit, group,
+                                    settings, sums, rounds)
     examples, piece_start, piece_length = pieces.examples, pieces.starts, pieces.lengths
     if settings.spread_steps is not None:
         examples, piece_start, piece_length = _cut_long_pieces(
             examples, piece_start, piece_length, GAUSS_NODES_PER_PIECE / settings.spread_steps)
     smooth_head = found.get("smooth_op")
     gauss = smooth_head is not None or settings.curved_kinks
-    group = _gradient_group(row_limit, directions)
     on_pieces = _OnPieces(run_round, starts, directions, group, batch_size, rounds)
     estimate = None
-    if not gauss:
-        # Constant gradient on a piece: the first pieces' is known; the others' is read
-        # at their midpoints, strictly inside the piece, so no side has to be chosen.
-        first = slice(0, batch_size)  # the first piece of every example, in batch order
-        _add(sums, everyone, rounds[0].gradient_sums, piece_length[first])
-        rest = slice(batch_size, None)
-        total, _, gradient_rows = on_pieces.integrate(examples[rest], piece_start[rest], piece_length[rest],
-                                                      [0.5], [1.0])
-        sums = tuple(s + t for s, t in zip(sums, total))
-    else:
+    gradient_rows = torch.zeros_like(pieces.count)
+    if gauss:
         # The gradient bends inside a piece: Gauss nodes on every piece (the
-        # breakpoints stay exact), the first one's start gradient unused. With Gauss
-        # nodes, the middle one alone is the midpoint rule: its distance from the Gauss
-        # sum estimates the midpoint rule's error, far above the Gauss rule's own.
+        # breakpoints stay exact). With Gauss nodes, the middle one alone is the
+        # midpoint rule: its distance from the Gauss sum estimates the midpoint rule's
+        # error, far above the Gauss rule's own.
         gauss_nodes, gauss_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
         nodes, weights = (0.5 * (1 + gauss_nodes)).tolist(), (0.5 * gauss_weights).tolist()
         if settings.tolerance is not None:
@@ -243,9 +244,10 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
                                                                      weights)
             # (None with an even number of nodes, which only bench_exact's reference sets.)
             estimate = None if midpoint_sums is None else _relative_difference(midpoint_sums, sums, directions)
+    # (Without Gauss nodes the partition has summed each piece's constant gradient.)
     evaluations = gradient_rows + pieces.walk_rows  # + the walk's forwards and the first engine pass
     breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
-    info = ExactInfo(pieces.count, evaluations, int(pieces.walk_rows.sum()) - batch_size, breakpoints,
+    info = ExactInfo(pieces.count, evaluations, pieces.walk_forwards, pieces.rounds, breakpoints,
                      smooth_head, GAUSS_NODES_PER_PIECE if gauss else 1, estimate,
                      curved_kinks=settings.curved_kinks)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
@@ -262,7 +264,9 @@ class _Pieces:
     starts: torch.Tensor  # (P,) float64: t where each piece starts
     lengths: torch.Tensor  # (P,) float64
     count: torch.Tensor  # (B,) long: pieces per example
-    walk_rows: torch.Tensor  # (B,) long: forwards of the walk per example, the first engine pass's included
+    walk_rows: torch.Tensor  # (B,) long: rows of the walk per example, its engine passes' included
+    walk_forwards: int  # of those, forwards with tangents only (no backward), over the batch
+    rounds: int  # sequential rounds of the walk
 
 
 class _OnPieces:
@@ -410,36 +414,111 @@ def _piece_limit(settings: ExactSettings, pieces: torch.Tensor, going_on: torch.
             f"has more than max_steps={settings.max_pieces} pieces; raise `max_steps` or use a fixed n_steps.")
 
 
-def _follow_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,
-                   found: dict, row_limit: RowLimit, settings: ExactSettings) -> _Pieces:
-    """The pieces of a piecewise-linear path: each round's step to the next kink is exact
-    (every unit is affine until then), so every piece costs one forward."""
-    batch_size = first.count
-    device = first.next_step.device
-    next_step = first.next_step
+def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, directions, margin: float, found: dict,
+                       row_limit: RowLimit, group: int, settings: ExactSettings, sums, rounds: list) -> _Pieces:
+    """The pieces of piecewise-linear paths, each found by one evaluation, in rounds.
+
+    Every segment of a path not known to be one piece (at first, the whole path) is
+    evaluated at its middle, with tangents, in full engine passes over all examples'
+    segments at once. From that one point BreakpointMode's window (see there) gives the
+    piece that holds it and every kink it can place exactly: all the kinks of the first
+    op that has any in the segment (its input is affine across it), then, nearer the
+    point, those of later ops. The segment is cut at them; the part that holds the point
+    is a piece, with the point's gradient (so each piece costs one row: the one that
+    found it), and the other parts are segments of the next round. A network's first
+    layer has all its kinks placed by the first round, and each round places the next
+    layer's inside the parts: there are about as many rounds as layers, not as pieces.
+
+    The first round takes gradients (the path's whole length is one segment). Without a
+    smooth head every row's gradient is its piece's and is summed here (``sums``,
+    float64, length times gradient); where a head is found the later rounds are
+    forwards with tangents only, and Gauss nodes on the pieces follow.
+    """
+    batch_size = directions[0].shape[0]
+    device = directions[0].device
+    segment_examples = torch.arange(batch_size, device=device)
+    segment_low = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    segment_high = torch.ones_like(segment_low)
+    walk_rows = torch.zeros(batch_size, dtype=torch.long, device=device)
+    pieces = torch.zeros_like(walk_rows)
+    walk_forwards = rounds_walked = 0
     piece_examples, piece_starts, piece_lengths = [], [], []
-    position = torch.zeros(batch_size, dtype=torch.float64, device=device)
-    pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
-    active = torch.arange(batch_size, device=device)
-    while True:
-        here = position[active]
-        remaining = 1 - here
-        last = next_step >= remaining - margin  # no kink before the end (or within the margin of it)
-        length = torch.where(last, remaining, next_step)
-        piece_examples.append(active)
-        piece_starts.append(here)
-        piece_lengths.append(length)
-        pieces[active] += 1
-        position[active] = torch.where(last, torch.ones_like(here), here + length)
-        _piece_limit(settings, pieces[active], ~last)
-        active = active[~last]
-        if not active.numel():
-            break
-        # The next piece of the examples still walking: a forward with tangents only
-        # (its gradient comes later, with every piece's, in full chunks).
-        next_step = _walk(forward_at, active, _points(starts, directions, active, position[active]),
-                          tuple(d[active] for d in directions), margin, found, row_limit).next_step
-    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, pieces)
+    while segment_examples.numel():
+        rounds_walked += 1
+        later: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for begin in range(0, segment_examples.numel(), group):
+            part = slice(begin, min(begin + group, segment_examples.numel()))
+            owners, low, high = segment_examples[part], segment_low[part], segment_high[part]
+            middle = 0.5 * (low + high)
+            window = (low - middle, high - middle)
+            points = _points(starts, directions, owners, middle)
+            owner_directions = tuple(d[owners] for d in directions)
+            with_gradients = "smooth_op" not in found
+            if with_gradients:
+                record = _WalkRecord(owners.numel(), device, window=tuple(w.clone() for w in window))
+                rounds.append(run_round(owners, points, _walker(owner_directions, record, margin, found)))
+            else:
+                record = _walk(forward_at, owners, points, owner_directions, margin, found, row_limit,
+                               window=tuple(w.clone() for w in window))
+                walk_forwards += owners.numel()
+            walk_rows.index_add_(0, owners, torch.ones_like(owners))
+            cut = _cut_at_kinks(low, high, middle, window, record, margin)
+            held = cut.holds_point
+            if with_gradients and "smooth_op" not in found:
+                lengths = cut.high[held] - cut.low[held]
+                _add(sums, owners[cut.segment[held]], tuple(g[cut.segment[held]] for g in rounds[-1].gradient_sums),
+                     lengths)
+            piece_examples.append(owners[cut.segment[held]])
+            piece_starts.append(cut.low[held])
+            piece_lengths.append(cut.high[held] - cut.low[held])
+            pieces.index_add_(0, piece_examples[-1], torch.ones_like(piece_examples[-1]))
+            rest = ~held
+            later.append((owners[cut.segment[rest]], cut.low[rest], cut.high[rest]))
+        segment_examples, segment_low, segment_high = (torch.cat(parts) for parts in zip(*later))
+        waiting = torch.bincount(segment_examples, minlength=batch_size)
+        _piece_limit(settings, pieces + waiting, waiting > 0)
+    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, walk_rows,
+                   walk_forwards, rounds_walked)
+
+
+@dataclass
+class _Cut:
+    """Segments cut at the kinks one evaluation found: the parts, in order per segment."""
+
+    segment: torch.Tensor  # (Q,) long: the segment (index into the evaluated ones) of each part
+    low: torch.Tensor  # (Q,) float64
+    high: torch.Tensor  # (Q,) float64
+    holds_point: torch.Tensor  # (Q,) bool: the part that holds the segment's evaluated point
+
+
+def _cut_at_kinks(low: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, window, record: "_WalkRecord",
+                  margin: float) -> _Cut:
+    """Cut each segment [low, high] (evaluated at ``middle``, with ``window`` its steps
+    to the ends) at the kinks in ``record``; the piece around the middle is a part.
+    (BreakpointMode keeps kinks further than ``margin`` from the segment's ends.)"""
+    count = low.numel()
+    segment = torch.arange(count, device=low.device)
+    piece_low, piece_high = record.window
+    # Where the piece reaches the segment's end the end itself, not middle + step, so
+    # rounding cannot leave a sliver of a part.
+    piece_start = torch.where(piece_low <= window[0], low, middle + piece_low)
+    piece_end = torch.where(piece_high >= window[1], high, middle + piece_high)
+    kink_rows = torch.cat(record.kink_rows) if record.kink_rows else segment[:0]
+    kink_steps = torch.cat(record.kink_steps) if record.kink_steps else low[:0]
+    owner = torch.cat([segment, segment, segment, segment, kink_rows])
+    t = torch.cat([low, high, piece_start, piece_end, middle[kink_rows] + kink_steps])
+    order = torch.argsort(t, stable=True)
+    order = order[torch.argsort(owner[order], stable=True)]
+    owner, t = owner[order], t[order]
+    # Kinks within the margin of each other are one (units that cross together, as
+    # duplicated units do, are placed a rounding apart): no sliver of a piece between.
+    distinct = torch.ones_like(owner, dtype=torch.bool)
+    distinct[1:] = (owner[1:] != owner[:-1]) | (t[1:] - t[:-1] > margin)
+    owner, t = owner[distinct], t[distinct]
+    within = owner[1:] == owner[:-1]
+    part_segment, part_low, part_high = owner[:-1][within], t[:-1][within], t[1:][within]
+    holds = (part_low <= middle[part_segment]) & (middle[part_segment] < part_high)
+    return _Cut(part_segment, part_low, part_high, holds)
 
 
 def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,
@@ -479,7 +558,7 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         everyone = torch.arange(batch_size, device=device)
         zeros = torch.zeros(batch_size, dtype=torch.float64, device=device)
         ones = torch.ones(batch_size, dtype=torch.long, device=device)
-        return _Pieces(everyone, zeros, zeros + 1, ones, ones)
+        return _Pieces(everyone, zeros, zeros + 1, ones, ones, 0, 1)
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
     at_low = first.state  # the units at low (their pieces: those of the piece's start)
     at_high = at_low.empty(batch_size)
@@ -553,7 +632,8 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         tries[moving_on] = 0
         at_low.put(moving_on, at_high, moving_on)
         active = active[~at_end]
-    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, walk_rows)
+    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, walk_rows,
+                   int(walk_rows.sum()) - batch_size, int(walk_rows.max()))
 
 
 # The pieces of a sub-batch's paths: for the examples given (a long index tensor into
@@ -580,8 +660,7 @@ class PieceEstimate:
         piece (_refine_pieces; its bisections are few and not predicted)."""
         if self.curved:
             return self.pieces * (CURVED_WALK_ROWS_PER_PIECE + 2 * GAUSS_NODES_PER_PIECE - 1)
-        nodes = GAUSS_NODES_PER_PIECE if self.smooth_head else 1
-        return self.pieces * (nodes + 1) - (0 if self.smooth_head else 1)
+        return self.pieces * (1 + (GAUSS_NODES_PER_PIECE if self.smooth_head else 0))
 
 
 class SmoothNetworkError(NotPiecewiseLinearError):
@@ -603,10 +682,16 @@ class ExactRoute:
                  settings: ExactSettings = ExactSettings(DEFAULT_MAX_PIECES)) -> None:
         self.ends, self.starts, self.make_parts, self.settings = ends, starts, make_parts, settings
         self.curved = False  # the first probe found smooth ops before kinks
+        self.kink_ops = 0  # the piecewise-linear ops a probe met
 
-    @property
-    def walk_rounds_per_piece(self) -> float:
-        return CURVED_WALK_ROWS_PER_PIECE if self.curved else 1
+    def walk_rounds(self, pieces: int) -> float:
+        """The walk's sequential rounds for paths of at most ``pieces`` pieces: a few per
+        piece for a curved walk; for method="exact" at most one per piecewise-linear op
+        and one that finds the last parts whole (each round places all the kinks of the
+        first op that has any in a segment: _split_into_pieces), one more for kinks that
+        float32 rounding places again a margin off (measured: 4 to 5 on igfast bench's
+        MLP and CNN)."""
+        return pieces * CURVED_WALK_ROWS_PER_PIECE if self.curved else self.kink_ops + 2
 
     def _rows(self, examples: torch.Tensor):
         batch_size = self.ends[0].shape[0]
@@ -627,6 +712,7 @@ class ExactRoute:
                 raise
             self.curved = True
             record, found = self._probe(examples)
+        self.kink_ops = max(self.kink_ops, found.get("piecewise_linear_ops", 0))
         if not found.get("piecewise_linear_ops"):
             raise SmoothNetworkError(
                 "the network applies no piecewise-linear op to the path: it is smooth along it "
@@ -674,7 +760,8 @@ def _relative_difference(estimate, sums, directions) -> torch.Tensor:
 
 
 def _breakpoints(examples: torch.Tensor, piece_starts: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
-    order = torch.argsort(examples, stable=True)  # pieces were recorded in walk order
+    order = torch.argsort(piece_starts, stable=True)  # pieces are found in no particular order
+    order = order[torch.argsort(examples[order], stable=True)]
     counts = torch.bincount(examples, minlength=batch_size).tolist()
     return list(torch.split(piece_starts[order].cpu(), counts))
 
@@ -685,7 +772,8 @@ class _WalkRecord:
     with curved kinks the state of the units and the comparison with a reference's."""
 
     def __init__(self, count: int, device, reference: Optional[PathState] = None,
-                 reference_step: Optional[torch.Tensor] = None) -> None:
+                 reference_step: Optional[torch.Tensor] = None,
+                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         self.next_step = torch.full((count,), float("inf"), dtype=torch.float64, device=device)
         self.crossings = torch.zeros(count, dtype=torch.long, device=device)
         self.changed = torch.zeros(count, dtype=torch.bool, device=device)
@@ -693,17 +781,26 @@ class _WalkRecord:
         self.back_step = torch.zeros(count, dtype=torch.float64, device=device)
         self.state: Optional[PathState] = None  # per op, (count, units)
         self.reference, self.reference_step = reference, reference_step
+        # With a window (see BreakpointMode): the piece around each row's point, and the
+        # kinks found (rows and steps, in the order the chunks ran).
+        self.window = window
+        self.kink_rows: List[torch.Tensor] = []
+        self.kink_steps: List[torch.Tensor] = []
         self.count = count
 
-    def reference_rows(self, rows: slice):
-        if self.reference is None:
-            return {}
-        return {"reference": self.reference.rows(rows), "reference_step": self.reference_step[rows]}
+    def mode_arguments(self, rows: slice) -> dict:
+        """BreakpointMode's arguments for these rows: the reference's, the window's."""
+        arguments = {}
+        if self.reference is not None:
+            arguments.update(reference=self.reference.rows(rows), reference_step=self.reference_step[rows])
+        if self.window is not None:
+            arguments.update(window=tuple(w[rows] for w in self.window))
+        return arguments
 
     def take(self, rows: slice, mode: BreakpointMode, found: dict) -> None:
         if mode.next_step is not None:
             self.next_step[rows] = mode.next_step
-            found["piecewise_linear_ops"] = True
+            found["piecewise_linear_ops"] = max(found.get("piecewise_linear_ops", 0), mode.kink_ops)
         if mode.crossings is not None:
             self.crossings[rows] = mode.crossings
         if mode.changed is not None:
@@ -712,6 +809,11 @@ class _WalkRecord:
             self.bent[rows] = mode.bent
         if mode.smooth_op is not None:
             found.setdefault("smooth_op", mode.smooth_op)
+        if mode.window is not None:
+            for mine, piece in zip(self.window, mode.window):
+                mine[rows] = piece
+            self.kink_rows += [found_rows + rows.start for found_rows in mode.kink_rows]
+            self.kink_steps += mode.kink_steps
         if mode.state.choices:
             if self.state is None:
                 self.state = mode.state.empty(self.count)
@@ -725,7 +827,8 @@ class _WalkRecord:
 def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Tensor, ...],
           directions: Tuple[torch.Tensor, ...], margin: float, found: dict, row_limit: RowLimit,
           horizon: Optional[torch.Tensor] = None, curved_kinks: bool = False,
-          reference: Optional[PathState] = None, reference_step: Optional[torch.Tensor] = None) -> _WalkRecord:
+          reference: Optional[PathState] = None, reference_step: Optional[torch.Tensor] = None,
+          window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> _WalkRecord:
     """Forwards with tangents along the path at each example's point, no backward, in
     chunks of the engine's row limit (a walk row holds less than an engine row: no
     autograd graph), halved after out-of-memory errors: each example's distance to its
@@ -733,13 +836,13 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
     kinks within it; with ``curved_kinks``, the state of its units, and with
     ``reference`` (the state at a point ``reference_step`` back), the comparison)."""
     count = examples.numel()
-    record = _WalkRecord(count, examples.device, reference, reference_step)
+    record = _WalkRecord(count, examples.device, reference, reference_step, window)
     chunk = max(1, row_limit.rows)
     begin = 0
     while begin < count:
         rows = slice(begin, min(begin + chunk, count))
         mode = BreakpointMode(rows.stop - rows.start, margin, None if horizon is None else horizon[rows],
-                              curved_kinks=curved_kinks, **record.reference_rows(rows))
+                              curved_kinks=curved_kinks, **record.mode_arguments(rows))
         try:
             with torch.no_grad(), fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p[rows], d[rows]) for p, d in zip(points, directions))
@@ -790,7 +893,7 @@ def _walker(directions: Tuple[torch.Tensor, ...], record: _WalkRecord, margin: f
     def wrap(gradients_at: GradientsAt) -> GradientsAt:
         def at(path, chunk, with_outputs):
             rows = slice(chunk.example_begin, chunk.example_end)
-            mode = BreakpointMode(chunk.rows, margin, curved_kinks=curved_kinks)
+            mode = BreakpointMode(chunk.rows, margin, curved_kinks=curved_kinks, **record.mode_arguments(rows))
             with fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p, d[rows]) for p, d in zip(path, directions))
                 with mode:

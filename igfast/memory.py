@@ -183,6 +183,10 @@ class PeakMeter:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         # Parameters and the path itself (leaves that require grad, and views of
         # them) exist before the forward: not its cost.
+        # A forward-mode zero tangent (a ZeroTensor, which BatchNorm's forward AD saves
+        # when run along a path) has no storage and holds no memory.
+        if tensor._is_zerotensor():
+            return tensor
         base = tensor._base if tensor._base is not None else tensor
         if not (base.is_leaf and base.requires_grad) and tensor.device == self.device:
             storage = tensor.untyped_storage()

@@ -177,11 +177,17 @@ class BreakpointMode(TorchFunctionMode):
     ``bent`` (rows,) which rows have a unit on the same piece at both points that bent
     too much between them to be sure it did not cross its kink and come back
     (_bent_across): the step was too long to tell.
+
+    With ``window`` = (low, high), per row steps low <= 0 <= high bounding a segment of
+    the path around the row's point, the mode finds the piece that holds the point and
+    every kink it can place exactly (see _record_window): ``window`` ends as the piece
+    (steps from the point), ``kink_rows`` / ``kink_steps`` list the kinks found.
     """
 
     def __init__(self, rows: int, margin: float, horizon: Optional[torch.Tensor] = None, *,
                  curved_kinks: bool = False, reference: Optional["PathState"] = None,
-                 reference_step: Optional[torch.Tensor] = None) -> None:
+                 reference_step: Optional[torch.Tensor] = None,
+                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         super().__init__()
         self.rows = rows
         self.margin = margin
@@ -192,11 +198,17 @@ class BreakpointMode(TorchFunctionMode):
         self.next_step: Optional[torch.Tensor] = None
         self.crossings: Optional[torch.Tensor] = None
         self.smooth_op: Optional[str] = None
+        self.kink_ops = 0  # piecewise-linear ops applied to the path (calls, in order)
         self.state = PathState([], [], [])
         self.changed: Optional[torch.Tensor] = None
         self.back_step: Optional[torch.Tensor] = None
         self.bent: Optional[torch.Tensor] = None
         self._curved: Dict[int, "weakref.ref[torch.Tensor]"] = {}
+        # With a window: (low, high) float64 (rows,), shrunk op by op to the piece around
+        # each row's point, and the exact kinks found inside it (see _record_window).
+        self.window = None if window is None else (window[0].clone(), window[1].clone())
+        self.kink_rows: List[torch.Tensor] = []
+        self.kink_steps: List[torch.Tensor] = []
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -220,12 +232,47 @@ class BreakpointMode(TorchFunctionMode):
                 f"method='exact': {op} sees a tensor of shape {tuple(steps.shape)} whose first "
                 f"dimension does not hold the {self.rows} path rows; exact IG needs every "
                 "piecewise-linear op to keep examples along dim 0.")
+        self.kink_ops += 1
         rows = steps.detach().reshape(self.rows, -1)
         per_row = rows.amin(1).double()
         self.next_step = per_row if self.next_step is None else torch.minimum(self.next_step, per_row)
         if self.horizon is not None:
             within = (rows.double() <= self.horizon.view(-1, 1)).sum(1)
             self.crossings = within if self.crossings is None else self.crossings + within
+
+    def _record_window(self, signed: torch.Tensor, op: str) -> None:
+        """With a window: fold in one op's signed steps to its kinks (inf where none),
+        per unit, along the rows' first dimension.
+
+        The ops run in call order, and the window holds the stretch around the point
+        where every earlier op stays on one piece: there this op's input is affine, so
+        each step of its units that falls inside the window is a kink of the network,
+        placed exactly (for a max, the nearest overtaking on each side of the point).
+        They are recorded, and the window shrinks to the nearest on each side: the
+        later ops are affine only there. Steps within the margin of the window's ends
+        are the kinks that bound it. A unit within the margin of its kink puts the point
+        on a kink: the piece starts at the point (the side the path moves into)."""
+        if self.window is None:
+            return
+        low, high = self.window
+        steps = signed.detach().reshape(self.rows, -1).double()
+        near = steps.abs() <= self.margin
+        inside = (steps > low.view(-1, 1) + self.margin) & (steps < high.view(-1, 1) - self.margin) & ~near
+        found = inside.nonzero()
+        self.kink_rows.append(found[:, 0])
+        self.kink_steps.append(steps[found[:, 0], found[:, 1]])
+        ahead = torch.where(inside & (steps > 0), steps, math.inf).amin(1)
+        behind = torch.where(inside & (steps < 0), steps, -math.inf).amax(1)
+        high = torch.minimum(high, ahead)
+        low = torch.maximum(low, behind)
+        # (Not where the segment ends within the margin behind the point: that sliver
+        # joins the piece, or every evaluation would leave half of it behind.)
+        self.window = (torch.where(near.any(1) & (low < -self.margin), low.clamp_min(0.0), low), high)
+
+    def _crossings(self, z: torch.Tensor, dz: torch.Tensor, kink: Any) -> torch.Tensor:
+        """Signed step s at which z + s dz reaches ``kink`` (inf where it never does)."""
+        with torch.no_grad():
+            return torch.where(dz != 0, (kink - z) / dz, torch.full_like(z, math.inf))
 
     def _record_choice(self, choice: torch.Tensor, back_from: Callable[[torch.Tensor], torch.Tensor],
                        gap: torch.Tensor, rate: torch.Tensor, op: str) -> None:
@@ -425,6 +472,7 @@ def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: S
         factor = factor_of(_side(mode, z, dz))
     for kink in kinks:
         mode._record_steps(mode._steps_to(z, dz, kink), name)
+        mode._record_window(mode._crossings(z, dz, kink), name)
     (kink,) = kinks
     if mode.curved_kinks:
         side = torch.where(factor_of(torch.ones_like(z)) == factor, 1.0, -1.0).to(z.dtype)
@@ -470,6 +518,7 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
     for bound in (low, high):
         if bound is not None:
             mode._record_steps(mode._steps_to(z, dz, bound), name)
+            mode._record_window(mode._crossings(z, dz, bound), name)
     with torch.no_grad():
         # 0 below low, 1 inside, 2 above high: a unit crossed each bound between its
         # region and the reference's.
@@ -511,6 +560,7 @@ def _maximum(mode: BreakpointMode, func, name, args, kwargs):
         # Equal along the whole piece: PyTorch splits the gradient between the two.
         weight_a = ((ahead > 0).double() + 0.5 * (ahead == 0).double()).to(pa.dtype)
     mode._record_steps(mode._steps_to(d, dd, 0.0), name)
+    mode._record_window(mode._crossings(d, dd, 0.0), name)
     if mode.curved_kinks:
         side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
         mode._record_choice(weight_a, lambda reference: mode._back_to(d, dd, 0.0), side * d, side * dd, name)
@@ -546,10 +596,21 @@ def _select_in_windows(mode: BreakpointMode, windows: torch.Tensor, largest: boo
         index = _side(mode, sv, sdv).argmax(-1, keepdim=True)
         chosen_v, chosen_dv = sv.gather(-1, index), sdv.gather(-1, index)
         gaining = sdv > chosen_dv
-        steps = (chosen_v - sv) / (sdv - chosen_dv)
-        steps = torch.where(gaining & (steps > mode.margin) & torch.isfinite(sv), steps,
-                            torch.full_like(steps, math.inf))
+        crossings = (chosen_v - sv) / (sdv - chosen_dv)
+        steps = torch.where(gaining & (crossings > mode.margin) & torch.isfinite(sv), crossings,
+                            torch.full_like(crossings, math.inf))
+        if mode.window is not None:
+            # The envelope's kinks that are exact: the nearest overtaking on each side of
+            # the point (later crossings with the winner are no kinks, the envelope has
+            # moved on); and a tie at the point (the winner taken is the one rising).
+            losing = (sdv < chosen_dv) & torch.isfinite(sv)
+            before = torch.where(losing & (crossings < -mode.margin), crossings, -math.inf).amax(-1)
+            tied = (torch.isfinite(sv) & (sdv != chosen_dv) & (crossings.abs() <= mode.margin)).any(-1)
+            signed = torch.stack([steps.amin(-1), torch.where(torch.isfinite(before), before, math.inf),
+                                  torch.where(tied, 0.0, math.inf).to(steps.dtype)], -1)
     mode._record_steps(steps, name)
+    if mode.window is not None:
+        mode._record_window(signed, name)
 
     def back_from(reference):  # back to where the reference's winner was level with this one
         return mode._back_to(chosen_v - sv.gather(-1, reference), chosen_dv - sdv.gather(-1, reference), 0.0)

@@ -228,7 +228,11 @@ def test_exact_equals_independent_partition_float64(name, device):
     assert delta.abs().max() < 1e-11
     assert info.pieces.cpu().tolist() == pieces.tolist()
     assert (pieces >= 2).all() and pieces.sum() >= 4 * examples, "the workload must have breakpoints to find"
-    assert info.evaluations.tolist() == (2 * info.pieces - 1).tolist() and info.smooth_head is None
+    # One row per piece: the row that found the piece gives its gradient.
+    assert info.evaluations.tolist() == info.pieces.tolist() and info.smooth_head is None
+    assert info.walk_forwards == 0
+    # In rounds, about one per piecewise-linear op (at most 6 here), not one per piece.
+    assert info.walk_rounds <= 8 < int(info.pieces.max())
     assert info.head_error_estimate is None
     for example in range(examples):
         found = info.breakpoints[example]
@@ -278,7 +282,10 @@ def test_smooth_head_is_integrated_per_piece(device):
     assert (info.head_error_estimate.to(true_error) >= true_error).all()
     assert (info.head_error_estimate < 1e-2).all() and (info.head_error_estimate > 0).all()
     assert info.pieces.cpu().tolist() == pieces.tolist()
-    assert info.evaluations.tolist() == (4 * info.pieces).tolist()  # 3 Gauss nodes and the walk
+    # 3 Gauss nodes per piece and the row that found it (a forward with tangents only,
+    # after the first round's rows, one per example, whose gradients the head makes unusable)
+    assert info.evaluations.tolist() == (4 * info.pieces).tolist()
+    assert info.walk_forwards == int(info.pieces.sum()) - inputs.shape[0]
 
 
 def test_layer_integrated_gradients_exact(device):
@@ -370,6 +377,42 @@ def test_paths_that_start_and_end_on_kinks_take_the_side_they_move_into(device):
     _close(attributions, expected, 1e-10)
     _completeness(model, attributions, inputs, baselines, 1, 1e-12)
     assert attributions.abs().sum() > 0
+
+
+class KinksAtTheMiddle(nn.Module):
+    """On 0 -> 1 (one input): ReLUs with kinks at 1/4, 5/8 and 3/4, and max(x, 1 - x),
+    whose two elements tie at 1/2: the first point method="exact" evaluates, the path's
+    middle, sits on a kink (and then, with ``relu_at_middle``, on two)."""
+
+    def __init__(self, relu_at_middle: bool):
+        super().__init__()
+        self.hidden = nn.Linear(1, 3)
+        self.out = nn.Linear(3, 1)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.tensor([[1.0], [1.0], [-1.0]]))
+            self.hidden.bias.copy_(torch.tensor([-0.5 if relu_at_middle else -0.625, -0.25, 0.75]))
+            self.out.weight.copy_(torch.tensor([[2.0, -3.0, 5.0]]))
+
+    def forward(self, x):
+        peak = torch.cat([x, 1 - x], 1).max(dim=1, keepdim=True).values
+        return self.out(torch.relu(self.hidden(x))) + 7 * peak
+
+
+@pytest.mark.parametrize("relu_at_middle", [False, True])
+def test_kinks_at_the_evaluated_point_take_the_side_the_path_moves_into(relu_at_middle):
+    model = KinksAtTheMiddle(relu_at_middle).double()
+    inputs = torch.ones(1, 1, dtype=torch.float64)
+    baselines = torch.zeros_like(inputs)
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        inputs, baselines, target=0, method="exact", return_adaptive_info=True)
+    # One input: the attribution is F(x) - F(x'); a piece given the other side's gradient
+    # would be off by its length times the jump.
+    with torch.no_grad():
+        expected = model(inputs) - model(baselines)
+    torch.testing.assert_close(attributions, expected, rtol=0, atol=1e-12)
+    kinks = [0.0, 0.25, 0.5, 0.75] if relu_at_middle else [0.0, 0.25, 0.5, 0.625, 0.75]
+    torch.testing.assert_close(info.breakpoints[0], torch.tensor(kinks, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert info.evaluations.tolist() == [len(kinks)]
 
 
 def test_ties_units_crossing_at_the_same_point(device):
