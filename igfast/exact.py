@@ -454,23 +454,24 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             points = _points(starts, directions, owners, middle)
             owner_directions = tuple(d[owners] for d in directions)
             with_gradients = "smooth_op" not in found
+            piece_window = tuple(w.clone() for w in window)  # the record shrinks it to each piece
             if with_gradients:
-                record = _WalkRecord(owners.numel(), device, window=tuple(w.clone() for w in window))
+                record = _WalkRecord(owners.numel(), device, window=piece_window)
                 rounds.append(run_round(owners, points, _walker(owner_directions, record, margin, found)))
             else:
                 record = _walk(forward_at, owners, points, owner_directions, margin, found, row_limit,
-                               window=tuple(w.clone() for w in window))
+                               window=piece_window)
                 walk_forwards += owners.numel()
             walk_rows.index_add_(0, owners, torch.ones_like(owners))
             cut = _cut_at_kinks(low, high, middle, window, record, margin)
             held = cut.holds_point
+            held_segments = cut.segment[held]
+            lengths = cut.high[held] - cut.low[held]
             if with_gradients and "smooth_op" not in found:
-                lengths = cut.high[held] - cut.low[held]
-                _add(sums, owners[cut.segment[held]], tuple(g[cut.segment[held]] for g in rounds[-1].gradient_sums),
-                     lengths)
-            piece_examples.append(owners[cut.segment[held]])
+                _add(sums, owners[held_segments], tuple(g[held_segments] for g in rounds[-1].gradient_sums), lengths)
+            piece_examples.append(owners[held_segments])
             piece_starts.append(cut.low[held])
-            piece_lengths.append(cut.high[held] - cut.low[held])
+            piece_lengths.append(lengths)
             pieces.index_add_(0, piece_examples[-1], torch.ones_like(piece_examples[-1]))
             rest = ~held
             later.append((owners[cut.segment[rest]], cut.low[rest], cut.high[rest]))

@@ -206,7 +206,7 @@ class BreakpointMode(TorchFunctionMode):
         self._curved: Dict[int, "weakref.ref[torch.Tensor]"] = {}
         # With a window: (low, high) float64 (rows,), shrunk op by op to the piece around
         # each row's point, and the exact kinks found inside it (see _record_window).
-        self.window = None if window is None else (window[0].clone(), window[1].clone())
+        self.window = window  # replaced, never written in place
         self.kink_rows: List[torch.Tensor] = []
         self.kink_steps: List[torch.Tensor] = []
 
@@ -269,10 +269,13 @@ class BreakpointMode(TorchFunctionMode):
         # joins the piece, or every evaluation would leave half of it behind.)
         self.window = (torch.where(near.any(1) & (low < -self.margin), low.clamp_min(0.0), low), high)
 
-    def _crossings(self, z: torch.Tensor, dz: torch.Tensor, kink: Any) -> torch.Tensor:
-        """Signed step s at which z + s dz reaches ``kink`` (inf where it never does)."""
+    def _record_kink(self, z: torch.Tensor, dz: torch.Tensor, kink: Any, op: str) -> None:
+        """Units z (with derivative dz) that have a kink at ``kink``: their steps to it
+        (signed, inf where a unit never reaches it) go to next_step and the window."""
         with torch.no_grad():
-            return torch.where(dz != 0, (kink - z) / dz, torch.full_like(z, math.inf))
+            crossings = torch.where(dz != 0, (kink - z) / dz, torch.full_like(z, math.inf))
+            self._record_steps(torch.where(crossings > self.margin, crossings, math.inf), op)
+        self._record_window(crossings, op)
 
     def _record_choice(self, choice: torch.Tensor, back_from: Callable[[torch.Tensor], torch.Tensor],
                        gap: torch.Tensor, rate: torch.Tensor, op: str) -> None:
@@ -316,12 +319,6 @@ class BreakpointMode(TorchFunctionMode):
             steps = (z - kink) / dz
             return torch.where((dz != 0) & (steps >= -self.margin), steps.clamp_min(0),
                                torch.full_like(steps, math.inf))
-
-    def _steps_to(self, z: torch.Tensor, dz: torch.Tensor, kink: Any) -> torch.Tensor:
-        """Step s > margin at which z + s dz reaches ``kink`` (inf where it never does)."""
-        with torch.no_grad():
-            steps = (kink - z) / dz
-            return torch.where((dz != 0) & (steps > self.margin), steps, torch.full_like(steps, math.inf))
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -471,8 +468,7 @@ def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: S
     with torch.no_grad():
         factor = factor_of(_side(mode, z, dz))
     for kink in kinks:
-        mode._record_steps(mode._steps_to(z, dz, kink), name)
-        mode._record_window(mode._crossings(z, dz, kink), name)
+        mode._record_kink(z, dz, kink, name)
     (kink,) = kinks
     if mode.curved_kinks:
         side = torch.where(factor_of(torch.ones_like(z)) == factor, 1.0, -1.0).to(z.dtype)
@@ -517,8 +513,7 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
             inside &= ahead < high
     for bound in (low, high):
         if bound is not None:
-            mode._record_steps(mode._steps_to(z, dz, bound), name)
-            mode._record_window(mode._crossings(z, dz, bound), name)
+            mode._record_kink(z, dz, bound, name)
     with torch.no_grad():
         # 0 below low, 1 inside, 2 above high: a unit crossed each bound between its
         # region and the reference's.
@@ -559,8 +554,7 @@ def _maximum(mode: BreakpointMode, func, name, args, kwargs):
         ahead = _side(mode, d, dd)
         # Equal along the whole piece: PyTorch splits the gradient between the two.
         weight_a = ((ahead > 0).double() + 0.5 * (ahead == 0).double()).to(pa.dtype)
-    mode._record_steps(mode._steps_to(d, dd, 0.0), name)
-    mode._record_window(mode._crossings(d, dd, 0.0), name)
+    mode._record_kink(d, dd, 0.0, name)
     if mode.curved_kinks:
         side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
         mode._record_choice(weight_a, lambda reference: mode._back_to(d, dd, 0.0), side * d, side * dd, name)
