@@ -225,14 +225,17 @@ class BreakpointMode(TorchFunctionMode):
             if isinstance(value, torch.Tensor):
                 self._curved[id(value)] = weakref.ref(value)
 
+    @property
+    def _wants_next_step(self) -> bool:
+        """Whether next_step has a reader: not with a window alone (see _record_window)."""
+        return self.window is None or self.horizon is not None
+
     def _record_steps(self, steps: torch.Tensor, op: str) -> None:
-        """Fold a tensor of candidate steps (inf where none) into next_step, per row."""
-        if steps.dim() == 0 or steps.shape[0] % self.rows:
-            raise NotPiecewiseLinearError(
-                f"method='exact': {op} sees a tensor of shape {tuple(steps.shape)} whose first "
-                f"dimension does not hold the {self.rows} path rows; exact IG needs every "
-                "piecewise-linear op to keep examples along dim 0.")
-        self.kink_ops += 1
+        """Count one piecewise-linear op and fold its candidate steps (inf where none)
+        into next_step, per row, where it is wanted (else any tensor of the op's rows)."""
+        self._count_kink_op(steps, op)
+        if not self._wants_next_step:
+            return
         rows = steps.detach().reshape(self.rows, -1)
         per_row = rows.amin(1).double()
         self.next_step = per_row if self.next_step is None else torch.minimum(self.next_step, per_row)
@@ -240,9 +243,17 @@ class BreakpointMode(TorchFunctionMode):
             within = (rows.double() <= self.horizon.view(-1, 1)).sum(1)
             self.crossings = within if self.crossings is None else self.crossings + within
 
+    def _count_kink_op(self, steps: torch.Tensor, op: str) -> None:
+        if steps.dim() == 0 or steps.shape[0] % self.rows:
+            raise NotPiecewiseLinearError(
+                f"method='exact': {op} sees a tensor of shape {tuple(steps.shape)} whose first "
+                f"dimension does not hold the {self.rows} path rows; exact IG needs every "
+                "piecewise-linear op to keep examples along dim 0.")
+        self.kink_ops += 1
+
     def _record_window(self, signed: torch.Tensor, op: str) -> None:
-        """With a window: fold in one op's signed steps to its kinks (inf where none),
-        per unit, along the rows' first dimension.
+        """With a window: fold in one op's signed steps to its kinks (float64; inf, -inf
+        or nan where none), per unit, along the rows' first dimension.
 
         The ops run in call order, and the window holds the stretch around the point
         where every earlier op stays on one piece: there this op's input is affine, so
@@ -255,26 +266,34 @@ class BreakpointMode(TorchFunctionMode):
         if self.window is None:
             return
         low, high = self.window
-        steps = signed.detach().reshape(self.rows, -1).double()
-        near = steps.abs() <= self.margin
-        inside = (steps > low.view(-1, 1) + self.margin) & (steps < high.view(-1, 1) - self.margin) & ~near
+        margin = self.margin
+        steps = signed.detach().reshape(self.rows, -1)
+        clear = steps.abs() > margin  # not on a kink at the point
+        inside = clear & (steps > (low + margin).view(-1, 1)) & (steps < (high - margin).view(-1, 1))
         found = inside.nonzero()
-        self.kink_rows.append(found[:, 0])
-        self.kink_steps.append(steps[found[:, 0], found[:, 1]])
-        ahead = torch.where(inside & (steps > 0), steps, math.inf).amin(1)
-        behind = torch.where(inside & (steps < 0), steps, -math.inf).amax(1)
+        rows, found_steps = found[:, 0], steps[found[:, 0], found[:, 1]]
+        self.kink_rows.append(rows)
+        self.kink_steps.append(found_steps)
+        # The nearest found kink on each side, from the (few) found ones.
+        ahead = torch.full_like(low, math.inf).scatter_reduce(
+            0, rows, torch.where(found_steps > 0, found_steps, math.inf), "amin")
+        behind = torch.full_like(low, -math.inf).scatter_reduce(
+            0, rows, torch.where(found_steps < 0, found_steps, -math.inf), "amax")
         high = torch.minimum(high, ahead)
         low = torch.maximum(low, behind)
         # (Not where the segment ends within the margin behind the point: that sliver
         # joins the piece, or every evaluation would leave half of it behind.)
-        self.window = (torch.where(near.any(1) & (low < -self.margin), low.clamp_min(0.0), low), high)
+        near = ~clear.all(1)
+        self.window = (torch.where(near & (low < -margin), low.clamp_min(0.0), low), high)
 
     def _record_kink(self, z: torch.Tensor, dz: torch.Tensor, kink: Any, op: str) -> None:
-        """Units z (with derivative dz) that have a kink at ``kink``: their steps to it
-        (signed, inf where a unit never reaches it) go to next_step and the window."""
+        """Units z (float64, with derivative dz) that have a kink at ``kink``: their steps
+        to it (signed) go to next_step and the window. Where dz is 0 the step is +-inf,
+        or nan on the kink: never a kink (every comparison with nan is false)."""
         with torch.no_grad():
-            crossings = torch.where(dz != 0, (kink - z) / dz, torch.full_like(z, math.inf))
-            self._record_steps(torch.where(crossings > self.margin, crossings, math.inf), op)
+            crossings = (z.neg() if kink == 0 else torch.rsub(z, kink)).div_(dz)
+            ahead = torch.where(crossings > self.margin, crossings, math.inf) if self._wants_next_step else crossings
+            self._record_steps(ahead, op)
         self._record_window(crossings, op)
 
     def _record_choice(self, choice: torch.Tensor, back_from: Callable[[torch.Tensor], torch.Tensor],
@@ -458,7 +477,7 @@ def _parts(tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _side(mode: BreakpointMode, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     """z just after the current point: its sign decides the piece a unit is on."""
-    return z + mode.margin * dz
+    return torch.add(z, dz, alpha=mode.margin)
 
 
 def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: Sequence[float], name: str):
@@ -579,32 +598,16 @@ def _affine_with_bias(mode: BreakpointMode, func, name, args, kwargs):
     return fwAD.make_dual(value, direction)
 
 
-def _select_in_windows(mode: BreakpointMode, windows: torch.Tensor, largest: bool, name: str):
-    """Per window (last dim): the element that is the max (min) just after the current
-    point, and the steps at which another one overtakes it. Returns (values, index)."""
-    v, dv = _primal_and_tangent(windows)
-    sign = 1.0 if largest else -1.0
+def _select_in_windows(mode: BreakpointMode, v: torch.Tensor, dv: torch.Tensor, largest: bool, name: str):
+    """Per window (last dim of v, float64, and its tangent dv): the index (keepdim) of the
+    element that is the max (min) just after the current point; the steps at which
+    another one overtakes it are recorded (_record_overtaking)."""
+    sv, sdv = (v, dv) if largest else (-v, -dv)
     with torch.no_grad():
-        sv, sdv = sign * v, sign * dv
         # The max just after the current point (a tie goes to the element rising fastest).
         index = _side(mode, sv, sdv).argmax(-1, keepdim=True)
         chosen_v, chosen_dv = sv.gather(-1, index), sdv.gather(-1, index)
-        gaining = sdv > chosen_dv
-        crossings = (chosen_v - sv) / (sdv - chosen_dv)
-        steps = torch.where(gaining & (crossings > mode.margin) & torch.isfinite(sv), crossings,
-                            torch.full_like(crossings, math.inf))
-        if mode.window is not None:
-            # The envelope's kinks that are exact: the nearest overtaking on each side of
-            # the point (later crossings with the winner are no kinks, the envelope has
-            # moved on); and a tie at the point (the winner taken is the one rising).
-            losing = (sdv < chosen_dv) & torch.isfinite(sv)
-            before = torch.where(losing & (crossings < -mode.margin), crossings, -math.inf).amax(-1)
-            tied = (torch.isfinite(sv) & (sdv != chosen_dv) & (crossings.abs() <= mode.margin)).any(-1)
-            signed = torch.stack([steps.amin(-1), torch.where(torch.isfinite(before), before, math.inf),
-                                  torch.where(tied, 0.0, math.inf).to(steps.dtype)], -1)
-    mode._record_steps(steps, name)
-    if mode.window is not None:
-        mode._record_window(signed, name)
+    _record_overtaking(mode, sv, sdv, chosen_v, chosen_dv, -1, name)
 
     def back_from(reference):  # back to where the reference's winner was level with this one
         return mode._back_to(chosen_v - sv.gather(-1, reference), chosen_dv - sdv.gather(-1, reference), 0.0)
@@ -613,9 +616,33 @@ def _select_in_windows(mode: BreakpointMode, windows: torch.Tensor, largest: boo
         finite = torch.isfinite(sv)
         mode._record_choice(index, back_from, torch.where(finite, chosen_v - sv, math.inf),
                             torch.where(finite, chosen_dv - sdv, 0.0), name)
-    primal, tangent = _parts(windows)
-    chosen = fwAD.make_dual(primal.gather(-1, index).squeeze(-1), tangent.gather(-1, index).squeeze(-1))
-    return chosen, index.squeeze(-1)
+    return index
+
+
+def _record_overtaking(mode: BreakpointMode, sv: torch.Tensor, sdv: torch.Tensor, chosen_v: torch.Tensor,
+                       chosen_dv: torch.Tensor, dim: int, name: str) -> None:
+    """Record the steps at which an element of a window (along ``dim`` of sv, float64,
+    and its tangent sdv) overtakes the window's winner (chosen_v, chosen_dv, broadcast
+    along ``dim``). Elements at -inf (a max-pool's padding, tangent 0) give infinite or
+    nan steps, and so does the winner itself: never a kink."""
+    margin = mode.margin
+    with torch.no_grad():
+        rate = sdv - chosen_dv  # > 0: gaining on the winner
+        crossings = (chosen_v - sv).div_(rate)
+        ahead = torch.where((rate > 0) & (crossings > margin), crossings, math.inf)
+        # rows first for _record_steps (a copy only where next_step is wanted: a walk's
+        # first point, not the rounds of method="exact")
+        mode._record_steps(ahead.movedim(dim, -1) if mode._wants_next_step else chosen_v, name)
+        if mode.window is None:
+            return
+        # The envelope's kinks that are exact: the nearest overtaking on each side of the
+        # point (later crossings with the winner are no kinks, the envelope has moved on);
+        # and a tie at the point (the winner taken is the one rising).
+        before = torch.where((rate < 0) & (crossings < -margin), crossings, -math.inf).amax(dim)
+        tied = torch.nan_to_num(crossings.abs_(), nan=math.inf).amin(dim) <= margin
+        signed = torch.stack([ahead.amin(dim), torch.where(torch.isfinite(before), before, math.inf),
+                              torch.where(tied, 0.0, math.inf).to(before.dtype)], -1)
+    mode._record_window(signed, name)
 
 
 def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
@@ -635,7 +662,11 @@ def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     dim = dim % x.dim()
     if dim == 0:
         raise NotPiecewiseLinearError(f"method='exact': {name} over dim 0 mixes the examples of the batch.")
-    values, index = _select_in_windows(mode, x.movedim(dim, -1), name.startswith(("max", "amax")), name)
+    windows = x.movedim(dim, -1)
+    index = _select_in_windows(mode, *_primal_and_tangent(windows), name.startswith(("max", "amax")), name)
+    primal, tangent = _parts(windows)
+    values = fwAD.make_dual(primal.gather(-1, index).squeeze(-1), tangent.gather(-1, index).squeeze(-1))
+    index = index.squeeze(-1)
     if keepdim:
         values, index = values.unsqueeze(dim), index.unsqueeze(dim)
     if name in ("amax", "amin"):
@@ -661,26 +692,55 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     dilation = per_dim(given.get("dilation", 1), 1)
     ceil_mode = bool(given.get("ceil_mode", False))
     unbatched = x.dim() == spatial + 1
-    windows = x.unsqueeze(0) if unbatched else x
+    batched = x.unsqueeze(0) if unbatched else x
+    sizes = batched.shape[-spatial:]
     pads = []
     for axis in reversed(range(spatial)):
-        size = windows.shape[-spatial + axis]
         span = dilation[axis] * (kernel[axis] - 1) + 1
-        length = size + 2 * padding[axis] - span
+        length = sizes[axis] + 2 * padding[axis] - span
         out = (-(-length // stride[axis]) if ceil_mode else length // stride[axis]) + 1
-        if ceil_mode and (out - 1) * stride[axis] >= size + padding[axis]:
+        if ceil_mode and (out - 1) * stride[axis] >= sizes[axis] + padding[axis]:
             out -= 1  # the last window must start inside the input or its left padding
-        right = (out - 1) * stride[axis] + span - size - padding[axis]
+        right = (out - 1) * stride[axis] + span - sizes[axis] - padding[axis]
         pads += [padding[axis], max(right, padding[axis])]
-    windows = torch.nn.functional.pad(windows, pads, value=-math.inf)
-    for axis in range(spatial):
-        # unfold appends the window as the last dim; the spatial dims keep their places.
-        windows = windows.unfold(2 + axis, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
-        if dilation[axis] > 1:
-            windows = windows[..., :: dilation[axis]]
-    # windows: (N, C, out_1, ..., out_s, k_1, ..., k_s)
-    windows = windows.flatten(-spatial)
-    values, _ = _select_in_windows(mode, windows, True, name)
+
+    def windows_first(tensor: torch.Tensor, fill: float) -> torch.Tensor:
+        """(k_1 * ... * k_s, N, C, out_1 * ... * out_s): every window's elements, first
+        (reductions over a window run over whole rows of memory)."""
+        if any(pads):
+            tensor = torch.nn.functional.pad(tensor, pads, value=fill)
+        for axis in range(spatial):
+            # unfold appends the window as the last dim; the spatial dims keep their places.
+            tensor = tensor.unfold(2 + axis, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+            if dilation[axis] > 1:
+                tensor = tensor[..., :: dilation[axis]]
+        order = list(range(2 + spatial, 2 + 2 * spatial)) + list(range(2 + spatial))
+        return tensor.permute(order).reshape(math.prod(kernel), *tensor.shape[:2], -1)
+
+    # The winner just after the point (the max of z + margin dz; PyTorch's own pooling,
+    # whose indices are positions in each input plane), read from float64 copies; the
+    # kinks from the windows' elements; the value gathered from the input at the
+    # winner's position.
+    v, dv = _primal_and_tangent(batched)
+    with torch.no_grad():
+        pool = getattr(torch.nn.functional, f"max_pool{spatial}d")
+        _, index = pool(_side(mode, v, dv), kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        out_shape = index.shape
+        index = index.flatten(2)
+        flat_v, flat_dv = v.flatten(2), dv.flatten(2)
+        chosen_v, chosen_dv = flat_v.gather(-1, index), flat_dv.gather(-1, index)
+        sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
+    _record_overtaking(mode, sv, sdv, chosen_v, chosen_dv, 0, name)
+    if mode.curved_kinks:  # every element's distance below the winner
+        def back_from(reference):  # back to where the reference's winner was level with this one
+            return mode._back_to(chosen_v - flat_v.gather(-1, reference), chosen_dv - flat_dv.gather(-1, reference), 0.0)
+
+        finite = torch.isfinite(sv)
+        mode._record_choice(index, back_from, torch.where(finite, chosen_v - sv, math.inf).movedim(0, -1),
+                            torch.where(finite, chosen_dv - sdv, 0.0).movedim(0, -1), name)
+    primal, tangent = _parts(batched)
+    values = fwAD.make_dual(primal.flatten(2).gather(-1, index).view(out_shape),
+                            tangent.flatten(2).gather(-1, index).view(out_shape))
     return values.squeeze(0) if unbatched else values
 
 

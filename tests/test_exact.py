@@ -53,6 +53,23 @@ class Maximum(nn.Module):
         return torch.cat([a > b, torch.maximum(a, b) > c], dim=-1)
 
 
+class Maxout(nn.Module):
+    """A max over groups of 3 units (amax over a dimension), then a min over pairs
+    (torch.min with a dimension)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        hidden = self.a(x).unflatten(-1, (16, 3)).amax(-1)
+        return torch.min(self.b(hidden).unflatten(-1, (8, 2)), dim=-1).values
+
+    def region(self, x):
+        groups = self.a(x).unflatten(-1, (16, 3))
+        return torch.cat([groups.argmax(-1), self.b(groups.amax(-1)).unflatten(-1, (8, 2)).argmin(-1)], dim=-1)
+
+
 class Softmax(nn.Module):
     def forward(self, x):
         return torch.softmax(x, dim=-1)
@@ -71,10 +88,15 @@ def _region_of(module, x):
         _, indices = F.max_pool1d(x, module.kernel_size, module.stride, module.padding, module.dilation,
                                   ceil_mode=module.ceil_mode, return_indices=True)
         return indices
+    if isinstance(module, nn.MaxPool3d):
+        _, indices = F.max_pool3d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                                  ceil_mode=module.ceil_mode, return_indices=True)
+        return indices
     return module.region(x)
 
 
-PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, Abs, Clamp, Maximum)
+PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d, Abs, Clamp,
+                     Maximum, Maxout)
 
 
 def relu_mlp():
@@ -100,6 +122,15 @@ def pool1d_net():
                          nn.Flatten(), nn.Linear(4 * 4, 3))
 
 
+def pool3d_net():
+    return nn.Sequential(nn.Conv3d(1, 2, 2), nn.ReLU(), nn.MaxPool3d(2, stride=1, padding=1), nn.Flatten(),
+                         nn.Linear(2 * 4 * 4 * 4, 3))
+
+
+def maxout_net():
+    return nn.Sequential(Maxout(), nn.Linear(8, 3))
+
+
 def softmax_head_mlp():
     return nn.Sequential(*relu_mlp(), Softmax())
 
@@ -110,6 +141,8 @@ MODELS = {
     "mixed_mlp": (mixed_mlp, (6,)),
     "max_pool_cnn": (max_pool_cnn, (1, 12, 12)),
     "pool1d_net": (pool1d_net, (2, 12)),
+    "pool3d_net": (pool3d_net, (1, 4, 4, 4)),
+    "maxout_net": (maxout_net, (6,)),
 }
 
 
