@@ -455,12 +455,15 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             owner_directions = tuple(d[owners] for d in directions)
             with_gradients = "smooth_op" not in found
             piece_window = tuple(w.clone() for w in window)  # the record shrinks it to each piece
+            # After the first round (one segment: the whole path) every kink of a first op
+            # that is a line kink is placed: no later segment holds one.
+            placed_ops = 1 if rounds_walked > 1 and found.get("first_op_is_line") else 0
             if with_gradients:
-                record = _WalkRecord(owners.numel(), device, window=piece_window)
+                record = _WalkRecord(owners.numel(), device, window=piece_window, placed_ops=placed_ops)
                 rounds.append(run_round(owners, points, _walker(owner_directions, record, margin, found)))
             else:
                 record = _walk(forward_at, owners, points, owner_directions, margin, found, row_limit,
-                               window=piece_window)
+                               window=piece_window, placed_ops=placed_ops)
                 walk_forwards += owners.numel()
             walk_rows.index_add_(0, owners, torch.ones_like(owners))
             cut = _cut_at_kinks(low, high, middle, window, record, margin)
@@ -774,7 +777,7 @@ class _WalkRecord:
 
     def __init__(self, count: int, device, reference: Optional[PathState] = None,
                  reference_step: Optional[torch.Tensor] = None,
-                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, placed_ops: int = 0) -> None:
         self.next_step = torch.full((count,), float("inf"), dtype=torch.float64, device=device)
         self.crossings = torch.zeros(count, dtype=torch.long, device=device)
         self.changed = torch.zeros(count, dtype=torch.bool, device=device)
@@ -784,7 +787,7 @@ class _WalkRecord:
         self.reference, self.reference_step = reference, reference_step
         # With a window (see BreakpointMode): the piece around each row's point, and the
         # kinks found (rows and steps, in the order the chunks ran).
-        self.window = window
+        self.window, self.placed_ops = window, placed_ops
         self.kink_rows: List[torch.Tensor] = []
         self.kink_steps: List[torch.Tensor] = []
         self.count = count
@@ -795,13 +798,15 @@ class _WalkRecord:
         if self.reference is not None:
             arguments.update(reference=self.reference.rows(rows), reference_step=self.reference_step[rows])
         if self.window is not None:
-            arguments.update(window=tuple(w[rows] for w in self.window))
+            arguments.update(window=tuple(w[rows] for w in self.window), placed_ops=self.placed_ops)
         return arguments
 
     def take(self, rows: slice, mode: BreakpointMode, found: dict) -> None:
         if mode.next_step is not None:
             self.next_step[rows] = mode.next_step
+        if mode.kink_ops:
             found["piecewise_linear_ops"] = max(found.get("piecewise_linear_ops", 0), mode.kink_ops)
+            found.setdefault("first_op_is_line", mode.first_op_is_line)
         if mode.crossings is not None:
             self.crossings[rows] = mode.crossings
         if mode.changed is not None:
@@ -829,7 +834,7 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
           directions: Tuple[torch.Tensor, ...], margin: float, found: dict, row_limit: RowLimit,
           horizon: Optional[torch.Tensor] = None, curved_kinks: bool = False,
           reference: Optional[PathState] = None, reference_step: Optional[torch.Tensor] = None,
-          window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> _WalkRecord:
+          window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, placed_ops: int = 0) -> _WalkRecord:
     """Forwards with tangents along the path at each example's point, no backward, in
     chunks of the engine's row limit (a walk row holds less than an engine row: no
     autograd graph), halved after out-of-memory errors: each example's distance to its
@@ -837,7 +842,7 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
     kinks within it; with ``curved_kinks``, the state of its units, and with
     ``reference`` (the state at a point ``reference_step`` back), the comparison)."""
     count = examples.numel()
-    record = _WalkRecord(count, examples.device, reference, reference_step, window)
+    record = _WalkRecord(count, examples.device, reference, reference_step, window, placed_ops)
     chunk = max(1, row_limit.rows)
     begin = 0
     while begin < count:

@@ -182,12 +182,16 @@ class BreakpointMode(TorchFunctionMode):
     the path around the row's point, the mode finds the piece that holds the point and
     every kink it can place exactly (see _record_window): ``window`` ends as the piece
     (steps from the point), ``kink_rows`` / ``kink_steps`` list the kinks found.
+    ``first_op_is_line`` says whether the first piecewise-linear op is a line kink (a
+    unit's kinks at fixed values of its affine input: ReLU, clamp's lower bound,
+    maximum of two tensors), whose kinks a window over the whole path places all of;
+    with ``placed_ops`` = 1 (segments between those kinks) that op is not read again.
     """
 
     def __init__(self, rows: int, margin: float, horizon: Optional[torch.Tensor] = None, *,
                  curved_kinks: bool = False, reference: Optional["PathState"] = None,
                  reference_step: Optional[torch.Tensor] = None,
-                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, placed_ops: int = 0) -> None:
         super().__init__()
         self.rows = rows
         self.margin = margin
@@ -209,6 +213,8 @@ class BreakpointMode(TorchFunctionMode):
         self.window = window  # replaced, never written in place
         self.kink_rows: List[torch.Tensor] = []
         self.kink_steps: List[torch.Tensor] = []
+        self.placed_ops = placed_ops
+        self.first_op_is_line: Optional[bool] = None
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -290,11 +296,23 @@ class BreakpointMode(TorchFunctionMode):
         """Units z (float64, with derivative dz) that have a kink at ``kink``: their steps
         to it (signed) go to next_step and the window. Where dz is 0 the step is +-inf,
         or nan on the kink: never a kink (every comparison with nan is false)."""
+        if self._placed_before(z, op, line=True):
+            return
         with torch.no_grad():
             crossings = (z.neg() if kink == 0 else torch.rsub(z, kink)).div_(dz)
             ahead = torch.where(crossings > self.margin, crossings, math.inf) if self._wants_next_step else crossings
             self._record_steps(ahead, op)
         self._record_window(crossings, op)
+
+    def _placed_before(self, tensor: torch.Tensor, op: str, line: bool) -> bool:
+        """Whether this op's kinks were all placed before (see placed_ops): then it is only
+        counted. Notes whether the first op is a line kink."""
+        if self.first_op_is_line is None:
+            self.first_op_is_line = line
+        if self.kink_ops >= self.placed_ops:
+            return False
+        self._count_kink_op(tensor, op)
+        return True
 
     def _record_choice(self, choice: torch.Tensor, back_from: Callable[[torch.Tensor], torch.Tensor],
                        gap: torch.Tensor, rate: torch.Tensor, op: str) -> None:
@@ -625,6 +643,8 @@ def _record_overtaking(mode: BreakpointMode, sv: torch.Tensor, sdv: torch.Tensor
     and its tangent sdv) overtakes the window's winner (chosen_v, chosen_dv, broadcast
     along ``dim``). Elements at -inf (a max-pool's padding, tangent 0) give infinite or
     nan steps, and so does the winner itself: never a kink."""
+    if mode._placed_before(chosen_v, name, line=False):
+        return
     margin = mode.margin
     with torch.no_grad():
         rate = sdv - chosen_dv  # > 0: gaining on the winner
