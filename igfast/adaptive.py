@@ -347,6 +347,7 @@ class _ExactSwitch:
         self.walked = torch.zeros(batch_size, dtype=torch.bool, device=evaluations.device)
         self.exact_cost: Optional[torch.Tensor] = None  # (B,) predicted evaluations, -1 until probed
         self.pieces: Optional[torch.Tensor] = None  # (B,) predicted pieces
+        self.walk_rows: Optional[torch.Tensor] = None  # (B,) of exact_cost, the rows with tangents
         # A mixed network: the rule's predicted error at the last level, per example.
         self.previous_predicted = torch.zeros(batch_size, dtype=torch.float64, device=evaluations.device)
         self.unavailable: Optional[str] = None
@@ -365,6 +366,7 @@ class _ExactSwitch:
         if self.exact_cost is None:
             self.exact_cost = torch.full_like(self.evaluations, -1)
             self.pieces = torch.zeros_like(self.evaluations)
+            self.walk_rows = torch.zeros_like(self.evaluations)
         unprobed = examples[self.exact_cost[examples] < 0]
         try:
             # The first probe takes one example: a network that cannot be walked costs one row.
@@ -382,6 +384,7 @@ class _ExactSwitch:
                         self._timed_probe_size = group.numel()
                     self.exact_cost[group] = estimate.evaluations
                     self.pieces[group] = estimate.pieces
+                    self.walk_rows[group] = estimate.walk_rows
         except NotPiecewiseLinearError as error:
             self.unavailable = str(error)
             self.smooth = isinstance(error, SmoothNetworkError)
@@ -429,10 +432,10 @@ class _ExactSwitch:
         # of its longest path): a few examples of a small model may walk for longer than
         # the rule takes to refine them.
         walk_rounds = self.route.walk_rounds(int(self.pieces[chosen].max()))
-        # And its rows run with tangents through BreakpointMode: each costs a probe's row
-        # on top of a rule's (igfast bench's CNN: 3.4 ms against a rule row's 0.38 ms).
-        walk_row_seconds = self.row_seconds + self.walk_round_seconds / max(1, self._timed_probe_size)
-        walk_seconds = walk_rounds * self.walk_round_seconds + float(exact_cost[cheaper].sum()) * walk_row_seconds
+        walk_rows = float(self.walk_rows[chosen].sum())
+        walk_seconds = predicted_walk_seconds(walk_rounds, walk_rows, float(exact_cost[cheaper].sum()) - walk_rows,
+                                              self.row_seconds, self.walk_round_seconds / max(1, self._timed_probe_size),
+                                              self.walk_round_seconds)
         if walk_seconds > float(to_go[cheaper].sum()) * self.row_seconds:
             return taken
         integral = self.route.integrate(chosen, self.settings.tolerance)
@@ -459,6 +462,18 @@ class _ExactSwitch:
         self.estimate[chosen] = estimate
         self.converged[chosen] = estimate <= self.settings.tolerance
         self.walked[chosen] = True
+
+
+def predicted_walk_seconds(rounds: float, walk_rows: float, plain_rows: float, row_seconds: float,
+                           probe_row_seconds: float, round_seconds: float) -> float:
+    """The predicted time of walking some examples' pieces (ExactRoute.integrate).
+
+    The walk's rows run with tangents through BreakpointMode: each costs a probe's row
+    (its time per example) on top of a rule's (igfast bench's CNN at dd8df99: 1.7 ms
+    against 0.5 ms). The Gauss nodes of a smooth head or of a mixed network's pieces
+    are plain rule rows. The walk's rounds wait on each other: each costs a probe's
+    latency, which a few examples of a small model do not fill."""
+    return rounds * round_seconds + walk_rows * (row_seconds + probe_row_seconds) + plain_rows * row_seconds
 
 
 def _seconds(device: torch.device) -> float:

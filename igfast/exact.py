@@ -666,6 +666,12 @@ class PieceEstimate:
             return self.pieces * (CURVED_WALK_ROWS_PER_PIECE + 2 * GAUSS_NODES_PER_PIECE - 1)
         return self.pieces * (1 + (GAUSS_NODES_PER_PIECE if self.smooth_head else 0))
 
+    @property
+    def walk_rows(self) -> torch.Tensor:
+        """Of those, the rows that run with tangents through BreakpointMode (the rest are
+        Gauss nodes: plain gradient rows)."""
+        return self.pieces * (CURVED_WALK_ROWS_PER_PIECE if self.curved else 1)
+
 
 class SmoothNetworkError(NotPiecewiseLinearError):
     """The probe walked the whole network and met no piecewise-linear op."""
