@@ -378,8 +378,11 @@ class BreakpointMode(TorchFunctionMode):
                     f"{name}. Use method='gausslegendre_pieces', a fixed n_steps or n_steps='auto' "
                 "for this model.")
             return handler(self, func, name, args, kwargs)
-        if name in AFFINE_HANDLERS and not curved:
-            return AFFINE_HANDLERS[name](self, func, name, args, kwargs)
+        if name in AFFINE_HANDLERS:
+            result = AFFINE_HANDLERS[name](self, func, name, args, kwargs)
+            if curved:
+                self._mark_curved(result)
+            return result
         bends = name in SMOOTH_OPS or _nonlinear_use(name, args, kwargs, moving)
         if not bends and name not in AFFINE_OPS and name not in EVAL_ONLY_OPS:
             raise NotPiecewiseLinearError(
@@ -402,7 +405,10 @@ class BreakpointMode(TorchFunctionMode):
             # (inside it, ops no longer reach this mode), not by the fused kernel.
             result = (func(*args, **{**kwargs, "need_weights": True})[0], None)
         else:
-            result = func(*args, **kwargs)
+            shortcut = TANGENT_SHORTCUTS.get(name)
+            result = shortcut(func, args, kwargs) if shortcut is not None else None
+            if result is None:
+                result = func(*args, **kwargs)
         if bends and self.smooth_op is None:
             self.smooth_op = name
         if bends or curved:
@@ -762,6 +768,96 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     values = fwAD.make_dual(primal.flatten(2).gather(-1, index).view(out_shape),
                             tangent.flatten(2).gather(-1, index).view(out_shape))
     return values.squeeze(0) if unbatched else values
+
+
+# Forward-mode AD in PyTorch 2.13 takes a slow path (Python decompositions, 50 to 100
+# times a plain op) for an elementwise op between a dual tensor and a constant (a
+# bias, a scale) and for layer_norm. These ops are common on the path of a walk (a
+# transformer's embeddings, attention scale, norms), so their tangents are computed
+# here from the primal and tangent by the derivative's formula. Each returns None
+# where it does not apply (then the op runs as it is).
+
+def _one_moving_operand(args, kwargs):
+    """(position of the one operand of a binary op that carries a tangent, primals of
+    both operands), or None when not exactly one of them moves."""
+    operands = list(args[:2])
+    if len(operands) < 2:
+        if "other" not in kwargs:
+            return None
+        operands.append(kwargs["other"])
+    tangents = [_tangent(o) if isinstance(o, torch.Tensor) else None for o in operands]
+    movers = [i for i, t in enumerate(tangents) if t is not None]
+    if len(movers) != 1:
+        return None
+    primals = [fwAD.unpack_dual(o).primal if isinstance(o, torch.Tensor) else o for o in operands]
+    return movers[0], primals, tangents[movers[0]]
+
+
+def _dual_like(value: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    return fwAD.make_dual(value, torch.broadcast_to(tangent.to(value.dtype), value.shape))
+
+
+def _sum_shortcut(subtract: bool, reflected: bool = False):
+    """add / sub, and their reflected dunders (other + self, other - self): the moving
+    operand's tangent, negated (times alpha) where it is the one subtracted."""
+    def shortcut(func, args, kwargs):
+        found = _one_moving_operand(args, kwargs)
+        if found is None or set(kwargs) - {"other", "alpha"}:
+            return None
+        mover, primals, tangent = found
+        value = func(*primals, **({"alpha": kwargs["alpha"]} if "alpha" in kwargs else {}))
+        scale = kwargs.get("alpha", 1) if mover == 1 else 1
+        if subtract and mover == (0 if reflected else 1):
+            scale = -scale
+        return _dual_like(value, tangent if scale == 1 else tangent * scale)
+    return shortcut
+
+
+def _product_shortcut(func, args, kwargs):
+    found = _one_moving_operand(args, kwargs)
+    if found is None or set(kwargs) - {"other"}:
+        return None
+    mover, primals, tangent = found
+    return _dual_like(func(*primals), tangent * primals[1 - mover])
+
+
+def _quotient_shortcut(func, args, kwargs):
+    found = _one_moving_operand(args, kwargs)
+    if found is None or found[0] != 0 or set(kwargs) - {"other"}:  # a moving divisor bends the path
+        return None
+    _, primals, tangent = found
+    return _dual_like(func(*primals), tangent / primals[1])
+
+
+def _layer_norm_shortcut(func, args, kwargs):
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = {**dict(zip(names, args)), **kwargs}
+    if set(bound) - set(names) or any(_tangent(bound.get(k)) is not None
+                                      for k in ("weight", "bias") if isinstance(bound.get(k), torch.Tensor)):
+        return None
+    x, weight, eps = bound["input"], bound.get("weight"), bound.get("eps", 1e-5)
+    primal, tangent = _parts(x)
+    value = func(primal, bound["normalized_shape"], weight, bound.get("bias"), eps)
+    with torch.no_grad():
+        dims = tuple(range(-len(tuple(bound["normalized_shape"])), 0))
+        centred = primal - primal.mean(dims, keepdim=True)
+        inverse_std = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+        normalised = centred * inverse_std
+        direction = inverse_std * (tangent - tangent.mean(dims, keepdim=True)
+                                   - normalised * (normalised * tangent).mean(dims, keepdim=True))
+        if weight is not None:
+            direction = direction * weight
+    return _dual_like(value, direction)
+
+
+TANGENT_SHORTCUTS: Dict[str, Callable] = {
+    **{n: _sum_shortcut(subtract=False) for n in ("add", "__add__", "__radd__")},
+    **{n: _sum_shortcut(subtract=True) for n in ("sub", "__sub__")},
+    "__rsub__": _sum_shortcut(subtract=True, reflected=True),
+    **{n: _product_shortcut for n in ("mul", "__mul__", "__rmul__")},
+    **{n: _quotient_shortcut for n in ("div", "__truediv__")},
+    "layer_norm": _layer_norm_shortcut,
+}
 
 
 # linear / conv are affine, handled here only to give their tangent cheaply.

@@ -280,3 +280,39 @@ def test_a_tolerance_makes_the_gauss_nodes_on_the_pieces_adaptive(name):
         assert bool((info.evaluations >= evaluations).all())
         evaluations = info.evaluations
     assert bool((evaluations > plain.evaluations).all())
+
+
+def test_tangent_shortcuts_match_forward_mode_ad():
+    """The walk computes the tangents of add / sub / mul / div with a constant and of
+    layer_norm itself (PyTorch's forward AD takes a slow path there): every form, with
+    either operand moving, against torch.autograd.forward_ad."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from igfast.piecewise import TANGENT_SHORTCUTS
+
+    x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    b, w = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    cases = [("add", torch.add, lambda d: (d, b), {}), ("add", torch.add, lambda d: (b, d), {}),
+             ("add", torch.add, lambda d: (d, b), {"alpha": 3}), ("add", torch.add, lambda d: (b, d), {"alpha": -2.5}),
+             ("add", torch.add, lambda d: (d[:, :1], b), {}), ("__add__", torch.Tensor.__add__, lambda d: (d, 2.0), {}),
+             ("__radd__", torch.Tensor.__radd__, lambda d: (d, 2.0), {}), ("sub", torch.sub, lambda d: (d, b), {}),
+             ("sub", torch.sub, lambda d: (b, d), {}), ("sub", torch.sub, lambda d: (b, d), {"alpha": 2}),
+             ("__sub__", torch.Tensor.__sub__, lambda d: (d, 1.5), {}),
+             ("__rsub__", torch.Tensor.__rsub__, lambda d: (d, 1.5), {}),
+             ("__rsub__", torch.Tensor.__rsub__, lambda d: (d, b), {}), ("mul", torch.mul, lambda d: (d, b), {}),
+             ("mul", torch.mul, lambda d: (b, d), {}), ("__mul__", torch.Tensor.__mul__, lambda d: (d, 0.3), {}),
+             ("__rmul__", torch.Tensor.__rmul__, lambda d: (d, 0.3), {}), ("div", torch.div, lambda d: (d, w), {}),
+             ("__truediv__", torch.Tensor.__truediv__, lambda d: (d, 7.0), {}),
+             ("layer_norm", F.layer_norm, lambda d: (d, (4,)), {}), ("layer_norm", F.layer_norm, lambda d: (d, (4,), w, b), {}),
+             ("layer_norm", F.layer_norm, lambda d: (d.view(5, 2, 2), (2, 2)), {"eps": 1e-3})]
+    with fwAD.dual_level():
+        for name, func, operands, kwargs in cases:
+            args = operands(fwAD.make_dual(x, t))
+            expected, got = func(*args, **kwargs), TANGENT_SHORTCUTS[name](func, args, kwargs)
+            assert torch.equal(fwAD.unpack_dual(got).primal, fwAD.unpack_dual(expected).primal), name
+            torch.testing.assert_close(fwAD.unpack_dual(got).tangent, fwAD.unpack_dual(expected).tangent,
+                                       rtol=1e-12, atol=1e-12, msg=f"{name} {kwargs}")
+        # Where both operands move, or the divisor does, the op runs as it is.
+        d = fwAD.make_dual(x, t)
+        assert TANGENT_SHORTCUTS["mul"](torch.mul, (d, d), {}) is None
+        assert TANGENT_SHORTCUTS["div"](torch.div, (b, d), {}) is None
