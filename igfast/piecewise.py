@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -401,9 +402,12 @@ class BreakpointMode(TorchFunctionMode):
             # attention computed by parts has (smooth: the path bends here).
             result = _attention_by_parts(*args, **kwargs)
         elif name == "multi_head_attention_forward" and not kwargs.get("need_weights", True):
-            # nn.MultiheadAttention: asked for its weights it computes attention by parts
-            # (inside it, ops no longer reach this mode), not by the fused kernel.
-            result = (func(*args, **{**kwargs, "need_weights": True})[0], None)
+            result = _multi_head_attention_by_parts(*args, **kwargs)
+            if result is None:
+                # Options not written out below: asked for its weights nn.MultiheadAttention
+                # computes attention by parts itself (slowly: inside it, ops no longer reach
+                # this mode), not by the fused kernel.
+                result = (func(*args, **{**kwargs, "need_weights": True})[0], None)
         else:
             shortcut = TANGENT_SHORTCUTS.get(name)
             result = shortcut(func, args, kwargs) if shortcut is not None else None
@@ -418,21 +422,90 @@ class BreakpointMode(TorchFunctionMode):
 
 def _attention_by_parts(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                         enable_gqa=False):
-    """F.scaled_dot_product_attention in plain ops (which forward-mode AD supports)."""
+    """F.scaled_dot_product_attention by parts, with its tangent (PyTorch's fused kernels
+    have no forward-mode derivative)."""
     if dropout_p:
         raise NotPiecewiseLinearError(
             "scaled_dot_product_attention runs with dropout (training mode), which mixes in random "
             "masks; call model.eval() first.")
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        repeats = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
-    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    (q, dq), (k, dk), (v, dv) = _parts(query), _parts(key), _parts(value)
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        repeats = q.shape[-3] // k.shape[-3]
+        k, dk, v, dv = (t.repeat_interleave(repeats, -3) for t in (k, dk, v, dv))
+    mask = None
     if is_causal:
-        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return torch.softmax(scores, dim=-1) @ value
+        extra = (torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+                 if attn_mask.dtype == torch.bool else attn_mask)
+        mask = extra if mask is None else mask + extra
+    out, tangent = _attention_with_tangent(q, dq, k, dk, v, dv, q.shape[-1] ** -0.5 if scale is None else scale, mask)
+    return fwAD.make_dual(out, tangent)
+
+
+def _attention_with_tangent(q, dq, k, dk, v, dv, scale: float, mask: Optional[torch.Tensor]):
+    """softmax(q k^T scale + mask) v and its derivative along the path, from the primals
+    and tangents of q, k, v (..., tokens, features): the product rule, and the softmax's
+    derivative p (ds - sum(p ds)). By parts on plain tensors, not on dual ones: forward-
+    mode AD's elementwise ops with a constant take a slow path (see TANGENT_SHORTCUTS)."""
+    kt, dkt = k.transpose(-2, -1), dk.transpose(-2, -1)
+    scores = (q @ kt) * scale
+    if mask is not None:
+        scores = scores + mask
+    dscores = (dq @ kt + q @ dkt) * scale
+    weights = torch.softmax(scores, dim=-1)
+    dweights = weights * (dscores - (weights * dscores).sum(-1, keepdim=True))
+    return weights @ v, dweights @ v + weights @ dv
+
+
+def _multi_head_attention_by_parts(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+                                   bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
+                                   training=True, key_padding_mask=None, need_weights=True, attn_mask=None,
+                                   use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None,
+                                   v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
+                                   is_causal=False):
+    """F.multi_head_attention_forward (sequence first) without its weights, with its
+    tangent; None for the options it does not cover (added key/value biases or zero
+    attention, static keys, causal hints, dropout in training, path-dependent weights)."""
+    if (bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None
+            or is_causal or (dropout_p and training)):
+        return None
+    weights = (q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight else \
+        in_proj_weight.chunk(3)
+    biases = in_proj_bias.chunk(3) if in_proj_bias is not None else (None,) * 3
+    if any(_tangent(t) is not None for t in (*weights, in_proj_bias, out_proj_weight, out_proj_bias)
+           if isinstance(t, torch.Tensor)):
+        return None
+    unbatched = query.dim() == 2
+    projected = []
+    for tensor, weight, bias in zip((query, key, value), weights, biases):
+        primal, tangent = _parts(tensor.unsqueeze(1) if unbatched else tensor)
+        tokens, batch = primal.shape[:2]
+        heads = lambda t: t.reshape(tokens, batch, num_heads, -1).permute(1, 2, 0, 3)  # noqa: E731
+        projected += [heads(F.linear(primal, weight, bias)), heads(F.linear(tangent, weight))]
+    q, dq, k, dk, v, dv = projected
+    batch, _, target_tokens, head_dim = q.shape
+    source_tokens = k.shape[2]
+    mask = None
+    if attn_mask is not None:
+        mask = _additive_mask(attn_mask, q.dtype)
+        mask = mask.view(batch, num_heads, target_tokens, source_tokens) if mask.dim() == 3 else mask
+    if key_padding_mask is not None:
+        padding = _additive_mask(key_padding_mask, q.dtype).view(batch, 1, 1, source_tokens)
+        mask = padding if mask is None else mask + padding
+    out, tangent = _attention_with_tangent(q, dq, k, dk, v, dv, head_dim ** -0.5, mask)
+    merge = lambda t: t.permute(2, 0, 1, 3).reshape(target_tokens, batch, -1)  # noqa: E731
+    out, tangent = F.linear(merge(out), out_proj_weight, out_proj_bias), F.linear(merge(tangent), out_proj_weight)
+    result = fwAD.make_dual(out, tangent)
+    return (result.squeeze(1) if unbatched else result), None
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """nn.MultiheadAttention's mask as a float to add: True (masked out) becomes -inf."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
 
 
 def _tensors_in(args, kwargs) -> List[torch.Tensor]:

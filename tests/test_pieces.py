@@ -316,3 +316,62 @@ def test_tangent_shortcuts_match_forward_mode_ad():
         d = fwAD.make_dual(x, t)
         assert TANGENT_SHORTCUTS["mul"](torch.mul, (d, d), {}) is None
         assert TANGENT_SHORTCUTS["div"](torch.div, (b, d), {}) is None
+
+
+@pytest.mark.parametrize("form", ["self", "cross_separate_weights", "masks_bool", "masks_float", "unbatched"])
+def test_attention_by_parts_matches_forward_mode_ad(form):
+    """nn.MultiheadAttention's and scaled_dot_product_attention's tangents, written out
+    for the walk, against forward-mode AD through PyTorch's own attention by parts."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from igfast.piecewise import _attention_by_parts, _multi_head_attention_by_parts
+
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(8, 2, kdim=6 if form == "cross_separate_weights" else None,
+                                vdim=6 if form == "cross_separate_weights" else None).double().eval()
+    batch, target, source = 3, 4, 5 if form == "cross_separate_weights" else 4
+    q = torch.randn(target, batch, 8, dtype=torch.float64)
+    kv = torch.randn(source, batch, 6 if form == "cross_separate_weights" else 8, dtype=torch.float64)
+    kwargs = {}
+    if form == "masks_bool":
+        kwargs = {"attn_mask": torch.rand(target, source) < 0.3, "key_padding_mask": torch.tensor(
+            [[False] * source, [False] * (source - 1) + [True], [True] + [False] * (source - 1)])}
+        kwargs["attn_mask"][:, 0] = False  # no row fully masked
+    if form == "masks_float":
+        kwargs = {"attn_mask": torch.randn(batch * 2, target, source, dtype=torch.float64),
+                  "key_padding_mask": torch.randn(batch, source, dtype=torch.float64)}
+    with fwAD.dual_level():
+        query = fwAD.make_dual(q, torch.randn_like(q))
+        memory = query if form != "cross_separate_weights" else fwAD.make_dual(kv, torch.randn_like(kv))
+        if form == "unbatched":
+            query = memory = query[:, 0]
+        arguments = (query, memory, memory, 8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0,
+                     mha.out_proj.weight, mha.out_proj.bias)
+        options = dict(training=False, use_separate_proj_weight=not mha._qkv_same_embed_dim,
+                       q_proj_weight=mha.q_proj_weight, k_proj_weight=mha.k_proj_weight,
+                       v_proj_weight=mha.v_proj_weight, **kwargs)
+        expected = F.multi_head_attention_forward(*arguments, need_weights=True, **options)[0]
+        got, no_weights = _multi_head_attention_by_parts(*arguments, need_weights=False, **options)
+        assert no_weights is None
+        for actual, reference in zip(fwAD.unpack_dual(got), fwAD.unpack_dual(expected)):
+            torch.testing.assert_close(actual, reference, rtol=1e-12, atol=1e-12)
+        # scaled_dot_product_attention: (batch, heads, tokens, features), a causal mask
+        # and a boolean one (True: attend).
+        qs, ks, vs = (fwAD.make_dual(torch.randn(2, 3, 5, 4, dtype=torch.float64),
+                                     torch.randn(2, 3, 5, 4, dtype=torch.float64)) for _ in range(3))
+        allowed = torch.rand(5, 5) < 0.6
+        allowed[:, 0] = True
+        for sdpa_options in ({}, {"is_causal": True}, {"attn_mask": allowed}, {"scale": 0.3}):
+            scores = qs @ ks.transpose(-2, -1) * sdpa_options.get("scale", 0.5)
+            if sdpa_options.get("is_causal"):
+                scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+            if "attn_mask" in sdpa_options:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            expected = torch.softmax(scores, -1) @ vs
+            got = _attention_by_parts(qs, ks, vs, **sdpa_options)
+            for actual, reference in zip(fwAD.unpack_dual(got), fwAD.unpack_dual(expected)):
+                torch.testing.assert_close(actual, reference, rtol=1e-12, atol=1e-12)
+    # Options not written out are left to PyTorch.
+    assert _multi_head_attention_by_parts(q, q, q, 8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, True,
+                                          0.0, mha.out_proj.weight, mha.out_proj.bias, training=False,
+                                          need_weights=False) is None
