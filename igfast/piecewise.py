@@ -449,14 +449,16 @@ def _attention_with_tangent(q, dq, k, dk, v, dv, scale: float, mask: Optional[to
     and tangents of q, k, v (..., tokens, features): the product rule, and the softmax's
     derivative p (ds - sum(p ds)). By parts on plain tensors, not on dual ones: forward-
     mode AD's elementwise ops with a constant take a slow path (see TANGENT_SHORTCUTS)."""
-    kt, dkt = k.transpose(-2, -1), dk.transpose(-2, -1)
+    kt = k.transpose(-2, -1)
     scores = (q @ kt) * scale
     if mask is not None:
         scores = scores + mask
-    dscores = (dq @ kt + q @ dkt) * scale
     weights = torch.softmax(scores, dim=-1)
-    dweights = weights * (dscores - (weights * dscores).sum(-1, keepdim=True))
-    return weights @ v, dweights @ v + weights @ dv
+    with torch.no_grad():  # gradient rows differentiate the value only
+        dscores = (dq @ kt + q @ dk.transpose(-2, -1)) * scale
+        dweights = weights * (dscores - (weights * dscores).sum(-1, keepdim=True))
+        tangent = dweights @ v + weights @ dv
+    return weights @ v, tangent
 
 
 def _multi_head_attention_by_parts(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
@@ -483,7 +485,9 @@ def _multi_head_attention_by_parts(query, key, value, embed_dim_to_check, num_he
         primal, tangent = _parts(tensor.unsqueeze(1) if unbatched else tensor)
         tokens, batch = primal.shape[:2]
         heads = lambda t: t.reshape(tokens, batch, num_heads, -1).permute(1, 2, 0, 3)  # noqa: E731
-        projected += [heads(F.linear(primal, weight, bias)), heads(F.linear(tangent, weight))]
+        with torch.no_grad():
+            tangent = F.linear(tangent, weight)
+        projected += [heads(F.linear(primal, weight, bias)), heads(tangent)]
     q, dq, k, dk, v, dv = projected
     batch, _, target_tokens, head_dim = q.shape
     source_tokens = k.shape[2]
@@ -496,7 +500,9 @@ def _multi_head_attention_by_parts(query, key, value, embed_dim_to_check, num_he
         mask = padding if mask is None else mask + padding
     out, tangent = _attention_with_tangent(q, dq, k, dk, v, dv, head_dim ** -0.5, mask)
     merge = lambda t: t.permute(2, 0, 1, 3).reshape(target_tokens, batch, -1)  # noqa: E731
-    out, tangent = F.linear(merge(out), out_proj_weight, out_proj_bias), F.linear(merge(tangent), out_proj_weight)
+    with torch.no_grad():
+        tangent = F.linear(merge(tangent), out_proj_weight)
+    out = F.linear(merge(out), out_proj_weight, out_proj_bias)
     result = fwAD.make_dual(out, tangent)
     return (result.squeeze(1) if unbatched else result), None
 
@@ -882,7 +888,9 @@ def _sum_shortcut(subtract: bool, reflected: bool = False):
         scale = kwargs.get("alpha", 1) if mover == 1 else 1
         if subtract and mover == (0 if reflected else 1):
             scale = -scale
-        return _dual_like(value, tangent if scale == 1 else tangent * scale)
+        with torch.no_grad():  # gradient rows differentiate the value only
+            tangent = tangent if scale == 1 else tangent * scale
+        return _dual_like(value, tangent)
     return shortcut
 
 
@@ -891,7 +899,10 @@ def _product_shortcut(func, args, kwargs):
     if found is None or set(kwargs) - {"other"}:
         return None
     mover, primals, tangent = found
-    return _dual_like(func(*primals), tangent * primals[1 - mover])
+    value = func(*primals)
+    with torch.no_grad():
+        tangent = tangent * primals[1 - mover]
+    return _dual_like(value, tangent)
 
 
 def _quotient_shortcut(func, args, kwargs):
@@ -899,7 +910,10 @@ def _quotient_shortcut(func, args, kwargs):
     if found is None or found[0] != 0 or set(kwargs) - {"other"}:  # a moving divisor bends the path
         return None
     _, primals, tangent = found
-    return _dual_like(func(*primals), tangent / primals[1])
+    value = func(*primals)
+    with torch.no_grad():
+        tangent = tangent / primals[1]
+    return _dual_like(value, tangent)
 
 
 def _layer_norm_shortcut(func, args, kwargs):

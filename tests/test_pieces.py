@@ -312,6 +312,14 @@ def test_tangent_shortcuts_match_forward_mode_ad():
             assert torch.equal(fwAD.unpack_dual(got).primal, fwAD.unpack_dual(expected).primal), name
             torch.testing.assert_close(fwAD.unpack_dual(got).tangent, fwAD.unpack_dual(expected).tangent,
                                        rtol=1e-12, atol=1e-12, msg=f"{name} {kwargs}")
+        # The walk's gradient rows differentiate the value: the gradient flows through it.
+        leaf = x.clone().requires_grad_()
+        for name, func, operands, kwargs in cases:
+            args = operands(fwAD.make_dual(leaf, t))
+            plain = operands(leaf)
+            got = torch.autograd.grad(TANGENT_SHORTCUTS[name](func, args, kwargs).sum(), leaf)[0]
+            torch.testing.assert_close(got, torch.autograd.grad(func(*plain, **kwargs).sum(), leaf)[0],
+                                       rtol=1e-12, atol=1e-12, msg=f"gradient of {name} {kwargs}")
         # Where both operands move, or the divisor does, the op runs as it is.
         d = fwAD.make_dual(x, t)
         assert TANGENT_SHORTCUTS["mul"](torch.mul, (d, d), {}) is None
