@@ -435,10 +435,9 @@ def _attention_by_parts(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
     mask = None
     if is_causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        extra = (torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
-                 if attn_mask.dtype == torch.bool else attn_mask)
+        mask = _additive_mask(~keep, q.dtype)
+    if attn_mask is not None:  # a boolean one says where to attend
+        extra = _additive_mask(~attn_mask, q.dtype) if attn_mask.dtype == torch.bool else attn_mask
         mask = extra if mask is None else mask + extra
     out, tangent = _attention_with_tangent(q, dq, k, dk, v, dv, q.shape[-1] ** -0.5 if scale is None else scale, mask)
     return fwAD.make_dual(out, tangent)
@@ -508,7 +507,7 @@ def _multi_head_attention_by_parts(query, key, value, embed_dim_to_check, num_he
 
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """nn.MultiheadAttention's mask as a float to add: True (masked out) becomes -inf."""
+    """A mask as a float to add: True (masked out, as nn.MultiheadAttention's) becomes -inf."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
     return mask.to(dtype)
