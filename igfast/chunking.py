@@ -123,6 +123,11 @@ class RowLimit:
     def observe(self, rows: int, peak_bytes: int) -> None:
         """A chunk of ``rows`` rows peaked at ``peak_bytes`` (only when measures)."""
 
+    @property
+    def forward_rows(self) -> int:
+        """Rows per chunk of forwards without an autograd graph (method="exact"'s walk)."""
+        return self.rows
+
     def shrink(self, failed_rows: int) -> bool:
         """After a chunk of failed_rows rows ran out of memory: halve; False at one row."""
         if failed_rows <= 1:
@@ -151,8 +156,10 @@ class BudgetRowLimit(RowLimit):
     MAX_GROWTH = 64
 
     def __init__(self, budget: int, reserved: int, first_rows: int, argument: str,
-                 preferred_chunk_bytes: Optional[int] = None) -> None:
+                 preferred_chunk_bytes: Optional[int] = None, estimated_rows: int = 1) -> None:
         super().__init__(first_rows)
+        # The rows the first-chunk estimate allows, where the call's first pass held fewer.
+        self.estimated_rows = max(1, estimated_rows)
         self.budget = budget
         self.reserved = reserved
         self.argument = argument
@@ -180,6 +187,16 @@ class BudgetRowLimit(RowLimit):
         """Bytes per path row, from the largest measured chunk (an upper bound: a
         chunk's fixed cost is spread over its rows); None before any measurement."""
         return None if self._measured is None else self._measured[1] / self._measured[0]
+
+    @property
+    def forward_rows(self) -> int:
+        """Before anything is measured, the first-chunk estimate even where the first pass
+        held fewer rows (it runs whole, unmeasured, when the batch fits): a forward row
+        without a graph holds less than the gradient row the estimate is for."""
+        if self._measured is not None:
+            return self.rows
+        rows = max(self.rows, self.estimated_rows)
+        return rows if self._ceiling is None else min(rows, self._ceiling)
 
     @property
     def available(self) -> int:
@@ -319,7 +336,8 @@ def choose_row_limit(
     else:
         room = budget - reserved if preferred is None else min(budget - reserved, preferred)
         first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
-    limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred)
+    limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred,
+                           estimated_rows=first_rows)
     if known_row_bytes is not None:
         limit.adopt(known_row_bytes)
     return limit

@@ -29,8 +29,9 @@ integrand is smooth on every piece.
 method="gausslegendre_pieces" is the same quadrature for mixed networks, whose kinks
 come after smooth ops: their pre-activations are curved along the path, a unit's step
 to its kink only a Newton estimate, so _follow_curved_pieces brackets and locates each
-kink (BreakpointMode with curved_kinks), and every piece gets Gauss nodes; long pieces
-are cut so the smooth stretches get about n_steps nodes.
+kink (BreakpointMode with curved_kinks), a few rounds per kink, with each path split
+into sub-paths walked side by side where its kinks are many; every piece gets Gauss
+nodes, and long pieces are cut so the smooth stretches get about n_steps nodes.
 """
 
 import contextlib
@@ -72,6 +73,11 @@ MAX_REFINEMENTS = 8
 # bench_exact's mixed workloads: 2.6 (tanh-then-ReLU MLP), 2.2 (ReLU-FFN encoder layer).
 # What auto predicts a curved walk to cost.
 CURVED_WALK_ROWS_PER_PIECE = 3
+# The curved walk splits a path into sub-paths walked side by side (see
+# _follow_curved_pieces): a row with more than this many kinks predicted ahead splits,
+# up to one row per this many pieces the probe predicts and at most MAX_SUB_PATHS.
+SUB_PATH_PIECES = 8
+MAX_SUB_PATHS = 64
 # One node at alpha 0 of a path that starts at each example's current point, so the
 # engine evaluates exactly that point (x' + 0 * (x - x') is x' to the bit); its output
 # value is kept (start_node), which gives F(x') in the first round.
@@ -125,7 +131,8 @@ class ExactInfo:
     evaluations: torch.Tensor
     walk_forwards: int  # of those, forwards with tangents only, over the batch
     # Rounds of the walk: passes that wait on the one before (method="exact": about the
-    # network's piecewise-linear layers; gausslegendre_pieces: a few per piece)
+    # network's piecewise-linear layers; gausslegendre_pieces: a few per piece of the
+    # longest of the rows that walk each path side by side)
     walk_rounds: int
     breakpoints: List[torch.Tensor]  # per example, float64: t of every piece's start (0 first)
     smooth_head: Optional[str]  # the first smooth op after the last kink (None: the pieces are exact)
@@ -215,8 +222,11 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
         # also sizes the engine's chunks (its gradient is not used: Gauss nodes follow).
         everyone = torch.arange(batch_size, device=device)
         first = _WalkRecord(batch_size, device)
-        rounds.append(run_round(everyone, starts, _walker(directions, first, margin, found, True)))
-        pieces = _follow_curved_pieces(forward_at, starts, directions, first, margin, found, row_limit, settings)
+        horizon = torch.ones(batch_size, dtype=torch.float64, device=device)  # (to count the kinks ahead)
+        rounds.append(run_round(everyone, starts, _walker(directions, first, margin, found, True, horizon)))
+        sub_paths = _sub_paths(first.crossings, row_limit)
+        pieces = _follow_curved_pieces(forward_at, starts, directions, first, margin, found, row_limit, settings,
+                                       sub_paths)
     else:
         pieces = _split_into_pieces(run_round, forward_at, starts, directions, margin, found, row_limit, group,
                                     settings, sums, rounds)
@@ -525,17 +535,30 @@ def _cut_at_kinks(low: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, w
     return _Cut(part_segment, part_low, part_high, holds)
 
 
+def _sub_paths(predicted_pieces: Optional[torch.Tensor], row_limit: RowLimit) -> int:
+    """The most sub-paths (rows walked side by side) _follow_curved_pieces splits a path
+    into: about one per SUB_PATH_PIECES pieces of the longest (``predicted_pieces``: the
+    probe's count, as if units stayed straight), at most MAX_SUB_PATHS and as many as
+    keep a round's rows within one chunk of walk forwards."""
+    if predicted_pieces is None or not predicted_pieces.numel():
+        return 1
+    wanted = -(-int(predicted_pieces.max()) // SUB_PATH_PIECES)
+    within_chunk = max(1, row_limit.forward_rows // predicted_pieces.numel())
+    return max(1, min(wanted, MAX_SUB_PATHS, within_chunk))
+
+
 def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,
-                          found: dict, row_limit: RowLimit, settings: ExactSettings) -> _Pieces:
+                          found: dict, row_limit: RowLimit, settings: ExactSettings, sub_paths: int = 1) -> _Pieces:
     """The pieces of a path whose pre-activations are curved (smooth ops before kinks).
 
     A unit's step to its kink is now a Newton estimate, so each kink is bracketed:
     ``low`` is a point still on the current piece (every unit on the side it was at the
     piece's start), ``high`` one where some unit is on another. Each round evaluates,
-    per example, one trial point (all examples at once), at most ``reach`` past low:
+    per walking row (at first one per example), one trial point (all at once), at most
+    ``reach`` past low:
 
     - no bracket yet: the Newton step from ``low`` (the earliest kink any unit would
-      reach if it stayed straight), or the path's end;
+      reach if it stayed straight), or the row's end;
     - a bracket: that Newton point where inside (it undershoots where units curve
       towards their kinks), else the changed units' Newton point back from ``high``
       (the earliest crossing they estimate), else its middle; after BISECT_AFTER rounds
@@ -551,6 +574,16 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
     there. On a piecewise-linear path nothing bends and the first Newton point is the
     kink itself: a piece costs one forward, as in _follow_pieces (plus one that checks
     the end: a curved path may still cross a kink after the last Newton estimate).
+
+    The rounds wait on each other, a few per piece, so a row with more than
+    SUB_PATH_PIECES kinks predicted ahead (its stretch left over its Newton step) hands
+    the second half of that stretch to a new row, up to ``sub_paths`` rows per example:
+    the new row's start is evaluated in the same forward as the trials, and it walks
+    side by side with the others from the next round. Rows split again where kinks are
+    dense (near a layer norm's zero, most of a transformer's are), so the rounds follow
+    the longest row's pieces, not the path's. A split costs two rows (the new row's
+    start, and the check of the old row's new end); the pieces that meet there are
+    joined again.
     """
     batch_size = first.count
     device = first.next_step.device
@@ -558,28 +591,44 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
     if settings.tolerance is not None:
         tolerance = min(tolerance, KINK_SHARE * settings.tolerance)
     tolerance = max(margin, tolerance)
+    everyone = torch.arange(batch_size, device=device)
     if first.state is None:  # no piecewise-linear op: one smooth piece
-        everyone = torch.arange(batch_size, device=device)
         zeros = torch.zeros(batch_size, dtype=torch.float64, device=device)
         ones = torch.ones(batch_size, dtype=torch.long, device=device)
         return _Pieces(everyone, zeros, zeros + 1, ones, ones, 0, 1)
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
-    at_low = first.state  # the units at low (their pieces: those of the piece's start)
-    at_high = at_low.empty(batch_size)
-    start = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    # Rows example * sub_paths + k, k < born[example], walk the stretch [start, path_end].
+    rows_count = batch_size * sub_paths
+    owner = everyone.repeat_interleave(sub_paths)
+    born = torch.ones(batch_size, dtype=torch.long, device=device)
+    first_rows = everyone * sub_paths
+    at_low = first.state.empty(rows_count)  # the units at low (their pieces: those of the piece's start)
+    at_low.put(first_rows, first.state, slice(None))
+    at_high = first.state.empty(rows_count)
+    start = torch.zeros(rows_count, dtype=torch.float64, device=device)
     low = start.clone()
+    path_end = torch.ones_like(start)
     high = torch.full_like(start, math.inf)
-    newton_from_low = first.next_step.clone()
+    newton_from_low = torch.full_like(start, math.inf)
+    newton_from_low[first_rows] = first.next_step
     back_from_high, newton_from_high = torch.zeros_like(start), torch.zeros_like(start)
-    bent_at_high = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    bent_at_high = torch.zeros(rows_count, dtype=torch.bool, device=device)
     reach = torch.ones_like(start)
-    tries = torch.zeros(batch_size, dtype=torch.long, device=device)
-    pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
+    tries = torch.zeros(rows_count, dtype=torch.long, device=device)
+    first_piece = torch.zeros(rows_count, dtype=torch.bool, device=device)  # its next piece joins the one before
     walk_rows = torch.ones(batch_size, dtype=torch.long, device=device)
-    piece_examples, piece_starts, piece_lengths = [], [], []
-    active = torch.arange(batch_size, device=device)
+    pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
+    walk_forwards, rounds_walked = 0, 1  # (the first engine pass: the paths' starts)
+    piece_rows, piece_starts, piece_lengths, piece_joins, piece_kink_ends = [], [], [], [], []
+    active = first_rows
     while active.numel():
-        lo, hi = low[active], high[active]
+        rounds_walked += 1
+        splitting, cut, new_rows = _splits(active, owner, born, sub_paths, low, high, path_end, newton_from_low,
+                                           tolerance)
+        born.index_add_(0, owner[splitting], torch.ones_like(splitting))
+        path_end[new_rows] = path_end[splitting]
+        path_end[splitting] = cut
+        lo, hi, final = low[active], high[active], path_end[active]
         bracketed = torch.isfinite(hi)
         ahead = lo + newton_from_low[active]
         behind = hi - back_from_high[active]
@@ -589,44 +638,63 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         newton = torch.isfinite(candidate) & ((tries[active] < BISECT_AFTER) | (tries[active] % 2 == 0))
         trial = torch.where(bracketed, torch.where(newton, candidate, 0.5 * (lo + hi)), ahead)
         trial = torch.minimum(trial, lo + reach[active])
-        trial = torch.where(~bracketed & (trial >= 1 - margin), torch.ones_like(trial), trial)
+        trial = torch.where(~bracketed & (trial >= final - margin), final, trial)
         step = trial - lo
-        record = _walk(forward_at, active, _points(starts, directions, active, trial),
-                       tuple(d[active] for d in directions), margin, found, row_limit,
-                       curved_kinks=True, reference=at_low.rows(active), reference_step=step)
-        walk_rows[active] += 1
-        changed = record.changed
+        # One forward: the trials, then the new rows' starts (compared with the rows they split).
+        evaluated = torch.cat([active, splitting])
+        examples = owner[evaluated]
+        record = _walk(forward_at, examples, _points(starts, directions, examples, torch.cat([trial, cut])),
+                       tuple(d[examples] for d in directions), margin, found, row_limit, curved_kinks=True,
+                       reference=at_low.rows(evaluated), reference_step=torch.cat([step, cut - low[splitting]]))
+        walk_rows.index_add_(0, examples, torch.ones_like(examples))
+        walk_forwards += examples.numel()
+        trials = slice(0, active.numel())
+        starting = torch.arange(active.numel(), evaluated.numel(), device=device)
+        at_low.put(new_rows, record.state, starting)
+        start[new_rows] = low[new_rows] = cut
+        high[new_rows] = math.inf
+        newton_from_low[new_rows] = record.next_step[starting]
+        reach[new_rows] = path_end[new_rows] - cut
+        tries[new_rows] = 0
+        first_piece[new_rows] = True
+        changed, bent = record.changed[trials], record.bent[trials]
+        next_step, back_step = record.next_step[trials], record.back_step[trials]
         # A unit bent enough to have crossed and come back: too long a step to tell.
-        rejected = ~changed & record.bent & (step > tolerance)
+        rejected = ~changed & bent & (step > tolerance)
         accepted = ~changed & ~rejected
         # A unit changed piece: the first kink lies in (low, trial].
         to_high = active[changed]
         high[to_high] = trial[changed]
-        back_from_high[to_high] = record.back_step[changed]
-        bent_at_high[to_high] = record.bent[changed]
-        newton_from_high[to_high] = record.next_step[changed]
-        at_high.put(to_high, record.state, changed)
+        back_from_high[to_high] = back_step[changed]
+        bent_at_high[to_high] = bent[changed]
+        newton_from_high[to_high] = next_step[changed]
+        at_high.put(to_high, record.state, changed.nonzero().squeeze(1))
         # Still on the piece: low moves up.
         to_low = active[accepted]
         low[to_low] = trial[accepted]
-        newton_from_low[to_low] = record.next_step[accepted]
-        at_low.put(to_low, record.state, accepted)
+        newton_from_low[to_low] = next_step[accepted]
+        at_low.put(to_low, record.state, accepted.nonzero().squeeze(1))
         reach[to_low] = 2 * reach[to_low]
         reach[active[rejected]] = step[rejected] / 4
         tries[active] += bracketed.long()
-        # Pieces that end: at the path's end, or at a located kink.
+        # Pieces that end: at the row's end, or at a located kink (the row's last where
+        # that is within the margin of its end: no sliver of a piece after it).
         hi, lo = high[active], low[active]
-        at_end = accepted & (trial >= 1)
         located = torch.isfinite(hi) & ((hi - lo <= tolerance)
                                         | ((back_from_high[active] <= tolerance) & ~bent_at_high[active]))
+        at_end = (accepted & (trial >= final)) | (located & (hi >= final - margin))
         ending = at_end | located
         done = active[ending]
-        end = torch.where(at_end, torch.ones_like(hi), hi)[ending]
-        piece_examples.append(done)
+        end = torch.where(at_end, final, hi)[ending]
+        joins = first_piece[done]
+        piece_rows.append(done)
         piece_starts.append(start[done])
         piece_lengths.append(end - start[done])
-        pieces[done] += 1
-        _piece_limit(settings, pieces[done], ~at_end[ending])
+        piece_joins.append(joins)
+        piece_kink_ends.append(located[ending])
+        first_piece[done] = False
+        pieces.index_add_(0, owner[done], torch.ones_like(done))
+        _piece_limit(settings, pieces[owner[done]] - born[owner[done]] + 1, ~at_end[ending])
         moving_on = active[located & ~at_end]
         # A step reaches at least a few pieces' length ahead.
         reach[moving_on] = torch.maximum(reach[moving_on], 4 * (high[moving_on] - start[moving_on]))
@@ -635,9 +703,63 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         high[moving_on] = math.inf
         tries[moving_on] = 0
         at_low.put(moving_on, at_high, moving_on)
-        active = active[~at_end]
-    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, walk_rows,
-                   int(walk_rows.sum()) - batch_size, int(walk_rows.max()))
+        active = torch.cat([active[~at_end], new_rows])
+    rows, piece_start, piece_length = torch.cat(piece_rows), torch.cat(piece_starts), torch.cat(piece_lengths)
+    examples, piece_start, piece_length = _join_at_cuts(owner[rows], piece_start, piece_length,
+                                                        torch.cat(piece_joins), torch.cat(piece_kink_ends))
+    count = torch.bincount(examples, minlength=batch_size)
+    return _Pieces(examples, piece_start, piece_length, count, walk_rows, walk_forwards, rounds_walked)
+
+
+def _splits(active: torch.Tensor, owner: torch.Tensor, born: torch.Tensor, sub_paths: int, low, high, path_end,
+            newton_from_low, tolerance: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The active rows that split this round, where, and their new rows (see
+    _follow_curved_pieces): those with more than SUB_PATH_PIECES kinks predicted ahead,
+    at the middle of what is left past their bracket (or low), while their example has
+    rows to spare (first come)."""
+    anchor = torch.where(torch.isfinite(high[active]), high[active], low[active])
+    left = path_end[active] - anchor
+    busy = (left > SUB_PATH_PIECES * newton_from_low[active]) & (left > 4 * tolerance)
+    rows = active[busy]
+    # The how-many-th busy row of its example this round: only those within the example's spare rows split.
+    order = torch.argsort(owner[rows], stable=True)
+    rows, anchor = rows[order], anchor[busy][order]
+    examples = owner[rows]
+    first_of = torch.searchsorted(examples, examples)
+    rank = torch.arange(rows.numel(), device=rows.device) - first_of
+    index = born[examples] + rank
+    fits = index < sub_paths
+    rows = rows[fits]
+    return rows, 0.5 * (anchor[fits] + path_end[rows]), owner[rows] * sub_paths + index[fits]
+
+
+def curved_walk_rounds(pieces: int) -> float:
+    """The predicted rounds of _follow_curved_pieces on paths of at most ``pieces``
+    pieces: a few per piece of its longest row. Rows split until they hold about
+    SUB_PATH_PIECES (or pieces / MAX_SUB_PATHS), and the longest held up to twice that
+    (kinks bunch, and rows split as they go; measured on bench_exact's mixed workloads,
+    float32: 70 pieces in 38 rounds, 364 in 56)."""
+    if pieces <= 2 * SUB_PATH_PIECES:
+        return CURVED_WALK_ROWS_PER_PIECE * pieces
+    return CURVED_WALK_ROWS_PER_PIECE * 2 * max(SUB_PATH_PIECES, pieces / MAX_SUB_PATHS)
+
+
+def _join_at_cuts(examples: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, at_cut: torch.Tensor,
+                  kink_end: torch.Tensor):
+    """Pieces (of one example each) in path order per example, each piece that starts
+    ``at_cut`` (the first of a row split off another) merged into the one before, unless
+    that one's end is a located kink (``kink_end``): a kink can fall on a cut."""
+    order = torch.argsort(starts, stable=True)
+    order = order[torch.argsort(examples[order], stable=True)]
+    examples, starts, lengths, at_cut, kink_end = (t[order] for t in (examples, starts, lengths, at_cut, kink_end))
+    joins = at_cut.clone()
+    joins[1:] &= ~kink_end[:-1]
+    joins[0] = False
+    # Each piece's index among the kept ones: a joining piece adds its length to the one before.
+    kept = torch.cumsum((~joins).long(), 0) - 1
+    merged = torch.zeros(int(kept[-1]) + 1, dtype=lengths.dtype, device=lengths.device)
+    merged.index_add_(0, kept, lengths)
+    return examples[~joins], starts[~joins], merged
 
 
 # The pieces of a sub-batch's paths: for the examples given (a long index tensor into
@@ -695,13 +817,13 @@ class ExactRoute:
         self.kink_ops = 0  # the piecewise-linear ops a probe met
 
     def walk_rounds(self, pieces: int) -> float:
-        """The walk's sequential rounds for paths of at most ``pieces`` pieces: a few per
-        piece for a curved walk; for method="exact" at most one per piecewise-linear op
+        """The walk's sequential rounds for paths of at most ``pieces`` pieces: for a
+        curved walk see curved_walk_rounds; for method="exact" at most one per piecewise-linear op
         and one that finds the last parts whole (each round places all the kinks of the
         first op that has any in a segment: _split_into_pieces), one more for kinks that
         float32 rounding places again a margin off (measured: 4 to 5 on igfast bench's
         MLP and CNN)."""
-        return pieces * CURVED_WALK_ROWS_PER_PIECE if self.curved else self.kink_ops + 2
+        return curved_walk_rounds(pieces) if self.curved else self.kink_ops + 2
 
     def _rows(self, examples: torch.Tensor):
         batch_size = self.ends[0].shape[0]
@@ -849,7 +971,7 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
     ``reference`` (the state at a point ``reference_step`` back), the comparison)."""
     count = examples.numel()
     record = _WalkRecord(count, examples.device, reference, reference_step, window, placed_ops)
-    chunk = max(1, row_limit.rows)
+    chunk = max(1, row_limit.forward_rows)
     begin = 0
     while begin < count:
         rows = slice(begin, min(begin + chunk, count))
@@ -898,14 +1020,16 @@ def _forward_ad_refusals_named():
 
 
 def _walker(directions: Tuple[torch.Tensor, ...], record: _WalkRecord, margin: float, found: dict,
-            curved_kinks: bool = False):
+            curved_kinks: bool = False, horizon: Optional[torch.Tensor] = None):
     """Wrap the engine's gradients_at so that each chunk runs with tangents along the
-    path and BreakpointMode, and writes what it reads of each row into ``record``."""
+    path and BreakpointMode, and writes what it reads of each row into ``record`` (with
+    ``horizon``, per example, also the kinks within it)."""
 
     def wrap(gradients_at: GradientsAt) -> GradientsAt:
         def at(path, chunk, with_outputs):
             rows = slice(chunk.example_begin, chunk.example_end)
-            mode = BreakpointMode(chunk.rows, margin, curved_kinks=curved_kinks, **record.mode_arguments(rows))
+            mode = BreakpointMode(chunk.rows, margin, None if horizon is None else horizon[rows],
+                                  curved_kinks=curved_kinks, **record.mode_arguments(rows))
             with fwAD.dual_level(), _forward_ad_refusals_named():
                 duals = tuple(fwAD.make_dual(p, d[rows]) for p, d in zip(path, directions))
                 with mode:

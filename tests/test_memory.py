@@ -236,6 +236,26 @@ def test_cpu_chunks_stay_below_the_preferred_size(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_forward_rows_take_the_first_chunk_estimate_until_measured():
+    """Walk forwards (no graph) take the automatic first-chunk estimate even where the
+    first pass held fewer rows and measured nothing; once measured, the limit's rows,
+    and never more than an out-of-memory error allowed."""
+    from igfast.chunking import BudgetRowLimit, RowLimit, choose_row_limit
+
+    x = torch.randn(2, 256)  # 1 KiB per row
+    limit = choose_row_limit(None, None, (x,), 1)
+    assert limit.rows == 2 and limit.forward_rows == limit.estimated_rows > 2
+    assert limit.estimated_rows <= memory.CPU_PREFERRED_CHUNK_BYTES // (256 * 1024)
+    limit.observe(2, 2 * 2**20)
+    assert limit.forward_rows == limit.rows
+    unmeasured = BudgetRowLimit(2**30, 0, 2, "memory_budget", estimated_rows=100)
+    assert unmeasured.forward_rows == 100
+    unmeasured.shrink(40)
+    assert unmeasured.forward_rows == 20
+    assert choose_row_limit(None, "1GB", (x,), 1).forward_rows == 1  # an explicit budget measures from one row
+    assert RowLimit(7).forward_rows == 7
+
+
 def test_internal_batch_size_keeps_captums_chunks():
     model = Counting(_model())
     x, baseline = _inputs()

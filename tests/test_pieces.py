@@ -125,10 +125,13 @@ def test_kinks_of_sines_are_found_in_closed_form():
     torch.testing.assert_close(finer, difference, rtol=1e-9, atol=0)
 
 
-def test_on_a_piecewise_linear_network_it_is_exact_igs_walk():
+@pytest.mark.parametrize("most_sub_paths", [1, 64])
+def test_on_a_piecewise_linear_network_it_is_exact_igs_walk(most_sub_paths, monkeypatch):
     """Newton's first step is the kink itself: one walk forward per piece (and one that
     checks the end, which a curved path needs), the same pieces as method="exact", and
-    Gauss nodes on constant pieces add no error."""
+    Gauss nodes on constant pieces add no error. A path split into sub-paths walked side
+    by side pays two forwards per split (the new row's start, the old row's new end)."""
+    monkeypatch.setattr(igfast.exact, "MAX_SUB_PATHS", most_sub_paths)
     model, shape = make("mixed_mlp", "cpu")
     inputs = torch.randn(4, *shape, dtype=torch.float64)
     ig = igfast.IntegratedGradients(model)
@@ -136,9 +139,43 @@ def test_on_a_piecewise_linear_network_it_is_exact_igs_walk():
     pieces, info = ig.attribute(inputs, target=2, method="gausslegendre_pieces", n_steps=3, return_adaptive_info=True)
     _close(pieces, exact, 1e-12)
     assert info.pieces.tolist() == exact_info.pieces.tolist()
-    assert info.evaluations.tolist() == (4 * info.pieces + 1).tolist()  # 3 gradients and 1 forward per piece
+    splits = info.evaluations - (4 * info.pieces + 1)  # 3 gradients and 1 forward per piece
+    if most_sub_paths == 1:
+        assert splits.tolist() == [0] * 4
+    else:
+        assert (splits % 2 == 0).all() and (splits > 0).any() and (splits <= 2 * (most_sub_paths - 1)).all()
     for found, expected in zip(info.breakpoints, exact_info.breakpoints):
         torch.testing.assert_close(found, expected, rtol=0, atol=1e-12)
+
+
+def test_sub_paths_walked_side_by_side_find_the_same_kinks_in_fewer_rounds(monkeypatch):
+    """One input x, output sum_k w_k relu(tanh(x) - tanh(c_k)): a kink at each c_k along
+    the path 0 -> 1, one of them at 0.5, where the first row splits. The kinks are
+    found in closed form with rows split or not, the one on the cut is kept (no piece
+    joined across it), and IG is F(1) - F(0) (one input)."""
+    c = torch.cat([torch.linspace(0.01, 0.99, 41, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)])
+    c = c.unique()
+    w = torch.randn(c.numel(), dtype=torch.float64)
+
+    def model(x):  # (B, 1) -> (B, 1)
+        return (torch.relu(torch.tanh(x) - torch.tanh(c)) * w).sum(1, keepdim=True)
+
+    x, baseline = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    runs = {}
+    for most in (1, 64):
+        monkeypatch.setattr(igfast.exact, "MAX_SUB_PATHS", most)
+        runs[most] = ig.attribute(x, baseline, target=0, method="gausslegendre_pieces", n_steps=3,
+                                  return_adaptive_info=True)
+    expected = torch.cat([torch.zeros(1, dtype=torch.float64), c])
+    for attributions, info in runs.values():
+        torch.testing.assert_close(info.breakpoints[0], expected, rtol=0, atol=1e-9)
+        torch.testing.assert_close(attributions, model(x) - model(baseline), rtol=1e-6, atol=0)
+    assert runs[64][1].walk_rounds * 3 < runs[1][1].walk_rounds
+    # About two rows more per split (Newton from a new row's start may take a step more or
+    # less than from the kink before it), and at most c.numel() / SUB_PATH_PIECES rows.
+    extra = int(runs[64][1].evaluations[0] - runs[1][1].evaluations[0])
+    assert 0 < extra <= 2 * (-(-c.numel() // igfast.exact.SUB_PATH_PIECES) - 1)
 
 
 def test_float32_matches_float64():
