@@ -78,6 +78,7 @@ CURVED_WALK_ROWS_PER_PIECE = 3
 # up to one row per this many pieces the probe predicts and at most MAX_SUB_PATHS.
 SUB_PATH_PIECES = 8
 MAX_SUB_PATHS = 64
+SUB_PATH_BYTES = 64 * 2**20
 # One node at alpha 0 of a path that starts at each example's current point, so the
 # engine evaluates exactly that point (x' + 0 * (x - x') is x' to the bit); its output
 # value is kept (start_node), which gives F(x') in the first round.
@@ -224,7 +225,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
         first = _WalkRecord(batch_size, device)
         horizon = torch.ones(batch_size, dtype=torch.float64, device=device)  # (to count the kinks ahead)
         rounds.append(run_round(everyone, starts, _walker(directions, first, margin, found, True, horizon)))
-        sub_paths = _sub_paths(first.crossings, row_limit)
+        sub_paths = _sub_paths(first, directions, row_limit)
         pieces = _follow_curved_pieces(forward_at, starts, directions, first, margin, found, row_limit, settings,
                                        sub_paths)
     else:
@@ -534,16 +535,19 @@ def _cut_at_kinks(low: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, w
     return _Cut(part_segment, part_low, part_high, holds)
 
 
-def _sub_paths(predicted_pieces: Optional[torch.Tensor], row_limit: RowLimit) -> int:
+def _sub_paths(first: "_WalkRecord", directions: Tuple[torch.Tensor, ...], row_limit: RowLimit) -> int:
     """The most sub-paths (rows walked side by side) _follow_curved_pieces splits a path
-    into: about one per SUB_PATH_PIECES pieces of the longest (``predicted_pieces``: the
-    probe's count, as if units stayed straight), at most MAX_SUB_PATHS and as many as
-    keep a round's rows within one chunk of walk forwards."""
-    if predicted_pieces is None or not predicted_pieces.numel():
+    into: about one per SUB_PATH_PIECES pieces of the longest (the first pass's count,
+    as if units stayed straight), at most MAX_SUB_PATHS, as many as keep a round's rows
+    within one chunk of walk forwards, and as many as keep the rows' units (two states
+    a row) and points within SUB_PATH_BYTES: a large model's units take megabytes a row."""
+    if first.crossings is None or first.state is None or not first.count:
         return 1
-    wanted = -(-int(predicted_pieces.max()) // SUB_PATH_PIECES)
-    within_chunk = max(1, row_limit.forward_rows // predicted_pieces.numel())
-    return max(1, min(wanted, MAX_SUB_PATHS, within_chunk))
+    wanted = -(-int(first.crossings.max()) // SUB_PATH_PIECES)
+    within_chunk = row_limit.forward_rows // first.count
+    point_bytes = sum(d[:1].numel() * d.element_size() for d in directions)
+    within_memory = SUB_PATH_BYTES // max(1, first.count * (2 * first.state.row_bytes + 2 * point_bytes))
+    return max(1, min(wanted, MAX_SUB_PATHS, within_chunk, within_memory))
 
 
 def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,

@@ -116,6 +116,10 @@ class PathState:
     def _lists(self):
         return self.choices, self.gaps, self.rates
 
+    @property
+    def row_bytes(self) -> int:
+        return sum(t[:1].numel() * t.element_size() for tensors in self._lists() for t in tensors)
+
     def rows(self, index) -> "PathState":
         return PathState(*([t[index] for t in tensors] for tensors in self._lists()))
 

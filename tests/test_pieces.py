@@ -163,15 +163,18 @@ def test_sub_paths_walked_side_by_side_find_the_same_kinks_in_fewer_rounds(monke
     x, baseline = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
     ig = igfast.IntegratedGradients(model)
     runs = {}
-    for most in (1, 64):
+    for most, state_bytes in ((1, 2**26), (64, 2**26), (64, 1)):
         monkeypatch.setattr(igfast.exact, "MAX_SUB_PATHS", most)
-        runs[most] = ig.attribute(x, baseline, target=0, method="gausslegendre_pieces", n_steps=3,
-                                  return_adaptive_info=True)
+        monkeypatch.setattr(igfast.exact, "SUB_PATH_BYTES", state_bytes)  # 1: no room for a second row
+        runs[most if state_bytes > 1 else "no room"] = ig.attribute(
+            x, baseline, target=0, method="gausslegendre_pieces", n_steps=3, return_adaptive_info=True)
     expected = torch.cat([torch.zeros(1, dtype=torch.float64), c])
     for attributions, info in runs.values():
         torch.testing.assert_close(info.breakpoints[0], expected, rtol=0, atol=1e-9)
         torch.testing.assert_close(attributions, model(x) - model(baseline), rtol=1e-6, atol=0)
     assert runs[64][1].walk_rounds * 3 < runs[1][1].walk_rounds
+    assert runs["no room"][1].walk_rounds == runs[1][1].walk_rounds
+    assert runs["no room"][1].evaluations.tolist() == runs[1][1].evaluations.tolist()
     # About two rows more per split (Newton from a new row's start may take a step more or
     # less than from the kink before it), and at most c.numel() / SUB_PATH_PIECES rows.
     extra = int(runs[64][1].evaluations[0] - runs[1][1].evaluations[0])
