@@ -619,6 +619,12 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
     reach = torch.ones_like(start)
     tries = torch.zeros(rows_count, dtype=torch.long, device=device)
     first_piece = torch.zeros(rows_count, dtype=torch.bool, device=device)  # its next piece joins the one before
+    # The row that starts where each row ends (-1: the path's end), and the units' pieces
+    # at each row's start: a cut is a kink where the rows on its two sides saw them differ
+    # (two forwards of different rows can round a unit within a margin to either side).
+    successor = torch.full((rows_count,), -1, dtype=torch.long, device=device)
+    start_choices = [torch.empty((rows_count,) + c.shape[1:], dtype=c.dtype, device=device)
+                     for c in first.state.choices]
     walk_rows = torch.ones(batch_size, dtype=torch.long, device=device)
     pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
     walk_forwards, rounds_walked = 0, 1  # (the first engine pass: the paths' starts)
@@ -654,6 +660,10 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         trials = slice(0, active.numel())
         starting = torch.arange(active.numel(), evaluated.numel(), device=device)
         at_low.put(new_rows, record.state, starting)
+        for kept, seen in zip(start_choices, record.state.choices):
+            kept[new_rows] = seen[starting]
+        successor[new_rows] = successor[splitting]
+        successor[splitting] = new_rows
         start[new_rows] = low[new_rows] = cut
         high[new_rows] = math.inf
         newton_from_low[new_rows] = record.next_step[starting]
@@ -694,7 +704,7 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         piece_starts.append(start[done])
         piece_lengths.append(end - start[done])
         piece_joins.append(joins)
-        piece_kink_ends.append(located[ending])
+        piece_kink_ends.append(located[ending] | _differs_at_cut(done, successor, at_low, start_choices))
         first_piece[done] = False
         pieces.index_add_(0, owner[done], torch.ones_like(done))
         _piece_limit(settings, pieces[owner[done]] - born[owner[done]] + 1, ~at_end[ending])
@@ -715,7 +725,7 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
 
 
 def _splits(active: torch.Tensor, owner: torch.Tensor, born: torch.Tensor, sub_paths: int, low, high, path_end,
-            newton_from_low, tolerance: float) -> Tuple[torch.Tensor, torch.Tensor]:
+            newton_from_low, tolerance: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The active rows that split this round, where, and their new rows (see
     _follow_curved_pieces): those with more than SUB_PATH_PIECES kinks predicted ahead,
     at the middle of what is left past their bracket (or low), while their example has
@@ -736,15 +746,28 @@ def _splits(active: torch.Tensor, owner: torch.Tensor, born: torch.Tensor, sub_p
     return rows, 0.5 * (anchor[fits] + path_end[rows]), owner[rows] * sub_paths + index[fits]
 
 
-def curved_walk_rounds(pieces: int) -> float:
+def curved_walk_rounds(pieces: int, sub_paths: int = MAX_SUB_PATHS) -> float:
     """The predicted rounds of _follow_curved_pieces on paths of at most ``pieces``
-    pieces: a few per piece of its longest row. Rows split until they hold about
-    SUB_PATH_PIECES (or pieces / MAX_SUB_PATHS), and the longest held up to twice that
-    (kinks bunch, and rows split as they go; measured on bench_exact's mixed workloads,
-    float32: 70 pieces in 38 rounds, 364 in 56)."""
-    if pieces <= 2 * SUB_PATH_PIECES:
+    pieces, with at most ``sub_paths`` rows per path: a few per piece of its longest
+    row. Rows split until they hold about SUB_PATH_PIECES (or pieces / sub_paths), and
+    the longest held up to twice that (kinks bunch, and rows split as they go; measured
+    on bench_exact's mixed workloads, float32: 70 pieces in 38 rounds, 364 in 56)."""
+    if pieces <= 2 * SUB_PATH_PIECES or sub_paths <= 1:
         return CURVED_WALK_ROWS_PER_PIECE * pieces
-    return CURVED_WALK_ROWS_PER_PIECE * 2 * max(SUB_PATH_PIECES, pieces / MAX_SUB_PATHS)
+    return CURVED_WALK_ROWS_PER_PIECE * min(pieces, 2 * max(SUB_PATH_PIECES, pieces / sub_paths))
+
+
+def _differs_at_cut(rows: torch.Tensor, successor: torch.Tensor, at_low: PathState, start_choices) -> torch.Tensor:
+    """Per row that ends: whether a unit's piece at its end (at_low, where it ended
+    by a trial at its end) differs from what the row after the cut saw there."""
+    after = successor[rows]
+    cut = after >= 0
+    differs = torch.zeros_like(cut)
+    if bool(cut.any()):
+        ending, starting = rows[cut], after[cut]
+        for mine, theirs in zip(at_low.choices, start_choices):
+            differs[cut] |= (mine[ending] != theirs[starting]).flatten(1).any(1)
+    return differs
 
 
 def _join_at_cuts(examples: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, at_cut: torch.Tensor,
@@ -818,6 +841,7 @@ class ExactRoute:
         self.ends, self.starts, self.make_parts, self.settings = ends, starts, make_parts, settings
         self.curved = False  # the first probe found smooth ops before kinks
         self.kink_ops = 0  # the piecewise-linear ops a probe met
+        self.sub_paths = MAX_SUB_PATHS  # the rows a curved walk may split a path into (from a probe)
 
     def walk_rounds(self, pieces: int) -> float:
         """The walk's sequential rounds for paths of at most ``pieces`` pieces: for a
@@ -826,7 +850,7 @@ class ExactRoute:
         first op that has any in a segment: _split_into_pieces), one more for kinks that
         float32 rounding places again a margin off (measured: 4 to 5 on igfast bench's
         MLP and CNN)."""
-        return curved_walk_rounds(pieces) if self.curved else self.kink_ops + 2
+        return curved_walk_rounds(pieces, self.sub_paths) if self.curved else self.kink_ops + 2
 
     def _rows(self, examples: torch.Tensor):
         batch_size = self.ends[0].shape[0]
@@ -852,6 +876,10 @@ class ExactRoute:
             raise SmoothNetworkError(
                 "the network applies no piecewise-linear op to the path: it is smooth along it "
                 f"(first smooth op: {found.get('smooth_op')}), or affine")
+        if self.curved:
+            _, _, row_limit = self.make_parts(examples)
+            directions = tuple(e - s for e, s in zip(*self._rows(examples)))
+            self.sub_paths = min(self.sub_paths, _sub_paths(record, directions, row_limit))
         return PieceEstimate(1 + record.crossings, found.get("smooth_op"), self.curved)
 
     def _probe(self, examples: torch.Tensor):

@@ -423,3 +423,27 @@ def test_attention_by_parts_matches_forward_mode_ad(form):
     assert _multi_head_attention_by_parts(q, q, q, 8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, True,
                                           0.0, mha.out_proj.weight, mha.out_proj.bias, training=False,
                                           need_weights=False) is None
+
+
+def test_a_cut_where_the_two_rows_saw_different_pieces_is_a_kink():
+    """Two forwards of different rows can round a unit a margin from the cut to either
+    side: the rows' states there are compared, and a difference keeps the cut a kink."""
+    from igfast.exact import _differs_at_cut
+    from igfast.piecewise import PathState
+
+    choices = torch.tensor([[0, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 1]])
+    at_low = PathState([choices], [torch.zeros(4, 3, 1)], [torch.zeros(4, 3, 1)])
+    start_choices = [choices.clone()]
+    start_choices[0][2] = choices[0]
+    start_choices[0][2, 1] = 0  # row 2 starts where row 0 ends, and saw unit 1 off
+    start_choices[0][3] = choices[1]
+    successor = torch.tensor([2, 3, -1, -1])  # row 1 ends where row 3 starts, and they agree
+    assert _differs_at_cut(torch.tensor([0, 1, 2]), successor, at_low, start_choices).tolist() == [True, False, False]
+
+
+def test_predicted_rounds_follow_the_rows_a_path_may_split_into():
+    from igfast.exact import CURVED_WALK_ROWS_PER_PIECE, curved_walk_rounds
+
+    assert curved_walk_rounds(364, 1) == CURVED_WALK_ROWS_PER_PIECE * 364  # no room: one row walks it all
+    assert curved_walk_rounds(364, 64) < curved_walk_rounds(364, 4) < curved_walk_rounds(364, 1)
+    assert curved_walk_rounds(10, 64) == CURVED_WALK_ROWS_PER_PIECE * 10
