@@ -50,7 +50,8 @@ def _extension_kwargs():
     extension_class = cpp_extension.CppExtension
     extra = {"cxx": cxx_flags}
     if with_cuda:
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        # Host code (*.cpp: checks, guards, registration) and kernels (*.cu): csrc/cuda/launchers.h says why apart.
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extension_class = cpp_extension.CUDAExtension
         extra["nvcc"] = ["-O3", "-std=c++20"]
     extension = extension_class(

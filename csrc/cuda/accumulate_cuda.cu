@@ -1,12 +1,8 @@
 // CUDA kernels of igfast::accumulate_steps and igfast::scale_by_difference.
 // accumulate_steps: each thread owns a pack of accumulator elements, keeps it in
 // registers while it reads the k gradient rows, and writes it back once.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
 #include "cuda/launch.cuh"
-#include "igfast.h"
+#include "cuda/launchers.h"
 
 namespace igfast::cuda {
 namespace {
@@ -45,14 +41,13 @@ __global__ void scale_by_difference_kernel(acc_t* __restrict__ out, const acc_t*
   }
 }
 
-void accumulate_steps_cuda(at::Tensor accumulator, const at::Tensor& grads_in, const at::Tensor& weights_in) {
-  const c10::cuda::OptionalCUDAGuard guard(accumulator.device());
-  const AccumulationPlan plan = plan_accumulate_steps(accumulator, grads_in, weights_in);
-  const int64_t elements = plan.elements, steps = plan.steps;
-  if (elements == 0 || steps == 0) return;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+}  // namespace
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.grads.scalar_type(), "accumulate_steps_cuda", [&] {
+cudaError_t launch_accumulate_steps(const at::Tensor& accumulator, const AccumulationPlan& plan,
+                                    cudaStream_t stream) {
+  const int64_t elements = plan.elements, steps = plan.steps;
+  return dispatch_floating(plan.grads.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int N = VectorWidth<scalar_t>::value;
     const scalar_t* g = plan.grads.const_data_ptr<scalar_t>();
@@ -65,34 +60,21 @@ void accumulate_steps_cuda(at::Tensor accumulator, const at::Tensor& grads_in, c
       accumulate_steps_kernel<scalar_t, acc_t, 1><<<blocks_for(elements), kThreads, 0, stream>>>(
           acc, g, w, steps, elements);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return cudaGetLastError();
   });
 }
 
-at::Tensor scale_by_difference_cuda(const at::Tensor& accumulator_in, const at::Tensor& inputs_in,
-                                    const at::Tensor& baselines_in) {
-  const c10::cuda::OptionalCUDAGuard guard(inputs_in.device());
-  const ScalingPlan plan = plan_scale_by_difference(accumulator_in, inputs_in, baselines_in);
+cudaError_t launch_scale_by_difference(const ScalingPlan& plan, cudaStream_t stream) {
   const int64_t elements = plan.out.numel();
-  if (elements == 0) return plan.out;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.inputs.scalar_type(), "scale_by_difference_cuda", [&] {
+  return dispatch_floating(plan.inputs.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using acc_t = at::opmath_type<scalar_t>;
     scale_by_difference_kernel<scalar_t, acc_t><<<blocks_for(elements), kThreads, 0, stream>>>(
         plan.out.mutable_data_ptr<acc_t>(), plan.accumulator.const_data_ptr<acc_t>(),
         plan.inputs.const_data_ptr<scalar_t>(), plan.baselines.const_data_ptr<scalar_t>(), elements,
         plan.features, plan.broadcast_baseline);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return cudaGetLastError();
   });
-  return plan.out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(igfast, CUDA, m) {
-  m.impl("accumulate_steps", &accumulate_steps_cuda);
-  m.impl("scale_by_difference", &scale_by_difference_cuda);
 }
 
 }  // namespace igfast::cuda

@@ -2,12 +2,8 @@
 // features of one example: it reads x and x' once, then writes that slice of the
 // path for every step of the chunk (step-major rows). With 16-byte aligned rows
 // (features divisible by the vector width) it moves whole 16-byte packs.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
 #include "cuda/launch.cuh"
-#include "igfast.h"
+#include "cuda/launchers.h"
 
 namespace igfast::cuda {
 namespace {
@@ -46,12 +42,12 @@ __global__ void interpolate_path_kernel(const scalar_t* __restrict__ x, const sc
   }
 }
 
-void write_path(const InterpolationPlan& plan) {
-  if (plan.path.numel() == 0) return;
-  const int64_t steps = plan.steps, batch = plan.batch, features = plan.features;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+}  // namespace
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.inputs.scalar_type(), "interpolate_path_cuda", [&] {
+cudaError_t launch_interpolate_path(const InterpolationPlan& plan, cudaStream_t stream) {
+  const int64_t steps = plan.steps, batch = plan.batch, features = plan.features;
+  return dispatch_floating(plan.inputs.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr int N = VectorWidth<scalar_t>::value;
     const scalar_t* x = plan.inputs.const_data_ptr<scalar_t>();
@@ -66,29 +62,8 @@ void write_path(const InterpolationPlan& plan) {
       interpolate_path_kernel<scalar_t, opmath_t, 1><<<blocks_for(batch * features), kThreads, 0, stream>>>(
           x, b, a, out, steps, batch, features, plan.broadcast_baseline);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return cudaGetLastError();
   });
-}
-
-at::Tensor interpolate_path_cuda(const at::Tensor& inputs, const at::Tensor& baselines, const at::Tensor& alphas,
-                                 int64_t step_begin, int64_t step_end) {
-  const c10::cuda::OptionalCUDAGuard guard(inputs.device());
-  const InterpolationPlan plan = plan_interpolate_path(inputs, baselines, alphas, step_begin, step_end);
-  write_path(plan);
-  return plan.path;
-}
-
-void interpolate_path_into_cuda(const at::Tensor& out, const at::Tensor& inputs, const at::Tensor& baselines,
-                                const at::Tensor& alphas, int64_t step_begin, int64_t step_end) {
-  const c10::cuda::OptionalCUDAGuard guard(inputs.device());
-  write_path(plan_interpolate_path(inputs, baselines, alphas, step_begin, step_end, out));
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(igfast, CUDA, m) {
-  m.impl("interpolate_path", &interpolate_path_cuda);
-  m.impl("interpolate_path_into", &interpolate_path_into_cuda);
 }
 
 }  // namespace igfast::cuda

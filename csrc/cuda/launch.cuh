@@ -1,9 +1,9 @@
 // Launch configuration and 16-byte vector access shared by the CUDA kernels.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/ScalarType.h>
+#include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -31,6 +31,25 @@ struct alignas(sizeof(T) * N) Pack {
 
 inline bool aligned16(const void* pointer) {
   return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0;
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls launch(TypeTag<scalar_t>{}) for the four float dtypes. Unlike
+// AT_DISPATCH it never throws (launchers.h says why): the plans have already
+// refused other dtypes, so the error code is only a guard.
+template <typename Launch>
+cudaError_t dispatch_floating(c10::ScalarType dtype, Launch&& launch) {
+  switch (dtype) {
+    case c10::ScalarType::Double: return launch(TypeTag<double>{});
+    case c10::ScalarType::Float: return launch(TypeTag<float>{});
+    case c10::ScalarType::Half: return launch(TypeTag<c10::Half>{});
+    case c10::ScalarType::BFloat16: return launch(TypeTag<c10::BFloat16>{});
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace igfast::cuda
