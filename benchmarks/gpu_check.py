@@ -75,6 +75,7 @@ COPY_GOAL_FROM_ELEMENTS = 10**7
 # The goals of issue 16 (point 3): key -> (the section that measures it, the goal).
 GOALS = {
     "kernels": ("build", "the CUDA kernels are built and igfast.info() reports them in use (on a CPU: its kernels)"),
+    "errors": ("build", "a bad argument to an op on the device raises RuntimeError (the process survives)"),
     "tests": ("tests", "every CUDA test passes; the GPU parity suites agree with Captum within the CPU tolerances"),
     "ops": ("ops", f"the kernels move >= {COPY_FRACTION_GOAL:.0%} of the bytes per second of a device-to-device "
                    "copy at 1e7 elements and above"),
@@ -203,6 +204,76 @@ def run_process(command: List[str], timeout: float, env: Optional[dict] = None, 
 
 # build --------------------------------------------------------------------------
 
+# Run in a fresh process: the bad call of test_kernels.py's baselines_shape case. On
+# the first H200 run every such call on a CUDA tensor ended the process (SIGSEGV inside
+# TORCH_CHECK) instead of raising, so the process must be one that may die.
+ERROR_CHECK = """
+import torch, igfast.ops  # loads igfast._C and its ops
+try:
+    torch.ops.igfast.interpolate_path(torch.rand(2, 3, device=DEVICE), torch.rand(2, 4, device=DEVICE),
+                                      torch.rand(4, device=DEVICE), 0, 4)
+    print("no error raised")
+except RuntimeError as error:
+    print("raised RuntimeError:", str(error).splitlines()[0][:120])
+"""
+
+
+def errors_reach_python(device: str, timeout: float) -> tuple:
+    """(whether the bad call raised, what happened) in a child process."""
+    code, tail = run_process([sys.executable, "-X", "faulthandler", "-c", ERROR_CHECK.replace("DEVICE", repr(device))],
+                             max(5.0, timeout))
+    last = tail.strip().splitlines()[-1] if tail.strip() else ""
+    if code is None:
+        return False, "the check ran out of time"
+    if code < 0:
+        return False, f"the process was killed by {signal.Signals(-code).name}"
+    return code == 0 and last.startswith("raised RuntimeError"), last or f"exit {code}"
+
+
+def toolchain_facts(env: dict) -> Dict[str, str]:
+    """The compilers and runtime libraries of the build: what decides how C++ errors unwind."""
+    facts: Dict[str, str] = {}
+    for name in ("CC", "CXX"):
+        compiler = env.get(name) or shutil.which({"CC": "cc", "CXX": "c++"}[name]) or ""
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout if compiler else ""
+        facts[name] = f"{compiler}: {version.splitlines()[0] if version else 'not found'}"
+    library = next(iter(glob.glob(os.path.join(ROOT, "igfast", "_C*.so"))), None)
+    if library:
+        symbols = subprocess.run(["nm", "-D", "--defined-only", library], capture_output=True, text=True).stdout
+        facts["unwinder_symbols_defined_in_igfast._C"] = str(symbols.count("_Unwind_"))
+        linked = subprocess.run(["ldd", library], capture_output=True, text=True).stdout
+        facts["ldd"] = "; ".join(line.strip() for line in linked.splitlines()
+                                 if any(k in line for k in ("libgcc_s", "libstdc++", "libc10.so")))
+    return facts
+
+
+def build_extension(ctx: Context, env: dict, force: bool = False) -> None:
+    command = [sys.executable, "setup.py", "build_ext", "--inplace"] + (["--force"] if force else [])
+    settings = " ".join(f"{k}={env[k]}" for k in ("FORCE_CUDA", "MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CC", "CXX",
+                                                   "LDFLAGS") if k in env)
+    ctx.result.setdefault("build_commands", []).append(f"{settings} {os.path.basename(sys.executable)} "
+                                                        + " ".join(command[1:]))
+    started = time.time()
+    code, tail = run_process(command, ctx.time_left() - 10, env)
+    ctx.result["build_seconds"] = round(ctx.result.get("build_seconds", 0) + time.time() - started, 1)
+    ctx.save()
+    if code != 0:
+        raise RuntimeError(("the build ran out of time" if code is None else f"the build failed (exit {code})")
+                           + ":\n" + tail[-3000:])
+
+
+def rebuilds_to_try(env: dict) -> List[tuple]:
+    """Other ways to build when errors do not reach Python, most likely first: the shared
+    libgcc unwinder (a statically linked one beside the process's own breaks unwinding),
+    then the system compilers when the build used others."""
+    tries = [("the shared libgcc unwinder", dict(env, LDFLAGS=(env.get("LDFLAGS", "") + " -shared-libgcc").strip()))]
+    system_cc, system_cxx = "/usr/bin/gcc", "/usr/bin/g++"
+    used = os.path.realpath(env.get("CXX") or shutil.which("c++") or "")
+    if os.path.exists(system_cxx) and os.path.realpath(system_cxx) != used:
+        tries.append(("the system compilers", dict(env, CC=system_cc, CXX=system_cxx)))
+    return tries
+
+
 def section_build(ctx: Context) -> None:
     import torch
 
@@ -214,18 +285,30 @@ def section_build(ctx: Context) -> None:
             env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())
         else:
             env.pop("FORCE_CUDA", None)
-        settings = " ".join(f"{k}={env[k]}" for k in ("FORCE_CUDA", "MAX_JOBS", "TORCH_CUDA_ARCH_LIST") if k in env)
-        ctx.result["build_command"] = f"{settings} {os.path.basename(sys.executable)} setup.py build_ext --inplace"
-        started = time.time()
-        code, tail = run_process([sys.executable, "setup.py", "build_ext", "--inplace"], ctx.time_left() - 10, env)
-        ctx.result["build_seconds"] = round(time.time() - started, 1)
-        ctx.save()
-        if code != 0:
-            ctx.goal("kernels", False, "the build " + ("ran out of time" if code is None else f"failed (exit {code})"))
-            raise RuntimeError(("the build ran out of time" if code is None else "the build failed") + ":\n"
-                               + tail[-3000:])
+        try:
+            build_extension(ctx, env)
+        except RuntimeError as error:
+            ctx.goal("kernels", False, str(error).splitlines()[0])
+            raise
+        ctx.result["build_command"] = ctx.result["build_commands"][0]
+        raised, what = errors_reach_python(ctx.device, min(60.0, ctx.time_left() - 10))
+        ctx.result["toolchain"] = toolchain_facts(env)
+        ctx.note(f"error check of the first build: {what}; toolchain: {json.dumps(ctx.result['toolchain'])}")
+        for name, other in ([] if raised else rebuilds_to_try(env)):
+            try:
+                build_extension(ctx, other, force=True)
+            except RuntimeError as error:  # this way does not build here: the last good build stays
+                ctx.note(f"rebuild with {name}: {str(error)[:300]}")
+                continue
+            raised, what = errors_reach_python(ctx.device, min(60.0, ctx.time_left() - 10))
+            ctx.note(f"error check after a rebuild with {name}: {what}")
+            if raised:
+                what += f" (after a rebuild with {name}: {ctx.result['build_commands'][-1]})"
+                break
     else:
         ctx.note("no rebuild on the CPU (--build rebuilds): checking the extension that is there")
+        raised, what = errors_reach_python(ctx.device, min(60.0, ctx.time_left() - 10))
+    ctx.goal("errors", raised, what)
     import igfast
 
     state = igfast.info()

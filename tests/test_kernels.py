@@ -4,6 +4,11 @@ every device and dtype; opcheck, torch.compile, autograd, errors, empty inputs.
 Skipped where the extension was not built (CI builds it and checks that it did).
 """
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -14,6 +19,7 @@ from igfast import ops, reference
 from igfast.dtypes import dtype_policy
 from igfast.quadrature import alphas_and_weights
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["float32", "float64", "float16", "bfloat16"]
@@ -251,10 +257,47 @@ BAD_CALLS = [
 ]
 
 
+# Bad only when `d` is a GPU.
+DEVICE_MIXING_CALLS = [
+    ("baselines_on_the_cpu", lambda d: torch.ops.igfast.interpolate_path(torch.rand(2, 3, device=d), torch.rand(2, 3), torch.rand(4, device=d), 0, 4), "same device"),
+]
+
+
+def raise_bad_call(name, device):
+    """Make the bad call ``name`` in this process; exit 0 when it raised RuntimeError."""
+    call = next(c[1] for c in BAD_CALLS + DEVICE_MIXING_CALLS if c[0] == name)
+    try:
+        call(device)
+    except RuntimeError as error:
+        print("raised RuntimeError:", error)
+        sys.exit(0)
+    print("no error raised")
+    sys.exit(1)
+
+
+def bad_call_in_child(name, device):
+    """The bad call made in a child process: on the first GPU run such calls on CUDA
+    tensors ended the process (SIGSEGV), which took a pytest-xdist worker with them."""
+    code = (f"import importlib.util; spec = importlib.util.spec_from_file_location('test_kernels', {__file__!r}); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+            f"module.raise_bad_call({name!r}, {device!r})")
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                           env=environment, cwd=ROOT, timeout=120)
+    if child.returncode < 0:
+        pytest.fail(f"{name} on {device} ended the process with {signal.Signals(-child.returncode).name} instead of "
+                    f"raising RuntimeError:\n{child.stderr[-3000:]}")
+    assert child.returncode == 0, child.stdout + child.stderr[-3000:]
+    return child.stdout
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("call, word", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
-def test_bad_arguments_raise_clear_errors(device, call, word):
+@pytest.mark.parametrize("name, call, word", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_arguments_raise_clear_errors(device, name, call, word):
     require_kernels(device)
+    if device == "cuda":
+        assert re.search(word, bad_call_in_child(name, device))
+        return
     with pytest.raises(RuntimeError, match=word):
         call(device)
 
@@ -262,8 +305,7 @@ def test_bad_arguments_raise_clear_errors(device, call, word):
 @pytest.mark.cuda
 def test_tensors_on_different_devices_raise():
     require_kernels("cuda")
-    with pytest.raises(RuntimeError, match="same device"):
-        torch.ops.igfast.interpolate_path(torch.rand(2, 3, device="cuda"), torch.rand(2, 3), torch.rand(4, device="cuda"), 0, 4)
+    assert "same device" in bad_call_in_child("baselines_on_the_cpu", "cuda")
 
 
 def opcheck_samples(device):
