@@ -243,8 +243,20 @@ def toolchain_facts(env: dict) -> Dict[str, str]:
         facts["unwinder_symbols_defined_in_igfast._C"] = str(symbols.count("_Unwind_"))
         linked = subprocess.run(["ldd", library], capture_output=True, text=True).stdout
         facts["ldd"] = "; ".join(line.strip() for line in linked.splitlines()
-                                 if any(k in line for k in ("libgcc_s", "libstdc++", "libc10.so")))
+                                 if any(k in line for k in ("libgcc_s", "libstdc++", "libc10.so", "libcudart")))
+        # Headers newer than the libstdc++ the process loads can break inline library code.
+        table = subprocess.run(["objdump", "-T", library], capture_output=True, text=True).stdout
+        facts["newest_GLIBCXX_needed"] = _newest_glibcxx(table)
+        loaded = re.search(r"libstdc\+\+\.so\.6 => (\S+)", linked)
+        if loaded:
+            with open(loaded.group(1), "rb") as handle:
+                facts["newest_GLIBCXX_in_" + loaded.group(1)] = _newest_glibcxx(handle.read().decode("latin-1"))
     return facts
+
+
+def _newest_glibcxx(text: str) -> str:
+    versions = {tuple(int(p) for p in v.split(".")) for v in re.findall(r"GLIBCXX_(\d+(?:\.\d+)+)", text)}
+    return "GLIBCXX_" + ".".join(map(str, max(versions))) if versions else "none"
 
 
 def build_extension(ctx: Context, env: dict, force: bool = False) -> None:
