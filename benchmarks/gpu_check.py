@@ -675,9 +675,57 @@ def _e2e_case(ctx: Context, key: str, build, n_steps: int, captum: bool) -> None
                      f"{row['speedup_over_captum']:.2f}x at n_steps {n_steps} (igfast {row['igfast_s'] * 1e3:.1f} ms, "
                      f"Captum {row['captum_s'] * 1e3:.1f} ms, floor {row['floor_s'] * 1e3:.1f} ms; "
                      f"{row['igfast_per_s']:.1f} {unit}/s)")
+    if key in OVERHEAD_PROFILED:
+        ctx.attempt(f"{key} profile", lambda: _overhead_profile(ctx, key, case, n_steps))
     del case
     if ctx.device == "cuda":
         torch.cuda.empty_cache()
+
+
+# The small models, where igfast's own per-call work shows: on the first H200 run igfast
+# took 2.47x (MLP) and 1.63x (CNN) the time of a plain PyTorch IG loop, against 1.00-1.02x
+# on ResNet-50 and BERT. A host-side profile of those calls says where the time goes.
+OVERHEAD_PROFILED = ("mlp", "cnn")
+PROFILE_CALLS = 20
+
+
+def _overhead_profile(ctx: Context, key: str, case, n_steps: int) -> None:
+    """The functions igfast's calls spend their host time in (cProfile, self time), and
+    the time per call with and without the profiler."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    import igfast
+
+    def calls(count: int) -> float:
+        if ctx.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(count):
+            case.run(igfast, n_steps, "gausslegendre", False)
+        if ctx.device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / count
+
+    calls(3)
+    plain_seconds = calls(PROFILE_CALLS)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    profiled_seconds = calls(PROFILE_CALLS)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive, self s, cumulative s, callers)
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:15]
+    rows = [{"function": f"{os.path.basename(where[0])}:{where[1]}({where[2]})", "calls_per_attribute":
+             round(value[0] / PROFILE_CALLS, 1), "self_us_per_attribute": round(value[2] / PROFILE_CALLS * 1e6, 1)}
+            for where, value in top]
+    ctx.result.setdefault("profiles", {})[key] = {"seconds_per_call": plain_seconds,
+                                                  "seconds_per_call_profiled": profiled_seconds, "top": rows}
+    ctx.save()
+    ctx.note(f"{key}: {plain_seconds * 1e3:.2f} ms a call ({profiled_seconds * 1e3:.2f} profiled); host self time: "
+             + "; ".join(f"{r['function']} {r['self_us_per_attribute']:.0f} us x{r['calls_per_attribute']:g}"
+                         for r in rows[:8]))
 
 
 def section_e2e(ctx: Context) -> None:
