@@ -93,7 +93,7 @@ def _check_indices(indices: torch.Tensor, low: int, size: int, dim: int, shape: 
     """Vectorised range check of per-example indices: one reduction (a device sync)."""
     if not indices.numel():
         return
-    smallest, largest = (int(v) for v in torch.aminmax(indices))
+    smallest, largest = torch.stack(torch.aminmax(indices)).tolist()  # one transfer, not one per value
     if smallest < low or largest >= size:
         raise _out_of_range(smallest if smallest < low else largest, dim, shape)
 
