@@ -35,7 +35,9 @@ Before round 0, one forward with tangents on one example (exact.ExactRoute
 .estimate_pieces, counted as an evaluation) tells how the network bends the path.
 A smooth network (no piecewise-linear op: GELU, tanh, attention, ...) starts from
 the 3- and 5-node levels, and where its changes fall geometrically the estimate is
-extrapolated from the convergence ratio (_smooth_estimate). Piecewise-linear
+extrapolated from the convergence ratio (_smooth_estimate); a network of ELU, CELU or
+SELU is smooth but not analytic at 0 (its rule's error falls algebraically) and gets
+neither, and SELU's jumps get the strict estimate below. Piecewise-linear
 networks (ReLU, max-pool, ...; see exact.py) get two things, once the same forward
 per example has predicted each path's pieces:
 
@@ -251,7 +253,7 @@ def integrate_adaptively(
             # may still refine) before judging the examples: its estimate is stricter.
             could_refine = torch.maximum(change * PRE_ASYMPTOTIC_FACTOR, relative_completeness) > settings.tolerance
             switch.probe(active[could_refine])
-            if switch.piecewise_linear:
+            if switch.strict:
                 change = torch.maximum(change, last_change[active] / 2)
         raw_change = change
         if switch is not None and switch.smooth and round_index > 0:
@@ -260,7 +262,7 @@ def integrate_adaptively(
         # The error the rule is predicted to have at this level; the estimate that judges
         # it is stricter at coarse levels of a piecewise-linear network (see above).
         predicted = torch.maximum(change, relative_completeness)
-        if switch is not None and switch.piecewise_linear and levels.steps[level] < ASYMPTOTIC_STEPS:
+        if switch is not None and switch.strict and levels.steps[level] < ASYMPTOTIC_STEPS:
             change = change * PRE_ASYMPTOTIC_FACTOR
         estimate[active] = torch.maximum(change, relative_completeness)
         completeness[active] = relative_completeness
@@ -346,7 +348,8 @@ class _ExactSwitch:
         # Set after round 0: F(x) - F(x') and the completeness scale per example.
         self.value_change: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
-        self.smooth = False  # the probe met no piecewise-linear op
+        self.smooth = False  # the probe met no piecewise-linear op, and no non-analytic one
+        self.jumps = False  # the probe met no piecewise-linear op, but one whose slope jumps (SELU, ...)
         batch_size = evaluations.shape[0]
         self.walked = torch.zeros(batch_size, dtype=torch.bool, device=evaluations.device)
         self.exact_cost: Optional[torch.Tensor] = None  # (B,) predicted evaluations, -1 until probed
@@ -391,7 +394,16 @@ class _ExactSwitch:
                     self.walk_rows[group] = estimate.walk_rows
         except NotPiecewiseLinearError as error:
             self.unavailable = str(error)
-            self.smooth = isinstance(error, SmoothNetworkError)
+            # Only an analytic integrand gets the lower levels and the extrapolated estimate;
+            # one that jumps (SELU) gets the strict estimate of piecewise-linear networks.
+            self.smooth = isinstance(error, SmoothNetworkError) and error.analytic
+            self.jumps = isinstance(error, SmoothNetworkError) and error.slope_jumps
+
+    @property
+    def strict(self) -> bool:
+        """Whether the integrand jumps, so that coarse rules may miss its jumps: the
+        stricter estimate (see ASYMPTOTIC_STEPS) applies."""
+        return self.piecewise_linear or self.jumps
 
     @property
     def piecewise_linear(self) -> bool:

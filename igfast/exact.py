@@ -822,7 +822,14 @@ class PieceEstimate:
 
 
 class SmoothNetworkError(NotPiecewiseLinearError):
-    """The probe walked the whole network and met no piecewise-linear op."""
+    """The probe walked the whole network and met no piecewise-linear op. ``analytic``:
+    it met no op of piecewise.NON_ANALYTIC_SMOOTH_OPS either, so the integrand is analytic
+    along the path; ``slope_jumps``: it met one whose slope jumps (SELU, ...), so the
+    integrand jumps."""
+
+    def __init__(self, message: str, analytic: bool = True, slope_jumps: bool = False) -> None:
+        super().__init__(message)
+        self.analytic, self.slope_jumps = analytic, slope_jumps
 
 
 class ExactRoute:
@@ -873,9 +880,13 @@ class ExactRoute:
             record, found = self._probe(examples)
         self.kink_ops = max(self.kink_ops, found.get("piecewise_linear_ops", 0))
         if not found.get("piecewise_linear_ops"):
+            non_analytic, jump = found.get("non_analytic_op"), found.get("slope_jump_op")
             raise SmoothNetworkError(
                 "the network applies no piecewise-linear op to the path: it is smooth along it "
-                f"(first smooth op: {found.get('smooth_op')}), or affine")
+                f"(first smooth op: {found.get('smooth_op')}), or affine"
+                + (f"; {jump}'s slope jumps at 0" if jump else
+                   f"; {non_analytic} is not analytic at 0" if non_analytic else ""),
+                analytic=non_analytic is None, slope_jumps=jump is not None)
         if self.curved:
             _, _, row_limit = self.make_parts(examples)
             directions = tuple(e - s for e, s in zip(*self._rows(examples)))
@@ -992,6 +1003,10 @@ class _WalkRecord:
             self.bent[rows] = mode.bent
         if mode.smooth_op is not None:
             found.setdefault("smooth_op", mode.smooth_op)
+        if mode.non_analytic_op is not None:
+            found.setdefault("non_analytic_op", mode.non_analytic_op)
+        if mode.slope_jump_op is not None:
+            found.setdefault("slope_jump_op", mode.slope_jump_op)
         if mode.window is not None:
             for mine, piece in zip(self.window, mode.window):
                 mine[rows] = piece

@@ -94,6 +94,21 @@ SMOOTH_OPS = frozenset("""
     logsumexp normalize square reciprocal __rtruediv__ scaled_dot_product_attention
     multi_head_attention_forward cross_entropy nll_loss cosine_similarity
 """.split())
+# Smooth ops that are not analytic at 0, so that a rule's error falls algebraically, not
+# geometrically (n_steps="auto" must not extrapolate it): CELU and ELU with alpha 1 have a
+# continuous slope (the integrand has kinks); SELU and ELU with another alpha have a slope
+# that jumps (the integrand jumps, as a ReLU network's does: see slope_jumps).
+NON_ANALYTIC_SMOOTH_OPS = frozenset("elu selu celu".split())
+
+
+def slope_jumps(name: str, args, kwargs) -> bool:
+    """Whether the non-analytic smooth op ``name`` has a slope that jumps at 0."""
+    if name == "selu":
+        return True
+    if name == "elu":
+        alpha = kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
+        return float(alpha) != 1.0
+    return False
 # Ops whose result carries no tangent and cannot bend the path (shapes, constants).
 NEUTRAL_OPS = frozenset("""
     detach dim size numel ones_like zeros_like empty_like full_like rand_like randn_like
@@ -165,7 +180,9 @@ class BreakpointMode(TorchFunctionMode):
     piecewise-linear op must see its rows along dim 0 (possibly merged with later
     dimensions, as a (rows * tokens, features) reshape does). After the call,
     ``next_step`` (rows,) holds the smallest step > margin to a kink (inf when none),
-    ``smooth_op`` the first smooth op applied to the path (None when there is none).
+    ``smooth_op`` the first smooth op applied to the path (None when there is none),
+    ``non_analytic_op`` the first of those that is not analytic (ELU, ...), and
+    ``slope_jump_op`` the first whose slope jumps (SELU, ...).
 
     With ``horizon`` (rows,), the mode also counts, per row, the kinks that every unit
     would reach within that step if it stayed affine (``crossings``): exact for the
@@ -207,6 +224,8 @@ class BreakpointMode(TorchFunctionMode):
         self.next_step: Optional[torch.Tensor] = None
         self.crossings: Optional[torch.Tensor] = None
         self.smooth_op: Optional[str] = None
+        self.non_analytic_op: Optional[str] = None  # the first of NON_ANALYTIC_SMOOTH_OPS applied to the path
+        self.slope_jump_op: Optional[str] = None  # the first of those whose slope jumps
         self.kink_ops = 0  # piecewise-linear ops applied to the path (calls, in order)
         self.state = PathState([], [], [])
         self.changed: Optional[torch.Tensor] = None
@@ -419,6 +438,10 @@ class BreakpointMode(TorchFunctionMode):
                 result = func(*args, **kwargs)
         if bends and self.smooth_op is None:
             self.smooth_op = name
+        if bends and name in NON_ANALYTIC_SMOOTH_OPS:
+            self.non_analytic_op = self.non_analytic_op or name
+            if self.slope_jump_op is None and slope_jumps(name, args, kwargs):
+                self.slope_jump_op = name
         if bends or curved:
             self._mark_curved(result)
         return result
