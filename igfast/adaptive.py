@@ -49,7 +49,9 @@ per example has predicted each path's pieces:
   choice depends on measured times;
 - a stricter estimate, measured against exact IG: below ASYMPTOTIC_STEPS nodes the
   change counts PRE_ASYMPTOTIC_FACTOR times, and it never falls below half the last
-  level's change.
+  level's change. So does every network whose integrand may jump and that cannot be
+  walked: one the probe cannot read (a ReLU inside an autograd Function), a compiled
+  model (no probe runs), SELU.
 
 A mixed network (smooth ops before kinks: tanh then ReLU, a transformer's ReLU
 feed-forward block) cannot take the exact walk, but its pieces can be followed as
@@ -253,8 +255,10 @@ def integrate_adaptively(
             # may still refine) before judging the examples: its estimate is stricter.
             could_refine = torch.maximum(change * PRE_ASYMPTOTIC_FACTOR, relative_completeness) > settings.tolerance
             switch.probe(active[could_refine])
-            if switch.strict:
-                change = torch.maximum(change, last_change[active] / 2)
+        # Without a probe (a compiled model) nothing says the integrand is smooth.
+        strict = switch is None or switch.strict
+        if strict:
+            change = torch.maximum(change, last_change[active] / 2)
         raw_change = change
         if switch is not None and switch.smooth and round_index > 0:
             change = _smooth_estimate(change, last_change[active])
@@ -262,7 +266,7 @@ def integrate_adaptively(
         # The error the rule is predicted to have at this level; the estimate that judges
         # it is stricter at coarse levels of a piecewise-linear network (see above).
         predicted = torch.maximum(change, relative_completeness)
-        if switch is not None and switch.strict and levels.steps[level] < ASYMPTOTIC_STEPS:
+        if strict and levels.steps[level] < ASYMPTOTIC_STEPS:
             change = change * PRE_ASYMPTOTIC_FACTOR
         estimate[active] = torch.maximum(change, relative_completeness)
         completeness[active] = relative_completeness
@@ -349,7 +353,9 @@ class _ExactSwitch:
         self.value_change: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
         self.smooth = False  # the probe met no piecewise-linear op, and no non-analytic one
-        self.jumps = False  # the probe met no piecewise-linear op, but one whose slope jumps (SELU, ...)
+        # The network cannot be walked, and its integrand may jump: the probe met an op whose
+        # slope jumps (SELU, ...) or one it cannot read.
+        self.jumps = False
         batch_size = evaluations.shape[0]
         self.walked = torch.zeros(batch_size, dtype=torch.bool, device=evaluations.device)
         self.exact_cost: Optional[torch.Tensor] = None  # (B,) predicted evaluations, -1 until probed
@@ -395,9 +401,11 @@ class _ExactSwitch:
         except NotPiecewiseLinearError as error:
             self.unavailable = str(error)
             # Only an analytic integrand gets the lower levels and the extrapolated estimate;
-            # one that jumps (SELU) gets the strict estimate of piecewise-linear networks.
-            self.smooth = isinstance(error, SmoothNetworkError) and error.analytic
-            self.jumps = isinstance(error, SmoothNetworkError) and error.slope_jumps
+            # one that may jump (SELU, or any network the probe cannot read: a ReLU inside an
+            # autograd Function, ...) gets the strict estimate of piecewise-linear networks.
+            smooth = isinstance(error, SmoothNetworkError)
+            self.smooth = smooth and error.analytic
+            self.jumps = not smooth or error.slope_jumps
 
     @property
     def strict(self) -> bool:
