@@ -264,7 +264,7 @@ def integrate_adaptively(
             change = _smooth_estimate(change, last_change[active])
         last_change[active] = raw_change
         # The error the rule is predicted to have at this level; the estimate that judges
-        # it is stricter at coarse levels of a piecewise-linear network (see above).
+        # it is stricter at coarse levels where the integrand may jump (see above).
         predicted = torch.maximum(change, relative_completeness)
         if strict and levels.steps[level] < ASYMPTOTIC_STEPS:
             change = change * PRE_ASYMPTOTIC_FACTOR

@@ -109,6 +109,8 @@ def slope_jumps(name: str, args, kwargs) -> bool:
         alpha = kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
         return float(alpha) != 1.0
     return False
+
+
 # Ops whose result carries no tangent and cannot bend the path (shapes, constants).
 NEUTRAL_OPS = frozenset("""
     detach dim size numel ones_like zeros_like empty_like full_like rand_like randn_like
