@@ -11,7 +11,9 @@ reported and the next one runs. Then DIR gets the report of the run: gpu-<card>.
 JSON in gpu-<card>.json, and the output of every section in gpu-<card>.log.
 
   build   compile igfast._C with the CUDA kernels (FORCE_CUDA=1, all cores, this GPU's
-          architecture) and check that igfast.info() reports them in use. On the CPU
+          architecture) and check that igfast.info() reports them in use, and (in a
+          child process) that a bad argument raises RuntimeError; if it ends the process
+          instead, log the toolchain and rebuild other ways (rebuilds_to_try). On the CPU
           it only checks the build that is there (--build rebuilds it).
   tests   the cuda-marked tests and the suites that take the `device` fixture (parity
           of IntegratedGradients, LayerIntegratedGradients, NoiseTunnel, many targets,
@@ -26,12 +28,14 @@ JSON in gpu-<card>.json, and the output of every section in gpu-<card>.log.
           (torchvision, random weights, batch 16, 3x224x224), BERT-base
           LayerIntegratedGradients on the embeddings (transformers BertConfig(), random
           weights, batch 16, sequence 128), then both again in bfloat16 (attributions
-          in float32). --quick: tiny stand-ins of the same architectures.
+          in float32). --quick: tiny stand-ins of the same architectures. On the MLP
+          and CNN, a cProfile of igfast's calls (host self time per function).
   memory  peaks of igfast with memory_budget 1 GB and 8 GB against the budget; a call
           Captum cannot fit on the card (ResNet-50, batch 64, n_steps 300, no
           internal_batch_size) that igfast finishes under its automatic budget; an
           out-of-memory forced with torch.cuda.set_per_process_memory_fraction that the
-          back-off survives with the unchunked result. On the CPU the out-of-memory
+          back-off survives with the unchunked result (and what the same chunks give
+          without an out-of-memory error). On the CPU the out-of-memory
           errors are simulated by a model that refuses large batches.
   llm     the Llama case of benchmarks/bench_llm.py (issue 17), skipped cleanly while
           that file is absent: bench_llm.llama_case measures igfast's and Captum's
