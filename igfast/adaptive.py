@@ -49,9 +49,9 @@ per example has predicted each path's pieces:
   choice depends on measured times;
 - a stricter estimate, measured against exact IG: below ASYMPTOTIC_STEPS nodes the
   change counts PRE_ASYMPTOTIC_FACTOR times, and it never falls below half the last
-  level's change. So does every other network whose integrand may jump: a mixed one,
-  one the probe cannot read (a ReLU inside an autograd Function), a compiled model (no
-  probe runs), SELU.
+  level's change. So does every network whose integrand may jump and that cannot be
+  walked: one the probe cannot read (a ReLU inside an autograd Function), a compiled
+  model (no probe runs), SELU.
 
 A mixed network (smooth ops before kinks: tanh then ReLU, a transformer's ReLU
 feed-forward block) cannot take the exact walk, but its pieces can be followed as
@@ -410,11 +410,8 @@ class _ExactSwitch:
     @property
     def strict(self) -> bool:
         """Whether the integrand jumps, so that coarse rules may miss its jumps: the
-        stricter estimate (see ASYMPTOTIC_STEPS) applies. A mixed network's does too (its
-        kinks come after smooth ops): with the plain change, tanh-then-ReLU MLPs (24 seeds
-        x 8 examples) had converged examples 2.0x their tolerance at 3e-2 and 1e-2; strict,
-        0.86x and 1.07x."""
-        return self.piecewise_linear or self.jumps or self.route.curved
+        stricter estimate (see ASYMPTOTIC_STEPS) applies."""
+        return self.piecewise_linear or self.jumps
 
     @property
     def piecewise_linear(self) -> bool:
