@@ -412,8 +412,8 @@ class _ExactSwitch:
         except NotPiecewiseLinearError as error:
             self.unavailable = str(error)
             # Only an analytic integrand gets the lower levels and the extrapolated estimate;
-            # one that may jump (SELU, or any network the probe cannot read: a ReLU inside an
-            # autograd Function, ...) gets the strict estimate of piecewise-linear networks.
+            # one that jumps (SELU) or may jump (any network the probe cannot read: a ReLU
+            # inside an autograd Function, ...) gets the strict estimate (see strict).
             smooth = isinstance(error, SmoothNetworkError)
             self.smooth = smooth and error.analytic
             self.jumps = smooth and error.slope_jumps
