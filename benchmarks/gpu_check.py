@@ -174,10 +174,13 @@ def stop_session(session: int, spare: int = -1) -> None:
                 pass
 
 
-def run_process(command: List[str], timeout: float, env: Optional[dict] = None, cwd: str = ROOT) -> tuple:
+def run_process(command: List[str], timeout: float, env: Optional[dict] = None, cwd: str = ROOT,
+                interrupt_grace_s: float = 0.0) -> tuple:
     """(exit code or None when stopped at the timeout, the output's last 6000 characters);
     the output also goes to this process's stdout (the log). At the timeout every process
-    it started is stopped (pytest-xdist workers, ninja's compilers)."""
+    it started is stopped (pytest-xdist workers, ninja's compilers). With interrupt_grace_s,
+    the command first gets SIGINT and that long to stop by itself: pytest then still writes
+    its report of the tests it ran (the timeout includes the grace)."""
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     lines: List[str] = []
@@ -192,7 +195,14 @@ def run_process(command: List[str], timeout: float, env: Optional[dict] = None, 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        process.wait(timeout=max(1.0, deadline - time.time()))
+        try:
+            process.wait(timeout=max(1.0, deadline - interrupt_grace_s - time.time()))
+        except subprocess.TimeoutExpired:
+            if not interrupt_grace_s:
+                raise
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=interrupt_grace_s)
+            raise  # stopped in time, but by the timeout: reported as such
         code = process.returncode
     except subprocess.TimeoutExpired:
         if os.getsid(0) == os.getpid():  # a section's process, which leads a session of its own
@@ -371,7 +381,7 @@ def section_tests(ctx: Context) -> None:
             command += ["-n", str(min(8, os.cpu_count() or 1))]  # the GPU is shared by the workers
         ctx.result["command"] = " ".join(command[1:]).replace(junit, "JUNIT")
         started = time.time()
-        code, tail = run_process(command, ctx.time_left() - 5)
+        code, tail = run_process(command, ctx.time_left() - 5, interrupt_grace_s=20)
         ctx.result["seconds"] = round(time.time() - started, 1)
         comparisons = re.findall(r"igfast: (\d+) attribute\(\) calls compared with Captum", tail)
         if comparisons:
@@ -385,9 +395,14 @@ def section_tests(ctx: Context) -> None:
     ctx.result.update(counts)
     measured = (f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
                 f"{counts['skipped']} skipped")
+    if code is None:  # interrupted at the limit: the report holds the tests that finished
+        measured = "ran out of time after " + measured
+    if counts["failed_tests"]:
+        measured += "; failed: " + ", ".join(counts["failed_tests"][:10])
     if counts["skipped"]:
         measured += "; skipped: " + "; ".join(f"{n} x {r}" for r, n in counts["skip_reasons"].items())
-    met = counts["passed"] > 0 and not (counts["failures"] or counts["errors"] or counts["skipped"])
+    met = code is not None and counts["passed"] > 0 and not (counts["failures"] or counts["errors"]
+                                                             or counts["skipped"])
     ctx.goal("tests", met, measured)
 
 
@@ -1167,7 +1182,8 @@ def run_sections(args, selected: List[Section], env: dict, out_base: str, log, r
     for section in selected:
         elapsed = time.time() - started
         left = args.budget_s - elapsed
-        limit = min(section.quick_limit_s if args.quick else section.limit_s, left)
+        limit = min(args.limits.get(section.name) or (section.quick_limit_s if args.quick else section.limit_s),
+                    left)
         entry: Dict[str, Any] = {"name": section.name, "limit_s": round(limit), "seconds": 0}
         report["sections"].append(entry)
         if limit < START_COST_S:
@@ -1249,6 +1265,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(s.name for s in SECTIONS),
                         help="comma-separated sections to run, in their order (default: all)")
     parser.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="the whole run's time (default 480)")
+    parser.add_argument("--limit", action="append", default=[], metavar="SECTION=SECONDS",
+                        help="a section's own time limit instead of its default (repeatable; e.g. tests=300 for "
+                             "a run of the build and the tests alone)")
     parser.add_argument("--build", action="store_true", help="on the CPU: rebuild the extension too")
     parser.add_argument("--label", help="what is being run, for the report (e.g. the commit: the device "
                         "machine gets the working tree without its git history)")
@@ -1259,6 +1278,12 @@ def main(argv=None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.limits = {}
+    for item in args.limit:
+        name, _, seconds = item.partition("=")
+        if name not in {s.name for s in SECTIONS} or not re.fullmatch(r"\d+(\.\d+)?", seconds):
+            parser.error(f"--limit takes SECTION=SECONDS with a section of {[s.name for s in SECTIONS]}; got {item!r}")
+        args.limits[name] = float(seconds)
     if args.child:
         return child_main(args)
     if not args.out:
