@@ -42,7 +42,12 @@ def randn(shape, dtype, device, generator):
 
 def assert_matches_reference(kernel, ref, oracle, dtype):
     """float32 within 1e-6 relative, float64 within 1e-12; half types: error against
-    the float64 oracle at most twice the reference's error in the same dtype."""
+    the float64 oracle at most twice the reference's error in the same dtype, plus two
+    roundings of the output's dtype at the result's scale. That floor is for a reference
+    that happens to land nearer the oracle than one rounding: on the H200 a float32
+    accumulator of bfloat16 gradients was 1.2e-7 off where the reference was 4e-8 off
+    (the CUDA kernel fuses multiply and add), while an accumulator that lost precision
+    to the half type would be off by about 1e-2."""
     assert kernel.dtype == ref.dtype and kernel.shape == ref.shape
     assert torch.isfinite(kernel).all()
     if kernel.numel() == 0:
@@ -53,7 +58,8 @@ def assert_matches_reference(kernel, ref, oracle, dtype):
     else:
         kernel_error = (kernel.double() - oracle).abs().max().item()
         ref_error = (ref.double() - oracle).abs().max().item()
-        assert kernel_error <= 2 * ref_error + 1e-12, (kernel_error, ref_error)
+        rounding = torch.finfo(kernel.dtype).eps * oracle.abs().max().item()
+        assert kernel_error <= 2 * ref_error + 2 * rounding + 1e-12, (kernel_error, ref_error, rounding)
 
 
 @pytest.mark.parametrize("device", DEVICES)
