@@ -395,15 +395,22 @@ def test_zero_length_path_and_no_breakpoint(device):
 def test_paths_that_start_and_end_on_kinks_take_the_side_they_move_into(device):
     """Zero biases and a zero baseline put every unit on its kink at t = 0; an input
     built to put a unit on its kink at t = 1 ends there. PyTorch's relu'(0) = 0 would
-    give a zero gradient for the first piece."""
+    give a zero gradient for the first piece.
+
+    The example that ends on a kink starts from a nonzero baseline: from a zero one
+    the unit (no bias) would sit on its kink along the whole path, on the side the
+    rounding of w . x ~ 1e-17 picks, and the attribution would follow that sign (on
+    the H200 the oracle read it the other way)."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(),
                           nn.Linear(8, 2)).to(device, torch.float64).eval()
-    inputs = torch.randn(4, 5, dtype=torch.float64, device=device)
+    generator = torch.Generator().manual_seed(3)  # the same examples on every device
+    inputs = torch.randn(4, 5, generator=generator, dtype=torch.float64).to(device)
+    baselines = torch.zeros_like(inputs)
+    baselines[3] = torch.randn(5, generator=generator, dtype=torch.float64).to(device)
     # Example 3 ends on the kink of unit 0 of the first layer: remove that unit's value.
     w = model[0].weight[0]
     inputs[3] = inputs[3] - (w @ inputs[3]) / (w @ w) * w
-    baselines = torch.zeros_like(inputs)
     attributions, info = igfast.IntegratedGradients(model).attribute(
         inputs, baselines, target=1, method="exact", return_adaptive_info=True)
     expected, pieces = oracle(model, inputs, baselines, 1)
