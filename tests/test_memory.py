@@ -187,8 +187,10 @@ def test_budget_is_met(budget, device):
     ig.attribute(x, baseline, target=2, n_steps=2)
     with AllocationPeak(device) as peak:
         ig.attribute(x, baseline, target=2, n_steps=100, memory_budget=budget)
-    assert peak.bytes <= budget, (peak.bytes, budget)
     rows = [c.rows for c in ig.last_integral.chunks]
+    # On the H200 (2026-12-04) the 120 kB case peaked at 131584 bytes, and only that
+    # case: the chunk rows say whether the probe or the growth misjudged.
+    assert peak.bytes <= budget, (peak.bytes, budget, "rows of the first chunks", rows[:8], "chunks", len(rows))
     assert rows[0] == 1 and max(rows) > 1  # probe with one row, then grow
 
 
