@@ -22,11 +22,22 @@ def _load() -> None:
         return
     import importlib.util
 
-    if importlib.util.find_spec(f"{__package__}._C") is None:
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is None:
         _why_not = (
             "igfast was installed without its compiled kernels (igfast._C is not there: built "
             "with IGFAST_NO_EXTENSION=1, or without torch in the build environment); rebuild with "
             "`pip install --no-build-isolation --force-reinstall --no-deps .` in the igfast source folder"
+        )
+        return
+    from ._elf import links_cxx_runtime_statically
+
+    if spec.origin and links_cxx_runtime_statically(spec.origin):
+        _why_not = (
+            f"igfast._C ({spec.origin}) holds its own static copy of the C++ runtime (its compiler "
+            "linked libstdc++ statically), so an error raised inside it would end the process "
+            "instead of reaching Python; rebuild with the system compiler, e.g. `CXX=/usr/bin/g++ "
+            "pip install --no-build-isolation -e .`"
         )
         return
     try:

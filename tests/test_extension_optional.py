@@ -3,12 +3,15 @@ ops off, info() says so and why, and results equal the kernel path."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import igfast
+from igfast import _elf
 
 SCRIPT = """
 import json, torch, igfast
@@ -96,3 +99,68 @@ def test_the_build_fails_loudly_without_torch(tmp_path):
     opted_out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                                env={**os.environ, "IGFAST_NO_EXTENSION": "1"})
     assert opted_out.returncode == 0 and "pure-PyTorch package" in opted_out.stderr
+
+
+THROWING_LIBRARY = """
+#include <stdexcept>
+extern "C" int igfast_test_throws(int x) {
+  try { if (x) throw std::runtime_error("bad"); } catch (const std::exception&) { return 1; }
+  return 0;
+}
+"""
+
+
+def _compile_library(tmp_path, name, extra_flags):
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++ to build the test libraries")
+    source = tmp_path / "throws.cpp"
+    source.write_text(THROWING_LIBRARY)
+    output = tmp_path / name
+    completed = subprocess.run([compiler, "-shared", "-fPIC", *extra_flags, str(source), "-o", str(output)],
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        pytest.skip(f"g++ could not build the test library with {extra_flags}: {completed.stderr[-300:]}")
+    return str(output)
+
+
+def test_the_elf_reader_tells_a_static_cxx_runtime_from_a_shared_one(tmp_path):
+    """The check _ext.py makes before loading igfast._C, on two libraries built here:
+    the H200 image's default g++ linked libstdc++ statically, and every argument error
+    of an op then ended the process."""
+    shared = _compile_library(tmp_path, "shared.so", [])
+    static = _compile_library(tmp_path, "static.so", ["-static-libstdc++", "-static-libgcc"])
+    assert any(name.startswith("libstdc++") for name in _elf.needed_libraries(shared))
+    assert not any(name.startswith("libstdc++") for name in _elf.needed_libraries(static))
+    assert "libc.so.6" in _elf.needed_libraries(static)
+    assert _elf.links_cxx_runtime_statically(static) and not _elf.links_cxx_runtime_statically(shared)
+    assert not _elf.links_cxx_runtime_statically(igfast.ops.__file__)  # not an ELF file: nothing known
+    assert _elf.needed_libraries(str(tmp_path / "absent.so")) is None
+
+
+STATIC_RUNTIME_EXTENSION = """
+import importlib.util, json, sys
+find_spec = importlib.util.find_spec
+def swapped(name, *a):
+    spec = find_spec(name, *a)
+    if name == "igfast._C" and spec is not None:
+        spec.origin = sys.argv[1]  # what _ext.py reads before it loads the library
+    return spec
+importlib.util.find_spec = swapped
+import torch, igfast
+model = torch.nn.Linear(4, 2)
+attributions = igfast.IntegratedGradients(model).attribute(torch.randn(3, 4), target=0)
+print(json.dumps({"info": igfast.info(), "finite": bool(torch.isfinite(attributions).all())}))
+"""
+
+
+def test_an_extension_with_a_static_cxx_runtime_is_not_loaded(tmp_path):
+    """Such a build would crash the process on the first error inside it: igfast runs
+    on the pure path instead and says why, naming the fix."""
+    static = _compile_library(tmp_path, "static.so", ["-static-libstdc++", "-static-libgcc"])
+    completed = subprocess.run([sys.executable, "-c", STATIC_RUNTIME_EXTENSION, static], capture_output=True,
+                               text=True, env={**os.environ, "IGFAST_DISABLE_EXTENSION": "0"}, check=True)
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["info"]["path"] == "pure-pytorch" and result["finite"]
+    assert "static copy of the C++ runtime" in result["info"]["reason"]
+    assert "CXX=/usr/bin/g++" in result["info"]["reason"]
