@@ -102,14 +102,17 @@ class FakeCudaAllocator:
         self.allocated = self.peak = allocated
         for name, function in (
             ("mem_get_info", lambda device=None: (self.free, self.total)),
-            ("memory_reserved", lambda device=None: self.reserved),
-            ("memory_allocated", lambda device=None: self.allocated),
-            ("max_memory_allocated", lambda device=None: self.peak),
+            ("memory_stats_as_nested_dict", self.nested_stats),
             ("reset_peak_memory_stats", self.reset_peak),
             ("get_per_process_memory_fraction", lambda device=None: self.fraction),
             ("current_device", lambda: 0),
         ):
             monkeypatch.setattr(torch.cuda, name, function)
+
+    def nested_stats(self, device=None):
+        """What torch.cuda.memory_stats_as_nested_dict gives (the counters igfast reads)."""
+        return {"allocated_bytes": {"all": {"current": self.allocated, "peak": self.peak}},
+                "reserved_bytes": {"all": {"current": self.reserved, "peak": self.reserved}}}
 
     def reset_peak(self, device=None):
         self.peak = self.allocated
