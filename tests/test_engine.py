@@ -223,3 +223,26 @@ def test_growing_the_path_buffer_frees_the_old_one_first(monkeypatch):
     buffers.reserve(20)  # fits: no allocation
     assert freed_before_allocating == [True]
     assert buffers._buffers[0].numel() == 30 * 1000
+
+
+def test_quadrature_tables_are_copied_to_a_device_once():
+    """The engine keeps the device copies of the shared quadrature tables (an H2D copy
+    per table per call was host time on the GPU); a table it holds no copy of, or a
+    large one (auto's tables are built afresh), is copied. The meta device stands in
+    for a GPU."""
+    from igfast import engine
+    from igfast.quadrature import alphas_and_weights
+
+    meta = torch.device("meta")
+    alphas, weights = alphas_and_weights("gausslegendre", 50)
+    first = engine._on_device(alphas, meta)
+    assert first.device == meta and first.shape == alphas.shape
+    assert engine._on_device(alphas, meta) is first
+    assert engine._on_device(alphas_and_weights("gausslegendre", 50)[0], meta) is first  # the cached table
+    assert engine._on_device(weights, meta) is not first
+    assert engine._on_device(alphas, torch.device("cpu")) is alphas
+    large = torch.zeros(engine._DEVICE_COPY_MAX_ELEMENTS + 1, dtype=torch.float64)
+    assert engine._on_device(large, meta) is not engine._on_device(large, meta)
+    for n in range(2, 2 + 2 * engine._DEVICE_COPIES_KEPT):
+        engine._on_device(torch.zeros(n), meta)
+    assert len(engine._device_copies) <= engine._DEVICE_COPIES_KEPT
