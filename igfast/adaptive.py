@@ -430,16 +430,16 @@ class _ExactSwitch:
     def strict(self) -> bool:
         """Whether the integrand jumps, so that coarse rules may miss its jumps: the
         stricter estimate (see ASYMPTOTIC_STEPS) applies."""
-        return self.piecewise_linear or self.jumps or self.unreadable or self.kinks_after_smooth_ops
+        return self.found_kinks or self.jumps or self.unreadable
 
     @property
-    def kinks_after_smooth_ops(self) -> bool:
-        """Whether a probe found a mixed network (kinks after smooth ops, ExactRoute.curved):
-        its integrand jumps at the kinks, so its rule's error falls as 1/n once resolved,
-        and nested levels can agree by chance. On tanh-then-ReLU MLPs the plain change let
-        converged examples reach 2.0x their tolerance (3e-3); the strict estimate, 1.09x."""
-        return (self.unavailable is None and self.route.curved and self.exact_cost is not None
-                and bool((self.exact_cost >= 0).any()))
+    def found_kinks(self) -> bool:
+        """Whether a probe followed the path's pieces: walked the network as method="exact"
+        does (piecewise_linear), or found kinks after smooth ops (a mixed network,
+        ExactRoute.curved). Either way the integrand jumps at the kinks, so nested levels
+        can agree by chance: on tanh-then-ReLU MLPs the plain change let converged examples
+        reach 2.0x their tolerance (3e-3); the strict estimate, 1.09x."""
+        return self.unavailable is None and self.exact_cost is not None and bool((self.exact_cost >= 0).any())
 
     @property
     def compounding_floor(self) -> bool:
@@ -451,8 +451,7 @@ class _ExactSwitch:
     def piecewise_linear(self) -> bool:
         """Whether a probe has walked the network as method="exact" does (so its integrand
         is piecewise constant, or smooth with jumps, and every rule converges as 1/n)."""
-        return (self.unavailable is None and not self.route.curved and self.exact_cost is not None
-                and bool((self.exact_cost >= 0).any()))
+        return not self.route.curved and self.found_kinks
 
     def take(self, active: torch.Tensor, undone: torch.Tensor, predicted: torch.Tensor, level: int,
              rounds: list) -> torch.Tensor:
