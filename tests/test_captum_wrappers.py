@@ -117,6 +117,33 @@ def test_igfast_classes_pass_captums_type_checks():
     assert type(lig).attribute is not captum_attr.LayerIntegratedGradients.attribute
 
 
+def test_the_members_every_captum_attribution_has():
+    """get_name, LayerAttribution.interpolate and LLMGradientAttribution's class
+    attributes and flags read as on Captum's objects (without Captum too: see
+    test_igfast_works_without_captum)."""
+    from igfast.examples.hf_causal_lm import byte_level_tokenizer, random_causal_lm
+
+    for name in ("IntegratedGradients", "LayerIntegratedGradients", "NoiseTunnel", "LLMGradientAttribution"):
+        assert getattr(igfast, name).get_name() == getattr(captum_attr, name).get_name()
+    torch.manual_seed(0)
+    layer_map = torch.randn(2, 3, 5, 7)
+    for size, mode in (((10, 14), "nearest"), ((9, 4), "bilinear"), (8, "area")):
+        assert torch.equal(igfast.LayerIntegratedGradients.interpolate(layer_map, size, mode),
+                           captum_attr.LayerIntegratedGradients.interpolate(layer_map, size, mode))
+    tokenizer = byte_level_tokenizer()
+    lm = random_causal_lm("gpt2", tokenizer)
+    ours = igfast.LLMGradientAttribution(igfast.LayerIntegratedGradients(lm, lm.get_input_embeddings()), tokenizer)
+    theirs = captum_attr.LLMGradientAttribution(captum_attr.LayerIntegratedGradients(lm, lm.get_input_embeddings()),
+                                                tokenizer)
+    assert (ours.has_convergence_delta(), ours.multiplies_by_inputs) == (
+        theirs.has_convergence_delta(), theirs.multiplies_by_inputs)
+    # Captum's LLM input takes TextTokenInput only; igfast's takes both of its classes.
+    inp = igfast.TextTokenInput("Dave lives in Palm Coast", tokenizer)
+    assert isinstance(inp, ours.SUPPORTED_INPUTS) and isinstance(inp, theirs.SUPPORTED_INPUTS)
+    assert igfast.TextTemplateInput in ours.SUPPORTED_INPUTS
+    assert isinstance(ours.attr_method, ours.SUPPORTED_METHODS)
+
+
 def test_tcav_with_igfast_layer_ig(tmp_path):
     """Captum's TCAV sets `layer` on the layer method before each call and calls
     attribute.__wrapped__: with igfast's LayerIG its scores equal Captum's."""
@@ -172,7 +199,11 @@ import matplotlib
 matplotlib.use("Agg")
 figure, _ = result.plot_token_attr()
 print(json.dumps({
-    "bases": [len(c.__mro__) for c in (igfast.IntegratedGradients, igfast.LayerIntegratedGradients, igfast.NoiseTunnel)],
+    "bases": [[k.__module__ for k in c.__mro__] for c in (igfast.IntegratedGradients, igfast.LayerIntegratedGradients,
+                                                        igfast.NoiseTunnel, igfast.LLMGradientAttribution)],
+    "names": [c.get_name() for c in (igfast.IntegratedGradients, igfast.LayerIntegratedGradients, igfast.NoiseTunnel,
+                                     igfast.LLMGradientAttribution)],
+    "interpolated": list(igfast.LayerIntegratedGradients.interpolate(torch.ones(1, 2, 3, 3), (6, 6)).shape),
     "why": igfast.attr._captum_protocol.why_no_captum(),
     "classes": [type(result).__module__, igfast.TextTokenInput.__module__],
     "ig": ig.tolist(), "nt_shape": list(nt.shape),
@@ -196,7 +227,11 @@ def test_igfast_works_without_captum():
                                env=dict(os.environ), timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     seen = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert seen["bases"] == [2, 2, 2]  # the class and object
+    # No Captum class in any MRO, yet the members Captum's objects have are there.
+    assert not any(module.startswith("captum") for mro in seen["bases"] for module in mro)
+    assert seen["names"] == [c.get_name() for c in (captum_attr.IntegratedGradients, captum_attr.LayerIntegratedGradients,
+                                                     captum_attr.NoiseTunnel, captum_attr.LLMGradientAttribution)]
+    assert seen["interpolated"] == [1, 2, 6, 6]
     assert "blocked" in seen["why"] and not seen["captum_loaded"]
     assert seen["classes"] == ["igfast.attr.llm_result", "igfast.attr.llm_inputs"]
     from igfast.examples.hf_causal_lm import byte_level_tokenizer, random_causal_lm

@@ -27,11 +27,17 @@ every method igfast defines wins; Captum's ``__init__`` never runs, so no Captum
 state is created, and what igfast objects inherit from Captum are only the methods
 igfast does not define (``get_name``, Captum's ``compute_convergence_delta`` for
 LayerIntegratedGradients, ...), which behave as they do on Captum's own objects.
-Without Captum the classes have no such base and igfast works the same.
+Without Captum the classes have no such base and igfast works the same; the few
+members users call on any Captum attribution (``get_name``, and LayerAttribution's
+``interpolate``) come from ``CaptumMembers`` then, so that code written against
+Captum's objects keeps working after Captum is uninstalled.
 """
 
 import functools
-from typing import Callable, Optional, Tuple, TypeVar
+from typing import Callable, Optional, Tuple, TypeVar, Union
+
+import torch
+import torch.nn.functional as functional
 
 F = TypeVar("F", bound=Callable)
 
@@ -68,3 +74,31 @@ def captum_bases(name: str) -> Tuple[type, ...]:
 def why_no_captum() -> Optional[str]:
     """None when igfast's classes subclass Captum's, else the reason they do not."""
     return _why_no_captum
+
+
+def readable_name(cls: type) -> str:
+    """Captum's ``get_name``: a space before every capital but the first
+    (IntegratedGradients -> "Integrated Gradients", LLMGradientAttribution ->
+    "L L M Gradient Attribution")."""
+    return "".join(c if c.islower() or i == 0 else " " + c for i, c in enumerate(cls.__name__))
+
+
+class CaptumMembers:
+    """What every Captum ``Attribution`` offers besides ``attribute``, for igfast's
+    classes whether or not Captum is installed (see the module docstring)."""
+
+    @classmethod
+    def get_name(cls) -> str:
+        return readable_name(cls)
+
+
+class LayerMembers(CaptumMembers):
+    """Captum's ``LayerAttribution`` members."""
+
+    @staticmethod
+    def interpolate(layer_attribution: torch.Tensor, interpolate_dims: Union[int, Tuple[int, ...]],
+                    interpolate_mode: str = "nearest") -> torch.Tensor:
+        """Resize a (N, C, ...) layer attribution to ``interpolate_dims`` (e.g. a
+        convolution's map to the input's height and width), as Captum's
+        ``LayerAttribution.interpolate``: ``torch.nn.functional.interpolate``."""
+        return functional.interpolate(layer_attribution, interpolate_dims, mode=interpolate_mode)

@@ -17,7 +17,7 @@ from ..exact import (
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..quadrature import path_nodes
-from ._captum_protocol import captum_bases, wrappable_by_captum
+from ._captum_protocol import CaptumMembers, captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
@@ -49,7 +49,7 @@ AUTO_KEEPS_RULE_WHEN_COMPILED = (
     "original (pass method='exact' to ask for that)")
 
 
-class IntegratedGradients(*captum_bases("IntegratedGradients")):
+class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
     r"""Integrated Gradients (Sundararajan, Taly and Yan, 2017), as in Captum.
 
     A drop-in replacement for ``captum.attr.IntegratedGradients``: the same

@@ -29,7 +29,7 @@ from ..exact import (
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..errors import ArgumentError, UnusedLayerError
 from ..quadrature import path_nodes
-from ._captum_protocol import captum_bases, wrappable_by_captum
+from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
@@ -54,7 +54,7 @@ TensorOrTuple = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 LayerAttributions = Union[TensorOrTuple, List[TensorOrTuple]]
 
 
-class LayerIntegratedGradients(*captum_bases("LayerIntegratedGradients")):
+class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradients")):
     r"""Layer Integrated Gradients, a drop-in for ``captum.attr.LayerIntegratedGradients``.
 
     Attributes the target output to each neuron of a layer's output (or input):

@@ -39,10 +39,11 @@ from ..dtypes import dtype_policy
 from ..engine import PathIntegral, integrate_gradients
 from ..errors import ArgumentError, InputTypeError
 from ..quadrature import path_nodes
+from ._captum_protocol import CaptumMembers
 from ._forms import repeat_rows
 from ._layers import activations_replaced, record_activations
 from .layer_integrated_gradients import LayerIntegratedGradients
-from .llm_inputs import TokenPrompt, token_prompt
+from .llm_inputs import TokenPrompt, captum_input_classes, token_prompt
 from .llm_result import make_result, pretty_tokens
 
 # Captum's generation defaults when ``target`` is None and ``gen_args`` is not given.
@@ -52,7 +53,7 @@ PATH_ARGUMENTS = ("n_steps", "method", "internal_batch_size", "memory_budget", "
                   "grad_kwargs")
 
 
-class LLMGradientAttribution:
+class LLMGradientAttribution(CaptumMembers):
     r"""Attributions of a language model's output tokens to its prompt, as Captum's
     ``LLMGradientAttribution`` over ``LayerIntegratedGradients``, in one pass.
 
@@ -63,6 +64,23 @@ class LLMGradientAttribution:
             ``layer`` usually ``model.get_input_embeddings()``.
         tokenizer: the model's Hugging Face tokenizer.
     """
+
+    # Captum's class attributes, for code that reads them: the input classes of igfast
+    # and Captum (Captum's LLMGradientAttribution takes TextTokenInput only; a
+    # TextTemplateInput is attributed here too), and igfast's LayerIntegratedGradients
+    # (Captum's is converted: _layer_integrated_gradients).
+    SUPPORTED_INPUTS = sum(captum_input_classes(), ())
+    SUPPORTED_METHODS = (LayerIntegratedGradients,)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """False, as Captum's LLMGradientAttribution reports (its base's default);
+        whether the layer attributions are multiplied is the attr_method's choice."""
+        return False
+
+    def has_convergence_delta(self) -> bool:
+        """False, as in Captum: attribute() returns no convergence delta."""
+        return False
 
     def __init__(self, attr_method: Any, tokenizer: Any) -> None:
         self.attr_method = _layer_integrated_gradients(attr_method)

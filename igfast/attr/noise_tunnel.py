@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ArgumentError
-from ._captum_protocol import captum_bases
+from ._captum_protocol import CaptumMembers, captum_bases
 from ._forms import format_additional_forward_args, format_inputs
 from .integrated_gradients import IntegratedGradients
 from .layer_integrated_gradients import LayerIntegratedGradients
@@ -39,7 +39,7 @@ class _Partition:
     baseline_rows: Optional[Tuple]  # per baseline, its drawn row for each noisy copy
 
 
-class NoiseTunnel(*captum_bases("NoiseTunnel")):
+class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
     r"""Adds Gaussian noise to the inputs ``nt_samples`` times and combines the
     attributions of the noisy copies: their mean (``smoothgrad``), the mean of their
     squares (``smoothgrad_sq``) or their variance (``vargrad``). A drop-in for
