@@ -1,7 +1,7 @@
 """The streaming engine: integrates path gradients chunk by chunk.
 
 Every attribution method of igfast reduces to the same loop: for each chunk of
-(path nodes x examples), write the interpolated inputs into a reused buffer, run
+(path nodes x examples), write the interpolated inputs into a new buffer, run
 the model forward and backward, and add the weighted gradients into a (batch, ...)
 accumulator. Nothing of size n_steps x input outlives a chunk, and the chunking
 decides memory, never results (beyond float summation order).
@@ -57,21 +57,23 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class _PathBuffers:
-    """One flat buffer per input, grown when a chunk needs more rows, else reused:
-    the path of every chunk is written into the same memory."""
+    """One flat buffer per input and chunk, allocated before the chunk's peak meter
+    starts (its bytes are added to the measured peak).
+
+    Each chunk gets new memory, as each of Captum's forward calls gets a new tensor:
+    a model or hook that keeps the inputs it was given (to log the path points, say)
+    would otherwise see them overwritten by the next chunk. The previous chunk's
+    buffer is released first, so unless something kept it, the peak is one buffer;
+    its graph is gone by then (the engine drops the chunk's gradients and outputs)."""
 
     def __init__(self, inputs: Tuple[torch.Tensor, ...]) -> None:
         self._inputs = inputs
         self._buffers: List[Optional[torch.Tensor]] = [None] * len(inputs)
 
     def reserve(self, rows: int) -> None:
-        for index, x in enumerate(self._inputs):
-            needed = rows * x[0].numel() if x.shape[0] else 0
-            buffer = self._buffers[index]
-            if buffer is None or buffer.numel() < needed:
-                # Free the old buffer before the new one: no reference may stay behind.
-                buffer = self._buffers[index] = None
-                self._buffers[index] = torch.empty(needed, dtype=x.dtype, device=x.device)
+        self.release()
+        self._buffers = [torch.empty(rows * x[0].numel() if x.shape[0] else 0, dtype=x.dtype, device=x.device)
+                         for x in self._inputs]
 
     def release(self) -> None:
         """Free the buffers (after an out-of-memory error: the retry needs fewer rows)."""

@@ -158,17 +158,26 @@ def test_other_errors_are_not_retried():
     assert model.calls == [120]
 
 
-def test_path_buffer_is_reused_between_chunks():
+def test_each_chunk_gets_its_own_path_memory():
+    """A model that keeps the inputs it was given (to log the path, in a hook) keeps
+    the path points it evaluated: a reused buffer overwrote them with later chunks'."""
     x, baseline, target, extra = _problem()
-    pointers = []
+    kept = []
 
-    class Recording(_Model):
+    class Keeping(_Model):
         def forward(self, x, *args):
-            pointers.append(x.untyped_storage().data_ptr())
+            kept.append(x)
             return super().forward(x, *args)
 
-    _integrate(Recording().eval(), x, baseline, target, extra, RowLimit(18))
-    assert len(pointers) == 7 and len(set(pointers)) == 1
+    chunks = _integrate(Keeping().eval(), x, baseline, target, extra, RowLimit(18)).chunks
+    assert len(kept) == len(chunks) == 7
+    assert len({k.untyped_storage().data_ptr() for k in kept}) == 7
+    alphas = path_nodes("gausslegendre", 20).alphas  # as _integrate
+    for points, chunk in zip(kept, chunks):  # rows: step-major (steps, examples)
+        steps = alphas[chunk.step_begin:chunk.step_end].to(x.dtype).view(-1, 1, 1)
+        examples = x[chunk.example_begin:chunk.example_end]
+        expected = baseline + steps * (examples - baseline)
+        torch.testing.assert_close(points.detach(), expected.reshape(points.shape), rtol=0, atol=1e-6)
 
 
 def test_path_buffer_that_does_not_fit_is_retried_smaller(monkeypatch):
@@ -207,7 +216,9 @@ def test_retry_after_out_of_memory_does_not_keep_the_large_buffer():
     assert sizes == [120 * row, 60 * row] + [30 * row] * 4  # each retry in a buffer of its own size
 
 
-def test_growing_the_path_buffer_frees_the_old_one_first(monkeypatch):
+def test_the_last_chunks_buffer_is_freed_before_the_next_one(monkeypatch):
+    """One path buffer at a time (unless the model kept one): the previous chunk's is
+    released before the next is allocated."""
     buffers = engine._PathBuffers((torch.randn(4, 1000),))
     buffers.reserve(10)
     old = weakref.ref(buffers._buffers[0])
@@ -220,7 +231,6 @@ def test_growing_the_path_buffer_frees_the_old_one_first(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     buffers.reserve(30)
-    buffers.reserve(20)  # fits: no allocation
     assert freed_before_allocating == [True]
     assert buffers._buffers[0].numel() == 30 * 1000
 
