@@ -118,6 +118,14 @@ def _may_depend_on_the_call(module_type: type) -> bool:
                                     FakeQuantizeBase, ObserverBase))
 
 
+def depends_on_the_call(forward_func: Callable) -> bool:
+    """Whether a module of the forward function makes a row's output depend on the
+    other rows of its call or on random draws (so that how the rows are batched, and
+    what else draws random numbers in between, changes the result)."""
+    return any(_may_depend_on_the_call(type(module)) and (_depends_on_the_batch(module) or _draws_random_masks(module))
+               for _, module in _named_modules(forward_func))
+
+
 @contextlib.contextmanager
 def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
     """Warn about batch-dependent or random modules, and restore running statistics
