@@ -11,8 +11,8 @@ from .attr import (
 from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import (
-    ArgumentError, GradientError, InputTypeError, NotPiecewiseLinearError, OutputShapeError, OutputTypeError,
-    TargetError, UnusedLayerError,
+    ArgumentError, ArgumentTypeError, GradientError, InputTypeError, NotPiecewiseLinearError, OutputShapeError,
+    OutputTypeError, RangeError, ShapeError, TargetError, UnusedLayerError,
 )
 from .shards import open_attributions
 
@@ -31,11 +31,14 @@ __all__ = [
     "open_attributions",
     "info",
     "ArgumentError",
+    "ArgumentTypeError",
     "GradientError",
     "InputTypeError",
     "NotPiecewiseLinearError",
     "OutputShapeError",
     "OutputTypeError",
+    "RangeError",
+    "ShapeError",
     "TargetError",
     "UnusedLayerError",
     "__version__",

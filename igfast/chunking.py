@@ -236,8 +236,8 @@ class BudgetRowLimit(RowLimit):
 
 def integral_batch_size(value: Any) -> int:
     """``internal_batch_size`` as an int: a Python or numpy integer, or a 0-dim
-    integer tensor (the forms Captum accepts). 0 is allowed, as in Captum: it runs one
-    step of the batch per chunk, after Captum's warning."""
+    integer tensor (the forms Captum accepts). 0 and negative values are allowed, as in
+    Captum: they run one step of the batch per chunk, after Captum's warning."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
             and not value.is_complex() and value.dtype != torch.bool:
         value = int(value.item())
@@ -246,9 +246,7 @@ def integral_batch_size(value: Any) -> int:
             "`internal_batch_size` must be None, 'auto' or an integer >= 0 (int, numpy integer "
             f"or 0-dim integer tensor); got {value!r}."
         )
-    if value < 0:
-        raise ArgumentError(f"`internal_batch_size` must be >= 0; got {int(value)}.")
-    return int(value)
+    return max(0, int(value))
 
 
 def budget_too_small(argument: str, budget: int, needed: int, measured: bool) -> ArgumentError:

@@ -12,12 +12,32 @@ class ArgumentError(ValueError, AssertionError):
     """An argument of an igfast call has the wrong form or value."""
 
 
+class ArgumentTypeError(ArgumentError, TypeError, AttributeError):
+    """An argument is not of an accepted type (Captum: TypeError, e.g. a float
+    ``n_steps``; AttributeError where it reads what the object lacks, e.g. a model
+    given to NoiseTunnel instead of an attribution method)."""
+
+
+class ShapeError(ArgumentError, RuntimeError):
+    """Tensor arguments whose shapes do not fit together: a baseline that does not
+    broadcast to its input, inputs with different numbers of examples (Captum:
+    PyTorch's RuntimeError where it combines them, AssertionError where it checks)."""
+
+
+class RangeError(ArgumentError, RuntimeError, ZeroDivisionError):
+    """A number outside its range: NoiseTunnel's ``nt_samples`` or
+    ``nt_samples_batch_size`` below 1 (Captum divides by them: ZeroDivisionError) or a
+    negative ``stdevs`` (PyTorch's RuntimeError in Captum's torch.normal)."""
+
+
 class InputTypeError(ArgumentError, TypeError, RuntimeError):
     """An input tensor has a dtype that cannot be differentiated (integer, bool)."""
 
 
-class TargetError(ArgumentError, IndexError, RuntimeError):
-    """``target`` does not fit the forward function's output (form or range)."""
+class TargetError(ArgumentError, IndexError, RuntimeError, TypeError):
+    """``target`` does not fit the forward function's output (form or range; Captum:
+    IndexError or RuntimeError from indexing, TypeError for a list mixing ints and
+    tuples)."""
 
 
 class UnusedLayerError(ArgumentError, RuntimeError):

@@ -12,7 +12,7 @@ import torch
 
 from ..dtypes import dtype_policy
 from ..chunking import Chunk
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ArgumentTypeError, ShapeError
 
 
 def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tensor, ...], bool]:
@@ -25,6 +25,7 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
     formatted = inputs if is_tuple else (inputs,)
     if not formatted:
         raise ArgumentError("`inputs` must hold at least one tensor; got an empty tuple.")
+    checked = []
     for index, tensor in enumerate(formatted):
         name = f"inputs[{index}]" if is_tuple else "inputs"
         if not isinstance(tensor, torch.Tensor):
@@ -32,6 +33,10 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
                 f"`{name}` must be a torch.Tensor (or `inputs` a tuple of tensors); "
                 f"got {type(tensor).__name__}."
             )
+        if floating and _is_integer(tensor):
+            # Captum's path (x' + alpha (x - x'), alpha a Python float) is in the default
+            # dtype for integer inputs, and so are its attributions.
+            tensor = tensor.to(torch.get_default_dtype())
         if floating:
             dtype_policy(tensor.dtype, name)
         if tensor.dim() == 0:
@@ -39,18 +44,23 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
                 f"`{name}` must have a batch dimension (dim 0 indexes examples); "
                 "got a 0-dim tensor."
             )
-    batch_sizes = {t.shape[0] for t in formatted}
+        checked.append(tensor)
+    batch_sizes = {t.shape[0] for t in checked}
     if len(batch_sizes) > 1:
-        shapes = ", ".join(str(tuple(t.shape)) for t in formatted)
-        raise ArgumentError(
+        shapes = ", ".join(str(tuple(t.shape)) for t in checked)
+        raise ShapeError(
             "All `inputs` must have the same number of examples (dim 0); "
             f"got shapes {shapes}."
         )
-    return tuple(t.detach() for t in formatted), is_tuple
+    return tuple(t.detach() for t in checked), is_tuple
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor)
+
+
+def _is_integer(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
 def format_baselines(
@@ -80,20 +90,29 @@ def format_baselines(
             )
             continue
         if not isinstance(baseline, torch.Tensor):
-            raise ArgumentError(
+            raise ArgumentTypeError(
                 f"`{name}` must be a number or a torch.Tensor; "
                 f"got {type(baseline).__name__}."
             )
-        if tuple(baseline.shape[1:]) != feature_shape or baseline.shape[0] not in (
-            1, x.shape[0]
-        ):
-            raise ArgumentError(
-                f"`{name}` must have the input's shape {tuple(x.shape)} or "
-                f"{(1,) + feature_shape} (broadcast over the batch); "
-                f"got {tuple(baseline.shape)}."
-            )
+        if tuple(baseline.shape) != tuple(x.shape):
+            # As in Captum: a baseline of one row (dim 0 of size 1) broadcasts to the
+            # input, e.g. a per-channel mean (1, C, 1, 1) for images (B, C, H, W).
+            if baseline.shape[0] != 1 or not _broadcasts_to(baseline.shape, x.shape):
+                raise ShapeError(
+                    f"`{name}` must have the input's shape {tuple(x.shape)}, or one row "
+                    f"(dim 0 of size 1) that broadcasts to it, such as {(1,) + feature_shape}; "
+                    f"got {tuple(baseline.shape)}."
+                )
+            baseline = baseline.broadcast_to(x.shape)[:1].contiguous()
         formatted.append(baseline.detach().to(device=x.device, dtype=x.dtype))
     return tuple(formatted)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+    except RuntimeError:
+        return False
 
 
 def repeat_rows(tensor: torch.Tensor, chunk: Chunk) -> torch.Tensor:

@@ -26,11 +26,18 @@ def _is_index(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_integer_scalar(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and not (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+
+
 def normalize_target(target: Any, batch_size: int, device: torch.device) -> Target:
     """Check ``target``'s form; per-example int targets become a long tensor."""
     if target is None or _is_index(target):
         return None if target is None else int(target)
     if isinstance(target, tuple):
+        # 0-dim integer tensors index as ints do (Captum indexes with the tuple as given).
+        target = tuple(int(t.item()) if _is_integer_scalar(t) else t for t in target)
         if not all(_is_index(t) or isinstance(t, slice) for t in target):
             raise TargetError(f"A tuple `target` must hold ints; got {target!r}.")
         return target
