@@ -11,8 +11,8 @@ from .attr import (
 from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import (
-    ArgumentError, ArgumentTypeError, GradientError, InputTypeError, NotPiecewiseLinearError, OutputShapeError,
-    OutputTypeError, RangeError, ShapeError, TargetError, UnusedLayerError,
+    ArgumentError, ArgumentTypeError, GradientError, InputTypeError, LayerError, NotPiecewiseLinearError,
+    OutputShapeError, OutputTypeError, RangeError, ShapeError, TargetError, UnusedLayerError,
 )
 from .shards import open_attributions
 
@@ -34,6 +34,7 @@ __all__ = [
     "ArgumentTypeError",
     "GradientError",
     "InputTypeError",
+    "LayerError",
     "NotPiecewiseLinearError",
     "OutputShapeError",
     "OutputTypeError",

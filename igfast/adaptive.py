@@ -80,7 +80,7 @@ import torch
 from .chunking import choose_row_limit
 from .dtypes import dtype_policy
 from .engine import PathIntegral
-from .errors import ArgumentError, NotPiecewiseLinearError
+from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .exact import ExactRoute, SmoothNetworkError
 from .quadrature import (
     DEFAULT_MAX_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
@@ -133,7 +133,7 @@ def adaptive_settings(n_steps, method: str, tolerance, max_steps,
     count are checked here too); clear errors for arguments that do not fit together."""
     if not (isinstance(n_steps, str) and n_steps == "auto"):
         if isinstance(n_steps, str):
-            raise ArgumentError(f"`n_steps` must be an integer or 'auto'; got {n_steps!r}.")
+            raise ArgumentTypeError(f"`n_steps` must be an integer or 'auto'; got {n_steps!r}.")
         validate_method_and_steps(method, n_steps)
         for name, value in (("tolerance", tolerance), ("max_steps", max_steps)):
             if value is not None:

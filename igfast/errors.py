@@ -40,7 +40,15 @@ class TargetError(ArgumentError, IndexError, RuntimeError, TypeError):
     tuples)."""
 
 
-class UnusedLayerError(ArgumentError, RuntimeError):
+class LayerError(ArgumentError, RuntimeError, KeyError, AttributeError):
+    """``layer`` cannot be attributed to: not a module (Captum: AttributeError), listed
+    twice, its activation not batch-first or not floating (RuntimeError), one of a list
+    never called (KeyError)."""
+
+    __str__ = ArgumentError.__str__  # KeyError's would quote the message
+
+
+class UnusedLayerError(LayerError):
     """A layer's activation does not reach the output of LayerIntegratedGradients'
     forward (Captum: autograd's RuntimeError for an unused tensor)."""
 

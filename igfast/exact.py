@@ -47,7 +47,7 @@ import torch.autograd.forward_ad as fwAD
 from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .engine import GradientsAt, PathIntegral
-from .errors import ArgumentError, NotPiecewiseLinearError
+from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .piecewise import BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin
 from .quadrature import PathNodes
 
@@ -173,7 +173,7 @@ def exact_settings(n_steps, tolerance, max_steps, method: str = "exact") -> Exac
             f"method={method!r} integrates along the path's pieces, without a global rule: give no "
             f"n_steps (or an integer, which is ignored); got n_steps={n_steps!r}.")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
-        raise ArgumentError(f"`n_steps` must be an integer; got {n_steps!r}.")
+        raise ArgumentTypeError(f"`n_steps` must be an integer; got {n_steps!r}.")
     if tolerance is not None:
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)) or not tolerance > 0:
             raise ArgumentError(f"`tolerance` (with method={method!r}: the relative error its Gauss nodes on the "

@@ -132,3 +132,41 @@ def test_empty_batch_gives_empty_attributions():
     empty = torch.randn(0, 4)
     result = igfast.IntegratedGradients(Linear3()).attribute(empty, target=0)
     assert result.shape == (0, 4)
+
+
+class _Words(torch.nn.Module):
+    """Token ids -> embeddings (+ position embeddings computed per call, not per row)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.pos = torch.nn.Embedding(20, 8), torch.nn.Embedding(5, 8)
+        self.lin, self.unused = torch.nn.Linear(8, 3), torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.lin(torch.tanh(self.emb(ids) + self.pos(torch.arange(ids.shape[1]))).mean(1))
+
+
+IDS = torch.randint(1, 20, (3, 5))
+LAYER_CASES = {
+    "token_ids_into_the_layer": lambda m: (m.emb, dict(attribute_to_layer_input=True)),
+    "a_listed_layer_never_called": lambda m: ([m.emb, m.unused], {}),
+    "the_same_layer_twice": lambda m: ([m.emb, m.emb], {}),
+    "a_string_for_a_layer": lambda m: ("emb", {}),
+    "n_steps_a_string": lambda m: (m.emb, dict(n_steps="10")),
+    "activations_not_batch_first": lambda m: (m.pos, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_layer_errors_are_of_captums_class(case):
+    model = _Words().eval()
+    layer, kwargs = LAYER_CASES[case](model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception) as theirs:
+            captum_attr.LayerIntegratedGradients(model, layer).attribute(IDS, target=0, **kwargs)
+        with pytest.raises(igfast.ArgumentError) as ours:
+            igfast.LayerIntegratedGradients(model, layer).attribute(IDS, target=0, **kwargs)
+    assert isinstance(ours.value, type(theirs.value)), (type(ours.value), type(theirs.value))
+    assert "layer" in str(ours.value) or "n_steps" in str(ours.value)

@@ -241,10 +241,18 @@ def test_errors(tokenizer):
         explainer.attribute(inp, target=3)
     with pytest.raises(ValueError, match="gen_args"):
         explainer.attribute(inp, target=TARGET, gen_args={"max_new_tokens": 2})
-    with pytest.raises(ValueError, match="return_convergence_delta"):
+    # Also the classes Captum raises: AttributeError (no delta), TypeError (unknown
+    # keyword), IndexError (a token id beyond the vocabulary).
+    with pytest.raises(AttributeError, match="return_convergence_delta"):
         explainer.attribute(inp, target=TARGET, return_convergence_delta=True)
-    with pytest.raises(ValueError, match="Unknown keyword"):
+    with pytest.raises(TypeError, match="Unknown keyword"):
         explainer.attribute(inp, target=TARGET, n_stepz=3)
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    with pytest.raises(IndexError, match=f"`target` token ids must be in \\[0, {vocabulary}\\)"):
+        explainer.attribute(inp, target=torch.tensor([5, vocabulary + 7]))
+    with pytest.raises(IndexError):
+        captum_attr.LLMGradientAttribution(captum_attr.LayerIntegratedGradients(model, layer), tokenizer).attribute(
+            inp, target=torch.tensor([5, vocabulary + 7]))
     with pytest.raises(ValueError, match="TextTokenInput or TextTemplateInput"):
         explainer.attribute(PROMPT, target=TARGET)
     with pytest.raises(ValueError, match="no tokens"):

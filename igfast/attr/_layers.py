@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, LayerError
 
 ModuleOrList = Union[nn.Module, List[nn.Module]]
 
@@ -56,20 +56,20 @@ def layer_list(layer: Any, forward_func: Callable) -> List[nn.Module]:
     for index, module in enumerate(layers):
         name = f"layer[{index}]" if isinstance(layer, list) else "layer"
         if not isinstance(module, nn.Module):
-            raise ArgumentError(
+            raise LayerError(
                 f"`{name}` must be a torch.nn.Module (a layer of the model); "
                 f"got {type(module).__name__}."
             )
         if isinstance(forward_func, nn.Module) and not any(
             module is sub for sub in forward_func.modules()
         ):
-            raise ArgumentError(
+            raise LayerError(
                 f"`{name}` ({type(module).__name__}) is not a submodule of `forward_func` "
                 f"({type(forward_func).__name__}): pass a layer of the model being explained, "
                 "e.g. model.embeddings."
             )
     if len(set(map(id, layers))) != len(layers):
-        raise ArgumentError("`layer` lists the same module more than once.")
+        raise LayerError("`layer` lists the same module more than once.")
     return layers
 
 
@@ -158,7 +158,7 @@ def record_activations(
     for index, (layer, got) in enumerate(zip(layers, seen)):
         if got is None:
             name = f"layer[{index}]" if len(layers) > 1 else "layer"
-            raise ArgumentError(
+            raise LayerError(
                 f"`{name}` ({type(layer).__name__}) was not called by `forward_func`: "
                 "there is no activation to attribute to. Pass a layer the forward pass uses."
             )

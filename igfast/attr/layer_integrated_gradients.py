@@ -27,7 +27,7 @@ from ..exact import (
     POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, exact_settings, integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
-from ..errors import ArgumentError, UnusedLayerError
+from ..errors import ArgumentError, LayerError, UnusedLayerError
 from ..quadrature import path_nodes, steps_argument
 from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
@@ -312,13 +312,13 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
                 self._layers, to_layer_input, lambda: forward_output(self._eager_forward, model_inputs, args))
         for index, activation in enumerate(activations):
             if activation.dim() == 0 or activation.shape[0] != batch_size:
-                raise ArgumentError(
+                raise LayerError(
                     f"The layer activation {index} has shape {tuple(activation.shape)}: its "
                     f"dim 0 must index the examples ({batch_size} rows). Attribute to a layer "
                     "whose activations are batch-first."
                 )
             if not activation.dtype.is_floating_point:
-                raise ArgumentError(
+                raise LayerError(
                     f"The layer activation {index} has dtype {activation.dtype}: only floating "
                     "activations can be interpolated. For token ids, attribute to the "
                     "embedding layer's output (attribute_to_layer_input=False)."

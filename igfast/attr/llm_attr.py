@@ -37,7 +37,7 @@ from torch import nn
 from ..chunking import Chunk, choose_row_limit
 from ..dtypes import dtype_policy
 from ..engine import PathIntegral, integrate_gradients
-from ..errors import ArgumentError, InputTypeError
+from ..errors import ArgumentError, ArgumentTypeError, InputTypeError, LayerError, TargetError
 from ..quadrature import path_nodes
 from ._captum_protocol import CaptumMembers
 from ._forms import repeat_rows
@@ -148,11 +148,27 @@ class LLMGradientAttribution(CaptumMembers):
                 f"`target` must be a str, a 1-D tensor of token ids or None; got {type(target).__name__}.")
         if targets.numel() == 0:
             raise ArgumentError("`target` has no tokens: there is nothing to attribute.")
+        vocabulary = _vocabulary_size(self.model)
+        if vocabulary is not None and bool(((targets < 0) | (targets >= vocabulary)).any()):
+            raise TargetError(  # Captum: IndexError, from indexing the logits
+                f"`target` token ids must be in [0, {vocabulary}) (the model's vocabulary); got "
+                f"{targets[(targets < 0) | (targets >= vocabulary)].tolist()}.")
         return targets
 
     def attribute_future(self) -> None:
         """Not implemented, as in Captum."""
         raise NotImplementedError("attribute_future is not implemented for LLMGradientAttribution")
+
+
+def _vocabulary_size(model: nn.Module) -> Optional[int]:
+    """The number of logits per position, where the model says (Hugging Face: its
+    output embeddings, or config.vocab_size); None where it does not."""
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    weight = getattr(output_embeddings(), "weight", None) if callable(output_embeddings) else None
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
 
 
 def _layer_integrated_gradients(attr_method: Any) -> LayerIntegratedGradients:
@@ -187,10 +203,12 @@ def _path_arguments(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     }
     for name, why in refused.items():
         if name in kwargs:
-            raise ArgumentError(f"`{name}` cannot be passed to LLMGradientAttribution.attribute: {why}.")
+            # Captum: AttributeError (its result has no delta), TypeError (the others).
+            raise ArgumentTypeError(f"`{name}` cannot be passed to LLMGradientAttribution.attribute: {why}.")
     unknown = sorted(set(kwargs) - set(PATH_ARGUMENTS) - {"baselines"})
-    if unknown:
-        raise ArgumentError(f"Unknown keyword argument(s) {unknown}; accepted: {list(PATH_ARGUMENTS) + ['baselines']}.")
+    if unknown:  # Captum: TypeError (unexpected keyword argument)
+        raise ArgumentTypeError(
+            f"Unknown keyword argument(s) {unknown}; accepted: {list(PATH_ARGUMENTS) + ['baselines']}.")
     if kwargs.get("n_steps") == "auto":
         raise ArgumentError("n_steps='auto' is not available for LLM attribution; give an integer n_steps.")
     return {name: kwargs.pop(name) for name in PATH_ARGUMENTS if name in kwargs}
@@ -273,10 +291,14 @@ def attribute_prompt_to_targets(
     if len(activations) != 1:
         raise ArgumentError("The layer must give one activation tensor (rows, positions, ...), not a tuple.")
     activation = activations[0]
-    if activation.dim() < 2 or activation.shape[:2] != (2, length) or not activation.is_floating_point():
-        raise ArgumentError(
-            f"The layer's activation must be floating and (rows, positions, ...) with positions = "
-            f"prompt + target - 1 = {length}; got {activation.dtype} {tuple(activation.shape)}.")
+    if not activation.is_floating_point():
+        raise LayerError(f"The layer's activation must be floating to be interpolated; got {activation.dtype}.")
+    if activation.dim() < 2 or activation.shape[:2] != (2, length):
+        raise LayerError(
+            f"The layer's activation must be (rows, positions, ...): one row per sequence (2 here, the "
+            f"prompt and its baseline) and positions = prompt + target - 1 = {length}; got "
+            f"{tuple(activation.shape)}. A layer whose output is shared by the rows (a position "
+            "embedding) has nothing per prompt to attribute: use model.get_input_embeddings().")
     ends, starts = activation[:1], activation[1:]
     nodes = path_nodes(method, n_steps)
     accumulate = dtype_policy(activation.dtype).accumulate
