@@ -37,6 +37,7 @@ nodes, and long pieces are cut so the smooth stretches get about n_steps nodes.
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -231,6 +232,11 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     else:
         pieces = _split_into_pieces(run_round, forward_at, starts, directions, margin, found, row_limit, group,
                                     settings, sums, rounds)
+        if not found.get("piecewise_linear_ops") and found.get("smooth_op") is not None:
+            # No kink but curved: the whole network would be one piece's "smooth head",
+            # integrated by 3 Gauss nodes (a GELU MLP: 5e-3 off), which is not exact IG.
+            # (An affine network is one piece with a constant gradient: exact.)
+            raise smooth_network_error(found)
     examples, piece_start, piece_length = pieces.examples, pieces.starts, pieces.lengths
     if settings.spread_steps is not None:
         examples, piece_start, piece_length = _cut_long_pieces(
@@ -255,6 +261,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
                                                                      weights)
             # (None with an even number of nodes, which only bench_exact's reference sets.)
             estimate = None if midpoint_sums is None else _relative_difference(midpoint_sums, sums, directions)
+            _warn_of_a_coarse_head(estimate, smooth_head, settings)
     # (Without Gauss nodes the partition has summed each piece's constant gradient.)
     evaluations = gradient_rows + pieces.walk_rows  # + the walk's forwards and the first engine pass
     breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
@@ -832,6 +839,40 @@ class SmoothNetworkError(NotPiecewiseLinearError):
         self.analytic, self.slope_jumps = analytic, slope_jumps
 
 
+def smooth_network_error(found: dict) -> SmoothNetworkError:
+    """The error for a walk that met no piecewise-linear op (``found``: what it met)."""
+    non_analytic, jump = found.get("non_analytic_op"), found.get("slope_jump_op")
+    return SmoothNetworkError(
+        "the network applies no piecewise-linear op to the path: it is smooth along it "
+        f"(first smooth op: {found.get('smooth_op')}), or affine"
+        + (f"; {jump}'s slope jumps at 0" if jump else
+           f"; {non_analytic} is not analytic at 0" if non_analytic else "")
+        + ". Exact IG needs pieces: use n_steps='auto' (error-controlled) or a fixed n_steps.",
+        analytic=non_analytic is None, slope_jumps=jump is not None)
+
+
+# A smooth head's error estimate (the midpoint rule's distance from the Gauss sums on
+# the same pieces) above which method="exact" without a tolerance warns. It overstates
+# the Gauss rule's error by orders of magnitude: the softmax head of bench_exact's MLP
+# gives 1.2e-5 (the Gauss sums are within ~1e-9); a ReLU layer under two tanh layers,
+# whose "head" is most of the network, 0.19 for a true error of 1.6e-3.
+HEAD_ESTIMATE_WARNING = 1e-2
+
+
+def _warn_of_a_coarse_head(estimate: Optional[torch.Tensor], smooth_head: Optional[str],
+                           settings: "ExactSettings") -> None:
+    if estimate is None or settings.curved_kinks or not estimate.numel():
+        return
+    worst = float(estimate.max())
+    if worst > HEAD_ESTIMATE_WARNING:
+        warnings.warn(
+            f"igfast: method='exact' integrated the smooth part after the last piecewise-linear op "
+            f"(from {smooth_head}) with {GAUSS_NODES_PER_PIECE} Gauss nodes per piece, and the midpoint "
+            f"rule on the same pieces differs from them by up to {worst:.1e} (relative): the Gauss sums are "
+            "closer than that, by an unknown factor. Give `tolerance` to refine them to a relative error.",
+            UserWarning, stacklevel=4)
+
+
 class ExactRoute:
     """method="exact" for some examples of a batch: how n_steps="auto" switches an
     example to exact IG when walking its pieces costs less than refining its rule.
@@ -880,13 +921,7 @@ class ExactRoute:
             record, found = self._probe(examples)
         self.kink_ops = max(self.kink_ops, found.get("piecewise_linear_ops", 0))
         if not found.get("piecewise_linear_ops"):
-            non_analytic, jump = found.get("non_analytic_op"), found.get("slope_jump_op")
-            raise SmoothNetworkError(
-                "the network applies no piecewise-linear op to the path: it is smooth along it "
-                f"(first smooth op: {found.get('smooth_op')}), or affine"
-                + (f"; {jump}'s slope jumps at 0" if jump else
-                   f"; {non_analytic} is not analytic at 0" if non_analytic else ""),
-                analytic=non_analytic is None, slope_jumps=jump is not None)
+            raise smooth_network_error(found)
         if self.curved:
             _, _, row_limit = self.make_parts(examples)
             directions = tuple(e - s for e, s in zip(*self._rows(examples)))

@@ -10,6 +10,8 @@ replaced by 16 Gauss-Legendre nodes per piece.
 """
 
 import numpy as np
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -518,20 +520,6 @@ def test_networks_that_are_not_piecewise_linear_are_refused_naming_the_op(model,
                                                                target=0, method="exact")
 
 
-def test_smooth_models_without_kinks_are_integrated_with_gauss_nodes():
-    """A network with no piecewise-linear op at all is one smooth piece: 3 Gauss nodes,
-    reported as a smooth head (a quadrature, not exact)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).double()
-    x = 0.1 * torch.randn(2, 4, dtype=torch.float64)
-    attributions, info = igfast.IntegratedGradients(model).attribute(x, target=0, method="exact",
-                                                                    return_adaptive_info=True)
-    assert info.smooth_head == "tanh" and info.pieces.tolist() == [1, 1]
-    assert info.head_error_estimate.shape == (2,)
-    reference = igfast.IntegratedGradients(model).attribute(x, target=0, n_steps=64)
-    _close(attributions, reference, 1e-6)
-
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_steps": "auto"}, "n_steps"),
     ({"tolerance": 0.0}, "tolerance"),
@@ -626,3 +614,43 @@ def test_tuple_inputs_and_half_precision():
         assert attributions.dtype == torch.float32
         reference = igfast.IntegratedGradients(half.double()).attribute(x.double(), target=2, method="exact")
         _close(attributions.double(), reference, bound)
+
+
+@pytest.mark.parametrize("activation", [nn.GELU, nn.Tanh, nn.Softplus])
+def test_a_network_without_kinks_is_refused(activation):
+    """No piecewise-linear op: there are no pieces, and one "smooth head" of 3 Gauss
+    nodes was 5e-3 off on a GELU MLP, returned as exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), activation(), nn.Linear(16, 3)).double().eval()
+    x = torch.randn(4, 10, dtype=torch.float64) * 3
+    with pytest.raises(igfast.NotPiecewiseLinearError, match="no piecewise-linear op.*n_steps='auto'"):
+        igfast.IntegratedGradients(net).attribute(x, target=0, method="exact")
+
+
+def test_an_affine_network_is_one_exact_piece():
+    torch.manual_seed(0)
+    net = nn.Linear(10, 3).double()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    attributions, delta = igfast.IntegratedGradients(net).attribute(x, target=2, method="exact",
+                                                                    return_convergence_delta=True)
+    torch.testing.assert_close(attributions, net.weight[2] * x, rtol=1e-12, atol=1e-14)
+    assert float(delta.abs().max()) < 1e-12
+
+
+def test_a_large_smooth_part_after_the_kinks_warns_unless_a_tolerance_refines_it():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                        nn.Linear(32, 3)).double().eval()
+    x = torch.randn(4, 10, dtype=torch.float64) * 4
+    ig = igfast.IntegratedGradients(net)
+    # 16 Gauss nodes on each piece of an independent partition (a global rule is only
+    # ~1e-4 accurate where the gradient jumps).
+    reference, _ = oracle(net, x, torch.zeros_like(x), 0, nodes_per_piece=16)
+    with pytest.warns(UserWarning, match="3 Gauss nodes per piece.*Give `tolerance`"):
+        ig.attribute(x, target=0, method="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+        refined = ig.attribute(x, target=0, method="exact", tolerance=1e-6)
+    error = (refined - reference).norm(dim=1) / reference.norm(dim=1)
+    assert float(error.max()) < 1e-6, error

@@ -137,7 +137,9 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                 each contributes one gradient times its length, so there is no
                 quadrature error (n_steps is ignored). A smooth head after the last
                 piecewise-linear op (softmax, sigmoid, ...) is integrated with 3
-                Gauss-Legendre nodes per piece. Other networks raise
+                Gauss-Legendre nodes per piece (a warning when the midpoint rule
+                differs from them by over 1e-2; ``tolerance`` refines them). Other
+                networks, and smooth ones without any kink, raise
                 NotPiecewiseLinearError naming the op. ``gausslegendre_pieces``
                 (igfast only): for networks whose kinks follow smooth ops (tanh,
                 layer norm, attention before a ReLU), the kinks are located by
