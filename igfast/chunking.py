@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .dtypes import dtype_policy
-from .errors import ArgumentError
+from .errors import ArgumentError, ArgumentTypeError
 from .memory import automatic_budget, format_size, parse_memory_size, preferred_chunk_bytes
 
 
@@ -242,7 +242,7 @@ def integral_batch_size(value: Any) -> int:
             and not value.is_complex() and value.dtype != torch.bool:
         value = int(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ArgumentError(
+        raise ArgumentTypeError(  # Captum: TypeError, where it computes with it
             "`internal_batch_size` must be None, 'auto' or an integer >= 0 (int, numpy integer "
             f"or 0-dim integer tensor); got {value!r}."
         )

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ def _explainer(model_or_method: Any):
     )
 
 
-def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, int]:
+def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, int, Callable]:
+    """The data set, the examples per attribute() call and how a list of items becomes a
+    batch (a DataLoader's collate_fn: it may normalise or pad; else default_collate)."""
     if isinstance(data, DataLoader):
         if not isinstance(data.sampler, SequentialSampler) or data.batch_sampler is None:
             raise ArgumentError(
@@ -52,13 +54,13 @@ def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, i
                 "custom sampler): attribute_dataset needs the examples' order; pass the Dataset "
                 "or a DataLoader with shuffle=False."
             )
-        return data.dataset, batch_size or data.batch_size or 32
+        return data.dataset, (data.batch_size or 32) if batch_size is None else batch_size, data.collate_fn
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise ArgumentError(
             "`data` must be a map-style torch Dataset (with __len__ and __getitem__) or a "
             f"DataLoader over one; got {type(data).__name__}."
         )
-    return data, batch_size or 32
+    return data, 32 if batch_size is None else batch_size, default_collate
 
 
 def _positive(value: Any, name: str) -> int:
@@ -72,7 +74,8 @@ def _digest_tensors(tensors) -> str:
     for tensor in tensors:
         data = tensor.detach().to("cpu").contiguous()
         digest.update(str((tuple(data.shape), str(data.dtype))).encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # (1-D first: a 0-dim tensor has no byte view)
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -136,7 +139,9 @@ def _split_item(batch: Any) -> Dict[str, Any]:
             "label": batch.get("label"),
             "additional_forward_args": tuple(extra) if isinstance(extra, (tuple, list)) else (
                 None if extra is None else (extra,)),
-            "baselines": batch.get("baselines"),
+            # default_collate turns a tuple of per-example baselines into a list
+            "baselines": tuple(batch["baselines"]) if isinstance(batch.get("baselines"), list) else batch.get(
+                "baselines"),
         }
     if isinstance(batch, torch.Tensor):
         return {"inputs": (batch,), "label": None, "additional_forward_args": None, "baselines": None}
@@ -211,7 +216,8 @@ def attribute_dataset(
     Args:
         model_or_method: a model (IntegratedGradients is used) or an igfast
             IntegratedGradients / LayerIntegratedGradients object.
-        data: a map-style Dataset, or a DataLoader over one that keeps its order.
+        data: a map-style Dataset, or a DataLoader over one that keeps its order
+            (its collate_fn forms the batches; the shards decide which items).
             Items: a tensor (the input), a pair (input, label), or a dict with
             ``inputs`` (tensor or tuple) and optionally ``label``,
             ``additional_forward_args`` (per-example tensors) and ``baselines``.
@@ -233,7 +239,7 @@ def attribute_dataset(
     and max |delta|, the output directory.
     """
     explainer = _explainer(model_or_method)
-    dataset, batch_size = _dataset_and_batch(data, batch_size)
+    dataset, batch_size, collate = _dataset_and_batch(data, batch_size)
     batch_size = _positive(batch_size, "batch_size")
     shard_size = _positive(shard_size, "shard_size")
     if method not in PIECE_METHODS:  # these have no rule; attribute() checks their arguments
@@ -246,6 +252,8 @@ def attribute_dataset(
         device = parameter.device if parameter is not None else torch.device("cpu")
     device = torch.device(device)
     num_examples = len(dataset)
+    if num_examples == 0:
+        raise ArgumentError("`data` holds no examples: there is nothing to attribute.")
     ranges = shard_ranges(num_examples, shard_size)
     config = {
         "format": FORMAT_VERSION,
@@ -282,7 +290,7 @@ def attribute_dataset(
         bar = _Progress(num_examples, group.world, progress and group.rank == 0)
         for shard in mine:
             begin, end = ranges[shard]
-            fields = _attribute_shard(explainer, dataset, begin, end, batch_size, device, target,
+            fields = _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device, target,
                                       baselines, n_steps, method, internal_batch_size, memory_budget)
             write_shard(output_dir, shard, fields, tag=f"r{group.rank}")
             left_overall -= (end - begin) * group.world
@@ -316,11 +324,11 @@ def _check_config(output_dir: str, config: dict) -> None:
     )
 
 
-def _attribute_shard(explainer, dataset, begin, end, batch_size, device, target, baselines,
+def _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device, target, baselines,
                      n_steps, method, internal_batch_size, memory_budget) -> Dict[str, np.ndarray]:
     collected: Dict[str, List[np.ndarray]] = {}
     for first in range(begin, end, batch_size):
-        batch = _split_item(default_collate([dataset[i] for i in range(first, min(first + batch_size, end))]))
+        batch = _split_item(collate([dataset[i] for i in range(first, min(first + batch_size, end))]))
         inputs = _to(batch["inputs"], device)
         args = _to(batch["additional_forward_args"], device)
         with torch.no_grad():

@@ -120,6 +120,11 @@ class ExactSettings:
     # per piece, its estimate the midpoint rule's distance.
     tolerance: Optional[float] = None
 
+    @property
+    def method(self) -> str:
+        """The method these settings are for (for messages)."""
+        return "gausslegendre_pieces" if self.curved_kinks else "exact"
+
 
 @dataclass
 class ExactInfo:
@@ -195,7 +200,7 @@ def exact_settings(n_steps, tolerance, max_steps, method: str = "exact") -> Exac
 
 def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[list]) -> None:
     if settings is not None and many is not None:
-        raise ArgumentError("method='exact' follows one target's path pieces; give one `target`.")
+        raise ArgumentError(f"method={settings.method!r} follows one target's path pieces; give one `target`.")
 
 
 def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
@@ -1113,7 +1118,8 @@ def _forward_ad_refusals_named():
         yield
     except NotImplementedError as error:
         raise NotPiecewiseLinearError(
-            f"method='exact' runs the model with forward-mode AD along the path, which a part of it "
+            "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to find the path's pieces) run "
+            "the model with forward-mode AD along the path, which a part of it "
             f"does not support ({error}). Give custom torch.autograd.Functions a jvp (with "
             "setup_context), or use a fixed n_steps or n_steps='auto'.") from error
 

@@ -18,6 +18,8 @@ hooks), custom ops, a running profiler. The out-of-memory back-off of the engine
 the safety net for a model whose peak the estimate misses.
 """
 
+import math
+import numbers
 import os
 import re
 import time
@@ -25,7 +27,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from .errors import ArgumentError
+from .errors import ArgumentError, ArgumentTypeError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -59,17 +61,20 @@ def preferred_chunk_bytes(device: torch.device) -> Optional[int]:
 
 def parse_memory_size(value: Union[int, float, str], argument: str = "memory_budget") -> int:
     """Bytes from an int, or a string such as "2GB", "512MiB", "1.5e9"."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
     if isinstance(value, bool):
-        raise ArgumentError(f"`{argument}` must be a number of bytes or a size such as '2GB'; got {value!r}.")
-    if isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"`{argument}` must be a number of bytes or a size such as '2GB'; got {value!r}.")
+    if isinstance(value, numbers.Real):  # Python or numpy numbers
         number, unit = float(value), ""
     elif isinstance(value, str) and _SIZE.match(value):
         text, unit = _SIZE.match(value).groups()
         number, unit = float(text), unit.lower()
     else:
-        raise ArgumentError(
-            f"`{argument}` must be a number of bytes or a size such as '2GB' or '512MiB'; got {value!r}."
-        )
+        kind = ArgumentError if isinstance(value, str) else ArgumentTypeError
+        raise kind(f"`{argument}` must be a number of bytes or a size such as '2GB' or '512MiB'; got {value!r}.")
+    if not math.isfinite(number):
+        raise ArgumentError(f"`{argument}` must be a finite number of bytes; got {value!r}.")
     if unit not in _UNITS:
         raise ArgumentError(
             f"`{argument}` has an unknown unit {unit!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB."

@@ -4,6 +4,7 @@ model calls per attribute() against Captum."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -44,12 +45,14 @@ class Counting(nn.Module):
 @pytest.mark.parametrize("text, expected", [
     ("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5 gib", int(1.5 * 2**30)), ("100", 100),
     ("3e6", 3 * 10**6), (4096, 4096), (2.5e9, 2_500_000_000), ("64 kB", 64_000),
+    (np.int64(4096), 4096), (torch.tensor(4096), 4096),  # the integer forms internal_batch_size takes
 ])
 def test_parse_memory_size(text, expected):
     assert memory.parse_memory_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "lots", "2 parsecs", "-1GB", 0, -5, True, [1], "1..5GB"])
+@pytest.mark.parametrize("bad", ["", "lots", "2 parsecs", "-1GB", 0, -5, True, [1], "1..5GB", float("nan"),
+                                 float("inf"), "inf GB"])
 def test_parse_memory_size_rejects(bad):
     with pytest.raises(ArgumentError, match="memory_budget"):
         memory.parse_memory_size(bad)

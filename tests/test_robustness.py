@@ -205,8 +205,10 @@ def test_internal_batch_size_in_every_form_captum_accepts(size):
 
 @pytest.mark.parametrize("bad", [2.5, "12", True, torch.tensor(1.5), torch.tensor([4, 4])])
 def test_internal_batch_size_refused_forms(bad):
-    with pytest.raises(igfast.ArgumentError, match="internal_batch_size"):
+    # A TypeError too, as Captum's where it computes with it (a float or a string).
+    with pytest.raises((igfast.ArgumentError, TypeError), match="internal_batch_size") as raised:
         igfast.IntegratedGradients(MLP().eval()).attribute(torch.randn(4, 6), target=1, internal_batch_size=bad)
+    assert isinstance(raised.value, igfast.ArgumentError) and isinstance(raised.value, TypeError)
 
 
 def _model_output(logits):
