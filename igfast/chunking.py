@@ -250,10 +250,16 @@ def integral_batch_size(value: Any) -> int:
 
 
 def budget_too_small(argument: str, budget: int, needed: int, measured: bool) -> ArgumentError:
-    how = "measured for one path row of this model" if measured else "for the accumulators and one path row and its gradient"
+    if measured:
+        advice = f"measured for one path row of this model. Give `{argument}` >= {needed}."
+    else:
+        # Known before the model runs: the model's own activations come on top, and a
+        # budget of just this much fails again once one row is measured.
+        advice = (f"for the accumulators and one path row and its gradient, before the model's own "
+                  f"activations. Give `{argument}` well above {needed}: one row is measured when it runs.")
     return ArgumentError(
         f"`{argument}` of {format_size(budget)} is too small: at least {format_size(needed)} "
-        f"({needed} bytes) is needed, {how}. Give `{argument}` >= {needed}."
+        f"({needed} bytes) is needed, {advice}"
     )
 
 
