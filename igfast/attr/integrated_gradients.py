@@ -115,10 +115,12 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         Args:
             inputs (Tensor or tuple[Tensor, ...]): the examples to explain; dim 0
                 indexes examples and is the same for every tensor. Floating dtypes
-                only (float16, bfloat16, float32, float64).
+                (float16, bfloat16, float32, float64); integer inputs are attributed
+                in the default dtype, as Captum does.
             baselines (scalar, Tensor or tuple, optional): start points of the path,
                 one per input tensor: a number, or a tensor shaped like the input or
-                with first dimension 1 (broadcast over the batch). Default: zeros.
+                with first dimension 1 that broadcasts to it (e.g. a per-channel mean
+                (1, C, 1, 1) for images). Default: zeros.
             target (int, tuple, list or Tensor, optional): which output value to
                 attribute: None when the forward returns one value per example; an
                 int (or tuple for outputs of higher rank) for all examples; a list

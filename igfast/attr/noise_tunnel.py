@@ -92,7 +92,8 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
         r"""Smoothed attributions of ``inputs``.
 
         Args:
-            inputs (Tensor or tuple[Tensor, ...]): floating inputs, dim 0 indexing examples.
+            inputs (Tensor or tuple[Tensor, ...]): the inputs, dim 0 indexing examples (as
+                for IntegratedGradients).
             nt_type (str, optional): ``smoothgrad``, ``smoothgrad_sq`` or ``vargrad``.
             nt_samples (int, optional): noisy copies per example. Default: 5.
             nt_samples_batch_size (int, optional): how many samples Captum draws (and
