@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .dtypes import dtype_policy
+from .dtypes import dtype_policy, integer_item
 from .errors import ArgumentError, ArgumentTypeError
 from .memory import automatic_budget, format_size, parse_memory_size, preferred_chunk_bytes
 
@@ -238,9 +238,7 @@ def integral_batch_size(value: Any) -> int:
     """``internal_batch_size`` as an int: a Python or numpy integer, or a 0-dim
     integer tensor (the forms Captum accepts). 0 and negative values are allowed, as in
     Captum: they run one step of the batch per chunk, after Captum's warning."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
-            and not value.is_complex() and value.dtype != torch.bool:
-        value = int(value.item())
+    value = integer_item(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(  # Captum: TypeError, where it computes with it
             "`internal_batch_size` must be None, 'auto' or an integer >= 0 (int, numpy integer "

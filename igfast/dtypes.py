@@ -11,6 +11,7 @@ One place decides the arithmetic of every path (pure PyTorch and the kernels):
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,19 @@ _POLICIES = {
 }
 
 SUPPORTED_DTYPES = tuple(_POLICIES)
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """An integer dtype (bool is not one: it has no arithmetic Captum's path could use)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def integer_item(value: Any) -> Any:
+    """A 0-dim integer tensor as its int (Captum indexes and loops with one as with an
+    int: n_steps, internal_batch_size, tuple targets); anything else as given."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and is_integer_dtype(value.dtype):
+        return int(value.item())
+    return value
 
 
 def dtype_policy(dtype: torch.dtype, argument: str = "inputs") -> DtypePolicy:

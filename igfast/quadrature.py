@@ -68,15 +68,6 @@ RULES: Dict[str, Rule] = {
 SUPPORTED_METHODS = tuple(RULES)
 
 
-def steps_argument(n_steps: Any) -> Any:
-    """``n_steps`` with a 0-dim integer tensor read as its int (Captum's loops accept
-    one); anything else as given, for the checks that follow."""
-    if isinstance(n_steps, torch.Tensor) and n_steps.dim() == 0 and not (
-            n_steps.is_floating_point() or n_steps.is_complex() or n_steps.dtype == torch.bool):
-        return int(n_steps.item())
-    return n_steps
-
-
 def validate_method_and_steps(method: str, n_steps: int) -> Rule:
     """The rule for ``method``, after checking that it can use ``n_steps`` nodes."""
     if not isinstance(method, str) or method not in RULES:

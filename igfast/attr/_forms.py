@@ -10,7 +10,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from ..dtypes import dtype_policy
+from ..dtypes import dtype_policy, is_integer_dtype
 from ..chunking import Chunk
 from ..errors import ArgumentError, ArgumentTypeError, ShapeError
 
@@ -33,7 +33,7 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
                 f"`{name}` must be a torch.Tensor (or `inputs` a tuple of tensors); "
                 f"got {type(tensor).__name__}."
             )
-        if floating and _is_integer(tensor):
+        if floating and is_integer_dtype(tensor.dtype):
             # Captum's path (x' + alpha (x - x'), alpha a Python float) is in the default
             # dtype for integer inputs, and so are its attributions.
             tensor = tensor.to(torch.get_default_dtype())
@@ -57,10 +57,6 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor)
-
-
-def _is_integer(tensor: torch.Tensor) -> bool:
-    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
 def format_baselines(

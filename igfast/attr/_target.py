@@ -17,6 +17,7 @@ from typing import Any, List, Tuple, Union
 import torch
 
 from ..chunking import Chunk
+from ..dtypes import integer_item, is_integer_dtype
 from ..errors import TargetError
 
 Target = Union[None, int, Tuple, torch.Tensor, List[Tuple]]
@@ -26,23 +27,18 @@ def _is_index(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_integer_scalar(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 0 and not (
-        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
-
-
 def normalize_target(target: Any, batch_size: int, device: torch.device) -> Target:
     """Check ``target``'s form; per-example int targets become a long tensor."""
     if target is None or _is_index(target):
         return None if target is None else int(target)
     if isinstance(target, tuple):
         # 0-dim integer tensors index as ints do (Captum indexes with the tuple as given).
-        target = tuple(int(t.item()) if _is_integer_scalar(t) else t for t in target)
+        target = tuple(integer_item(t) for t in target)
         if not all(_is_index(t) or isinstance(t, slice) for t in target):
             raise TargetError(f"A tuple `target` must hold ints; got {target!r}.")
         return target
     if isinstance(target, torch.Tensor):
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        if not is_integer_dtype(target.dtype):
             raise TargetError(f"A tensor `target` must hold integers; got dtype {target.dtype}.")
         if target.numel() == 1:
             return int(target.item())

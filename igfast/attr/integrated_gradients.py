@@ -16,7 +16,8 @@ from ..exact import (
     integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
-from ..quadrature import path_nodes, steps_argument
+from ..dtypes import integer_item
+from ..quadrature import path_nodes
 from ._captum_protocol import CaptumMembers, captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
@@ -215,7 +216,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         """
         formatted_inputs, is_tuple = format_inputs(inputs)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
-        n_steps = steps_argument(n_steps)
+        n_steps = integer_item(n_steps)  # Captum takes a 0-dim tensor
         exact = exact_settings(n_steps, tolerance, max_steps, method) if method in PIECE_METHODS else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = formatted_inputs[0].shape[0]

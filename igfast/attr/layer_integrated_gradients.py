@@ -28,7 +28,8 @@ from ..exact import (
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..errors import ArgumentError, LayerError, UnusedLayerError
-from ..quadrature import path_nodes, steps_argument
+from ..dtypes import integer_item
+from ..quadrature import path_nodes
 from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
@@ -184,7 +185,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             )
         model_inputs, _ = format_inputs(inputs, floating=False)
         model_baselines = format_baselines(baselines, model_inputs)
-        n_steps = steps_argument(n_steps)
+        n_steps = integer_item(n_steps)  # Captum takes a 0-dim tensor
         exact = exact_settings(n_steps, tolerance, max_steps, method) if method in PIECE_METHODS else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = model_inputs[0].shape[0]
