@@ -31,7 +31,7 @@ from ..errors import ArgumentError, LayerError, UnusedLayerError
 from ..dtypes import integer_item
 from ..quadrature import path_nodes
 from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
-from ._train_mode import batch_dependent_call, guarded
+from ._train_mode import batch_dependent_call, depends_on_the_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
     expand_additional_forward_args,
@@ -293,8 +293,14 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         result = self._format_result(attributions, slots)
         extras = []
         if return_convergence_delta:
-            delta_of = convergence_delta_per_target if many is not None else convergence_delta
-            extras.append(delta_of(attributions, start_values, end_values))
+            if many is None and exact is None and adaptive is None and depends_on_the_call(self.forward_func):
+                # Dropout draws anew on every call: Captum's delta comes from two more calls
+                # after the path, and values read before it would differ from Captum's.
+                extras.append(self.compute_convergence_delta(attributions, baselines, inputs, target,
+                                                             additional_forward_args))
+            else:
+                delta_of = convergence_delta_per_target if many is not None else convergence_delta
+                extras.append(delta_of(attributions, start_values, end_values))
         if return_adaptive_info:
             extras.append(integral.info)
         return (result, *extras) if extras else result
