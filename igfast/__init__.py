@@ -4,6 +4,7 @@
 """
 
 from ._info import info
+from .adaptive import ToleranceNotReachedWarning
 from .attr import (
     IntegratedGradients, LayerIntegratedGradients, LLMAttributionResult, LLMGradientAttribution, NoiseTunnel,
     TextTemplateInput, TextTokenInput,
@@ -30,6 +31,7 @@ __all__ = [
     "attribute_generated_tokens",
     "open_attributions",
     "info",
+    "ToleranceNotReachedWarning",
     "ArgumentError",
     "ArgumentTypeError",
     "GradientError",

@@ -72,12 +72,14 @@ to 17 nodes), and a compounding floor held that for many levels (4098 evaluation
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 from .chunking import choose_row_limit
+from .completeness import completeness_scale, relative_completeness
 from .dtypes import dtype_policy
 from .engine import PathIntegral
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
@@ -88,11 +90,6 @@ from .quadrature import (
 )
 
 DEFAULT_TOLERANCE = 1e-3
-# An example whose output barely moves along the path (|F(x) - F(x')| tiny next to
-# F itself) is judged against 1% of its output's magnitude instead: a tolerance
-# relative to a near-zero difference would ask for accuracy no float can give.
-SCALE_FLOOR = 1e-2
-TINY_SCALE = 1e-12
 
 # run_round(examples, nodes) -> the engine's pass over those examples (a long index
 # tensor into the batch) with those nodes.
@@ -125,6 +122,24 @@ class AdaptiveInfo:
     # Why no example could switch to the exact rule (the network is not piecewise
     # linear, ...); None when the switch was open or never needed.
     exact_unavailable: Optional[str] = None
+
+
+class ToleranceNotReachedWarning(UserWarning):
+    """n_steps="auto" returned examples whose error estimate is above the tolerance
+    (they reached max_steps), to a caller that did not ask for the AdaptiveInfo."""
+
+
+def warn_if_not_converged(info: AdaptiveInfo) -> None:
+    """Say so when examples come back unconverged and the caller sees no AdaptiveInfo:
+    their attributions are not within the tolerance asked for."""
+    missed = ~info.converged
+    if not bool(missed.any()):
+        return
+    warnings.warn(
+        f"n_steps='auto': {int(missed.sum())} of {missed.numel()} examples did not reach tolerance "
+        f"{info.tolerance:g} within max_steps (error estimate up to {float(info.error_estimate.max()):.2e}); "
+        "raise max_steps or the tolerance, or pass return_adaptive_info=True to see which examples "
+        "(AdaptiveInfo.converged).", ToleranceNotReachedWarning, stacklevel=3)
 
 
 def adaptive_settings(n_steps, method: str, tolerance, max_steps,
@@ -246,7 +261,7 @@ def integrate_adaptively(
             sums = integral.gradient_sums
             if end_values is None:
                 start_values, end_values = integral.start_values, integral.end_values
-            scale = _scale(start_values, end_values)
+            scale = completeness_scale(start_values, end_values)
             if switch is not None:
                 switch.value_change, switch.scale = end_values - start_values, scale
         else:
@@ -502,14 +517,10 @@ class _ExactSwitch:
         return taken
 
     def _record(self, chosen: torch.Tensor, integral) -> None:
-        total = norm = 0.0
-        for result, exact_sums, difference in zip(self.results, integral.gradient_sums, self.differences):
+        for result, exact_sums in zip(self.results, integral.gradient_sums):
             result[chosen] = exact_sums.to(result.dtype)
-            attributions = (exact_sums.double() * difference[chosen].double()).flatten(1)
-            total = total + attributions.sum(1)
-            norm = norm + attributions.square().sum(1)
-        norm = torch.as_tensor(norm).sqrt()
-        complete = (total - self.value_change[chosen].double()).abs() / torch.maximum(self.scale[chosen], norm)
+        complete = relative_completeness(integral.gradient_sums, tuple(d[chosen] for d in self.differences),
+                                         self.value_change[chosen], self.scale[chosen])
         # With Gauss nodes on the pieces (a smooth head, or a mixed network's pieces
         # integrated adaptively), their own error estimate joins the completeness error.
         gauss = integral.info.head_error_estimate
@@ -538,14 +549,6 @@ def _seconds(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _scale(start_values: torch.Tensor, end_values: torch.Tensor) -> torch.Tensor:
-    """Per example: the completeness scale before the attributions' norm joins it
-    (see the module docstring)."""
-    start, end = start_values.double(), end_values.double()
-    floor = SCALE_FLOOR * torch.maximum(start.abs(), end.abs())
-    return torch.maximum(torch.maximum((end - start).abs(), floor), torch.full_like(start, TINY_SCALE))
 
 
 def _estimates(sums, level: int, differences, active: torch.Tensor, value_change: torch.Tensor):

@@ -4,12 +4,15 @@ easy examples, every evaluation reused), chunk and batch invariance, LayerIG,
 NoiseTunnel, and bad input."""
 
 import numpy as np
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
 import igfast
-from igfast.adaptive import SCALE_FLOOR, predicted_walk_seconds
+from igfast.adaptive import predicted_walk_seconds
+from igfast.completeness import SCALE_FLOOR
 from igfast.errors import ArgumentError
 from igfast.exact import CURVED_WALK_ROWS_PER_PIECE, GAUSS_NODES_PER_PIECE, PieceEstimate
 from igfast.quadrature import FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, nested_levels
@@ -645,3 +648,19 @@ def test_the_switch_charges_the_walks_tangents_to_its_walk_rows_only():
     # 6 rounds of 20 ms; 100 walk rows at a rule row (1 ms) plus a probe row (5 ms); 300
     # Gauss rows at 1 ms.
     assert predicted_walk_seconds(6, 100, 300, 1e-3, 5e-3, 2e-2) == pytest.approx(0.12 + 0.6 + 0.3)
+
+
+def test_examples_left_unconverged_warn_unless_the_info_is_asked_for():
+    """They came back silently (only AdaptiveInfo.converged said so)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.Softplus(beta=100), torch.nn.Linear(64, 3)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for explainer in (igfast.IntegratedGradients(model), igfast.LayerIntegratedGradients(model, model[0])):
+        with pytest.warns(igfast.ToleranceNotReachedWarning, match=r"5 of 5 examples did not reach tolerance 1e-09"):
+            explainer.attribute(x, target=1, n_steps="auto", tolerance=1e-9, max_steps=17)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", igfast.ToleranceNotReachedWarning)
+            _, info = explainer.attribute(x, target=1, n_steps="auto", tolerance=1e-9, max_steps=17,
+                                          return_adaptive_info=True)
+            assert not bool(info.converged.any())
+            explainer.attribute(x, target=1, n_steps="auto", tolerance=1e-2)  # converges: silent

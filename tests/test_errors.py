@@ -170,3 +170,54 @@ def test_layer_errors_are_of_captums_class(case):
             igfast.LayerIntegratedGradients(model, layer).attribute(IDS, target=0, **kwargs)
     assert isinstance(ours.value, type(theirs.value)), (type(ours.value), type(theirs.value))
     assert "layer" in str(ours.value) or "n_steps" in str(ours.value)
+
+
+class _Sequences(torch.nn.Module):
+    """Layers whose output is not a tensor or a flat tuple of tensors: an LSTM gives
+    (output, (h, c)) and MultiheadAttention without weights (output, None)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(4, 8, batch_first=True)
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden, _ = self.lstm(x)
+        mixed, _ = self.attention(hidden, hidden, hidden, need_weights=False)
+        return self.head(mixed.mean(1))
+
+
+@pytest.mark.parametrize("layer_name", ["lstm", "attention"])
+def test_a_layer_giving_nested_or_none_outputs_is_captums_class(layer_name):
+    """Captum raises AttributeError here; igfast raised a ValueError/AssertionError
+    that an ``except AttributeError`` missed."""
+    model = _Sequences().eval()
+    layer = getattr(model, layer_name)
+    inputs = torch.randn(2, 5, 4)
+    with pytest.raises(AttributeError):
+        captum_attr.LayerIntegratedGradients(model, layer).attribute(inputs, target=0)
+    with pytest.raises(igfast.LayerError, match="must be a tensor or a tuple of tensors") as ours:
+        igfast.LayerIntegratedGradients(model, layer).attribute(inputs, target=0)
+    assert isinstance(ours.value, AttributeError)
+
+
+def test_a_model_without_autograd_through_it_is_an_error_not_zeros():
+    """A dynamically quantized Linear has no autograd formula: igfast returned zero
+    attributions (delta = -(F(x) - F(x'))); Captum raises RuntimeError."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    inputs = torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autograd's notice about the missing kernel
+        with pytest.raises(RuntimeError):
+            captum_attr.IntegratedGradients(quantized).attribute(inputs, target=1, n_steps=5)
+        for call in (lambda: igfast.IntegratedGradients(quantized).attribute(inputs, target=1, n_steps=5),
+                     lambda: igfast.IntegratedGradients(quantized).attribute(inputs, target=1, n_steps="auto"),
+                     lambda: igfast.NoiseTunnel(igfast.IntegratedGradients(quantized)).attribute(
+                         inputs, target=1, n_steps=5, nt_samples=2)):
+            with pytest.raises(igfast.GradientError, match="does not reach any input") as ours:
+                call()
+            assert isinstance(ours.value, RuntimeError)

@@ -579,6 +579,46 @@ def test_autograd_function_without_jvp_is_named():
                                                       method="exact")
 
 
+class _ReluWithJvp(torch.autograd.Function):
+    """A ReLU with a correct backward and jvp: its forward runs without tangents, so
+    the walk cannot see its kinks."""
+
+    @staticmethod
+    def forward(x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.positive = inputs[0] > 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.positive
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent * ctx.positive
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_kink_the_walk_cannot_see_fails_completeness(dtype):
+    """A ReLU inside a custom Function (with a jvp) was taken for affine: one piece,
+    0.28 relative from completeness, returned as exact."""
+    model, shape = make("relu_mlp", "cpu", dtype=dtype)
+    hidden = lambda x: model[2](_ReluWithJvp.apply(model[0](x)))  # noqa: E731
+    inputs = torch.randn(4, *shape, dtype=dtype)
+    with pytest.raises(NotPiecewiseLinearError, match="completeness.*custom torch.autograd.Function"):
+        igfast.IntegratedGradients(hidden).attribute(inputs, target=1, method="exact")
+    layered = nn.Sequential(model[0], nn.Identity(), model[2])
+    layered.forward = lambda x: layered[2](_ReluWithJvp.apply(layered[1](layered[0](x))))
+    with pytest.raises(NotPiecewiseLinearError, match="completeness"):
+        igfast.LayerIntegratedGradients(layered, layered[1]).attribute(inputs, target=1, method="exact")
+    # The same network with torch's ReLU is exact, and passes the check in either dtype.
+    attributions, delta = igfast.IntegratedGradients(model).attribute(inputs, target=1, method="exact",
+                                                                      return_convergence_delta=True)
+    assert float(delta.abs().max()) < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
 def test_compiled_model_walks_its_eager_original():
     model, shape = make("relu_mlp", "cpu", dtype=torch.float32)
     inputs = torch.randn(3, *shape)
@@ -586,6 +626,25 @@ def test_compiled_model_walks_its_eager_original():
     with pytest.warns(UserWarning, match="eager original"):
         compiled = igfast.IntegratedGradients(torch.compile(model)).attribute(inputs, target=1, method="exact")
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_code_inside_the_model_runs_eagerly_in_the_walk():
+    """nn.Module.compile() and a compiled submodule: the walk failed inside PyTorch
+    (LayerIG: an internal assert) or blamed a custom autograd.Function (IG)."""
+    model, shape = make("relu_mlp", "cpu")
+    inputs = torch.randn(3, *shape, dtype=torch.float64)
+    expected = igfast.IntegratedGradients(model).attribute(inputs, target=1, method="exact")
+    expected_layer = igfast.LayerIntegratedGradients(model, model[1]).attribute(inputs, target=1, method="exact")
+    in_place, _ = make("relu_mlp", "cpu")
+    in_place.compile()
+    with_compiled_part, _ = make("relu_mlp", "cpu")
+    with_compiled_part[0] = torch.compile(with_compiled_part[0])
+    for compiled in (in_place, with_compiled_part):
+        torch.testing.assert_close(igfast.IntegratedGradients(compiled).attribute(inputs, target=1, method="exact"),
+                                   expected, rtol=1e-12, atol=1e-14)
+        layer_attributions = igfast.LayerIntegratedGradients(compiled, compiled[1]).attribute(
+            inputs, target=1, method="exact")
+        torch.testing.assert_close(layer_attributions, expected_layer, rtol=1e-12, atol=1e-14)
 
 
 def test_tuple_inputs_and_half_precision():

@@ -159,3 +159,19 @@ def test_generated_tokens_bad_input():
         attribute_generated_tokens(lm, lm.tokens, prompt, torch.zeros(2, 0, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="tensor of token ids"):
         attribute_generated_tokens(lm, lm.tokens, prompt.float(), prompt, 0)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_backward_that_cannot_keep_its_graph(backend):
+    """A torch.compile'd backward with donated buffers refuses retain_graph (after the
+    model has run a plain forward+backward): each target then builds its own graph. It
+    raised instead."""
+    torch.manual_seed(1)
+    model = MLP(num_out=3).eval()
+    compiled = torch.compile(model, backend=backend)
+    inputs = torch.randn(4, 6)
+    compiled(inputs.clone().requires_grad_()).sum().backward()
+    ours = igfast.IntegratedGradients(compiled).attribute(inputs, targets=[0, 2], n_steps=10)
+    for k, target in enumerate([0, 2]):
+        single = captum_attr.IntegratedGradients(model).attribute(inputs, target=target, n_steps=10)
+        torch.testing.assert_close(ours[k], single, rtol=1e-5, atol=1e-6)

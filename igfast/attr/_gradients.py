@@ -7,7 +7,7 @@ the gradient of all rows in one backward call (ones as output gradients) instead
 ``autograd.grad`` over ``unbind(outputs)``, which costs one graph node per row.
 """
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -117,28 +117,46 @@ def gradients_and_outputs_per_target(
     (``check_targets=False``: their range was checked on an earlier chunk).
 
     The forward graph is built once and kept (retain_graph) for the K backward
-    passes: K targets cost one forward and K backwards instead of K of each.
+    passes: K targets cost one forward and K backwards instead of K of each. A graph
+    that cannot be kept (a torch.compile'd backward with donated buffers) is built
+    again for each target.
     Returns gradients shaped (K, rows, ...) per tensor and values shaped (K, rows).
     """
     wrt = inputs if wrt is None else wrt
-    with torch.enable_grad():
+
+    def forward_and_select(some_targets: Sequence[Any]) -> List[torch.Tensor]:
         output = forward_output(forward_fn, inputs, additional_forward_args)
         selected = []
-        for target in targets:
+        for target in some_targets:
             values = select_targets(output, target, check_range=check_targets)
             check_one_value_per_row(values, inputs[0].shape[0], target)
             selected.append(values)
-        per_target = []
-        for index, values in enumerate(selected):
-            options = {"allow_unused": True, **(grad_kwargs or {})}
-            options["retain_graph"] = bool(options.get("retain_graph")) or index < len(selected) - 1
-            # Rows are independent examples, so one backward with unit output gradients
-            # gives every row's gradient at once.
-            grads = _grad(values, wrt, options)
-            per_target.append(tuple(
-                grad if grad is not None else _unused(position, tensor, on_unused)
-                for position, (grad, tensor) in enumerate(zip(grads, wrt))
-            ))
+        return selected
+
+    def gradients(values: torch.Tensor, retain_graph: bool) -> Tuple[torch.Tensor, ...]:
+        options = {"allow_unused": True, **(grad_kwargs or {})}
+        options["retain_graph"] = bool(options.get("retain_graph")) or retain_graph
+        # Rows are independent examples, so one backward with unit output gradients
+        # gives every row's gradient at once.
+        grads = _grad(values, wrt, options)
+        if on_unused is None and all(grad is None for grad in grads):
+            raise GradientError(
+                "The targeted output does not reach any input through autograd, so Integrated "
+                "Gradients would be zero whatever the model computes (Captum raises here too): the "
+                "model runs an op without an autograd formula (a dynamically quantized Linear, ...) "
+                "or detaches its inputs. Attribute the float model.")
+        return tuple(grad if grad is not None else _unused(position, tensor, on_unused)
+                     for position, (grad, tensor) in enumerate(zip(grads, wrt)))
+
+    with torch.enable_grad():
+        selected = forward_and_select(targets)
+        try:
+            per_target = [gradients(values, index < len(selected) - 1) for index, values in enumerate(selected)]
+        except _GraphNotRetainable:
+            selected, per_target = [], []
+            for target in targets:
+                selected.append(forward_and_select([target])[0])
+                per_target.append(gradients(selected[-1], False))
     # One target: views, not copies (this is the hot path of every chunk).
     join = (lambda parts: parts[0].unsqueeze(0)) if len(selected) == 1 else torch.stack
     grads = tuple(join([g[i] for g in per_target]) for i in range(len(wrt)))
@@ -154,10 +172,17 @@ def _unused(index: int, tensor: torch.Tensor, on_unused: Optional[Callable[[int]
     return torch.zeros_like(tensor)
 
 
+class _GraphNotRetainable(RuntimeError):
+    """The backward refused retain_graph=True (a torch.compile'd backward with donated
+    buffers): the graph must be built once per backward."""
+
+
 def _grad(values: torch.Tensor, wrt: Tuple[torch.Tensor, ...], options: Dict[str, Any]):
     try:
         return torch.autograd.grad(values, wrt, grad_outputs=torch.ones_like(values), **options)
     except RuntimeError as error:
+        if "donated buffers" in str(error) and options.get("retain_graph"):
+            raise _GraphNotRetainable(str(error)) from error
         if "use_reentrant=True" not in str(error):
             raise
         raise GradientError(

@@ -107,7 +107,7 @@ def _as_tuple(value: Any, layer: nn.Module, what: str) -> Tuple[Tuple[torch.Tens
             "attribute to the layer's output, or to the layer that computes the input."
         )
     kinds = [type(v).__name__ for v in value] if isinstance(value, (tuple, list)) else type(value).__name__
-    raise ArgumentError(
+    raise LayerError(  # Captum: AttributeError (it reads .shape of what it got)
         f"The {what} of layer {type(layer).__name__} must be a tensor or a tuple of tensors "
         f"to be attributed to; got {kinds}."
     )

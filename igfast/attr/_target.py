@@ -83,7 +83,7 @@ def expand_target(target: Target, chunk: Chunk) -> Target:
 def _out_of_range(index: int, dim: int, shape: torch.Size) -> TargetError:
     return TargetError(
         f"`target` index {index} is out of range for dimension {dim} of the "
-        f"forward output, which has shape {tuple(shape)}."
+        f"forward output, of size {shape[dim]} (an output row has shape {tuple(shape[1:])})."
     )
 
 

@@ -6,14 +6,14 @@ import torch
 
 from ..adaptive import (
     AdaptiveIntegral, AdaptiveSettings, adaptive_settings, integrate_adaptively, refuse_several_targets,
-    round_row_limit,
+    round_row_limit, warn_if_not_converged,
 )
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError
 from ..exact import (
-    POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, ExactSettings, exact_settings,
-    integrate_exactly,
+    POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, ExactSettings, check_completeness,
+    exact_settings, integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..dtypes import integer_item
@@ -269,6 +269,8 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                                       inputs, baselines, target, additional_forward_args))
         if return_adaptive_info:
             extras.append(integral.info)
+        elif adaptive is not None:
+            warn_if_not_converged(integral.info)
         return (result, *extras) if extras else result
 
     def _gradients_at(self, chunk_target: Any, many: Optional[list], args: Any, forward: Optional[Callable] = None):
@@ -313,7 +315,14 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         # breakpoint mode run eagerly. The gradient rounds run it as given.
         eager = eager_original(self.forward_func, WALK_NEEDS_EAGER)
         parts = self._exact_parts(inputs, target, args, eager, internal_batch_size, memory_budget)
-        return integrate_exactly(inputs, baselines, settings, *parts)
+        integral = integrate_exactly(inputs, baselines, settings, *parts)
+        batch_size = inputs[0].shape[0]
+        with torch.no_grad():
+            start_values = _forward_values(self.forward_func, tuple(full_batch(b, batch_size) for b in baselines),
+                                           target, args)
+            end_values = _forward_values(self.forward_func, inputs, target, args)
+        check_completeness(integral, tuple(x - b for x, b in zip(inputs, baselines)), start_values, end_values)
+        return integral
 
     def _exact_parts(self, inputs, target, args, eager: Callable, internal_batch_size, memory_budget) -> ExactParts:
         """integrate_exactly's run_round, forward_at and row limit for these examples."""

@@ -20,11 +20,13 @@ import torch
 
 from ..adaptive import (
     AdaptiveIntegral, adaptive_settings, integrate_adaptively, refuse_several_targets, round_row_limit,
+    warn_if_not_converged,
 )
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..exact import (
-    POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, exact_settings, integrate_exactly,
+    POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, check_completeness, exact_settings,
+    integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..errors import ArgumentError, LayerError, UnusedLayerError
@@ -265,6 +267,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
 
         if exact is not None:
             integral = integrate_exactly(ends, starts, exact, *exact_parts(torch.arange(batch_size, device=device)))
+            check_completeness(integral, tuple(e - s for e, s in zip(ends, starts)), start_values, end_values)
         elif adaptive is not None:
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
                 sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
@@ -303,6 +306,8 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
                 extras.append(delta_of(attributions, start_values, end_values))
         if return_adaptive_info:
             extras.append(integral.info)
+        elif adaptive is not None:
+            warn_if_not_converged(integral.info)
         return (result, *extras) if extras else result
 
     def _activations_at(
