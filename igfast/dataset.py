@@ -19,15 +19,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
 from .attr import IntegratedGradients, LayerIntegratedGradients
+from .attr._train_mode import root_modules, running_state_kept
 from .errors import ArgumentError
 from .exact import PIECE_METHODS
 from .quadrature import validate_method_and_steps
 from .shards import (
-    CONFIG, FORMAT_VERSION, MANIFEST, complete_shards, read_json, remove_partial_shards,
-    shard_ranges, write_json_atomically, write_shard,
+    CONFIG, FORMAT_VERSION, INPUT_DIGEST, MANIFEST, complete_shards, read_json, read_shard_note,
+    remove_partial_shards, shard_name, shard_ranges, write_json_atomically, write_shard,
 )
 
 TARGET_FORMS = ("predicted", "label")
@@ -47,7 +48,17 @@ def _explainer(model_or_method: Any):
 def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, int, Callable]:
     """The data set, the examples per attribute() call and how a list of items becomes a
     batch (a DataLoader's collate_fn: it may normalise or pad; else default_collate)."""
+    if isinstance(data, IterableDataset) or isinstance(getattr(data, "dataset", None), IterableDataset):
+        raise ArgumentError(
+            "`data` is (or reads) an iterable-style Dataset: attribute_dataset needs a map-style one "
+            "(__len__ and __getitem__), whose examples it can cut into shards and find again to resume."
+        )
     if isinstance(data, DataLoader):
+        if data.batch_size is None:
+            raise ArgumentError(
+                "`data` is a DataLoader with batch_size=None (items are not batched): give it a "
+                "batch_size, or pass the Dataset and attribute_dataset's batch_size."
+            )
         if not isinstance(data.sampler, SequentialSampler) or data.batch_sampler is None:
             raise ArgumentError(
                 "`data` is a DataLoader that does not read the data set in order (shuffle or a "
@@ -80,9 +91,24 @@ def _digest_tensors(tensors) -> str:
 
 
 def _model_identity(forward_func: Any) -> str:
-    if isinstance(forward_func, nn.Module):
-        return f"{type(forward_func).__name__}:{_digest_tensors(forward_func.state_dict().values())}"
-    return getattr(forward_func, "__qualname__", type(forward_func).__name__)
+    """The forward's name, the weights and train/eval modes of the modules it calls
+    (for a function: those it names, see _train_mode.root_modules) and a function's
+    code: a resumed run with another model, mode or wrapper is refused, not mixed in."""
+    modules = root_modules(forward_func)
+    weights = _digest_tensors(t for m in modules for t in m.state_dict().values())
+    modes = "".join("t" if m.training else "e" for root in modules for m in root.modules())
+    name = type(forward_func).__name__ if isinstance(forward_func, nn.Module) else getattr(
+        forward_func, "__qualname__", type(forward_func).__name__)
+    code = getattr(forward_func, "__code__", None)
+    code_digest = hashlib.sha256(_code_text(code).encode()).hexdigest()[:16] if code is not None else ""
+    return f"{name}:{weights}:{hashlib.sha256(modes.encode()).hexdigest()[:8]}:{code_digest}"
+
+
+def _code_text(code) -> str:
+    """A function's bytecode, names and constants, nested functions included (a code
+    object's repr carries its address, which changes between processes)."""
+    constants = [_code_text(c) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}|{code.co_names}|{constants}"
 
 
 def _layer_names(explainer: Any) -> Optional[List[str]]:
@@ -202,12 +228,14 @@ def attribute_dataset(
     *,
     target: Union[None, int, str] = "predicted",
     baselines: Any = None,
-    n_steps: int = 50,
+    n_steps: Union[int, str] = 50,
     method: str = "gausslegendre",
     batch_size: Optional[int] = None,
     shard_size: int = 1024,
     internal_batch_size: Union[None, int, str] = None,
     memory_budget: Union[None, int, str] = None,
+    tolerance: Optional[float] = None,
+    max_steps: Optional[int] = None,
     device: Union[None, str, torch.device] = None,
     progress: bool = True,
 ) -> Dict[str, Any]:
@@ -226,7 +254,8 @@ def attribute_dataset(
             ``"label"`` (the items' labels), an int, or None (one output per example).
         baselines: for all examples (a number, or a tensor shaped like one batch of
             inputs with first dimension 1); per-example baselines go in dict items.
-        n_steps, method, internal_batch_size, memory_budget: as in attribute().
+        n_steps, method, internal_batch_size, memory_budget, tolerance, max_steps: as
+            in attribute() (n_steps="auto" with its tolerance; method="exact").
         batch_size: examples per attribute() call (default: the DataLoader's, or 32).
         shard_size: examples per shard file, the unit of resuming and of the split
             between processes. Default 1024.
@@ -237,12 +266,16 @@ def attribute_dataset(
     torchrun's environment describes); each rank writes its shards, rank 0 the
     manifest. Returns the summary: examples, seconds, examples per second, mean
     and max |delta|, the output directory.
+
+    Resuming re-reads the examples of the shards already written (no model call) and
+    refuses to go on if they or the collate_fn changed; a changed model (weights,
+    train/eval mode, a function's code) or argument is refused from the config.
     """
     explainer = _explainer(model_or_method)
     dataset, batch_size, collate = _dataset_and_batch(data, batch_size)
     batch_size = _positive(batch_size, "batch_size")
     shard_size = _positive(shard_size, "shard_size")
-    if method not in PIECE_METHODS:  # these have no rule; attribute() checks their arguments
+    if method not in PIECE_METHODS and n_steps != "auto":  # attribute() checks the others' arguments
         validate_method_and_steps(method, n_steps)
     if not (target is None or target in TARGET_FORMS or (isinstance(target, int) and not isinstance(target, bool))):
         raise ArgumentError(f"`target` must be 'predicted', 'label', an int or None; got {target!r}.")
@@ -263,6 +296,8 @@ def attribute_dataset(
         "model": _model_identity(forward),
         "n_steps": n_steps,
         "method": method,
+        "tolerance": tolerance,
+        "max_steps": max_steps,
         "target": target,
         "baselines": _baseline_identity(baselines),
         "batch_size": batch_size,
@@ -284,15 +319,23 @@ def attribute_dataset(
 
         started = time.perf_counter()
         finished = set(complete_shards(output_dir))
+        for shard in sorted(finished):
+            if shard % group.world == group.rank:
+                _check_shard_data(output_dir, shard, dataset, collate, *ranges[shard], batch_size)
         mine = [k for k in range(len(ranges)) if k % group.world == group.rank and k not in finished]
+        attribute_options = dict(n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
+                                 memory_budget=memory_budget)
+        if tolerance is not None or max_steps is not None:  # (attribute() refuses them without "auto")
+            attribute_options.update(tolerance=tolerance, max_steps=max_steps)
         left_overall = sum(e - b for k, (b, e) in enumerate(ranges) if k not in finished)
         computed = left_overall  # by all ranks in this run (a resumed run skips the rest)
         bar = _Progress(num_examples, group.world, progress and group.rank == 0)
         for shard in mine:
             begin, end = ranges[shard]
-            fields = _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device, target,
-                                      baselines, n_steps, method, internal_batch_size, memory_budget)
-            write_shard(output_dir, shard, fields, tag=f"r{group.rank}")
+            fields, digest = _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device,
+                                              target, baselines, attribute_options)
+            _check_like_written_shards(output_dir, fields, begin)
+            write_shard(output_dir, shard, fields, tag=f"r{group.rank}", notes={INPUT_DIGEST: digest})
             left_overall -= (end - begin) * group.world
             bar.add(end - begin, max(left_overall, 0))
         bar.finish()
@@ -312,11 +355,20 @@ def attribute_dataset(
 
 
 def _check_config(output_dir: str, config: dict) -> None:
+    """The run in ``output_dir`` (if any) has these arguments; a manifest there is its."""
     existing = read_json(os.path.join(output_dir, CONFIG))
     wanted = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
-    if existing is None or existing == wanted:
+    manifest = read_json(os.path.join(output_dir, MANIFEST))
+    if manifest is not None and any(manifest.get(k) != v for k, v in (existing or wanted).items()):
+        raise ArgumentError(
+            f"`output_dir` {output_dir!r} holds a {MANIFEST} that is not this run's (another "
+            "run's, or not igfast's): nothing was written; use another directory."
+        )
+    if existing is None:
         return
     changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+    if not changed:
+        return
     details = ", ".join(f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
     raise ArgumentError(
         f"`output_dir` {output_dir!r} holds a run with other arguments ({details}). Nothing was "
@@ -324,22 +376,53 @@ def _check_config(output_dir: str, config: dict) -> None:
     )
 
 
-def _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device, target, baselines,
-                     n_steps, method, internal_batch_size, memory_budget) -> Dict[str, np.ndarray]:
-    collected: Dict[str, List[np.ndarray]] = {}
+def _batches(dataset, collate, begin: int, end: int, batch_size: int):
+    """(first example, the collated batch split into its parts) for examples [begin, end)."""
     for first in range(begin, end, batch_size):
-        batch = _split_item(collate([dataset[i] for i in range(first, min(first + batch_size, end))]))
+        yield first, _split_item(collate([dataset[i] for i in range(first, min(first + batch_size, end))]))
+
+
+def _add_to_digest(digest, value: Any) -> None:
+    """A batch part (tensors, tuples of them, numbers, lists of labels) into ``digest``."""
+    if isinstance(value, torch.Tensor):
+        digest.update(_digest_tensors([value]).encode())
+    elif isinstance(value, (tuple, list)):
+        for part in value:
+            _add_to_digest(digest, part)
+    else:
+        digest.update(repr(value).encode())
+
+
+def _shard_digest(dataset, collate, begin: int, end: int, batch_size: int) -> str:
+    """What a shard was attributed from: its collated batches (inputs, labels, forward
+    args, per-example baselines). Resuming checks it: changed data or a changed
+    collate_fn would otherwise mix two data sets in one store."""
+    digest = hashlib.sha256()
+    for _, batch in _batches(dataset, collate, begin, end, batch_size):
+        _add_to_digest(digest, [batch[key] for key in BATCH_PARTS])
+    return digest.hexdigest()
+
+
+BATCH_PARTS = ("inputs", "label", "additional_forward_args", "baselines")
+
+
+def _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device, target, baselines,
+                     attribute_options) -> Tuple[Dict[str, np.ndarray], str]:
+    """The shard's fields and the digest of what they were attributed from."""
+    collected: Dict[str, List[np.ndarray]] = {}
+    digest = hashlib.sha256()
+    for first, batch in _batches(dataset, collate, begin, end, batch_size):
+        _add_to_digest(digest, [batch[key] for key in BATCH_PARTS])
         inputs = _to(batch["inputs"], device)
         args = _to(batch["additional_forward_args"], device)
-        with torch.no_grad():
+        # (a training-mode BatchNorm would update its running statistics here)
+        with torch.no_grad(), running_state_kept(explainer.forward_func):
             outputs = explainer.forward_func(*inputs, *(args or ()))
         targets = _targets(target, outputs, batch["label"], device)
         batch_baselines = _to(batch["baselines"], device) if batch["baselines"] is not None else baselines
         attributions, delta = explainer.attribute(
             inputs if len(inputs) > 1 else inputs[0], baselines=batch_baselines,
-            target=targets, additional_forward_args=args, n_steps=n_steps, method=method,
-            internal_batch_size=internal_batch_size, memory_budget=memory_budget,
-            return_convergence_delta=True,
+            target=targets, additional_forward_args=args, return_convergence_delta=True, **attribute_options,
         )
         if isinstance(attributions, torch.Tensor):
             named = {"attributions": attributions}
@@ -353,8 +436,43 @@ def _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device
             tensor = tensor.detach().to("cpu")
             if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
                 tensor = tensor.float()
+            earlier = collected.get(name)
+            if earlier and earlier[0].shape[1:] != tuple(tensor.shape[1:]):
+                raise _shape_error(name, first, tuple(tensor.shape[1:]), earlier[0].shape[1:])
             collected.setdefault(name, []).append(tensor.numpy())
-    return {name: np.concatenate(parts) for name, parts in collected.items()}
+    return {name: np.concatenate(parts) for name, parts in collected.items()}, digest.hexdigest()
+
+
+def _shape_error(name: str, first: int, shape: tuple, before: tuple) -> ArgumentError:
+    return ArgumentError(
+        f"The {name} of the examples from {first} on have shape {shape} per example, those before "
+        f"{before}: a store holds one shape per field. A collate_fn that pads each batch to its "
+        "longest item gives batch-dependent shapes: pad every batch to one length (and mask it)."
+    )
+
+
+def _check_like_written_shards(output_dir: str, fields: Dict[str, np.ndarray], first: int) -> None:
+    """A shard's fields have the per-example shapes of the shards already written."""
+    written = complete_shards(output_dir)
+    if not written:
+        return
+    shard = os.path.join(output_dir, shard_name(written[0]))
+    for name, array in fields.items():
+        path = os.path.join(shard, f"{name}.npy")
+        before = np.load(path, mmap_mode="r").shape[1:] if os.path.exists(path) else None
+        if before is not None and before != array.shape[1:]:
+            raise _shape_error(name, first, array.shape[1:], before)
+
+
+def _check_shard_data(output_dir: str, shard: int, dataset, collate, begin: int, end: int,
+                      batch_size: int) -> None:
+    written_from = read_shard_note(output_dir, shard, INPUT_DIGEST)
+    if written_from is not None and written_from != _shard_digest(dataset, collate, begin, end, batch_size):
+        raise ArgumentError(
+            f"`data` differs from the data the run in {output_dir!r} attributed: the examples "
+            f"{begin} to {end - 1} ({shard_name(shard)}), as the collate_fn batches them, have changed. "
+            "Nothing was overwritten: use another directory, or the same data to resume that run."
+        )
 
 
 def _targets(target, outputs: torch.Tensor, label: Any, device: torch.device):

@@ -17,6 +17,7 @@ most temporary directories, which the next run removes.
 
 import json
 import os
+import re
 import shutil
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ from .errors import ArgumentError
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 FORMAT_VERSION = 1
+MANIFEST_KEYS = ("num_examples", "shards", "attribution_fields", "attributions_are_tuple", "has_targets")
+# In each shard: a digest of the batches it was attributed from (resuming checks it).
+INPUT_DIGEST = "inputs.sha256"
+# Every shard holds it: a shard-NNNNNN directory without it is not igfast's.
+ALWAYS_WRITTEN = "deltas.npy"
+_SHARD_NAME = re.compile(r"shard-(\d{6,})")
 
 
 def shard_name(index: int) -> str:
@@ -41,11 +48,19 @@ def shard_ranges(num_examples: int, shard_size: int) -> List[Tuple[int, int]]:
 
 
 def complete_shards(directory: str) -> List[int]:
-    """Indices of the shards whose directories carry their final name."""
+    """Indices of the shards whose directories carry their final name (other entries,
+    "shard-backup" say, are not shards; a shard-NNNNNN igfast did not write is an error)."""
     found = []
     for entry in os.listdir(directory):
-        if entry.startswith("shard-") and os.path.isdir(os.path.join(directory, entry)):
-            found.append(int(entry[len("shard-"):]))
+        match = _SHARD_NAME.fullmatch(entry)
+        if match is None or not os.path.isdir(os.path.join(directory, entry)):
+            continue
+        if not os.path.exists(os.path.join(directory, entry, ALWAYS_WRITTEN)):
+            raise ArgumentError(
+                f"{os.path.join(directory, entry)!r} has the name of a shard but no {ALWAYS_WRITTEN}: igfast "
+                "did not write it. Move it out of the output directory."
+            )
+        found.append(int(match.group(1)))
     return sorted(found)
 
 
@@ -59,11 +74,16 @@ def remove_partial_shards(directory: str) -> int:
     return removed
 
 
-def write_shard(directory: str, index: int, fields: Dict[str, np.ndarray], tag: str) -> None:
-    """Write the fields of one shard, then make it visible in one rename."""
+def write_shard(directory: str, index: int, fields: Dict[str, np.ndarray], tag: str,
+                notes: Optional[Dict[str, str]] = None) -> None:
+    """Write the fields of one shard (and its notes: small text files), then make it
+    visible in one rename."""
     temporary = os.path.join(directory, f".{shard_name(index)}.tmp-{tag}")
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
+    for name, text in (notes or {}).items():
+        with open(os.path.join(temporary, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
     for name, array in fields.items():
         path = os.path.join(temporary, f"{name}.npy")
         with open(path, "wb") as handle:
@@ -82,11 +102,26 @@ def write_json_atomically(path: str, content: dict) -> None:
     os.replace(temporary, path)
 
 
+def read_shard_note(directory: str, index: int, name: str) -> Optional[str]:
+    """A note write_shard wrote, or None (a shard of an older igfast has none)."""
+    path = os.path.join(directory, shard_name(index), name)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
 def read_json(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            content = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ArgumentError(f"{path!r} is not igfast's: it is not JSON ({error}). Move it away.") from error
+    if not isinstance(content, dict):
+        raise ArgumentError(f"{path!r} is not igfast's: it holds a {type(content).__name__}, not an object.")
+    return content
 
 
 class ShardedArray:
@@ -123,7 +158,8 @@ class ShardedArray:
             raise TypeError(f"index with an int or a slice; got {type(key).__name__}")
         start, stop, step = key.indices(self._length)
         if step != 1:
-            return np.stack([self.numpy(i) for i in range(start, stop, step)]) if stop > start else self.numpy(slice(0, 0))
+            chosen = range(start, stop, step)
+            return np.stack([self.numpy(i) for i in chosen]) if len(chosen) else self.numpy(slice(0, 0))
         parts = []
         position = start
         while position < stop:
@@ -188,6 +224,9 @@ def open_attributions(path: str, mmap: bool = True) -> Attributions:
             f"The run in {path!r} is not finished: {done} of {config['num_shards']} shards are "
             "written. Call attribute_dataset again with the same arguments to resume it."
         )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ArgumentError(f"The {MANIFEST} in {path!r} is not igfast's: it has no {', '.join(missing)}.")
     ranges = [tuple(r) for r in manifest["shards"]]
     attribution_names = manifest["attribution_fields"]
     fields = {name: ShardedArray(path, name, ranges, mmap) for name in attribution_names}

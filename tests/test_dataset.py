@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -32,11 +33,17 @@ def same_igfast_environment():
 
 
 def files_of(directory):
-    """Every shard array, by relative path (the manifest and config aside)."""
+    """Every shard array (and note: the digest of its inputs), by relative path (the
+    manifest and config aside)."""
     arrays = {}
     for shard in sorted(d for d in os.listdir(directory) if d.startswith("shard-")):
         for name in sorted(os.listdir(os.path.join(directory, shard))):
-            arrays[f"{shard}/{name}"] = np.load(os.path.join(directory, shard, name))
+            path = os.path.join(directory, shard, name)
+            if name.endswith(".npy"):
+                arrays[f"{shard}/{name}"] = np.load(path)
+            else:
+                with open(path, encoding="utf-8") as handle:
+                    arrays[f"{shard}/{name}"] = handle.read()
     return arrays
 
 
@@ -153,7 +160,7 @@ def test_killed_run_resumes_to_the_same_files(reference_run, tmp_path):
     assert 2 <= len(visible) < 5
     for shard in visible:  # only whole shards are visible
         assert sorted(os.listdir(os.path.join(out, shard))) == [
-            "attributions.npy", "deltas.npy", "outputs.npy", "targets.npy"]
+            "attributions.npy", "deltas.npy", "inputs.sha256", "outputs.npy", "targets.npy"]
     with pytest.raises(ValueError, match="not finished"):
         igfast.open_attributions(out)
     summary = dataset_worker.run(out)  # the same arguments: resumes
@@ -290,3 +297,145 @@ def test_torchrun_environment_is_enough(reference_run, tmp_path):
         capture_output=True, text=True, timeout=300, env=same_igfast_environment())
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_files(out, reference_run[0])
+
+
+def _small_run(directory, model, data, **kwargs):
+    options = dict(target="label", batch_size=2, shard_size=4, n_steps=6, progress=False)
+    return igfast.attribute_dataset(model, data, str(directory), **{**options, **kwargs})
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                               torch.nn.Linear(4, 3)).eval()
+
+
+class _Stopping(torch.nn.Module):
+    """The model, failing from call ``stop_after + 1`` on (a plain attribute: not part
+    of the weights), as a killed run."""
+
+    def __init__(self, model, stop_after):
+        super().__init__()
+        self.model, self.stop_after, self.calls = model, stop_after, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.stop_after:
+            raise RuntimeError("stop")
+        return self.model(x)
+
+
+def test_resuming_with_other_data_a_collate_or_a_model_mode_is_refused(tmp_path):
+    """Each of these was accepted and mixed two setups in one store (0.27-0.93 off)."""
+    model = _mlp()
+    x, y = torch.randn(10, 6), torch.arange(10) % 3
+    data = TensorDataset(x, y)
+
+    wrapped = _Stopping(model, stop_after=10)  # 4 calls a batch: stops in the second shard
+    with pytest.raises(RuntimeError, match="stop"):
+        _small_run(tmp_path / "data", wrapped, data)
+    wrapped.stop_after = 10 ** 6
+    with pytest.raises(ValueError, match="differs from the data the run .* attributed"):
+        _small_run(tmp_path / "data", wrapped, TensorDataset(x + 1, y))  # same model
+    _small_run(tmp_path / "data", wrapped, data)  # the same data resumes
+    assert len(igfast.open_attributions(str(tmp_path / "data"))) == 10
+
+    doubled = DataLoader(data, batch_size=2, collate_fn=lambda items: tuple(
+        t * 2 if t.is_floating_point() else t for t in torch.utils.data.default_collate(items)))
+    with pytest.raises(ValueError, match="differs from the data"):
+        _small_run(tmp_path / "data", wrapped, doubled)
+
+    _small_run(tmp_path / "mode", model, data)
+    with pytest.raises(ValueError, match="other arguments .*model"):
+        _small_run(tmp_path / "mode", model.train(), data)
+    model.eval()
+    other = _mlp()
+    with torch.no_grad():
+        other[0].weight.mul_(2)
+    with pytest.raises(ValueError, match="other arguments .*model"):
+        _small_run(tmp_path / "mode", lambda inputs: other(inputs), data)
+
+
+def test_the_models_running_statistics_stay_as_they_were(tmp_path):
+    """attribute_dataset's own forward (outputs, predicted targets) updated them, so the
+    same call on the same model was then refused as another model."""
+    model = _mlp().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = TensorDataset(torch.randn(8, 6), torch.arange(8) % 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm in training mode
+        _small_run(tmp_path, model, data, target="predicted")
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        _small_run(tmp_path, model, data, target="predicted")  # the finished run, accepted
+
+
+def test_a_collate_fn_that_pads_per_batch_is_a_clear_error(tmp_path):
+    """Batches of 7 and 8 tokens: numpy failed while joining the shard, or (one batch
+    per shard) the store could not be read."""
+    torch.manual_seed(0)
+    sequences = [torch.randn(length, 5) for length in (7, 6, 8, 7)]
+    model = lambda x: x.sum(1)  # noqa: E731  (batch, length, 5) -> (batch, 5)
+
+    def pad(items):
+        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+
+    for shard_size in (4, 2):
+        with pytest.raises(ValueError, match="shape .* per example.*pads each batch"):
+            igfast.attribute_dataset(model, DataLoader(sequences, batch_size=2, collate_fn=pad),
+                                     str(tmp_path / str(shard_size)), target=1, shard_size=shard_size,
+                                     n_steps=4, progress=False)
+
+
+def test_foreign_entries_in_the_output_directory(tmp_path):
+    data = TensorDataset(torch.randn(6, 6), torch.arange(6) % 3)
+    model = _mlp()
+    (tmp_path / "a" / "shard-backup").mkdir(parents=True)  # not a shard's name: left alone
+    _small_run(tmp_path / "a", model, data)
+    assert len(igfast.open_attributions(str(tmp_path / "a")).attributions[:]) == 6
+    (tmp_path / "b" / "shard-000001").mkdir(parents=True)  # a shard's name, not igfast's
+    (tmp_path / "b" / "shard-000001" / "README").write_text("mine")
+    with pytest.raises(ValueError, match="igfast did not write it"):
+        _small_run(tmp_path / "b", model, data)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "manifest.json").write_text('{"author": "someone"}')
+    with pytest.raises(ValueError, match="manifest.json that is not this run's"):
+        _small_run(tmp_path / "c", model, data)
+    with pytest.raises(ValueError, match="not igfast's: it has no num_examples"):
+        igfast.open_attributions(str(tmp_path / "c"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text("not json")
+    with pytest.raises(ValueError, match="config.json' is not igfast's: it is not JSON"):
+        _small_run(tmp_path / "d", model, data)
+
+
+def test_slices_with_any_step_and_auto_steps(tmp_path):
+    """Negative steps gave empty slices; n_steps='auto' was refused."""
+    model = _mlp()
+    data = TensorDataset(torch.randn(9, 6), torch.arange(9) % 3)
+    _small_run(tmp_path, model, data, n_steps="auto", tolerance=1e-4)
+    store = igfast.open_attributions(str(tmp_path))
+    every = store.attributions[:]
+    for key in (slice(None, None, -1), slice(7, 1, -2), slice(-1, -6, -1), slice(None, None, 3)):
+        assert np.array_equal(store.attributions[key].numpy(), every.numpy()[key]), key
+    expected, info = igfast.IntegratedGradients(model).attribute(
+        data.tensors[0], target=data.tensors[1], n_steps="auto", tolerance=1e-4, return_adaptive_info=True)
+    assert bool(info.converged.all())
+    torch.testing.assert_close(every, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_iterable_datasets_are_refused_up_front(tmp_path):
+    class Counted(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.randn(4, 6))
+
+        def __len__(self):
+            return 4
+
+    for data in (Counted(), DataLoader(Counted(), batch_size=2)):
+        with pytest.raises(ValueError, match="iterable-style Dataset"):
+            igfast.attribute_dataset(_mlp(), data, str(tmp_path), target=0, progress=False)
+    assert not os.listdir(tmp_path)
+    with pytest.raises(ValueError, match="batch_size=None"):
+        igfast.attribute_dataset(_mlp(), DataLoader(TensorDataset(torch.randn(4, 6)), batch_size=None),
+                                 str(tmp_path), target=0, progress=False)

@@ -46,7 +46,7 @@ class BatchDependenceWarning(UserWarning):
     """The model's output depends on how the path rows are batched (or is random)."""
 
 
-def _root_modules(forward_func: Any, depth: int = 0) -> List[nn.Module]:
+def root_modules(forward_func: Any, depth: int = 0) -> List[nn.Module]:
     """The modules a forward function evidently calls: itself, the module of a bound
     method, a compiled module's original, modules a function names (``lambda x:
     model(x).logits``: in its closure or its globals), a functools.partial's function,
@@ -71,13 +71,13 @@ def _root_modules(forward_func: Any, depth: int = 0) -> List[nn.Module]:
         inner.extend(value for value in vars(forward_func).values() if isinstance(value, nn.Module))
     for value in inner:
         if value is not None and (isinstance(value, nn.Module) or callable(value)):
-            found.extend(_root_modules(value, depth + 1))
+            found.extend(root_modules(value, depth + 1))
     return found
 
 
 def _named_modules(forward_func: Any) -> Iterator[Tuple[str, nn.Module]]:
     seen = set()
-    for root in _root_modules(forward_func):
+    for root in root_modules(forward_func):
         for name, module in root.named_modules():
             if id(module) not in seen:
                 seen.add(id(module))
@@ -127,10 +127,27 @@ def depends_on_the_call(forward_func: Callable) -> bool:
 
 
 @contextlib.contextmanager
+def running_state_kept(forward_func: Callable) -> Iterator[None]:
+    """Restore the buffers that forward calls update (running statistics, observed
+    ranges) after the block."""
+    saved = [(buffer, buffer.clone()) for _, module in _named_modules(forward_func)
+             if _may_depend_on_the_call(type(module)) and _updates_its_state(module)
+             for buffer in module.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                if buffer.shape != copy.shape:  # observers start from empty ranges
+                    buffer.resize_(copy.shape)
+                buffer.copy_(copy)
+
+
+@contextlib.contextmanager
 def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
     """Warn about batch-dependent or random modules, and restore running statistics
     after the block."""
-    batch_statistics, random_masks, saved = [], [], []
+    batch_statistics, random_masks = [], []
     for name, module in _named_modules(forward_func):
         if not _may_depend_on_the_call(type(module)):
             continue
@@ -138,8 +155,6 @@ def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
             batch_statistics.append(f"{name} ({type(module).__name__})")
         if _draws_random_masks(module):
             random_masks.append(f"{name} ({type(module).__name__})")
-        if _updates_its_state(module):
-            saved.extend((buffer, buffer.clone()) for buffer in module.buffers(recurse=False))
     if batch_statistics:
         warnings.warn(
             f"igfast: {_listed(batch_statistics)} normalise (or quantize) each forward call's rows with "
@@ -159,14 +174,10 @@ def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
         )
     token = _BATCH_DEPENDENT.set(bool(batch_statistics))
     try:
-        yield
+        with running_state_kept(forward_func):
+            yield
     finally:
         _BATCH_DEPENDENT.reset(token)
-        with torch.no_grad():
-            for buffer, copy in saved:
-                if buffer.shape != copy.shape:  # observers start from empty ranges
-                    buffer.resize_(copy.shape)
-                buffer.copy_(copy)
 
 
 def _listed(names: List[str], most: int = 3) -> str:
