@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ArgumentError
+from .demo import TEST_EXAMPLES
 from .quadrature import SUPPORTED_METHODS
 
 
@@ -223,6 +224,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             parser.error(f"{args.command}: --{name.replace('_', '-')} must be >= 1")  # exits with 2
+    if args.command == "llm" and args.prompt is not None and not args.prompt.strip():
+        parser.error("llm: --prompt is empty (leave it out for the default prompt)")
+    if args.command == "demo" and args.images > TEST_EXAMPLES:
+        parser.error(f"demo: --images must be at most {TEST_EXAMPLES} (the digits test set)")
     try:
         return {"demo": _demo, "llm": _llm, "bench": _bench, "info": _info}[args.command](args)
     except UserError as error:
