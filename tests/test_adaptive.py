@@ -664,3 +664,31 @@ def test_examples_left_unconverged_warn_unless_the_info_is_asked_for():
                                           return_adaptive_info=True)
             assert not bool(info.converged.any())
             explainer.attribute(x, target=1, n_steps="auto", tolerance=1e-2)  # converges: silent
+
+
+class _Residual(torch.nn.Module):
+    """A branch bypasses the attributed layer: along the layer's path F runs from
+    F(layer at the baselines, the rest at the inputs), not from F(baselines)."""
+
+    def __init__(self, activation):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer, self.skip = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3), torch.nn.Linear(6, 3)
+        self.activation = activation
+
+    def forward(self, x):
+        return self.outer(self.activation(self.inner(x))) + self.skip(self.activation(x))
+
+
+def test_layer_auto_judges_completeness_at_the_paths_own_start():
+    """Judged against F(baselines), the completeness 'error' was 0.46-0.87 whatever
+    the rule: every example ran to max_steps and came back unconverged (true error
+    2.5e-10)."""
+    model = _Residual(torch.tanh).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    explainer = igfast.LayerIntegratedGradients(model, model.inner)
+    attributions, info = explainer.attribute(x, target=1, n_steps="auto", tolerance=1e-6, return_adaptive_info=True)
+    reference = explainer.attribute(x, target=1, n_steps=512)
+    assert bool(info.converged.all()) and int(info.evaluations.max()) <= 33, info.evaluations
+    error = (attributions - reference).norm(dim=1) / reference.norm(dim=1)
+    assert float(error.max()) < 1e-6

@@ -713,3 +713,17 @@ def test_a_large_smooth_part_after_the_kinks_warns_unless_a_tolerance_refines_it
         refined = ig.attribute(x, target=0, method="exact", tolerance=1e-6)
     error = (refined - reference).norm(dim=1) / reference.norm(dim=1)
     assert float(error.max()) < 1e-6, error
+
+
+def test_layer_exact_around_a_residual_branch():
+    """The completeness check compares with F along the layer's own path (a branch
+    bypasses the layer): it raised against F(baselines)."""
+    from test_adaptive import _Residual
+
+    model = _Residual(torch.relu).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    explainer = igfast.LayerIntegratedGradients(model, model.inner)
+    exact = explainer.attribute(x, target=1, method="exact")
+    # (the midpoint rule is off by about kinks x jump / steps: ~6e-6 at 20000 steps)
+    reference = explainer.attribute(x, target=1, n_steps=200000, method="riemann_middle")
+    torch.testing.assert_close(exact, reference, rtol=1e-4, atol=1e-6)

@@ -265,9 +265,18 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
 
             return run_point_round, forward_at, row_limit
 
+        def value_at_path_start() -> torch.Tensor:
+            """F with the layer's activations at the path's start and the model inputs
+            at the end: the path integral's F(start). It differs from F(baselines) when
+            part of the model bypasses the layer (a residual branch)."""
+            with torch.no_grad(), activations_replaced(self._layers, attribute_to_layer_input, slots, starts):
+                output = forward_output(self._eager_forward, model_inputs, args)
+            return values_per_target(output, [chunk_target])[0]
+
         if exact is not None:
             integral = integrate_exactly(ends, starts, exact, *exact_parts(torch.arange(batch_size, device=device)))
-            check_completeness(integral, tuple(e - s for e, s in zip(ends, starts)), start_values, end_values)
+            check_completeness(integral, tuple(e - s for e, s in zip(ends, starts)), value_at_path_start(),
+                               end_values)
         elif adaptive is not None:
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
                 sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
@@ -279,7 +288,9 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
                     select_additional_forward_args(args, examples, batch_size))
                 return integrate_gradients(sub_ends, sub_starts, nodes, gradients_at, row_limit)
 
-            integral = integrate_adaptively(ends, starts, adaptive, run_round, start_values, end_values,
+            # F at the path's ends comes from round 0 (alpha 0 and 1): F(baselines) would not
+            # be the path's start where part of the model bypasses the layer.
+            integral = integrate_adaptively(ends, starts, adaptive, run_round,
                                             exact_route=ExactRoute(ends, starts, exact_parts))
         else:
             nodes = path_nodes(method, n_steps)
