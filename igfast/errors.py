@@ -18,10 +18,11 @@ class ArgumentTypeError(ArgumentError, TypeError, AttributeError):
     given to NoiseTunnel instead of an attribution method)."""
 
 
-class ShapeError(ArgumentError, RuntimeError):
+class ShapeError(ArgumentError, RuntimeError, IndexError):
     """Tensor arguments whose shapes do not fit together: a baseline that does not
     broadcast to its input, inputs with different numbers of examples (Captum:
-    PyTorch's RuntimeError where it combines them, AssertionError where it checks)."""
+    PyTorch's RuntimeError where it combines them, AssertionError where it checks,
+    IndexError where it indexes: a TextTokenInput's baselines of the wrong width)."""
 
 
 class RangeError(ArgumentError, RuntimeError, ZeroDivisionError):

@@ -192,8 +192,9 @@ def _count_calls(model):
 
 
 def test_one_pass_model_calls(tokenizer):
-    """One call for the layer's activations at both ends, then one per path chunk,
-    each over prompt + target - 1 tokens: against Captum's 2 + n_steps/rows per token."""
+    """One call for the layer's activations at both ends (and a third row: the sequence
+    with its last token changed, which shows the model is causal), then one per path
+    chunk, each over prompt + target - 1 tokens: against Captum's 2 + n_steps/rows per token."""
     model = model_of("qwen2", tokenizer)
     inp = captum_attr.TextTokenInput(PROMPT, tokenizer, skip_tokens=["<s>"])
     targets = torch.tensor(tokenizer.encode(TARGET, add_special_tokens=False))
@@ -209,7 +210,7 @@ def test_one_pass_model_calls(tokenizer):
     finally:
         handle.remove()
     length = inp.inp_tensor.shape[1] + len(targets) - 1
-    assert [tuple(s) for s in ours] == [(2, length), (4, length), (4, length)]
+    assert [tuple(s) for s in ours] == [(3, length), (4, length), (4, length)]
     assert explainer.last_integral.forward_calls == 2
     assert len(calls) == len(targets) * (2 + 2)  # per token: inputs, baselines, two chunks
 
@@ -259,6 +260,28 @@ def test_errors(tokenizer):
         explainer.attribute(inp, target="")
     with pytest.raises(ValueError, match="one layer"):
         igfast.LLMGradientAttribution(igfast.LayerIntegratedGradients(model, [layer]), tokenizer)
+    # Captum: IndexError (baselines of another width), TypeError (a 0-dim target).
+    captum_explainer = captum_attr.LLMGradientAttribution(captum_attr.LayerIntegratedGradients(model, layer),
+                                                          tokenizer)
+    width = inp.to_tensor().shape[1]
+    for call in (lambda e: e.attribute(inp, target=TARGET, baselines=torch.ones(1, width - 2)),):
+        with pytest.raises(IndexError):
+            call(captum_explainer)
+        with pytest.raises(IndexError, match="interpretable space"):
+            call(explainer)
+    with pytest.raises(TypeError):
+        captum_explainer.attribute(inp, target=torch.tensor(5))
+    with pytest.raises(TypeError, match="1-D token ids"):
+        explainer.attribute(inp, target=torch.tensor(5))
+
+
+def test_a_one_tensor_tuple_of_baselines_as_in_captum(tokenizer):
+    """Captum passes baselines=(tensor,) on to LayerIG; igfast refused it."""
+    model = model_of("gpt2", tokenizer)
+    inp = captum_attr.TextTokenInput(PROMPT, tokenizer)
+    baselines = (torch.tensor([[1] + [0] * (inp.to_tensor().shape[1] - 1)]),)
+    ours, theirs = both(model, tokenizer, inp, target=TARGET, n_steps=8, baselines=baselines)
+    assert_same_result(ours, theirs)
 
 
 def test_captum_layer_ig_is_converted_and_plots_work(tokenizer, tmp_path):
@@ -331,3 +354,17 @@ def test_igfast_input_classes_behave_like_captums(tokenizer):
         assert torch.equal(ours.format_attr(attr), theirs.format_attr(attr))
     named = llm_inputs.TextTemplateInput("{a} and {b}", {"a": "x", "b": "y"}, baselines={"a": "p", "b": "q"})
     assert named.to_model_input(torch.tensor([[1, 0]])) == "x and q"
+
+
+def test_a_model_that_looks_ahead_gets_a_prefix_per_target_token(tokenizer):
+    """A bidirectional model (BERT) in one pass over prompt + target let each target
+    token see the later ones: rows off by 1e-3 and 1e-1 relative, silently."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertForMaskedLM(config).eval()
+    inp = captum_attr.TextTokenInput("The cat sat on", tokenizer)
+    ours, theirs = both(model, tokenizer, inp, target=" the mat", n_steps=20)
+    assert len(theirs.output_tokens) == 3
+    assert_same_result(ours, theirs)

@@ -141,7 +141,9 @@ class LLMGradientAttribution(CaptumMembers):
             targets = torch.tensor(self.tokenizer.encode(target, add_special_tokens=False), dtype=torch.long)
         elif isinstance(target, torch.Tensor):
             if target.dtype.is_floating_point or target.dtype == torch.bool or target.dim() != 1:
-                raise ArgumentError(f"A tensor `target` must be 1-D token ids; got {target.dtype} {tuple(target.shape)}.")
+                # Captum: TypeError for a 0-dim tensor (it iterates over it)
+                error = ArgumentTypeError if target.dim() == 0 else ArgumentError
+                raise error(f"A tensor `target` must be 1-D token ids; got {target.dtype} {tuple(target.shape)}.")
             targets = target.long()
         else:
             raise InputTypeError(
@@ -243,6 +245,23 @@ class TargetLogProbs(nn.Module):
         return log_probs.gather(-1, index).squeeze(-1)
 
 
+def _looks_ahead(log_probs: torch.Tensor) -> bool:
+    """From the log-probabilities (rows, T) of the sequence (the first row) and of a
+    copy whose last token differs (the last row): whether an earlier position's output changed.
+    A causal LM's cannot; a bidirectional one's (BERT) does, and then one pass over
+    prompt + target would let each target token see the later ones."""
+    # The rows run in one call, so a causal model gives bit-equal earlier positions (in any
+    # dtype); a small random BERT's moved by 1e-4 on log-probabilities of 6.
+    before = log_probs[[0, -1], :-1].double()
+    allowed = 16 * torch.finfo(torch.float32).eps * max(1.0, float(before[0].abs().max()))
+    return bool((before[0] - before[1]).abs().max() > allowed)
+
+
+def _other_token(model: nn.Module, token: int) -> int:
+    vocabulary = _vocabulary_size(model)
+    return (token + 1) % vocabulary if vocabulary else (token - 1 if token > 0 else token + 1)
+
+
 def attribute_prompt_to_targets(
     model: nn.Module,
     layer: nn.Module,
@@ -256,6 +275,7 @@ def attribute_prompt_to_targets(
     memory_budget: Union[None, int, str] = None,
     attribute_to_layer_input: bool = False,
     grad_kwargs: Optional[Dict[str, Any]] = None,
+    context: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, PathIntegral]:
     r"""Layer IG of every target token's log-probability, summed over the layer's
     feature dimensions, at every prompt position: the one-pass core.
@@ -268,6 +288,8 @@ def attribute_prompt_to_targets(
         targets: (T,) the target token ids that follow the prompt.
         multiply_by_inputs, n_steps, method, internal_batch_size, memory_budget,
             attribute_to_layer_input, grad_kwargs: as in LayerIntegratedGradients.
+        context: the tokens between the prompt and the targets' positions (default:
+            the targets but the last, each predicting the next).
 
     Returns:
         ``(attributions, integral)``: attributions (T, P) in the accumulation dtype
@@ -279,27 +301,39 @@ def attribute_prompt_to_targets(
         raise ArgumentError(f"`prompt_ids` and `baseline_ids` must both be (1, P); got "
                             f"{tuple(prompt_ids.shape)} and {tuple(baseline_ids.shape)}.")
     prompt_length, count = prompt_ids.shape[1], targets.shape[0]
-    follow = targets[:-1].reshape(1, -1).to(prompt_ids)  # the last target predicts nothing
+    follow = (targets[:-1] if context is None else context).reshape(1, -1).to(prompt_ids)  # (the last target predicts nothing)
     ids = torch.cat([prompt_ids, follow], dim=1)
     length = ids.shape[1]
     log_probs = TargetLogProbs(model, targets)
+    rows = [ids, torch.cat([baseline_ids, follow], dim=1)]
+    check_causal = count > 1 and context is None
+    if check_causal:  # (the same call, one row more: the sequence with its last token changed)
+        changed = ids.clone()
+        changed[0, -1] = _other_token(model, int(ids[0, -1]))
+        rows.append(changed)
 
     with torch.no_grad():
-        activations, slots, _ = record_activations(
-            [layer], attribute_to_layer_input,
-            lambda: log_probs(torch.cat([ids, torch.cat([baseline_ids, follow], dim=1)])))
+        activations, slots, recorded = record_activations(
+            [layer], attribute_to_layer_input, lambda: log_probs(torch.cat(rows)))
+    if check_causal and _looks_ahead(recorded):
+        # Each target token gets its own prefix, as in Captum's per-token runs.
+        per_token = [attribute_prompt_to_targets(
+            model, layer, prompt_ids, baseline_ids, targets[t:t + 1], multiply_by_inputs, n_steps, method,
+            internal_batch_size, memory_budget, attribute_to_layer_input, grad_kwargs, context=targets[:t])
+            for t in range(count)]
+        return torch.cat([attributions for attributions, _ in per_token]), per_token[-1][1]
     if len(activations) != 1:
         raise ArgumentError("The layer must give one activation tensor (rows, positions, ...), not a tuple.")
     activation = activations[0]
     if not activation.is_floating_point():
         raise LayerError(f"The layer's activation must be floating to be interpolated; got {activation.dtype}.")
-    if activation.dim() < 2 or activation.shape[:2] != (2, length):
+    if activation.dim() < 2 or activation.shape[:2] != (len(rows), length):
         raise LayerError(
-            f"The layer's activation must be (rows, positions, ...): one row per sequence (2 here, the "
-            f"prompt and its baseline) and positions = prompt + target - 1 = {length}; got "
+            f"The layer's activation must be (rows, positions, ...): one row per sequence ({len(rows)} here, "
+            f"the prompt, its baseline{', a check' if check_causal else ''}) and positions = prompt + target - 1 = {length}; got "
             f"{tuple(activation.shape)}. A layer whose output is shared by the rows (a position "
             "embedding) has nothing per prompt to attribute: use model.get_input_embeddings().")
-    ends, starts = activation[:1], activation[1:]
+    ends, starts = activation[:1], activation[1:2]
     nodes = path_nodes(method, n_steps)
     accumulate = dtype_policy(activation.dtype).accumulate
     accumulator_bytes = count * prompt_length * torch.finfo(accumulate).bits // 8

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ShapeError
 
 # Captum's default baseline of TextTokenInput: "usually UNK".
 DEFAULT_BASELINE_TOKEN = 0
@@ -217,6 +217,8 @@ def _token_input_prompt(inp: Any, baselines: Any) -> TokenPrompt:
     features = inp.to_tensor()
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ArgumentError(f"`inp` must hold one prompt (token ids of shape (1, P)); got {tuple(ids.shape)}.")
+    if isinstance(baselines, tuple) and len(baselines) == 1:  # Captum passes it on to LayerIG as is
+        baselines = baselines[0]
     if baselines is None:
         start = torch.zeros_like(features)
     elif isinstance(baselines, (int, float)) or (isinstance(baselines, torch.Tensor) and baselines.dim() == 0):
@@ -224,7 +226,9 @@ def _token_input_prompt(inp: Any, baselines: Any) -> TokenPrompt:
     elif isinstance(baselines, torch.Tensor) and tuple(baselines.shape[-1:]) == tuple(features.shape[-1:]):
         start = baselines.reshape(1, -1).to(features.device)
     else:
-        raise ArgumentError(
+        # Captum: IndexError where the width differs (it indexes with the baselines)
+        error = ShapeError if isinstance(baselines, torch.Tensor) else ArgumentError
+        raise error(
             "`baselines` of a TextTokenInput lie in its interpretable space (as in Captum): a number "
             f"or a tensor of shape {tuple(features.shape)} (1: keep the token, else: baseline token)."
         )
