@@ -83,7 +83,7 @@ from .completeness import completeness_scale, relative_completeness
 from .dtypes import dtype_policy
 from .engine import PathIntegral
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
-from .exact import ExactRoute, SmoothNetworkError
+from .exact import ExactRoute, SmoothNetworkError, hidden_kinks
 from .quadrature import (
     DEFAULT_MAX_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
     validate_method_and_steps,
@@ -510,8 +510,20 @@ class _ExactSwitch:
                                               self.walk_round_seconds)
         if walk_seconds > float(to_go[cheaper].sum()) * self.row_seconds:
             return taken
-        integral = self.route.integrate(chosen, self.settings.tolerance)
+        try:
+            integral = self.route.integrate(chosen, self.settings.tolerance)
+        except NotPiecewiseLinearError as error:
+            # The walk's gradient rounds need more than the probe's forward (forward-mode AD
+            # through a backward: SiLU, GroupNorm): the rule goes on, strictly judged (the
+            # probe found kinks).
+            self.unavailable, self.unreadable = str(error), True
+            return taken
         rounds.append(integral)
+        why = hidden_kinks(integral, tuple(d[chosen] for d in self.differences), self.value_change[chosen],
+                           self.scale[chosen])
+        if why is not None:  # (an in-place relu_: its walk was 68-128% off) the rule goes on
+            self.unavailable, self.unreadable = why, True
+            return taken
         self._record(chosen, integral)
         taken[undone.nonzero()[:, 0][cheaper]] = True
         return taken

@@ -870,23 +870,31 @@ HIDDEN_KINK_EPSILONS = 2000
 def check_completeness(integral: "ExactIntegral", differences: Tuple[torch.Tensor, ...],
                        start_values: torch.Tensor, end_values: torch.Tensor) -> None:
     """Raise NotPiecewiseLinearError where exact pieces (one gradient each) miss
-    completeness by more than rounding: the network bent the path where the walk could
-    not see it. (With Gauss nodes on the pieces the gap includes their rule's error.)"""
+    completeness by more than rounding (see hidden_kinks)."""
+    why = hidden_kinks(integral, differences, end_values - start_values, completeness_scale(start_values, end_values))
+    if why is not None:
+        raise NotPiecewiseLinearError(f"method='exact': {why} Use n_steps='auto' (error-controlled) or a fixed n_steps.")
+
+
+def hidden_kinks(integral: "ExactIntegral", differences: Tuple[torch.Tensor, ...], value_change: torch.Tensor,
+                 scale: torch.Tensor) -> Optional[str]:
+    """Why the exact pieces cannot be right, where they miss completeness by more than
+    rounding: the network bent the path where the walk could not see it. None where
+    they meet it, or where Gauss nodes on the pieces (whose rule has an error) make the
+    check moot."""
     info = integral.info
     if info.nodes_per_piece != 1 or info.curved_kinks or not differences[0].shape[0]:
-        return
-    gap = relative_completeness(integral.gradient_sums, differences, end_values - start_values,
-                                completeness_scale(start_values, end_values))
+        return None
+    gap = relative_completeness(integral.gradient_sums, differences, value_change, scale)
     allowed = HIDDEN_KINK_EPSILONS * torch.finfo(differences[0].dtype).eps
     missed = gap > allowed
-    if bool(missed.any()):
-        raise NotPiecewiseLinearError(
-            f"method='exact': the attributions of {int(missed.sum())} of {gap.numel()} examples miss "
-            f"completeness (sum of attributions = F(inputs) - F(baselines)) by up to {float(gap.max()):.2e} "
-            f"relative, where exact pieces meet it to {allowed:.1e}: the network bends the path where the "
-            "walk cannot see it, as a piecewise-linear op inside a custom torch.autograd.Function (its "
-            "forward runs without tangents) or one run without autograd. Use n_steps='auto' "
-            "(error-controlled) or a fixed n_steps.")
+    if not bool(missed.any()):
+        return None
+    return (f"the attributions of {int(missed.sum())} of {gap.numel()} examples miss completeness (sum of "
+            f"attributions = F(inputs) - F(baselines)) by up to {float(gap.max()):.2e} relative, where exact "
+            f"pieces meet it to {allowed:.1e}: the network bends the path where the walk cannot see it, as a "
+            "piecewise-linear op inside a custom torch.autograd.Function (its forward runs without tangents), "
+            "one run in place (relu_) or one run without autograd.")
 
 
 # A smooth head's error estimate (the midpoint rule's distance from the Gauss sums on

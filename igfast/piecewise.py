@@ -325,7 +325,8 @@ class BreakpointMode(TorchFunctionMode):
         if self._placed_before(z, op, line=True):
             return
         with torch.no_grad():
-            crossings = (z.neg() if kink == 0 else torch.rsub(z, kink)).div_(dz)
+            at_zero = isinstance(kink, (int, float)) and kink == 0  # (a clamp's bounds may be tensors)
+            crossings = (z.neg() if at_zero else torch.rsub(z, kink)).div_(dz)
             ahead = torch.where(crossings > self.margin, crossings, math.inf) if self._wants_next_step else crossings
             self._record_steps(ahead, op)
         self._record_window(crossings, op)
@@ -654,20 +655,25 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
         if isinstance(bound, torch.Tensor) and _tangent(bound) is not None:
             raise NotPiecewiseLinearError(f"method='exact': {name} with path-dependent bounds is not supported.")
     z, dz = _primal_and_tangent(x)
+    # A unit that stays on a bound along the piece is inside for clamp (PyTorch's gradient
+    # passes at min <= x <= max) and outside for hardtanh (min < x < max).
+    inclusive = not name.startswith("hardtanh")
     with torch.no_grad():
         ahead = _side(mode, z, dz)
-        inside = torch.ones_like(z, dtype=torch.bool)
+        below = torch.zeros_like(z, dtype=torch.bool)
+        above = torch.zeros_like(z, dtype=torch.bool)
         if low is not None:
-            inside &= ahead > low
+            below = ahead < low if inclusive else ahead <= low
         if high is not None:
-            inside &= ahead < high
+            above = ahead > high if inclusive else ahead >= high
+        inside = ~below & ~above
     for bound in (low, high):
         if bound is not None:
             mode._record_kink(z, dz, bound, name)
     with torch.no_grad():
         # 0 below low, 1 inside, 2 above high: a unit crossed each bound between its
         # region and the reference's.
-        region = inside.long() + (ahead >= high).long() * 2 if high is not None else inside.long()
+        region = inside.long() + above.long() * 2
 
     def back_from(reference):
         back = torch.full_like(z, -math.inf)
@@ -702,8 +708,10 @@ def _maximum(mode: BreakpointMode, func, name, args, kwargs):
         if not larger:
             d, dd = -d, -dd
         ahead = _side(mode, d, dd)
-        # Equal along the whole piece: PyTorch splits the gradient between the two.
-        weight_a = ((ahead > 0).double() + 0.5 * (ahead == 0).double()).to(pa.dtype)
+        # Equal along the whole piece: PyTorch splits the gradient between the two
+        # (maximum, minimum), or gives it to the first (fmax, fmin).
+        tie = 1.0 if name in ("fmax", "fmin") else 0.5
+        weight_a = ((ahead > 0).double() + tie * (ahead == 0).double()).to(pa.dtype)
     mode._record_kink(d, dd, 0.0, name)
     if mode.curved_kinks:
         side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
@@ -729,6 +737,18 @@ def _affine_with_bias(mode: BreakpointMode, func, name, args, kwargs):
     return fwAD.make_dual(value, direction)
 
 
+# Two float64 values this many epsilons apart count as equal in a tie (see _select_in_windows).
+ROUNDING_TIE_ULPS = 64
+
+
+def level_with(v: torch.Tensor, dv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per window (last dim): the elements level with the one at ``index`` in value and
+    rate, to ROUNDING_TIE_ULPS (it included)."""
+    best_v, best_dv = v.gather(-1, index), dv.gather(-1, index)
+    close = ROUNDING_TIE_ULPS * torch.finfo(v.dtype).eps
+    return ((v - best_v).abs() <= close * best_v.abs()) & ((dv - best_dv).abs() <= close * best_dv.abs())
+
+
 def _select_in_windows(mode: BreakpointMode, v: torch.Tensor, dv: torch.Tensor, largest: bool, name: str):
     """Per window (last dim of v, float64, and its tangent dv): the index (keepdim) of the
     element that is the max (min) just after the current point; the steps at which
@@ -737,6 +757,11 @@ def _select_in_windows(mode: BreakpointMode, v: torch.Tensor, dv: torch.Tensor, 
     with torch.no_grad():
         # The max just after the current point (a tie goes to the element rising fastest).
         index = _side(mode, sv, sdv).argmax(-1, keepdim=True)
+        # Elements level with it in value and rate to rounding stay tied along the piece
+        # (two positions of the same token: computed in other lanes, they differ in the
+        # last bits): the first of them wins, as in PyTorch's max (the last bits gave the
+        # second 1.2e-2 of the attributions in a LayerIG over repeated tokens).
+        index = level_with(sv, sdv, index).to(torch.uint8).argmax(-1, keepdim=True)
         chosen_v, chosen_dv = sv.gather(-1, index), sdv.gather(-1, index)
     _record_overtaking(mode, sv, sdv, chosen_v, chosen_dv, -1, name)
 
@@ -796,14 +821,21 @@ def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     if dim == 0:
         raise NotPiecewiseLinearError(f"method='exact': {name} over dim 0 mixes the examples of the batch.")
     windows = x.movedim(dim, -1)
-    index = _select_in_windows(mode, *_primal_and_tangent(windows), name.startswith(("max", "amax")), name)
+    v, dv = _primal_and_tangent(windows)
+    index = _select_in_windows(mode, v, dv, name.startswith(("max", "amax")), name)
     primal, tangent = _parts(windows)
+    if name in ("amax", "amin"):
+        # Elements level with the winner along the whole piece share the gradient, as
+        # PyTorch's amax/amin split it (max/min(dim) give it to the index they return).
+        with torch.no_grad():
+            tied = level_with(v, dv, index)
+            weights = (tied.to(primal.dtype) / tied.sum(-1, keepdim=True)).to(primal.dtype)
+        values = fwAD.make_dual((primal * weights).sum(-1), (tangent * weights).sum(-1))
+        return values.unsqueeze(dim) if keepdim else values
     values = fwAD.make_dual(primal.gather(-1, index).squeeze(-1), tangent.gather(-1, index).squeeze(-1))
     index = index.squeeze(-1)
     if keepdim:
         values, index = values.unsqueeze(dim), index.unsqueeze(dim)
-    if name in ("amax", "amin"):
-        return values
     return torch.return_types.max((values, index)) if name == "max" else torch.return_types.min((values, index))
 
 

@@ -727,3 +727,93 @@ def test_layer_exact_around_a_residual_branch():
     # (the midpoint rule is off by about kinks x jump / steps: ~6e-6 at 20000 steps)
     reference = explainer.attribute(x, target=1, n_steps=200000, method="riemann_middle")
     torch.testing.assert_close(exact, reference, rtol=1e-4, atol=1e-6)
+
+
+TIED_ALONG_THE_PATH = {
+    # f(x) of rows (N, 4) whose kink stays tied along the whole path from 0: PyTorch's
+    # gradient convention decides, and exact IG must follow it as every rule does.
+    "amax splits": lambda x: x[:, :2].amax(1) + 3 * x[:, 3],  # x0 = x1
+    "amin splits": lambda x: x[:, :2].amin(1) + x[:, 2],
+    "clamp passes at its bound": lambda x: 3 * torch.clamp(x[:, 0] - x[:, 1], min=0) + x[:, 2],
+    "clamp passes at its upper bound": lambda x: 3 * torch.clamp(x[:, 0] - x[:, 1], -1, 0) + x[:, 2],
+    "hardtanh does not": lambda x: 3 * F.hardtanh(x[:, 0] - x[:, 1], 0.0, 1.0) + x[:, 2],
+    "fmax gives the first": lambda x: 3 * torch.fmax(x[:, 0], x[:, 1]) + x[:, 2],
+    "fmin gives the first": lambda x: 3 * torch.fmin(x[:, 0], x[:, 1]) + x[:, 2],
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIED_ALONG_THE_PATH))
+def test_ties_along_the_whole_path_follow_pytorchs_gradient(case):
+    """amax/amin sent the whole gradient to one element (0.23-0.33 off), clamp treated
+    its bound as outside (0.99 off), fmax split the gradient (0.70 off); auto, switching
+    to the walk, reported them converged."""
+    forward = TIED_ALONG_THE_PATH[case]
+    x = torch.tensor([[1.0, 1.0, 0.5, 2.0], [2.0, 2.0, -1.0, 0.5]], dtype=torch.float64)
+    captum_attr = pytest.importorskip("captum.attr")
+    expected = captum_attr.IntegratedGradients(forward).attribute(x, n_steps=4, method="riemann_middle")
+    exact = igfast.IntegratedGradients(forward).attribute(x, method="exact")
+    torch.testing.assert_close(exact, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_clamp_with_tensor_bounds():
+    """Per-unit constant bounds crashed the walk (a tensor compared with 0)."""
+    torch.manual_seed(3)
+    inner, outer = nn.Linear(6, 8).double(), nn.Linear(8, 3).double()
+    low, high = -torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    forward = lambda x: outer(torch.clamp(inner(x), low, high))  # noqa: E731
+    x = torch.randn(3, 6, dtype=torch.float64)
+    exact = igfast.IntegratedGradients(forward).attribute(x, target=1, method="exact")
+    reference = igfast.IntegratedGradients(forward).attribute(x, target=1, n_steps=100000, method="riemann_middle")
+    torch.testing.assert_close(exact, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_repeated_tokens_tie_in_a_max_over_the_sequence():
+    """Two positions of one token are level along the whole path, to their last bits:
+    the walk gave the second 1.2e-2 of the attributions where PyTorch's max gives it 0."""
+    torch.manual_seed(5)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.a, self.b, self.o = nn.Embedding(20, 6), nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.o(F.relu(self.b(F.relu(self.a(self.e(ids))))).max(1).values)
+
+    model = Tokens().double().eval()
+    ids = torch.tensor([[15, 6, 2, 6, 8]])
+    explainer = igfast.LayerIntegratedGradients(model, model.e)
+    exact = explainer.attribute(ids, baselines=torch.zeros_like(ids), target=1, method="exact")
+    reference = explainer.attribute(ids, baselines=torch.zeros_like(ids), target=1, n_steps=100000,
+                                    method="riemann_middle")
+    assert float((exact - reference).norm() / reference.norm()) < 1e-4
+    assert float(exact[0, 3].abs().max()) == 0.0  # the second occurrence never wins
+
+
+def test_auto_keeps_its_rule_where_the_walk_cannot_follow():
+    """SiLU or GroupNorm before a ReLU: the walk's gradient rounds need forward AD of a
+    backward, which auto raised; an in-place relu_ hides its kinks: auto returned walks
+    68-128% off. Both now go on with the rule, and say why."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, inputs):
+            hidden = self.a(inputs)
+            hidden.relu_()
+            return self.o(hidden)
+
+    for model in (nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)),
+                  nn.Sequential(nn.Linear(8, 16), nn.GroupNorm(4, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)),
+                  InPlace()):
+        model = model.double().eval()
+        attributions, info = igfast.IntegratedGradients(model).attribute(
+            x, target=0, n_steps="auto", tolerance=1e-3, max_steps=1025, return_adaptive_info=True)
+        reference = igfast.IntegratedGradients(model).attribute(x, target=0, n_steps=20000, method="riemann_middle")
+        error = (attributions - reference).norm(dim=1) / reference.norm(dim=1)
+        assert not bool(info.exact.any())
+        assert bool((error[info.converged] <= 1e-3).all()), (type(model).__name__, error, info.converged)
