@@ -404,7 +404,13 @@ class BreakpointMode(TorchFunctionMode):
                     f"piecewise-linear op, but {self.smooth_op} is applied to the path before "
                     f"{name}. Use method='gausslegendre_pieces', a fixed n_steps or n_steps='auto' "
                 "for this model.")
-            return handler(self, func, name, args, kwargs)
+            result = handler(self, func, name, args, kwargs)
+            if name.endswith("_") and not name.startswith("__"):
+                # In place (relu_): the model goes on with its own tensor, which must hold
+                # the result (its kinks were hidden: an in-place ReLU was taken for affine).
+                args[0].copy_(result)
+                return args[0]
+            return result
         if name in AFFINE_HANDLERS:
             result = AFFINE_HANDLERS[name](self, func, name, args, kwargs)
             if curved:
@@ -645,7 +651,9 @@ def _abs(mode: BreakpointMode, func, name, args, kwargs):
 
 def _clamp(mode: BreakpointMode, func, name, args, kwargs):
     x = args[0]
-    if name.startswith("hardtanh"):
+    if name.startswith("relu6"):
+        low, high = 0.0, 6.0
+    elif name.startswith("hardtanh"):
         low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
         high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
     else:
@@ -657,7 +665,7 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
     z, dz = _primal_and_tangent(x)
     # A unit that stays on a bound along the piece is inside for clamp (PyTorch's gradient
     # passes at min <= x <= max) and outside for hardtanh (min < x < max).
-    inclusive = not name.startswith("hardtanh")
+    inclusive = not name.startswith(("hardtanh", "relu6"))
     with torch.no_grad():
         ahead = _side(mode, z, dz)
         below = torch.zeros_like(z, dtype=torch.bool)
@@ -1015,7 +1023,7 @@ AFFINE_HANDLERS: Dict[str, Callable] = {
 PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _relu for n in ("relu", "relu_")},
     **{n: _leaky_relu for n in ("leaky_relu", "leaky_relu_")},
-    **{n: _clamp for n in ("hardtanh", "hardtanh_", "clamp", "clamp_", "clip", "clip_")},
+    **{n: _clamp for n in ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
     **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},
     **{n: _max_over_dim for n in ("max", "min", "amax", "amin")},
