@@ -421,7 +421,7 @@ class BreakpointMode(TorchFunctionMode):
             raise NotPiecewiseLinearError(
                 f"method={self._method!r} cannot tell whether {name} is piecewise linear along the path: "
                 "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
-                "BatchNorm, shape ops), ReLU, LeakyReLU, hardtanh/ReLU6/clamp, abs, "
+                "BatchNorm, shape ops), ReLU, LeakyReLU, PReLU, hardtanh/ReLU6/clamp, abs, "
                 "maximum/minimum, max-pool and max/min over a dimension, followed by an optional "
                 "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
                 "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
@@ -643,6 +643,19 @@ def _relu(mode: BreakpointMode, func, name, args, kwargs):
 def _leaky_relu(mode: BreakpointMode, func, name, args, kwargs):
     slope = float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
     return _scaled(mode, args[0], lambda ahead: torch.where(ahead > 0, torch.ones_like(ahead), torch.full_like(ahead, slope)), (0.0,), name)
+
+
+def _prelu(mode: BreakpointMode, func, name, args, kwargs):
+    """PReLU: slope 1 above 0, the (learned, per-channel) weight below; PyTorch's
+    gradient at 0 is the weight's."""
+    x = args[0]
+    weight = _parts(args[1] if len(args) > 1 else kwargs["weight"])[0].detach()
+    if weight.numel() > 1:  # one slope per channel: dim 1 (dim 0 of an unbatched vector)
+        shape = [1] * x.dim()
+        shape[1 if x.dim() > 1 else 0] = -1
+        weight = weight.reshape(shape)
+    return _scaled(mode, x, lambda ahead: torch.where(ahead > 0, torch.ones_like(ahead), weight.to(ahead.dtype)),
+                   (0.0,), name)
 
 
 def _abs(mode: BreakpointMode, func, name, args, kwargs):
@@ -1023,6 +1036,7 @@ AFFINE_HANDLERS: Dict[str, Callable] = {
 PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _relu for n in ("relu", "relu_")},
     **{n: _leaky_relu for n in ("leaky_relu", "leaky_relu_")},
+    "prelu": _prelu,
     **{n: _clamp for n in ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
     **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},

@@ -832,3 +832,24 @@ def test_in_place_relu_and_functional_relu6_are_walked():
     reference = explainer.attribute(x, target=0, n_steps=200000, method="riemann_middle")
     assert bool((info.pieces > 1).all())
     assert float(((exact - reference).norm(dim=1) / reference.norm(dim=1)).max()) < 1e-5
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_prelu_is_walked(per_channel):
+    """nn.PReLU was refused as an op exact IG cannot read."""
+    torch.manual_seed(3)
+    if per_channel:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.PReLU(4), nn.Flatten(), nn.Linear(100, 3))
+        x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(8, 16), nn.PReLU(), nn.Linear(16, 3))
+        x = torch.randn(3, 8, dtype=torch.float64)
+    model = model.double().eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(-0.5, 0.5)
+    explainer = igfast.IntegratedGradients(model)
+    exact, info = explainer.attribute(x, target=0, method="exact", return_adaptive_info=True)
+    reference = explainer.attribute(x, target=0, n_steps=200000, method="riemann_middle")
+    assert bool((info.pieces > 1).all())
+    error = (exact - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+    assert float(error.max()) < 1e-5
