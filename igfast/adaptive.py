@@ -519,9 +519,10 @@ class _ExactSwitch:
             self.unavailable, self.unreadable = str(error), True
             return taken
         rounds.append(integral)
-        why = hidden_kinks(integral, tuple(d[chosen] for d in self.differences), self.value_change[chosen],
-                           self.scale[chosen])
-        if why is not None:  # (an in-place relu_: its walk was 68-128% off) the rule goes on
+        why = hidden_kinks(integral, tuple(e[chosen] for e in self.route.ends),
+                           tuple(s[chosen] if s.shape[0] != 1 else s for s in self.route.starts),
+                           self.value_change[chosen], self.scale[chosen])
+        if why is not None:  # (a ReLU hidden in a custom Function: its walk was far off) the rule goes on
             self.unavailable, self.unreadable = why, True
             return taken
         self._record(chosen, integral)

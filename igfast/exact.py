@@ -867,25 +867,39 @@ def smooth_network_error(found: dict) -> SmoothNetworkError:
 HIDDEN_KINK_EPSILONS = 2000
 
 
-def check_completeness(integral: "ExactIntegral", differences: Tuple[torch.Tensor, ...],
+def check_completeness(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
                        start_values: torch.Tensor, end_values: torch.Tensor) -> None:
     """Raise NotPiecewiseLinearError where exact pieces (one gradient each) miss
     completeness by more than rounding (see hidden_kinks)."""
-    why = hidden_kinks(integral, differences, end_values - start_values, completeness_scale(start_values, end_values))
+    why = hidden_kinks(integral, ends, starts, end_values - start_values,
+                       completeness_scale(start_values, end_values))
     if why is not None:
         raise NotPiecewiseLinearError(f"method='exact': {why} Use n_steps='auto' (error-controlled) or a fixed n_steps.")
 
 
-def hidden_kinks(integral: "ExactIntegral", differences: Tuple[torch.Tensor, ...], value_change: torch.Tensor,
-                 scale: torch.Tensor) -> Optional[str]:
+def hidden_kinks(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
+                 value_change: torch.Tensor, scale: torch.Tensor) -> Optional[str]:
     """Why the exact pieces cannot be right, where they miss completeness by more than
     rounding: the network bent the path where the walk could not see it. None where
     they meet it, or where Gauss nodes on the pieces (whose rule has an error) make the
-    check moot."""
+    check moot.
+
+    F(x) and F(x') are sums of terms about as large as the gradient times each end, and
+    their rounding is of that size: a target near 0 that cancels terms of 1, or a path
+    much shorter than its ends (x' = x + 1e-6 noise), would otherwise fail the check on
+    rounding alone (deep float64 MLPs: 3e-11 of a 1e-2 floor)."""
     info = integral.info
-    if info.nodes_per_piece != 1 or info.curved_kinks or not differences[0].shape[0]:
+    if info.nodes_per_piece != 1 or info.curved_kinks or not ends[0].shape[0]:
         return None
-    gap = relative_completeness(integral.gradient_sums, differences, value_change, scale)
+    batch = ends[0].shape[0]
+    starts = tuple(s.expand_as(e) if s.shape[0] != batch else s for s, e in zip(starts, ends))
+    differences = tuple(e - s for e, s in zip(ends, starts))
+    squared = 0.0
+    for gradient, end, start in zip(integral.gradient_sums, ends, starts):
+        for point in (end, start):
+            squared = squared + (gradient.double() * point.double()).flatten(1).square().sum(1)
+    terms = torch.as_tensor(squared).sqrt()
+    gap = relative_completeness(integral.gradient_sums, differences, value_change, torch.maximum(scale, terms))
     allowed = HIDDEN_KINK_EPSILONS * torch.finfo(differences[0].dtype).eps
     missed = gap > allowed
     if not bool(missed.any()):
@@ -893,8 +907,8 @@ def hidden_kinks(integral: "ExactIntegral", differences: Tuple[torch.Tensor, ...
     return (f"the attributions of {int(missed.sum())} of {gap.numel()} examples miss completeness (sum of "
             f"attributions = F(inputs) - F(baselines)) by up to {float(gap.max()):.2e} relative, where exact "
             f"pieces meet it to {allowed:.1e}: the network bends the path where the walk cannot see it, as a "
-            "piecewise-linear op inside a custom torch.autograd.Function (its forward runs without tangents), "
-            "one run in place (relu_) or one run without autograd.")
+            "piecewise-linear op inside a custom torch.autograd.Function (its forward runs without tangents) "
+            "or one run without autograd.")
 
 
 # A smooth head's error estimate (the midpoint rule's distance from the Gauss sums on

@@ -853,3 +853,26 @@ def test_prelu_is_walked(per_channel):
     assert bool((info.pieces > 1).all())
     error = (exact - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
     assert float(error.max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_completeness_check_allows_the_forwards_own_rounding(dtype):
+    """A deep MLP, a baseline 1e-6 from the input and the target logit nearest 0: F(x) -
+    F(x') is rounding of terms of 1, and the check refused correct walks (3e-11 of a
+    1e-2 floor in float64, 3.7e-3 in float32)."""
+    torch.manual_seed(1)
+    layers = []
+    for width_in in (64,) + (384,) * 7:
+        layers += [nn.Linear(width_in, 384), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(384, 10)).eval()
+    for module in model:
+        if isinstance(module, nn.Linear):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.normal_(module.bias, std=0.1)
+    model = model.to(dtype)
+    x = torch.randn(4, 64, dtype=dtype)
+    with torch.no_grad():
+        target = model(x).abs().argmin(1)
+    for distance in (1e-6, 1e-4):
+        baselines = x + distance * torch.randn_like(x)
+        igfast.IntegratedGradients(model).attribute(x, baselines, target=target, method="exact")

@@ -321,7 +321,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
             start_values = _forward_values(self.forward_func, tuple(full_batch(b, batch_size) for b in baselines),
                                            target, args)
             end_values = _forward_values(self.forward_func, inputs, target, args)
-        check_completeness(integral, tuple(x - b for x, b in zip(inputs, baselines)), start_values, end_values)
+        check_completeness(integral, inputs, baselines, start_values, end_values)
         return integral
 
     def _exact_parts(self, inputs, target, args, eager: Callable, internal_batch_size, memory_budget) -> ExactParts:

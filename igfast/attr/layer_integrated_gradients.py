@@ -275,7 +275,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
 
         if exact is not None:
             integral = integrate_exactly(ends, starts, exact, *exact_parts(torch.arange(batch_size, device=device)))
-            check_completeness(integral, tuple(e - s for e, s in zip(ends, starts)), value_at_path_start(),
+            check_completeness(integral, ends, starts, value_at_path_start(),
                                end_values)
         elif adaptive is not None:
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
