@@ -148,6 +148,14 @@ class _Distributed:
         if self.active:
             self.dist.barrier()
 
+    def anyone(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (every rank calls it)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([1 if flag else 0])
+        self.dist.all_reduce(value, op=self.dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def close(self) -> None:
         if self.owned:
             self.dist.destroy_process_group()
@@ -319,9 +327,21 @@ def attribute_dataset(
 
         started = time.perf_counter()
         finished = set(complete_shards(output_dir))
+        refused: Optional[ArgumentError] = None
         for shard in sorted(finished):
             if shard % group.world == group.rank:
-                _check_shard_data(output_dir, shard, dataset, collate, *ranges[shard], batch_size)
+                try:
+                    _check_shard_data(output_dir, shard, dataset, collate, *ranges[shard], batch_size)
+                except ArgumentError as error:
+                    refused = error
+                    break
+        # Every rank stops if one found changed data: the others would go on writing shards
+        # of the changed data set into the store before torchrun stopped them.
+        if group.anyone(refused is not None):
+            raise refused or ArgumentError(
+                f"`data` differs from the data the run in {output_dir!r} attributed (another process "
+                "found the changed examples). Nothing was written: use another directory, or the same "
+                "data to resume that run.")
         mine = [k for k in range(len(ranges)) if k % group.world == group.rank and k not in finished]
         attribute_options = dict(n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
                                  memory_budget=memory_budget)

@@ -53,5 +53,22 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def refuse_changed_data(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """A rank resuming ``out_dir`` with every image moved by 1e-3: writes what it met to
+    out_dir/rank-<rank>.txt (a refusal, or "ran")."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    images, labels = dataset().tensors
+    try:
+        igfast.attribute_dataset(SmallNet().eval(), TensorDataset(images + 1e-3, labels), out_dir, **SETTINGS)
+        outcome = "ran"
+    except igfast.ArgumentError as error:
+        outcome = f"refused: {error}"
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out_dir}/rank-{rank}.txt", "w") as handle:
+        handle.write(outcome)
+
+
 if __name__ == "__main__":
     run(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)

@@ -3,6 +3,7 @@ calls; a 2-rank gloo run equals the 1-process run; a run killed with SIGKILL and
 started again equals an uninterrupted one; LayerIG with dict items; bad input."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,19 @@ def test_two_gloo_ranks_equal_one_process(reference_run, tmp_path):
     assert_same_files(out, reference_run[0])
     manifest = igfast.open_attributions(out).manifest
     assert manifest["shards"][-1] == [32, 40] and manifest["num_shards"] == 5
+
+
+def test_changed_data_stops_every_rank_before_it_writes(reference_run, tmp_path):
+    """Only the rank owning a changed finished shard refused; the other went on writing
+    shards of the changed data into the store before torchrun stopped it."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(os.path.join(reference_run[0], "config.json"), out)
+    shutil.copytree(os.path.join(reference_run[0], "shard-000000"), out / "shard-000000")  # rank 0's
+    mp.spawn(dataset_worker.refuse_changed_data, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    for rank in (0, 1):
+        assert (out / f"rank-{rank}.txt").read_text().startswith("refused: `data` differs"), rank
+    assert sorted(d for d in os.listdir(out) if d.startswith("shard-")) == ["shard-000000"]
 
 
 def test_killed_run_resumes_to_the_same_files(reference_run, tmp_path):
