@@ -871,6 +871,8 @@ def check_completeness(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...]
                        start_values: torch.Tensor, end_values: torch.Tensor) -> None:
     """Raise NotPiecewiseLinearError where exact pieces (one gradient each) miss
     completeness by more than rounding (see hidden_kinks)."""
+    # (one value per example: a model giving (N, 1) without a target gives them as a column)
+    start_values, end_values = (v.reshape(ends[0].shape[0]) for v in (start_values, end_values))
     why = hidden_kinks(integral, ends, starts, end_values - start_values,
                        completeness_scale(start_values, end_values))
     if why is not None:

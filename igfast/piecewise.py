@@ -930,6 +930,25 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     return values.squeeze(0) if unbatched else values
 
 
+def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
+    """An adaptive max-pool whose output size divides its input: the max-pool of
+    windows input / output wide, stepping by their width."""
+    spatial = 1 if "1d" in name else 2 if "2d" in name else 3
+    x = args[0]
+    output_size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+    if kwargs.get("return_indices", args[2] if len(args) > 2 else False):
+        raise NotPiecewiseLinearError(f"method='exact': {name} with return_indices is not supported.")
+    sizes = x.shape[-spatial:]
+    wanted = tuple(output_size) if isinstance(output_size, (list, tuple)) else (output_size,) * spatial
+    wanted = tuple(size if out is None else out for out, size in zip(wanted, sizes))
+    if any(size % out for size, out in zip(sizes, wanted)):
+        raise NotPiecewiseLinearError(
+            f"method='exact': {name} to {wanted} from {tuple(sizes)}: windows of unequal widths are not "
+            "supported (an output size that divides the input's is). Use a fixed n_steps or n_steps='auto'.")
+    kernel = tuple(size // out for size, out in zip(sizes, wanted))
+    return _max_pool(mode, func, f"max_pool{spatial}d", (x, kernel, kernel), {})
+
+
 # Forward-mode AD in PyTorch 2.13 takes a slow path (Python decompositions, 50 to 100
 # times a plain op) for an elementwise op between a dual tensor and a constant (a
 # bias, a scale) and for layer_norm. These ops are common on the path of a walk (a
@@ -1044,4 +1063,5 @@ PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _max_pool for n in ("max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d",
                               "_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
                               "max_pool3d_with_indices")},
+    **{n: _adaptive_max_pool for n in ("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")},
 }

@@ -876,3 +876,32 @@ def test_the_completeness_check_allows_the_forwards_own_rounding(dtype):
     for distance in (1e-6, 1e-4):
         baselines = x + distance * torch.randn_like(x)
         igfast.IntegratedGradients(model).attribute(x, baselines, target=target, method="exact")
+
+
+def test_adaptive_max_pool_with_equal_windows_is_walked():
+    """AdaptiveMaxPool2d was refused; an output size that divides the input's is a
+    max-pool (another one is refused, naming the sizes)."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    for pool in (nn.AdaptiveMaxPool2d(3), nn.AdaptiveMaxPool2d((2, None))):
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), pool, nn.Flatten()).double().eval()
+        explainer = igfast.IntegratedGradients(lambda inputs: model(inputs).sum(1, keepdim=True))
+        exact, info = explainer.attribute(x, method="exact", return_adaptive_info=True)
+        reference = explainer.attribute(x, n_steps=200000, method="riemann_middle")
+        assert bool((info.pieces > 1).all())
+        error = (exact - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+        assert float(error.max()) < 1e-5
+    uneven = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(4), nn.Flatten()).double()
+    with pytest.raises(NotPiecewiseLinearError, match=r"to \(4, 4\) from \(6, 6\)"):
+        igfast.IntegratedGradients(lambda inputs: uneven(inputs).sum(1, keepdim=True)).attribute(x, method="exact")
+
+
+def test_one_output_column_without_a_target():
+    """A model giving (N, 1) with target=None: the completeness check compared every
+    example with every other (its F values were a column) and refused correct walks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for explainer in (igfast.IntegratedGradients(model), igfast.LayerIntegratedGradients(model, model[0])):
+        exact, delta = explainer.attribute(x, method="exact", return_convergence_delta=True)
+        assert float(delta.abs().max()) < 1e-12
