@@ -159,6 +159,31 @@ def test_generated_tokens_bad_input():
         attribute_generated_tokens(lm, lm.tokens, prompt, torch.zeros(2, 0, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="tensor of token ids"):
         attribute_generated_tokens(lm, lm.tokens, prompt.float(), prompt, 0)
+    # These gave torch's bare IndexError / TypeError, or (1.5) were silently truncated.
+    generated = torch.randint(1, 40, (2, 2))
+    for bad in (None, 1.5):
+        with pytest.raises(ValueError, match="`baseline_token_id` must be an integer"):
+            attribute_generated_tokens(lm, lm.tokens, prompt, generated, bad)
+    with pytest.raises(IndexError, match=r"`baseline_token_id` must hold token ids in \[0, 40\)"):
+        attribute_generated_tokens(lm, lm.tokens, prompt, generated, -1)
+    with pytest.raises(IndexError, match=r"`generated_ids` must hold token ids in \[0, 40\)"):
+        attribute_generated_tokens(lm, lm.tokens, prompt, generated + 40, 0)
+
+
+def test_generated_tokens_of_a_function_or_a_hugging_face_style_output():
+    """A plain function (as the docstring allows) was refused as a layer outside the
+    wrapper; an output with .logits failed on .dim()."""
+    lm = TinyCausalLM(vocabulary=40, width=32)
+    prompt, generated = torch.randint(1, 40, (2, 5)), torch.randint(1, 40, (2, 3))
+    expected = attribute_generated_tokens(lm, lm.tokens, prompt, generated, 0, n_steps=8)
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    for model in (lambda ids: lm(ids), lambda ids: Output(lm(ids))):
+        torch.testing.assert_close(attribute_generated_tokens(model, lm.tokens, prompt, generated, 0, n_steps=8),
+                                   expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

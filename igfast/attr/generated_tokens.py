@@ -15,7 +15,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
-from ..errors import ArgumentError
+from ..dtypes import integer_item
+from ..errors import ArgumentError, TargetError
 from .layer_integrated_gradients import LayerIntegratedGradients
 
 
@@ -29,11 +30,13 @@ class GeneratedTokenLogProbs(nn.Module):
         self.prompt_length = prompt_length
 
     def forward(self, ids: torch.Tensor, *args: Any) -> torch.Tensor:
-        logits = self.model(ids, *args)
-        if logits.dim() != 3 or logits.shape[1] != ids.shape[1]:
+        output = self.model(ids, *args)
+        logits = getattr(output, "logits", output)  # (a Hugging Face model's output)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != ids.shape[1]:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ArgumentError(
-                "`model` must return (batch, sequence, vocabulary) logits for (batch, sequence) "
-                f"token ids; got {tuple(logits.shape)} for ids {tuple(ids.shape)}."
+                "`model` must return (batch, sequence, vocabulary) logits (or an output with `.logits`) "
+                f"for (batch, sequence) token ids; got {got} for ids {tuple(ids.shape)}."
             )
         predicting = logits[:, self.prompt_length - 1:-1].log_softmax(-1)  # positions P-1 .. L-2
         generated = ids[:, self.prompt_length:]
@@ -82,11 +85,24 @@ def attribute_generated_tokens(
         )
     if prompt_ids.shape[1] < 1 or generated_ids.shape[1] < 1:
         raise ArgumentError("`prompt_ids` and `generated_ids` must each hold at least one token.")
+    baseline_token_id = integer_item(baseline_token_id)
+    if isinstance(baseline_token_id, bool) or not isinstance(baseline_token_id, int):
+        raise ArgumentError(f"`baseline_token_id` must be an integer token id; got {baseline_token_id!r}.")
+    vocabulary = embedding_layer.num_embeddings if isinstance(embedding_layer, nn.Embedding) else None
+    if vocabulary is not None:
+        for name, ids in (("prompt_ids", prompt_ids), ("generated_ids", generated_ids),
+                          ("baseline_token_id", torch.tensor([baseline_token_id]))):
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocabulary):
+                raise TargetError(f"`{name}` must hold token ids in [0, {vocabulary}) (the embedding's rows); "
+                                  f"got ids from {int(ids.min())} to {int(ids.max())}.")
     prompt_length, generated = prompt_ids.shape[1], generated_ids.shape[1]
     ids = torch.cat([prompt_ids, generated_ids], dim=1)
     baselines = torch.cat([torch.full_like(prompt_ids, baseline_token_id), generated_ids], dim=1)
     log_probs = GeneratedTokenLogProbs(model, prompt_length)
-    explainer = LayerIntegratedGradients(log_probs, embedding_layer)
+    # A plain-function model's layers are not submodules of the wrapper: LayerIG checks a
+    # function's layer when it runs instead.
+    forward = log_probs if isinstance(model, nn.Module) else (lambda ids, *args: log_probs(ids, *args))
+    explainer = LayerIntegratedGradients(forward, embedding_layer)
     return explainer.attribute(
         ids, baselines=baselines, targets=list(range(generated)),
         additional_forward_args=additional_forward_args, n_steps=n_steps, method=method,
