@@ -7,6 +7,7 @@ the gradient of all rows in one backward call (ones as output gradients) instead
 ``autograd.grad`` over ``unbind(outputs)``, which costs one graph node per row.
 """
 
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -148,15 +149,23 @@ def gradients_and_outputs_per_target(
         return tuple(grad if grad is not None else _unused(position, tensor, on_unused)
                      for position, (grad, tensor) in enumerate(zip(grads, wrt)))
 
+    def one_graph_per_target():
+        selected, per_target = [], []
+        for target in targets:
+            selected.append(forward_and_select([target])[0])
+            per_target.append(gradients(selected[-1], False))
+        return selected, per_target
+
     with torch.enable_grad():
-        selected = forward_and_select(targets)
-        try:
-            per_target = [gradients(values, index < len(selected) - 1) for index, values in enumerate(selected)]
-        except _GraphNotRetainable:
-            selected, per_target = [], []
-            for target in targets:
-                selected.append(forward_and_select([target])[0])
-                per_target.append(gradients(selected[-1], False))
+        if len(targets) > 1 and _known_not_retainable(forward_fn):
+            selected, per_target = one_graph_per_target()
+        else:
+            selected = forward_and_select(targets)
+            try:
+                per_target = [gradients(values, index < len(selected) - 1) for index, values in enumerate(selected)]
+            except _GraphNotRetainable:
+                _remember_not_retainable(forward_fn)  # the next chunks skip the failing attempt
+                selected, per_target = one_graph_per_target()
     # One target: views, not copies (this is the hot path of every chunk).
     join = (lambda parts: parts[0].unsqueeze(0)) if len(selected) == 1 else torch.stack
     grads = tuple(join([g[i] for g in per_target]) for i in range(len(wrt)))
@@ -170,6 +179,24 @@ def _unused(index: int, tensor: torch.Tensor, on_unused: Optional[Callable[[int]
     if on_unused is not None:
         on_unused(index)
     return torch.zeros_like(tensor)
+
+
+# Forward functions whose backward refused retain_graph (weakly held).
+_NOT_RETAINABLE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _known_not_retainable(forward_fn: Callable) -> bool:
+    try:
+        return forward_fn in _NOT_RETAINABLE
+    except TypeError:  # not weakly referable: nothing remembered
+        return False
+
+
+def _remember_not_retainable(forward_fn: Callable) -> None:
+    try:
+        _NOT_RETAINABLE[forward_fn] = True
+    except TypeError:
+        pass
 
 
 class _GraphNotRetainable(RuntimeError):
