@@ -250,7 +250,9 @@ def integrate_adaptively(
         nodes = levels.round_nodes(round_index)
         started = _seconds(device)
         integral = run_round(active, nodes)
-        rounds.append(integral)
+        # (Its gradient sums become the driver's `sums` or are added into them: the record
+        # keeps the calls only, else every round's accumulators stayed held to the end.)
+        rounds.append(integral.spent())
         # The time of a rule row, from the latest round: round 0 of a fresh process's first
         # call also pays its setup (bench_exact's MLP, float64: 6.1e-4 s a row against
         # 1.3e-5 in round 1 and 7e-6 warm), which makes the rule look dearer than the walk.
@@ -306,6 +308,7 @@ def integrate_adaptively(
         last = round_index == levels.rounds - 1
         walked = torch.zeros_like(done)
         if switch is not None and not last and not bool(done.all()):
+            switch.route.held_beside = sum(t.numel() * t.element_size() for t in (*sums, *results, *differences))
             walked = switch.take(active, ~done, predicted, level, rounds)
         finishing = torch.ones_like(done) if last else done | walked
         for result, s in zip(results, sums):

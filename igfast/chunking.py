@@ -128,6 +128,15 @@ class RowLimit:
         """Rows per chunk of forwards without an autograd graph (method="exact"'s walk)."""
         return self.rows
 
+    def set_aside(self, share: float, most: int) -> Optional[int]:
+        """Bytes for memory held beside the chunks (see BudgetRowLimit.set_aside); None
+        here: without a budget nothing is promised."""
+        return None
+
+    def hold(self, nbytes: int) -> None:
+        """Memory the caller holds for the whole call beside the chunks (see
+        BudgetRowLimit.hold); nothing here: without a budget nothing is promised."""
+
     def shrink(self, failed_rows: int) -> bool:
         """After a chunk of failed_rows rows ran out of memory: halve; False at one row."""
         if failed_rows <= 1:
@@ -166,6 +175,7 @@ class BudgetRowLimit(RowLimit):
         # A softer limit for speed: chunks aim below it, but a row above it still runs.
         self.preferred_chunk_bytes = preferred_chunk_bytes
         self._measured: Optional[Tuple[int, int]] = None  # (rows, peak) of the largest chunk
+        self._set_aside: Optional[int] = None  # bytes held beside the chunks (set_aside)
         self.settled = False
 
     @property
@@ -201,6 +211,27 @@ class BudgetRowLimit(RowLimit):
     @property
     def available(self) -> int:
         return self.budget - self.reserved
+
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` more held for the whole call, like the accumulators (before
+        the first chunk: n_steps="auto" keeps its levels' sums while examples it switched
+        to method="exact" walk)."""
+        self.reserved += max(0, int(nbytes))
+        if self.available <= 0:
+            raise budget_too_small(self.argument, self.budget, self.reserved, measured=False)
+
+    def set_aside(self, share: float, most: int) -> int:
+        """Take ``share`` of the chunks' room (at most ``most`` bytes) out of it, for
+        memory a caller holds beside the chunks while they run (method="exact" keeps the
+        points of a pass and their sums); the same bytes on later calls. Chunks are sized
+        to what is left from then on."""
+        if self._set_aside is None:
+            self._set_aside = max(0, min(most, int(share * self.available)))
+            self.reserved += self._set_aside
+            if self._measured is not None:
+                measured_rows, measured_peak = self._measured
+                self.rows = min(self.rows, self._fitting(measured_peak / measured_rows))
+        return self._set_aside
 
     # Rows a chunk may keep above the preferred size while the budget allows: a row of
     # a large model can exceed the preferred size alone, and one-row chunks were 18%

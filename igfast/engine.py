@@ -12,6 +12,7 @@ is kept.
 """
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -47,6 +48,12 @@ class PathIntegral:
     @property
     def forward_calls(self) -> int:
         return len(self.chunks) + self.out_of_memory
+
+    def spent(self) -> "PathIntegral":
+        """This pass's record without its gradient sums: what a caller that runs many
+        passes (method="exact" runs one per group of pieces) keeps once it has summed
+        them, so the passes' gradients do not pile up for the whole call."""
+        return dataclasses.replace(self, gradient_sums=())
 
 
 def is_out_of_memory(error: BaseException) -> bool:

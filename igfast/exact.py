@@ -50,6 +50,7 @@ from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .completeness import completeness_scale, relative_completeness
 from .engine import GradientsAt, PathIntegral
+from .memory import add_to_estimate
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .piecewise import BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin
 from .quadrature import PathNodes
@@ -82,6 +83,20 @@ CURVED_WALK_ROWS_PER_PIECE = 3
 SUB_PATH_PIECES = 8
 MAX_SUB_PATHS = 64
 SUB_PATH_BYTES = 64 * 2**20
+# What a row of the curved walk holds, in its units' states (PathState.row_bytes): the
+# states at its bracket's ends and its start's pieces, the state its forward records and
+# the reference that forward compares with, and the forward's own float64 temporaries
+# (about five states for a ReLU after a linear layer; measured by tracing allocations).
+# Where even one row per example does not fit the memory set aside, the examples are
+# walked in groups (see _examples_walked_together).
+CURVED_ROW_STATES = 14
+# What a walk forward holds at its peak beyond the model's own forward, per row: float64
+# copies of the widest piecewise-linear op's units with their tangents, the steps to
+# their kinks and the masks (this many float64 per unit, measured by tracing allocations
+# of a ReLU MLP's walk), and with curved kinks the state it records and its copy in the
+# walk's record. The engine's chunks that run a walk count it (memory.add_to_estimate):
+# the CPU estimate sees only what autograd saves.
+WALK_FLOAT64S_PER_UNIT = 4
 # One node at alpha 0 of a path that starts at each example's current point, so the
 # engine evaluates exactly that point (x' + 0 * (x - x') is x' to the bit); its output
 # value is kept (start_node), which gives F(x') in the first round.
@@ -101,6 +116,18 @@ ForwardAt = Callable[[torch.Tensor, Tuple[torch.Tensor, ...]], None]
 # EXTRA_POINT_BYTES, since the memory budget was measured for one chunk.
 POINTS_PER_ROW_LIMIT = 16
 EXTRA_POINT_BYTES = 16 * 2**20
+# Under a memory budget, what the walk holds beside the engine's chunks (a pass's
+# points and their per-piece sums, the rows a curved walk keeps) comes out of the
+# budget: this share of the room it leaves for chunks is set aside before the first
+# chunk runs (RowLimit.set_aside), and passes and sub-paths are sized to it. Without
+# it, a 2 MB budget on NoiseTunnel's 80 rows of an MLP peaked at 19 MB (exact) and
+# 31 MB (gausslegendre_pieces), the points alone taking EXTRA_POINT_BYTES.
+DRIVER_SHARE = 0.25
+# Bytes a gradient point holds while its pass runs, in rows of the inputs: the point,
+# its example's input row (the engine's pass), the engine's accumulator, two float64
+# sums (a Gauss pair's, 2 rows each for float32 inputs) and the start and direction
+# rows gathered to make the point.
+POINT_ROWS = 9
 
 
 # The methods that integrate along the path's pieces, and whether they allow smooth ops
@@ -227,15 +254,8 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     group = _GradientGroup(row_limit, directions)
     rounds: List[PathIntegral] = []
     if settings.curved_kinks:
-        # The first piece's start: walked and its gradient taken in one engine pass, which
-        # also sizes the engine's chunks (its gradient is not used: Gauss nodes follow).
-        everyone = torch.arange(batch_size, device=device)
-        first = _WalkRecord(batch_size, device)
-        horizon = torch.ones(batch_size, dtype=torch.float64, device=device)  # (to count the kinks ahead)
-        rounds.append(run_round(everyone, starts, _walker(directions, first, margin, found, True, horizon)))
-        sub_paths = _sub_paths(first, directions, row_limit)
-        pieces = _follow_curved_pieces(forward_at, starts, directions, first, margin, found, row_limit, settings,
-                                       sub_paths)
+        pieces = _walk_curved_paths(run_round, forward_at, starts, directions, margin, found, row_limit, settings,
+                                    rounds)
     else:
         pieces = _split_into_pieces(run_round, forward_at, starts, directions, margin, found, row_limit, group,
                                     settings, sums, rounds)
@@ -293,6 +313,17 @@ class _Pieces:
     walk_forwards: int  # of those, forwards with tangents only (no backward), over the batch
     rounds: int  # sequential rounds of the walk
 
+    @staticmethod
+    def joined(groups: List["_Pieces"]) -> "_Pieces":
+        """The pieces of consecutive groups of examples, walked one after the other."""
+        if len(groups) == 1:
+            return groups[0]
+        offsets = np.cumsum([0] + [g.count.numel() for g in groups[:-1]]).tolist()
+        return _Pieces(torch.cat([g.examples + offset for g, offset in zip(groups, offsets)]),
+                       torch.cat([g.starts for g in groups]), torch.cat([g.lengths for g in groups]),
+                       torch.cat([g.count for g in groups]), torch.cat([g.walk_rows for g in groups]),
+                       sum(g.walk_forwards for g in groups), sum(g.rounds for g in groups))
+
 
 class _OnPieces:
     """Gradients at given nodes of given pieces, summed per example with the pieces'
@@ -330,8 +361,8 @@ class _OnPieces:
                          for _ in weight_sets]
             for index, node in enumerate(nodes):
                 t = piece_start[part] + node * piece_length[part]
-                self.rounds.append(self.run_round(owners, _points(self.starts, self.directions, owners, t), None))
-                gradients = self.rounds[-1].gradient_sums
+                gradients = _run_and_keep_record(self.rounds, self.run_round(
+                    owners, _points(self.starts, self.directions, owners, t), None))
                 for integral, weights in zip(integrals, weight_sets):
                     if weights[index]:
                         scale = weights[index] * piece_length[part]
@@ -484,7 +515,8 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             placed_ops = 1 if rounds_walked > 1 and found.get("first_op_is_line") else 0
             if with_gradients:
                 record = _WalkRecord(owners.numel(), device, window=piece_window, placed_ops=placed_ops)
-                rounds.append(run_round(owners, points, _walker(owner_directions, record, margin, found)))
+                gradients = _run_and_keep_record(rounds, run_round(owners, points,
+                                                                   _walker(owner_directions, record, margin, found)))
             else:
                 record = _walk(forward_at, owners, points, owner_directions, margin, found, row_limit,
                                window=piece_window, placed_ops=placed_ops)
@@ -495,7 +527,7 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             held_segments = cut.segment[held]
             lengths = cut.high[held] - cut.low[held]
             if with_gradients and "smooth_op" not in found:
-                _add(sums, owners[held_segments], tuple(g[held_segments] for g in rounds[-1].gradient_sums), lengths)
+                _add(sums, owners[held_segments], tuple(g[held_segments] for g in gradients), lengths)
             piece_examples.append(owners[held_segments])
             piece_starts.append(cut.low[held])
             piece_lengths.append(lengths)
@@ -549,6 +581,31 @@ def _cut_at_kinks(low: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, w
     return _Cut(part_segment, part_low, part_high, holds)
 
 
+def _walk_curved_paths(run_round: RunRound, forward_at: ForwardAt, starts, directions, margin: float, found: dict,
+                       row_limit: RowLimit, settings: ExactSettings, rounds: List[PathIntegral]) -> _Pieces:
+    """method="gausslegendre_pieces"' walk: the paths' starts in one engine pass, then
+    _follow_curved_pieces, on groups of examples where memory asks for it. (The first
+    pass's record, a state per example, is gone once this returns: the Gauss passes that
+    follow have the memory.)"""
+    batch_size = directions[0].shape[0]
+    device = directions[0].device
+    # The first piece's start: walked and its gradient taken in one engine pass, which
+    # also sizes the engine's chunks (its gradient is not used: Gauss nodes follow).
+    everyone = torch.arange(batch_size, device=device)
+    first = _WalkRecord(batch_size, device)
+    horizon = torch.ones(batch_size, dtype=torch.float64, device=device)  # (to count the kinks ahead)
+    _run_and_keep_record(rounds, run_round(everyone, starts, _walker(directions, first, margin, found, True,
+                                                                     horizon)))
+    sub_paths = _sub_paths(first, directions, row_limit)
+    together = _examples_walked_together(first, directions, row_limit, sub_paths)
+    return _Pieces.joined([
+        _follow_curved_pieces(_shifted(forward_at, begin), tuple(s[part] for s in starts),
+                              tuple(d[part] for d in directions), first.part(part), margin, found, row_limit,
+                              settings, sub_paths)
+        for begin in range(0, batch_size, together)
+        for part in (slice(begin, min(begin + together, batch_size)),)])
+
+
 def _sub_paths(first: "_WalkRecord", directions: Tuple[torch.Tensor, ...], row_limit: RowLimit) -> int:
     """The most sub-paths (rows walked side by side) _follow_curved_pieces splits a path
     into: about one per SUB_PATH_PIECES pieces of the longest (the first pass's count,
@@ -559,9 +616,30 @@ def _sub_paths(first: "_WalkRecord", directions: Tuple[torch.Tensor, ...], row_l
         return 1
     wanted = -(-int(first.crossings.max()) // SUB_PATH_PIECES)
     within_chunk = row_limit.forward_rows // first.count
-    point_bytes = sum(d[:1].numel() * d.element_size() for d in directions)
-    within_memory = SUB_PATH_BYTES // max(1, first.count * (2 * first.state.row_bytes + 2 * point_bytes))
+    within_memory = _curved_rows_within_memory(first, directions, row_limit) // first.count
     return max(1, min(wanted, MAX_SUB_PATHS, within_chunk, within_memory))
+
+
+def _curved_rows_within_memory(first: "_WalkRecord", directions: Tuple[torch.Tensor, ...],
+                               row_limit: RowLimit) -> int:
+    """The rows of a curved walk that fit in SUB_PATH_BYTES and in the memory budget (see
+    CURVED_ROW_STATES), at least one. The walk runs forwards only, between the engine's
+    passes: it may take all the room chunks have, and what was set aside beside them."""
+    point_bytes = sum(d[:1].numel() * d.element_size() for d in directions)
+    aside = driver_room(row_limit)
+    held = SUB_PATH_BYTES if aside is None else min(row_limit.available + aside, SUB_PATH_BYTES)
+    held -= first.count * first.state.row_bytes  # (the paths' starts, held while the groups walk)
+    return max(1, held // max(1, CURVED_ROW_STATES * first.state.row_bytes + 2 * point_bytes))
+
+
+def _examples_walked_together(first: "_WalkRecord", directions: Tuple[torch.Tensor, ...], row_limit: RowLimit,
+                              sub_paths: int) -> int:
+    """How many examples one curved walk takes at once: all, unless their rows do not fit
+    in memory (a large batch of a wide model under a small budget); then the walk runs
+    group after group, each with its own rounds."""
+    if first.state is None or not first.count:
+        return max(1, first.count)
+    return max(1, min(first.count, _curved_rows_within_memory(first, directions, row_limit) // sub_paths))
 
 
 def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,
@@ -952,6 +1030,9 @@ class ExactRoute:
         self.curved = False  # the first probe found smooth ops before kinks
         self.kink_ops = 0  # the piecewise-linear ops a probe met
         self.sub_paths = MAX_SUB_PATHS  # the rows a curved walk may split a path into (from a probe)
+        # Bytes the caller holds while a walk runs (auto's sums of every level), which
+        # the walk's memory budget must leave room for.
+        self.held_beside = 0
 
     def walk_rounds(self, pieces: int) -> float:
         """The walk's sequential rounds for paths of at most ``pieces`` pieces: for a
@@ -1009,7 +1090,9 @@ class ExactRoute:
         settings = self.settings
         if self.curved:
             settings = dataclasses.replace(settings, curved_kinks=True, tolerance=tolerance)
-        return integrate_exactly(ends, starts, settings, *self.make_parts(examples))
+        run_round, forward_at, row_limit = self.make_parts(examples)
+        row_limit.hold(self.held_beside)
+        return integrate_exactly(ends, starts, settings, run_round, forward_at, row_limit)
 
 
 class _GradientGroup:
@@ -1021,14 +1104,18 @@ class _GradientGroup:
     def __init__(self, row_limit: RowLimit, directions: Tuple[torch.Tensor, ...]) -> None:
         self.row_limit = row_limit
         self.row_bytes = max(1, sum(d[:1].numel() * d.element_size() for d in directions))
+        self.room = driver_room(row_limit)
 
     def size(self) -> int:
         # Before anything is measured, the first-chunk estimate: the engine chunks the
         # pass to its own limit, and measures it.
         rows = max(1, self.row_limit.forward_rows)
-        # Each point is held twice: the point and its example's row of the path's end.
+        most = rows * POINTS_PER_ROW_LIMIT
+        if self.room is not None:  # a budget: the points fit in what it set aside
+            return max(1, min(most, min(self.room, EXTRA_POINT_BYTES) // (POINT_ROWS * self.row_bytes)))
+        # internal_batch_size: a chunk's points, and EXTRA_POINT_BYTES more.
         within = (rows * 2 * self.row_bytes + EXTRA_POINT_BYTES) // (2 * self.row_bytes)
-        return max(rows, min(rows * POINTS_PER_ROW_LIMIT, within))
+        return max(rows, min(most, within))
 
     def parts(self, count: int):
         """Slices of range(count), one per pass, each sized when it is reached."""
@@ -1037,6 +1124,12 @@ class _GradientGroup:
             part = slice(begin, min(begin + self.size(), count))
             yield part
             begin = part.stop
+
+
+def driver_room(row_limit: RowLimit) -> Optional[int]:
+    """The bytes the walk may hold beside the engine's chunks under a memory budget
+    (see DRIVER_SHARE), set aside once per row limit; None without a budget."""
+    return row_limit.set_aside(DRIVER_SHARE, max(EXTRA_POINT_BYTES, SUB_PATH_BYTES))
 
 
 def _relative_difference(estimate, sums, directions) -> torch.Tensor:
@@ -1076,6 +1169,15 @@ class _WalkRecord:
         self.kink_rows: List[torch.Tensor] = []
         self.kink_steps: List[torch.Tensor] = []
         self.count = count
+
+    def part(self, rows: slice) -> "_WalkRecord":
+        """These rows' steps, counts and states (what a curved walk starts from)."""
+        if rows == slice(0, self.count):
+            return self
+        part = _WalkRecord(rows.stop - rows.start, self.next_step.device)
+        part.next_step, part.crossings = self.next_step[rows], self.crossings[rows]
+        part.state = None if self.state is None else self.state.rows(rows)
+        return part
 
     def mode_arguments(self, rows: slice) -> dict:
         """BreakpointMode's arguments for these rows: the reference's, the window's."""
@@ -1161,6 +1263,27 @@ def _points(starts, directions, active: torch.Tensor, t: torch.Tensor) -> Tuple[
     )
 
 
+def walk_row_bytes(mode: BreakpointMode) -> int:
+    """The bytes a row of a walk forward held beside the model's forward (see
+    WALK_FLOAT64S_PER_UNIT)."""
+    return WALK_FLOAT64S_PER_UNIT * 8 * mode.widest_row_units + 2 * mode.state.row_bytes
+
+
+def _shifted(forward_at: ForwardAt, begin: int) -> ForwardAt:
+    """forward_at for a group of examples starting at ``begin`` of the batch."""
+    if begin == 0:
+        return forward_at
+    return lambda examples, points: forward_at(examples + begin, points)
+
+
+def _run_and_keep_record(rounds: List[PathIntegral], integral: PathIntegral) -> Tuple[torch.Tensor, ...]:
+    """The pass's gradient sums, its record (chunks, calls) kept in ``rounds`` without
+    them: a walk of thousands of pieces runs hundreds of passes, and keeping each
+    one's gradients held every piece's at once (36 MB against a 2 MB budget)."""
+    rounds.append(integral.spent())
+    return integral.gradient_sums
+
+
 def _add(sums, active: torch.Tensor, gradient_sums, factor: torch.Tensor) -> None:
     for total, gradient in zip(sums, gradient_sums):
         scale = factor.to(total.dtype).view((-1,) + (1,) * (total.dim() - 1))
@@ -1212,6 +1335,7 @@ def _walker(directions: Tuple[torch.Tensor, ...], record: _WalkRecord, margin: f
                 with mode:
                     grads, outputs = gradients_at(duals, chunk, with_outputs)
             record.take(rows, mode, found)
+            add_to_estimate(chunk.rows * walk_row_bytes(mode))
             return grads, outputs
 
         return at

@@ -229,6 +229,9 @@ class BreakpointMode(TorchFunctionMode):
         self.non_analytic_op: Optional[str] = None  # the first of NON_ANALYTIC_SMOOTH_OPS applied to the path
         self.slope_jump_op: Optional[str] = None  # the first of those whose slope jumps
         self.kink_ops = 0  # piecewise-linear ops applied to the path (calls, in order)
+        # The most units a row of one piecewise-linear op has: each is copied to float64
+        # with its tangent, and the steps to its kinks computed, while the op runs.
+        self.widest_row_units = 0
         self.state = PathState([], [], [])
         self.changed: Optional[torch.Tensor] = None
         self.back_step: Optional[torch.Tensor] = None
@@ -322,6 +325,8 @@ class BreakpointMode(TorchFunctionMode):
         """Units z (float64, with derivative dz) that have a kink at ``kink``: their steps
         to it (signed) go to next_step and the window. Where dz is 0 the step is +-inf,
         or nan on the kink: never a kink (every comparison with nan is false)."""
+        # (Counted before an op placed earlier returns: its float64 copies were made.)
+        self.widest_row_units = max(self.widest_row_units, z.numel() // max(1, self.rows))
         if self._placed_before(z, op, line=True):
             return
         with torch.no_grad():

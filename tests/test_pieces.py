@@ -181,6 +181,27 @@ def test_sub_paths_walked_side_by_side_find_the_same_kinks_in_fewer_rounds(monke
     assert 0 < extra <= 2 * (-(-c.numel() // igfast.exact.SUB_PATH_PIECES) - 1)
 
 
+def test_examples_walked_in_groups_find_the_same_pieces(monkeypatch):
+    """Where the rows of every example do not fit the memory the curved walk may hold,
+    the examples walk in groups, one group after the other: the same pieces, the same
+    attributions, only more rounds."""
+    model, shape = make_mixed("tanh_then_relu", "cpu")
+    g = torch.Generator().manual_seed(3)
+    inputs = 2 * torch.randn(7, *shape, dtype=torch.float64, generator=g)
+    baselines = torch.randn(7, *shape, dtype=torch.float64, generator=g)
+    ig = igfast.IntegratedGradients(model)
+    runs = {}
+    for name, held in (("together", 2**26), ("groups", 1)):
+        monkeypatch.setattr(igfast.exact, "SUB_PATH_BYTES", held)  # 1: one row at a time
+        runs[name] = ig.attribute(inputs, baselines, target=1, method="gausslegendre_pieces", n_steps=3,
+                                  return_adaptive_info=True)
+    (together, info), (grouped, grouped_info) = runs["together"], runs["groups"]
+    assert grouped_info.walk_rounds > info.walk_rounds
+    for mine, theirs in zip(grouped_info.breakpoints, info.breakpoints):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9)
+    torch.testing.assert_close(grouped, together, rtol=1e-9, atol=1e-12)
+
+
 def test_float32_matches_float64():
     model, shape = make_mixed("tanh_then_relu", "cpu")
     inputs = 2 * torch.randn(6, *shape, dtype=torch.float64)
