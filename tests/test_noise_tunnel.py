@@ -181,6 +181,13 @@ def test_bad_arguments():
         tunnel.attribute(x, targets=[0, 1])
     with pytest.raises(AttributeError, match="`attribution_method` must be an attribution object"):
         igfast.NoiseTunnel(MLP())  # Captum: AttributeError (it reads has_convergence_delta)
+    # Sizes are the caller's (2 examples), not the noisy rows' (2 x 5); Captum: AssertionError.
+    with pytest.raises(AssertionError, match=r"one entry per example \(2\); got 3"):
+        tunnel.attribute(x, nt_samples=5, target=[0, 1, 0])
+    with pytest.raises(AssertionError, match=r"one target per example \(2\); got shape \(3,\)"):
+        tunnel.attribute(x, nt_samples=5, target=torch.tensor([0, 1, 0]))
+    with pytest.raises(AssertionError, match=r"the input's shape \(2, 6\).*got \(3, 6\)"):
+        tunnel.attribute(x, nt_samples=5, target=0, baselines=torch.zeros(3, 6))
 
 
 class _TrainingNet(nn.Module):

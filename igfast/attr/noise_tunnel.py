@@ -28,7 +28,8 @@ import torch
 
 from ..errors import ArgumentError, ArgumentTypeError, RangeError
 from ._captum_protocol import CaptumMembers, captum_bases
-from ._forms import format_additional_forward_args, format_inputs
+from ._forms import format_additional_forward_args, format_baselines, format_inputs
+from ._target import normalize_target
 from ._train_mode import depends_on_the_call
 from .integrated_gradients import IntegratedGradients
 from .layer_integrated_gradients import LayerIntegratedGradients
@@ -134,6 +135,11 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
         stdev_per_input = _stdevs(stdevs, len(formatted))
         with_delta = bool(kwargs.get("return_convergence_delta", False)) and self.is_delta_supported
         batch_size = formatted[0].shape[0]
+        # Checked against the caller's batch before the noisy copies multiply it, so that
+        # an error names the sizes the caller gave (3 examples, not 15 noisy rows).
+        normalize_target(kwargs.get("target"), batch_size, formatted[0].device)
+        if not draw_baseline_from_distrib and kwargs.get("baselines") is not None:
+            format_baselines(kwargs["baselines"], formatted)
 
         drawn = self._draw(formatted, group, nt_samples, stdev_per_input, draw_baseline_from_distrib, kwargs)
         if self._streams_all_samples():
