@@ -168,6 +168,33 @@ def test_generated_tokens_bad_input():
         attribute_generated_tokens(lm, lm.tokens, prompt, generated, -1)
     with pytest.raises(IndexError, match=r"`generated_ids` must hold token ids in \[0, 40\)"):
         attribute_generated_tokens(lm, lm.tokens, prompt, generated + 40, 0)
+    # An embedding of another model: named as the caller's argument (it named `layer` and
+    # the internal wrapper).
+    with pytest.raises(ValueError, match=r"`embedding_layer` \(Embedding\) is not a submodule of `model`"):
+        attribute_generated_tokens(lm, torch.nn.Embedding(40, 32), prompt, generated, 0)
+    # Rules that follow one target's path, with several generated tokens: said in this
+    # function's terms (it said "with several targets", which the caller never gave).
+    for kwargs in (dict(n_steps="auto"), dict(method="exact")):
+        with pytest.raises(ValueError, match="2 generated tokens are 2 targets"):
+            attribute_generated_tokens(lm, lm.tokens, prompt, generated, 0, **kwargs)
+
+
+def test_one_generated_token_takes_every_rule():
+    """One generated token is one target: n_steps="auto" works (it was refused), and the
+    shapes keep the leading T = 1; fixed n_steps equals the several-token call's slice."""
+    lm = TinyCausalLM(vocabulary=40, width=32)
+    prompt = torch.randint(1, 40, (2, 5), generator=torch.Generator().manual_seed(6))
+    generated = lm.generate(prompt, 3)
+    several = attribute_generated_tokens(lm, lm.tokens, prompt, generated, 0, n_steps=64)
+    one = attribute_generated_tokens(lm, lm.tokens, prompt, generated[:, :1], 0, n_steps=64)
+    assert one.shape == (1, 2, 6, 32)
+    torch.testing.assert_close(one[0], several[0, :, :6], rtol=1e-5, atol=1e-6)
+    refined, delta = attribute_generated_tokens(lm, lm.tokens, prompt, generated[:, :1], 0, n_steps="auto",
+                                                return_convergence_delta=True)
+    assert refined.shape == (1, 2, 6, 32) and delta.shape == (1, 2)
+    reference = attribute_generated_tokens(lm, lm.tokens, prompt, generated[:, :1], 0, n_steps=1024)
+    error = (refined - reference).flatten(2).norm(dim=2) / reference.flatten(2).norm(dim=2)
+    assert float(error.max()) < 1e-3  # auto's default tolerance
 
 
 def test_generated_tokens_of_a_function_or_a_hugging_face_style_output():

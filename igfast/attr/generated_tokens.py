@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..dtypes import integer_item
-from ..errors import ArgumentError, TargetError
+from ..errors import ArgumentError, LayerError, TargetError
 from .layer_integrated_gradients import LayerIntegratedGradients
 
 
@@ -95,7 +95,18 @@ def attribute_generated_tokens(
             if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocabulary):
                 raise TargetError(f"`{name}` must hold token ids in [0, {vocabulary}) (the embedding's rows); "
                                   f"got ids from {int(ids.min())} to {int(ids.max())}.")
+    if isinstance(model, nn.Module) and not any(module is embedding_layer for module in model.modules()):
+        raise LayerError(
+            f"`embedding_layer` ({type(embedding_layer).__name__}) is not a submodule of `model` "
+            f"({type(model).__name__}): pass the model's own token embedding, e.g. "
+            "model.get_input_embeddings() for a Hugging Face model.")
     prompt_length, generated = prompt_ids.shape[1], generated_ids.shape[1]
+    refined = n_steps == "auto" or method in ("exact", "gausslegendre_pieces")
+    if refined and generated > 1:
+        raise ArgumentError(
+            f"{'n_steps=' + repr(n_steps) if n_steps == 'auto' else 'method=' + repr(method)} follows one "
+            f"target's path, and {generated} generated tokens are {generated} targets: give a fixed n_steps "
+            "with a Gauss or Riemann method, or call this once per generated token.")
     ids = torch.cat([prompt_ids, generated_ids], dim=1)
     baselines = torch.cat([torch.full_like(prompt_ids, baseline_token_id), generated_ids], dim=1)
     log_probs = GeneratedTokenLogProbs(model, prompt_length)
@@ -103,9 +114,17 @@ def attribute_generated_tokens(
     # function's layer when it runs instead.
     forward = log_probs if isinstance(model, nn.Module) else (lambda ids, *args: log_probs(ids, *args))
     explainer = LayerIntegratedGradients(forward, embedding_layer)
-    return explainer.attribute(
-        ids, baselines=baselines, targets=list(range(generated)),
+    # One generated token is one target: the single-target path, which n_steps="auto"
+    # and the piece methods take too; its results gain the leading T = 1 dimension.
+    which = {"target": 0} if generated == 1 else {"targets": list(range(generated))}
+    result = explainer.attribute(
+        ids, baselines=baselines, **which,
         additional_forward_args=additional_forward_args, n_steps=n_steps, method=method,
         internal_batch_size=internal_batch_size, memory_budget=memory_budget,
         return_convergence_delta=return_convergence_delta,
     )
+    if generated > 1:
+        return result
+    if return_convergence_delta:
+        return tuple(part.unsqueeze(0) for part in result)
+    return result.unsqueeze(0)
