@@ -48,6 +48,9 @@ SECTIONS = {
     "exact": ("Exact IG, n_steps='auto' and fixed rules",
               [sys.executable, "benchmarks/bench_exact.py", "--plot", "benchmarks/results/exact-error.png"],
               [sys.executable, "benchmarks/bench_exact.py", "--quick"]),
+    "auto_floor": ("The least a self-checking n_steps='auto' can spend (smooth workloads)",
+                   [sys.executable, "benchmarks/bench_auto_floor.py"],
+                   [sys.executable, "benchmarks/bench_auto_floor.py", "--quick"]),
     # The 16-token, 16-step case: the full table (64 tokens, 50 steps) takes hours on one thread.
     "llm": ("LLM attribution", [sys.executable, "benchmarks/bench_llm.py", "--cases", "16x16", "--repeats", "1"],
             [sys.executable, "benchmarks/bench_llm.py", "--quick"]),

@@ -692,3 +692,17 @@ def test_layer_auto_judges_completeness_at_the_paths_own_start():
     assert bool(info.converged.all()) and int(info.evaluations.max()) <= 33, info.evaluations
     error = (attributions - reference).norm(dim=1) / reference.norm(dim=1)
     assert float(error.max()) < 1e-6
+
+
+def test_auto_floor_counts_the_fewest_nodes_from_which_every_rule_meets_tol(monkeypatch):
+    """benchmarks/bench_auto_floor.py's n_min: a rule that meets tol by chance, with a
+    larger one missing it again, does not count; an example that never meets it is -1."""
+    import importlib
+    import os
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    floor = importlib.import_module("bench_auto_floor")
+    errors = {1: torch.tensor([0.5, 0.005, 0.5]), 2: torch.tensor([0.005, 0.5, 0.5]),
+              3: torch.tensor([0.005, 0.001, 0.5]), 4: torch.tensor([0.001, 0.002, 0.02])}
+    assert floor.fewest_nodes_per_example(errors, 1e-2).tolist() == [2, 3, -1]
+    assert floor.fewest_nodes_per_example(errors, 1e-1).tolist() == [2, 3, 4]
