@@ -206,3 +206,31 @@ def test_update_readme_summarises_verbatim_and_leaves_out_missing_sections(tmp_p
     (tmp_path / "cpu.md").write_text(quick)
     with pytest.raises(SystemExit):
         report_module.update_readme(str(tmp_path))
+
+
+FAKE_EXACT_SECTIONS = """
+## Exact IG, n_steps='auto' and fixed rules
+
+| workload | tol | fixed GL: steps | auto: evaluations (tolerance used) | auto: walked exactly | exact (mixed: gausslegendre_pieces): evaluations | GL / exact evals | GL / auto evals |
+|---|---|---|---|---|---|---|---|
+| MLP | 1e-02 | 110 | 143.0 (1.0e-02) | 0% | 118.5 | 0.93x | 0.77x |
+| MLP | 1e-03 | 1056 | 128.5 (1.0e-03) | 100% | 118.5 | 8.91x | 8.22x |
+| GELU | 1e-03 | 3 | 8.3 (1.0e-03) | 0% | - (smooth) | - | 0.36x |
+
+## The least a self-checking n_steps='auto' can spend (smooth workloads)
+
+| workload | tol | fixed GL: steps (oracle) | best possible GL / auto |
+|---|---|---|---|
+| GELU | 1e-03 | 3 | 0.85x |
+| GELU | 1e-04 | 4 | 0.99x |
+| MiniLM | 1e-04 | 46 | 1.23x |
+"""
+
+
+def test_exact_line_counts_every_tolerance_and_names_where_no_checking_rule_can_win():
+    block = _report_module().readme_figures(FAKE_REPORT + FAKE_EXACT_SECTIONS)
+    exact = next(line for line in block.splitlines() if line.startswith("- Evaluations per example"))
+    assert "MLP at 1e-03: 1056 / 128.5 / 118.5" in exact  # the tightest tolerance is quoted
+    assert "`auto` spends no more in 1 of 3 cells" in exact  # but the count covers all of them
+    assert "on GELU no rule that checks its own error can (at best 0.85x-0.99x)" in exact
+    assert "MiniLM" not in exact.split("hindsight")[1]
