@@ -157,9 +157,10 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                 below one step of the batch when needed. The result does not
                 depend on it. Default: None.
             return_convergence_delta (bool, optional): also return, per example,
-                sum(attributions) - (F(inputs) - F(baselines)). F(inputs) and
-                F(baselines) are read from the path's forward calls (rules without
-                alpha 0 or 1 get those nodes added), not from two more calls.
+                sum(attributions) - (F(inputs) - F(baselines)). With a fixed
+                n_steps, F(inputs) and F(baselines) come from two more forward
+                calls, as in Captum (so the delta is Captum's to the bit); with
+                n_steps="auto" they are read from the calls its path made anyway.
                 Default: False.
             memory_budget (int or str, optional): the most memory this call may
                 add, in bytes or as a size such as "2GB" or "512MiB": the
