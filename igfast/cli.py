@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"igfast {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{demo,llm,bench,info}")
     commands.required = True
+    parser.set_defaults(command_parsers=commands.choices)  # so a value error shows its command's usage
 
     demo = commands.add_parser("demo", help="attribute a digits CNN (and MiniLM) and write pictures")
     demo.add_argument("--out", default=".", help="folder for the PNG and HTML (default: here)")
@@ -218,16 +219,16 @@ def _info(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    command_parser = args.command_parsers[args.command]  # its .error() prints its usage and exits with 2
     for name in ("images", "n_steps", "repeats", "threads", "max_new_tokens"):
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
-            parser.error(f"{args.command}: --{name.replace('_', '-')} must be >= 1")  # exits with 2
+            command_parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.command == "llm" and args.prompt is not None and not args.prompt.strip():
-        parser.error("llm: --prompt is empty (leave it out for the default prompt)")
+        command_parser.error("--prompt is empty (leave it out for the default prompt)")
     if args.command == "demo" and args.images > TEST_EXAMPLES:
-        parser.error(f"demo: --images must be at most {TEST_EXAMPLES} (the digits test set)")
+        command_parser.error(f"--images must be at most {TEST_EXAMPLES} (the digits test set)")
     try:
         return {"demo": _demo, "llm": _llm, "bench": _bench, "info": _info}[args.command](args)
     except UserError as error:

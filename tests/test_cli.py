@@ -116,6 +116,9 @@ def test_usage_errors_exit_2_without_traceback(args, message):
     assert result.returncode == 2
     assert message in result.stderr and "usage: igfast" in result.stderr
     assert "Traceback" not in result.stderr
+    if args and args[0] in ("demo", "llm", "bench") and message != "unrecognized arguments":
+        # a bad value shows its command's usage (argparse shows the top level's for unknown flags)
+        assert f"usage: igfast {args[0]}" in result.stderr and f"igfast {args[0]}: error:" in result.stderr
 
 
 def test_version():
