@@ -278,16 +278,19 @@ def _auto_against_hindsight(exact_rows, sections) -> str:
     """How often auto spends no more than the fixed rule, whose step count is the
     fewest that meets tol (known only in hindsight), and where no self-checking rule
     can (bench_auto_floor): the tightest tolerance alone would flatter auto."""
-    ratios = [float(r["GL / auto evals"].rstrip("x")) for r in exact_rows if r.get("GL / auto evals", "").endswith("x")]
-    if not ratios:
+    cells = [r for r in exact_rows if r.get("GL / auto evals", "").endswith("x")]
+    if not cells:
         return ""
+    ratios = [float(r["GL / auto evals"].rstrip("x")) for r in cells]
+    tols = sorted({r["tol"] for r in cells}, key=float, reverse=True)
     text = (f" The fixed rule's steps are the fewest that meet the tolerance, known only in hindsight: "
-            f"`auto` spends no more in {sum(ratio >= 1.0 for ratio in ratios)} of {len(ratios)} cells (tol 1e-02 to 1e-04)")
+            f"`auto` spends no more in {sum(ratio >= 1.0 for ratio in ratios)} of {len(ratios)} cells "
+            f"(tol {tols[0]} to {tols[-1]})")
     floor_rows = _markdown_table(_section(sections, "The least a self-checking") or [],
                                  ("workload", "tol", "best possible GL / auto"))
     unreachable = [r for r in floor_rows if float(r["best possible GL / auto"].rstrip("x")) < 1.0]
     if unreachable:
-        best = sorted(r["best possible GL / auto"] for r in unreachable)
+        best = sorted((r["best possible GL / auto"] for r in unreachable), key=lambda cell: float(cell.rstrip("x")))
         workloads = " and ".join(dict.fromkeys(r["workload"] for r in unreachable))
         text += (f", and on {workloads} no rule that checks its own error can "
                  f"(at best {best[0]}-{best[-1]})")

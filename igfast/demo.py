@@ -213,7 +213,7 @@ def run_demo(out_dir: str = ".", images: int = 4, n_steps: int = 50, retrain: bo
     save_image_attributions(x, attributions, picture, titles)
     print(f"  wrote {picture}")
     summary["picture"] = picture
-    # At most 20 steps for the text: a MiniLM path costs far more than a digit's, and the
+    # Fewer steps for the text: a MiniLM path costs far more than a digit's, and the
     # demo should stay quick; the heading prints the steps, so the |delta| can be read.
     summary["html"] = _text_demo(out_dir, min(n_steps, TEXT_STEPS_AT_MOST)) if text else None
     return summary
