@@ -142,6 +142,27 @@ class ShardedArray:
     def __len__(self) -> int:
         return self._length
 
+    def _header(self) -> np.ndarray:
+        # A memory map reads only the .npy header, however this store was opened.
+        return np.load(self._paths[0], mmap_mode="r")
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """(examples, *one example's shape), as the whole field would have."""
+        if not self._paths:
+            return (0,)
+        return (self._length,) + tuple(self._header().shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype that indexing returns."""
+        if not self._paths:
+            return torch.float32
+        return torch.from_numpy(np.empty(0, dtype=self._header().dtype)).dtype
+
+    def __repr__(self) -> str:
+        return f"ShardedArray({self.name!r}, shape={self.shape}, dtype={self.dtype}, shards={len(self._paths)})"
+
     def _shard(self, index: int) -> np.ndarray:
         if index not in self._loaded:
             self._loaded[index] = np.load(self._paths[index], mmap_mode=self._mmap)

@@ -81,6 +81,12 @@ def test_results_equal_attribute_calls(reference_run):
         assert torch.equal(store.targets[rows], outputs.argmax(1))
     # Reading: an example, slices across shard boundaries, steps, memory maps.
     assert len(store) == 40 and store.attributions[5:13].shape == (8, 1, 6, 6)
+    # Each field tells its whole shape and dtype without reading its shards.
+    for field in ("attributions", "deltas", "outputs", "targets"):
+        whole = getattr(store, field)[:]
+        assert getattr(store, field).shape == tuple(whole.shape), field
+        assert getattr(store, field).dtype == whole.dtype, field
+    assert "shape=(40, 1, 6, 6)" in repr(store.attributions)
     assert torch.equal(store[11]["attributions"], store.attributions[11])
     assert torch.equal(store.deltas[3:30:4], store.deltas[:][3:30:4])
     assert isinstance(store.attributions.numpy(slice(8, 12)), np.memmap)
