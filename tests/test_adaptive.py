@@ -706,3 +706,32 @@ def test_auto_floor_counts_the_fewest_nodes_from_which_every_rule_meets_tol(monk
               3: torch.tensor([0.005, 0.001, 0.5]), 4: torch.tensor([0.001, 0.002, 0.02])}
     assert floor.fewest_nodes_per_example(errors, 1e-2).tolist() == [2, 3, -1]
     assert floor.fewest_nodes_per_example(errors, 1e-1).tolist() == [2, 3, 4]
+
+
+def test_auto_floor_leja_rules_integrate_polynomials_and_read_the_integrand(monkeypatch):
+    """bench_auto_floor's Leja study: every prefix rule integrates polynomials below its
+    node count exactly, and the one-node integrand at 1/2 is the 1-node GL rule, with
+    igfast's quadrature table restored afterwards."""
+    import importlib
+    import os
+
+    from igfast import quadrature
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    floor = importlib.import_module("bench_auto_floor")
+    points = floor.leja_points(24)
+    assert len(set(points.tolist())) == 24 and points.min() == 0.0 and points.max() == 1.0
+    for n in (3, 7, 24):
+        weights = floor.interpolatory_weights(points[:n])
+        for degree in range(n):
+            assert abs(float(weights @ points[:n] ** degree) - 1 / (degree + 1)) < 1e-9, (n, degree)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 2)).double().eval()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    explainer = igfast.IntegratedGradients(model)
+    attribute = lambda **kw: explainer.attribute(x, target=1, **kw)  # noqa: E731
+    torch.testing.assert_close(floor.integrand_at(attribute, 0.5), attribute(n_steps=1), rtol=0, atol=0)
+    at_a_quarter = floor.integrand_at(attribute, 0.25)
+    by_hand = torch.autograd.functional.jacobian(lambda z: model(z)[:, 1].sum(), 0.25 * x) * x
+    torch.testing.assert_close(at_a_quarter, by_hand, rtol=1e-12, atol=1e-12)
+    assert quadrature.RULES["gausslegendre"].nodes_and_weights is quadrature._gauss_legendre
