@@ -44,7 +44,7 @@ from bench_exact import SMOOTH_REFERENCE_STEPS, TOLERANCES, problem
 from igfast.bench.workloads import minilm_available
 
 LARGEST_SWEPT_STEPS = 96  # GELU MLP and MiniLM meet 1e-4 below 50 nodes
-LEJA_NODES = 64  # MiniLM meets 1e-4 by 57 Leja nodes
+LEJA_NODES = 80  # MiniLM met 1e-4 by 57 Leja nodes against a 256-node GL reference
 CHANGES_CHECKED = 3  # the one-node changes the cheapest Leja check asks to be within tol
 
 
@@ -139,8 +139,10 @@ def measure_leja(attribute, reference: torch.Tensor, gl_rows: List[Dict[str, Any
     for gl_row in gl_rows:
         tol = gl_row["tol"]
         fewest = fewest_nodes_per_example(errors, tol)
-        if bool((fewest < 0).any()):
-            raise SystemExit(f"some example misses {tol:.0e} at {LEJA_NODES} Leja nodes; take more")
+        # An example still missing tol at LEJA_NODES counts as one node more: a lower
+        # bound on its cost, so the ratios below are upper bounds (marked ">").
+        beyond = bool((fewest < 0).any())
+        fewest = torch.where(fewest < 0, torch.tensor(LEJA_NODES + 1), fewest)
         stops = torch.full_like(fewest, LEJA_NODES)
         for n in reversed(range(2 + CHANGES_CHECKED, LEJA_NODES + 1)):
             small = torch.stack([changes[m] for m in range(n - CHANGES_CHECKED + 1, n + 1)]).max(0).values <= tol
@@ -148,7 +150,7 @@ def measure_leja(attribute, reference: torch.Tensor, gl_rows: List[Dict[str, Any
         stop_errors = torch.stack([errors[int(n)][e] for e, n in enumerate(stops)])
         rows.append({"tol": tol, "oracle_gl_steps": gl_row["oracle_gl_steps"],
                      "leja_n_min_mean": float(fewest.double().mean()), "leja_n_min_min": int(fewest.min()),
-                     "leja_n_min_max": int(fewest.max()),
+                     "leja_n_min_max": int(fewest.max()), "beyond_swept": beyond,
                      "perfect_stop_ratio": gl_row["oracle_gl_steps"] / float(fewest.double().mean()),
                      "checked_mean": float(stops.double().mean()),
                      "checked_ratio": gl_row["oracle_gl_steps"] / float(stops.double().mean()),
@@ -182,8 +184,11 @@ def print_table(results: List[Dict[str, Any]]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for row in r["leja_rows"]:
-            print(f"| {r['workload']} | {row['tol']:.0e} | {row['oracle_gl_steps']} | {row['leja_n_min_mean']:.2f} "
-                  f"({row['leja_n_min_min']}-{row['leja_n_min_max']}) | {row['perfect_stop_ratio']:.2f}x | "
+            beyond = row["beyond_swept"]
+            print(f"| {r['workload']} | {row['tol']:.0e} | {row['oracle_gl_steps']} | "
+                  f"{'at least ' if beyond else ''}{row['leja_n_min_mean']:.2f} ({row['leja_n_min_min']}-"
+                  f"{f'more than {LEJA_NODES}' if beyond else row['leja_n_min_max']}) | "
+                  f"{'at most ' if beyond else ''}{row['perfect_stop_ratio']:.2f}x | "
                   f"{row['checked_mean']:.2f} | {row['checked_ratio']:.2f}x | "
                   f"{row['checked_worst_error_over_tol']:.2g} |")
 
