@@ -26,7 +26,7 @@ and an example can stop after any node. It gives the Leja rule the same advantag
 (each example's fewest Leja nodes, no check paid) and shows what the cheapest check,
 three one-node changes within tol, spends and how far it lets the error go.
 
-    python benchmarks/bench_auto_floor.py            # about 7 minutes on one thread
+    python benchmarks/bench_auto_floor.py            # about 21 minutes on one thread (1273-1298 s)
     python benchmarks/bench_auto_floor.py --quick    # GELU MLP, 8 examples (CI smoke)
 """
 
@@ -44,7 +44,7 @@ from bench_exact import SMOOTH_REFERENCE_STEPS, TOLERANCES, problem
 from igfast.bench.workloads import minilm_available
 
 LARGEST_SWEPT_STEPS = 96  # GELU MLP and MiniLM meet 1e-4 below 50 nodes
-LEJA_NODES = 80  # MiniLM met 1e-4 by 57 Leja nodes against a 256-node GL reference
+LEJA_NODES = 80  # MiniLM's slowest example meets 1e-4 at 74 Leja nodes
 CHANGES_CHECKED = 3  # the one-node changes the cheapest Leja check asks to be within tol
 
 
@@ -140,7 +140,7 @@ def measure_leja(attribute, reference: torch.Tensor, gl_rows: List[Dict[str, Any
         tol = gl_row["tol"]
         fewest = fewest_nodes_per_example(errors, tol)
         # An example still missing tol at LEJA_NODES counts as one node more: a lower
-        # bound on its cost, so the ratios below are upper bounds (marked ">").
+        # bound on its cost, so the ratios below are upper bounds ("at least", "at most").
         beyond = bool((fewest < 0).any())
         fewest = torch.where(fewest < 0, torch.tensor(LEJA_NODES + 1), fewest)
         stops = torch.full_like(fewest, LEJA_NODES)
