@@ -133,9 +133,12 @@ class RowLimit:
         here: without a budget nothing is promised."""
         return None
 
-    def hold(self, nbytes: int) -> None:
+    def hold(self, nbytes: int, what: Optional[str] = None) -> None:
         """Memory the caller holds for the whole call beside the chunks (see
         BudgetRowLimit.hold); nothing here: without a budget nothing is promised."""
+
+    def check_between_chunks(self, nbytes: int, what: str) -> None:
+        """Memory held for a moment when no chunk runs (see BudgetRowLimit); nothing here."""
 
     def shrink(self, failed_rows: int) -> bool:
         """After a chunk of failed_rows rows ran out of memory: halve; False at one row."""
@@ -212,13 +215,19 @@ class BudgetRowLimit(RowLimit):
     def available(self) -> int:
         return self.budget - self.reserved
 
-    def hold(self, nbytes: int) -> None:
-        """Count ``nbytes`` more held for the whole call, like the accumulators (before
-        the first chunk: n_steps="auto" keeps its levels' sums while examples it switched
-        to method="exact" walk)."""
+    def hold(self, nbytes: int, what: Optional[str] = None) -> None:
+        """Count ``nbytes`` more held for the whole call, like the accumulators
+        (n_steps="auto" keeps its levels' sums while examples it switched to
+        method="exact" walk; a walk's record of pieces grows between its chunks).
+        Chunks are sized to what is left from then on; ``what`` names the holder in the
+        error raised when not even one measured row is left room."""
         self.reserved += max(0, int(nbytes))
-        if self.available <= 0:
-            raise budget_too_small(self.argument, self.budget, self.reserved, measured=False)
+        row_bytes = self.row_bytes
+        if self.available <= (0 if row_bytes is None else row_bytes):
+            raise budget_too_small(self.argument, self.budget, self.reserved + int(row_bytes or 0),
+                                   measured=row_bytes is not None, what=what)
+        if row_bytes is not None:
+            self.rows = min(self.rows, self._fitting(row_bytes))
 
     def set_aside(self, share: float, most: int) -> int:
         """Take ``share`` of the chunks' room (at most ``most`` bytes) out of it, for
@@ -232,6 +241,15 @@ class BudgetRowLimit(RowLimit):
                 measured_rows, measured_peak = self._measured
                 self.rows = min(self.rows, self._fitting(measured_peak / measured_rows))
         return self._set_aside
+
+    def check_between_chunks(self, nbytes: int, what: str) -> None:
+        """``nbytes`` more are held for a moment when no chunk runs and nothing set aside
+        for them is in use (method="exact" sorting its pieces into breakpoints): they
+        must fit beside what is held for the whole call, else the budget's error."""
+        held = self.reserved - (self._set_aside or 0)
+        if held + nbytes > self.budget:
+            raise budget_too_small(self.argument, self.budget, held + int(nbytes), measured=False, what=what,
+                                   beside_rows=False)
 
     # Rows a chunk may keep above the preferred size while the budget allows: a row of
     # a large model can exceed the preferred size alone, and one-row chunks were 18%
@@ -278,8 +296,13 @@ def integral_batch_size(value: Any) -> int:
     return max(0, int(value))
 
 
-def budget_too_small(argument: str, budget: int, needed: int, measured: bool) -> ArgumentError:
-    if measured:
+def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
+                     what: Optional[str] = None, beside_rows: bool = True) -> ArgumentError:
+    if what is not None:
+        beside = ("" if not beside_rows else ", beside one path row of this model (measured)" if measured
+                  else ", before any path row of the model")
+        advice = f"for {what}{beside}. Give `{argument}` well above {needed}."
+    elif measured:
         advice = f"measured for one path row of this model. Give `{argument}` >= {needed}."
     else:
         # Known before the model runs: the model's own activations come on top, and a

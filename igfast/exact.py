@@ -128,6 +128,28 @@ DRIVER_SHARE = 0.25
 # sums (a Gauss pair's, 2 rows each for float32 inputs) and the start and direction
 # rows gathered to make the point.
 POINT_ROWS = 9
+# A point of _refine_pieces' passes holds more: its pair's difference, the signed
+# copies added in and the float64 temporaries of its norm (about 8 rows). With 9, the
+# refinement of 256 examples of igfast bench's MLP with a softmax head peaked at 1.03x
+# a 5 MB budget; with 17, at 0.74x.
+REFINE_POINT_ROWS = 17
+# The walk's record outlives its chunks: every piece found is kept to the end of the
+# call, where the pieces are sorted into ExactInfo.breakpoints, and every segment
+# waiting for a later round is held until then. Under a memory budget the record is
+# charged as it grows (_RecordLedger): without it, 256 examples of igfast bench's MLP
+# (118 pieces each) peaked at 2.3 MB under a 0.7 MB budget. Bytes per piece or
+# segment, the sorts' measured by tracing their allocations:
+PIECE_BYTES = 24  # a piece found: its example, start and length (int64, float64, float64)
+SEGMENT_BYTES = 24  # a segment waiting: its example, low and high
+# _breakpoints, once no chunk runs: the sort into per-example breakpoints and its output.
+BREAKPOINT_SORT_BYTES = 40
+# _refine_pieces' segments: their example, start, length and norm, and the sorts that
+# choose the ones to split (_largest_carrying: 56), beside the walk's pieces.
+REFINE_SEGMENT_BYTES = 4 * 8 + 56
+# The curved walk's pieces: their row, start, length and two flags.
+CURVED_PIECE_BYTES = 3 * 8 + 2
+# Its pieces joined once the walk is done, then at the sub-paths' cuts (_join_at_cuts).
+CURVED_JOIN_BYTES = 4 * CURVED_PIECE_BYTES
 
 
 # The methods that integrate along the path's pieces, and whether they allow smooth ops
@@ -252,13 +274,14 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     sums = tuple(torch.zeros_like(d, dtype=torch.float64) for d in directions)
     found: dict = {}
     group = _GradientGroup(row_limit, directions)
+    ledger = _RecordLedger(row_limit)
     rounds: List[PathIntegral] = []
     if settings.curved_kinks:
         pieces = _walk_curved_paths(run_round, forward_at, starts, directions, margin, found, row_limit, settings,
-                                    rounds)
+                                    rounds, ledger)
     else:
         pieces = _split_into_pieces(run_round, forward_at, starts, directions, margin, found, row_limit, group,
-                                    settings, sums, rounds)
+                                    settings, sums, rounds, ledger)
         if not found.get("piecewise_linear_ops") and found.get("smooth_op") is not None:
             # No kink but curved: the whole network would be one piece's "smooth head",
             # integrated by 3 Gauss nodes (a GELU MLP: 5e-3 off), which is not exact IG.
@@ -268,6 +291,9 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     if settings.spread_steps is not None:
         examples, piece_start, piece_length = _cut_long_pieces(
             examples, piece_start, piece_length, GAUSS_NODES_PER_PIECE / settings.spread_steps)
+        # (cut between chunks; the walk's pieces stay, for the breakpoints)
+        walked = pieces.examples.numel()
+        ledger.charge((walked + examples.numel()) * PIECE_BYTES, walked, examples.numel())
     smooth_head = found.get("smooth_op")
     gauss = smooth_head is not None or settings.curved_kinks
     on_pieces = _OnPieces(run_round, starts, directions, group, batch_size, rounds)
@@ -282,7 +308,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
         nodes, weights = (0.5 * (1 + gauss_nodes)).tolist(), (0.5 * gauss_weights).tolist()
         if settings.tolerance is not None:
             sums, estimate, gradient_rows = _refine_pieces(on_pieces, examples, piece_start, piece_length,
-                                                           settings.tolerance)
+                                                           settings.tolerance, ledger, pieces.examples.numel())
         else:
             sums, midpoint_sums, gradient_rows = on_pieces.integrate(examples, piece_start, piece_length, nodes,
                                                                      weights)
@@ -291,12 +317,48 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
             _warn_of_a_coarse_head(estimate, smooth_head, settings)
     # (Without Gauss nodes the partition has summed each piece's constant gradient.)
     evaluations = gradient_rows + pieces.walk_rows  # + the walk's forwards and the first engine pass
+    ledger.between_chunks(pieces.examples.numel() * BREAKPOINT_SORT_BYTES, pieces.examples.numel())
     breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
     info = ExactInfo(pieces.count, evaluations, pieces.walk_forwards, pieces.rounds, breakpoints,
                      smooth_head, GAUSS_NODES_PER_PIECE if gauss else 1, estimate,
                      curved_kinks=settings.curved_kinks)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
     return ExactIntegral(results, info, rounds)
+
+
+class _RecordLedger:
+    """Charges the walk's record (see PIECE_BYTES) to the row limit as it grows: chunks
+    get what is left, and a budget too small for the record raises the budget's error,
+    naming it, instead of being passed silently. The charge is the most the record has
+    held (its phases follow each other: the walk, a refinement); what it holds only
+    between chunks (joins, sorts) is checked against the room chunks leave then."""
+
+    def __init__(self, row_limit: RowLimit) -> None:
+        self.row_limit = row_limit
+        self.charged = 0
+
+    @staticmethod
+    def _what(pieces: int, segments: int) -> str:
+        return (f"the walk's record of the {pieces} path pieces found so far (kept to the end for "
+                f"ExactInfo.breakpoints)" + (f" and {segments} segments still to integrate" if segments else ""))
+
+    def charge(self, nbytes: int, pieces: int, segments: int = 0) -> None:
+        """The record now holds ``nbytes``: ``pieces`` pieces found, ``segments`` to go."""
+        if nbytes > self.charged:
+            self.row_limit.hold(nbytes - self.charged, what=self._what(pieces, segments))
+            self.charged = nbytes
+
+    def between_chunks(self, nbytes: int, pieces: int) -> None:
+        """``nbytes`` more, held a moment while no chunk runs."""
+        self.row_limit.check_between_chunks(nbytes, what=self._what(pieces, 0))
+
+
+def _joined(parts: List[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts), emptying the list so that its tensors are freed as soon as the
+    join is made (the record is held once, not twice, across the joins that follow)."""
+    joined = torch.cat(parts)
+    parts.clear()
+    return joined
 
 
 @dataclass
@@ -350,12 +412,12 @@ class _OnPieces:
         return totals[0], (totals[1] if midpoint else None), rows
 
     def per_piece(self, examples: torch.Tensor, piece_start: torch.Tensor, piece_length: torch.Tensor,
-                  nodes: List[float], weight_sets):
+                  nodes: List[float], weight_sets, point_rows: int = POINT_ROWS):
         """Per group of pieces: (the group's slice, per weight set the gradient integral
         of each piece (length x weighted gradients), a tuple over inputs of float64
         tensors): one engine pass per node and group, per-piece sums kept a group at a
         time."""
-        for part in self.group.parts(examples.numel()):
+        for part in self.group.parts(examples.numel(), point_rows):
             owners = examples[part]
             integrals = [tuple(torch.zeros_like(d[owners], dtype=torch.float64) for d in self.directions)
                          for _ in weight_sets]
@@ -371,7 +433,8 @@ class _OnPieces:
             yield part, integrals
 
 
-def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, tolerance: float):
+def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, tolerance: float,
+                   ledger: _RecordLedger, walked_pieces: int):
     """Adaptive Gauss quadrature on the pieces (ExactSettings.tolerance).
 
     Every segment (at first the pieces) gets a Gauss pair, GAUSS_NODES_PER_PIECE nodes
@@ -383,7 +446,11 @@ def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, to
     tolerance (on bench_exact's encoder layer 3 of 470 pieces carried 99% of the
     error: a kink the walk missed, or a long bending stretch); their old pair is
     evaluated again to take it out (cheaper than keeping every segment's sums), at most
-    MAX_REFINEMENTS rounds. Returns (sums, estimate, gradient rows per example)."""
+    MAX_REFINEMENTS rounds. Returns (sums, estimate, gradient rows per example).
+
+    The segments, their norms and the sorts that choose the ones to split are the
+    walk's record too, beside the ``walked_pieces`` (kept for the breakpoints): see
+    REFINE_SEGMENT_BYTES."""
     batch_size, directions = on_pieces.batch_size, on_pieces.directions
     device = examples.device
     fine_nodes, fine_weights = np.polynomial.legendre.leggauss(GAUSS_NODES_PER_PIECE)
@@ -398,7 +465,8 @@ def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, to
     def add_pairs(segment_examples, starts, lengths, sign: float) -> torch.Tensor:
         """Add (sign +1) or take out (-1) the segments' pairs; their differences' norms."""
         norms = torch.zeros(segment_examples.numel(), dtype=torch.float64, device=device)
-        for part, (finer, coarser) in on_pieces.per_piece(segment_examples, starts, lengths, nodes, (fine, coarse)):
+        for part, (finer, coarser) in on_pieces.per_piece(segment_examples, starts, lengths, nodes, (fine, coarse),
+                                                          REFINE_POINT_ROWS):
             owners = segment_examples[part]
             change = tuple(f - c for f, c in zip(finer, coarser))
             norms[part] = _attribution_norm(change, directions, owners)
@@ -412,6 +480,8 @@ def _refine_pieces(on_pieces: _OnPieces, examples, piece_start, piece_length, to
     everyone = torch.arange(batch_size, device=device)
     norms = add_pairs(examples, piece_start, piece_length, 1.0)
     for refinement in range(MAX_REFINEMENTS + 1):
+        ledger.charge(walked_pieces * PIECE_BYTES + examples.numel() * REFINE_SEGMENT_BYTES, walked_pieces,
+                      examples.numel())
         size = _attribution_norm(sums, directions, everyone)
         error = _attribution_norm(differences, directions, everyone)
         estimate = torch.where(size > 0, error / size.clamp_min(torch.finfo(torch.float64).tiny), error)
@@ -471,7 +541,7 @@ def _piece_limit(settings: ExactSettings, pieces: torch.Tensor, going_on: torch.
 
 def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, directions, margin: float, found: dict,
                        row_limit: RowLimit, group: "_GradientGroup", settings: ExactSettings, sums,
-                       rounds: list) -> _Pieces:
+                       rounds: list, ledger: _RecordLedger) -> _Pieces:
     """The pieces of piecewise-linear paths, each found by one evaluation, in rounds.
 
     Every segment of a path not known to be one piece (at first, the whole path) is
@@ -497,11 +567,12 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
     segment_high = torch.ones_like(segment_low)
     walk_rows = torch.zeros(batch_size, dtype=torch.long, device=device)
     pieces = torch.zeros_like(walk_rows)
-    walk_forwards = rounds_walked = 0
+    walk_forwards = rounds_walked = found_pieces = waiting_later = 0
     piece_examples, piece_starts, piece_lengths = [], [], []
     while segment_examples.numel():
         rounds_walked += 1
         later: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        waiting_later = 0
         for part in group.parts(segment_examples.numel()):
             owners, low, high = segment_examples[part], segment_low[part], segment_high[part]
             middle = 0.5 * (low + high)
@@ -534,10 +605,24 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             pieces.index_add_(0, piece_examples[-1], torch.ones_like(piece_examples[-1]))
             rest = ~held
             later.append((owners[cut.segment[rest]], cut.low[rest], cut.high[rest]))
+            found_pieces += piece_examples[-1].numel()
+            waiting_later += later[-1][0].numel()
+            to_walk = segment_examples.numel() - (part.stop or 0) + waiting_later
+            ledger.charge((found_pieces + segment_examples.numel() + waiting_later) * SEGMENT_BYTES, found_pieces,
+                          to_walk)
+        # The next round's segments are joined from the waiting ones (twice those), after
+        # this round's are let go.
+        segment_examples = segment_low = segment_high = None
+        ledger.charge((found_pieces + 2 * waiting_later) * SEGMENT_BYTES, found_pieces, waiting_later)
         segment_examples, segment_low, segment_high = (torch.cat(parts) for parts in zip(*later))
+        later.clear()
+        # Every waiting segment holds a piece at least: if their sort into breakpoints
+        # cannot fit at the end, say so now, not after the walk.
+        ledger.between_chunks((found_pieces + waiting_later) * (PIECE_BYTES + BREAKPOINT_SORT_BYTES)
+                              - ledger.charged, found_pieces)
         waiting = torch.bincount(segment_examples, minlength=batch_size)
         _piece_limit(settings, pieces + waiting, waiting > 0)
-    return _Pieces(torch.cat(piece_examples), torch.cat(piece_starts), torch.cat(piece_lengths), pieces, walk_rows,
+    return _Pieces(_joined(piece_examples), _joined(piece_starts), _joined(piece_lengths), pieces, walk_rows,
                    walk_forwards, rounds_walked)
 
 
@@ -582,7 +667,8 @@ def _cut_at_kinks(low: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, w
 
 
 def _walk_curved_paths(run_round: RunRound, forward_at: ForwardAt, starts, directions, margin: float, found: dict,
-                       row_limit: RowLimit, settings: ExactSettings, rounds: List[PathIntegral]) -> _Pieces:
+                       row_limit: RowLimit, settings: ExactSettings, rounds: List[PathIntegral],
+                       ledger: _RecordLedger) -> _Pieces:
     """method="gausslegendre_pieces"' walk: the paths' starts in one engine pass, then
     _follow_curved_pieces, on groups of examples where memory asks for it. (The first
     pass's record, a state per example, is gone once this returns: the Gauss passes that
@@ -598,12 +684,17 @@ def _walk_curved_paths(run_round: RunRound, forward_at: ForwardAt, starts, direc
                                                                      horizon)))
     sub_paths = _sub_paths(first, directions, row_limit)
     together = _examples_walked_together(first, directions, row_limit, sub_paths)
-    return _Pieces.joined([
-        _follow_curved_pieces(_shifted(forward_at, begin), tuple(s[part] for s in starts),
-                              tuple(d[part] for d in directions), first.part(part), margin, found, row_limit,
-                              settings, sub_paths)
-        for begin in range(0, batch_size, together)
-        for part in (slice(begin, min(begin + together, batch_size)),)])
+    groups: List[_Pieces] = []
+    for begin in range(0, batch_size, together):
+        part = slice(begin, min(begin + together, batch_size))
+        groups.append(_follow_curved_pieces(_shifted(forward_at, begin), tuple(s[part] for s in starts),
+                                            tuple(d[part] for d in directions), first.part(part), margin, found,
+                                            row_limit, settings, sub_paths,
+                                            ledger, sum(g.examples.numel() for g in groups)))
+    if len(groups) > 1:  # (the groups' pieces and their join)
+        walked = sum(g.examples.numel() for g in groups)
+        ledger.between_chunks(walked * PIECE_BYTES, walked)
+    return _Pieces.joined(groups)
 
 
 def _sub_paths(first: "_WalkRecord", directions: Tuple[torch.Tensor, ...], row_limit: RowLimit) -> int:
@@ -643,7 +734,8 @@ def _examples_walked_together(first: "_WalkRecord", directions: Tuple[torch.Tens
 
 
 def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_WalkRecord", margin: float,
-                          found: dict, row_limit: RowLimit, settings: ExactSettings, sub_paths: int = 1) -> _Pieces:
+                          found: dict, row_limit: RowLimit, settings: ExactSettings, sub_paths: int,
+                          ledger: _RecordLedger, pieces_before: int) -> _Pieces:
     """The pieces of a path whose pre-activations are curved (smooth ops before kinks).
 
     A unit's step to its kink is now a Newton estimate, so each kink is bracketed:
@@ -721,6 +813,7 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
     pieces = torch.zeros(batch_size, dtype=torch.long, device=device)
     walk_forwards, rounds_walked = 0, 1  # (the first engine pass: the paths' starts)
     piece_rows, piece_starts, piece_lengths, piece_joins, piece_kink_ends = [], [], [], [], []
+    found_pieces = 0
     active = first_rows
     while active.numel():
         rounds_walked += 1
@@ -800,6 +893,8 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         first_piece[done] = False
         pieces.index_add_(0, owner[done], torch.ones_like(done))
         _piece_limit(settings, pieces[owner[done]] - born[owner[done]] + 1, ~at_end[ending])
+        found_pieces += done.numel()
+        ledger.charge(pieces_before * PIECE_BYTES + found_pieces * CURVED_PIECE_BYTES, pieces_before + found_pieces)
         moving_on = active[located & ~at_end]
         # A step reaches at least a few pieces' length ahead.
         reach[moving_on] = torch.maximum(reach[moving_on], 4 * (high[moving_on] - start[moving_on]))
@@ -809,9 +904,10 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         tries[moving_on] = 0
         at_low.put(moving_on, at_high, moving_on)
         active = torch.cat([active[~at_end], new_rows])
-    rows, piece_start, piece_length = torch.cat(piece_rows), torch.cat(piece_starts), torch.cat(piece_lengths)
+    ledger.between_chunks(found_pieces * CURVED_JOIN_BYTES, pieces_before + found_pieces)
+    rows, piece_start, piece_length = _joined(piece_rows), _joined(piece_starts), _joined(piece_lengths)
     examples, piece_start, piece_length = _join_at_cuts(owner[rows], piece_start, piece_length,
-                                                        torch.cat(piece_joins), torch.cat(piece_kink_ends))
+                                                        _joined(piece_joins), _joined(piece_kink_ends))
     count = torch.bincount(examples, minlength=batch_size)
     return _Pieces(examples, piece_start, piece_length, count, walk_rows, walk_forwards, rounds_walked)
 
@@ -1106,22 +1202,22 @@ class _GradientGroup:
         self.row_bytes = max(1, sum(d[:1].numel() * d.element_size() for d in directions))
         self.room = driver_room(row_limit)
 
-    def size(self) -> int:
+    def size(self, point_rows: int = POINT_ROWS) -> int:
         # Before anything is measured, the first-chunk estimate: the engine chunks the
         # pass to its own limit, and measures it.
         rows = max(1, self.row_limit.forward_rows)
         most = rows * POINTS_PER_ROW_LIMIT
         if self.room is not None:  # a budget: the points fit in what it set aside
-            return max(1, min(most, min(self.room, EXTRA_POINT_BYTES) // (POINT_ROWS * self.row_bytes)))
+            return max(1, min(most, min(self.room, EXTRA_POINT_BYTES) // (point_rows * self.row_bytes)))
         # internal_batch_size: a chunk's points, and EXTRA_POINT_BYTES more.
         within = (rows * 2 * self.row_bytes + EXTRA_POINT_BYTES) // (2 * self.row_bytes)
         return max(rows, min(most, within))
 
-    def parts(self, count: int):
+    def parts(self, count: int, point_rows: int = POINT_ROWS):
         """Slices of range(count), one per pass, each sized when it is reached."""
         begin = 0
         while begin < count:
-            part = slice(begin, min(begin + self.size(), count))
+            part = slice(begin, min(begin + self.size(point_rows), count))
             yield part
             begin = part.stop
 
@@ -1142,9 +1238,11 @@ def _relative_difference(estimate, sums, directions) -> torch.Tensor:
 
 
 def _breakpoints(examples: torch.Tensor, piece_starts: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
-    order = torch.argsort(piece_starts, stable=True)  # pieces are found in no particular order
-    order = order[torch.argsort(examples[order], stable=True)]
     counts = torch.bincount(examples, minlength=batch_size).tolist()
+    order = torch.argsort(piece_starts, stable=True)  # pieces are found in no particular order
+    by_example = torch.argsort(examples[order], stable=True)
+    order = order[by_example]
+    del by_example  # (see BREAKPOINT_SORT_BYTES)
     return list(torch.split(piece_starts[order].cpu(), counts))
 
 

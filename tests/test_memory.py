@@ -226,6 +226,50 @@ def test_piece_methods_and_auto_meet_the_budget(kwargs, budget):
     torch.testing.assert_close(ours, unbounded, rtol=1e-4, atol=1e-6)  # chunks change memory, not results
 
 
+def _many_examples_of_the_bench_mlp(batch=256):
+    from igfast.bench.workloads import WORKLOADS
+
+    model, x, _, target = WORKLOADS["mlp"].build("cpu")
+    g = torch.Generator().manual_seed(2)
+    inputs = x.repeat(-(-batch // x.shape[0]), 1)[:batch]
+    inputs = inputs + 0.1 * torch.randn(inputs.shape, generator=g)
+    return model, inputs, torch.zeros_like(inputs), target.repeat(-(-batch // target.shape[0]))[:batch]
+
+
+@pytest.mark.parametrize("case", ["exact", "softmax head, refined", "auto", "noise tunnel"])
+def test_the_walks_record_of_many_examples_counts_in_the_budget(case):
+    """The exact walk keeps every piece it finds to the end of the call (its
+    breakpoints), about 118 pieces an example here: with 256 examples that record alone
+    is 0.7 MB and its sort more. A budget it does not fit raises the budget's error,
+    naming the record (it peaked silently at 1.1x a 2 MB budget and 3.3x 0.7 MB); one it
+    fits is kept, with the results of an unbounded call."""
+    model, x, baseline, target = _many_examples_of_the_bench_mlp()
+    kwargs = dict(method="exact")
+    if case == "softmax head, refined":
+        model, kwargs = nn.Sequential(model, nn.Softmax(-1)).eval(), dict(method="exact", tolerance=1e-6)
+    elif case == "auto":
+        kwargs = dict(n_steps="auto", tolerance=1e-4)
+    explainer = igfast.IntegratedGradients(model)
+    if case == "noise tunnel":  # 4 samples of 64 examples: the same 256 paths
+        explainer = igfast.NoiseTunnel(explainer)
+        x, baseline, target = x[:64], baseline[:64], target[:64]
+        kwargs.update(nt_type="smoothgrad", nt_samples=4, stdevs=0.1)
+
+    def attribute(**budget):
+        torch.manual_seed(3)  # (the noise tunnel's draws)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (auto: some examples miss 1e-4 within max_steps)
+            return explainer.attribute(x, baselines=baseline, target=target, **kwargs, **budget)
+
+    with pytest.raises(ArgumentError, match="memory_budget.*too small.*pieces found so far"):
+        attribute(memory_budget=1_000_000)
+    budget = 6_000_000
+    with AllocationPeak("cpu") as peak:
+        ours = attribute(memory_budget=budget)
+    assert peak.bytes <= budget, (peak.bytes, budget)
+    torch.testing.assert_close(ours, attribute(), rtol=1e-4, atol=1e-6)
+
+
 def test_chunks_grow_to_fill_the_budget():
     model = _model()
     x, baseline = _inputs(batch=24)
