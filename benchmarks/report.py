@@ -51,6 +51,9 @@ SECTIONS = {
     "auto_floor": ("The least a self-checking n_steps='auto' can spend (smooth workloads)",
                    [sys.executable, "benchmarks/bench_auto_floor.py"],
                    [sys.executable, "benchmarks/bench_auto_floor.py", "--quick"]),
+    "jump_errors": ("Errors of auto's levels on a network with thousands of kinks (CNN)",
+                    [sys.executable, "benchmarks/bench_jump_errors.py"],
+                    [sys.executable, "benchmarks/bench_jump_errors.py", "--quick"]),
     # The 16-token, 16-step case: the full table (64 tokens, 50 steps) takes hours on one thread.
     "llm": ("LLM attribution", [sys.executable, "benchmarks/bench_llm.py", "--cases", "16x16", "--repeats", "1"],
             [sys.executable, "benchmarks/bench_llm.py", "--quick"]),

@@ -735,3 +735,31 @@ def test_auto_floor_leja_rules_integrate_polynomials_and_read_the_integrand(monk
     by_hand = torch.autograd.functional.jacobian(lambda z: model(z)[:, 1].sum(), 0.25 * x) * x
     torch.testing.assert_close(at_a_quarter, by_hand, rtol=1e-12, atol=1e-12)
     assert quadrature.RULES["gausslegendre"].nodes_and_weights is quadrature._gauss_legendre
+
+
+def test_jump_errors_study_evaluates_auto_s_clenshaw_curtis_levels(monkeypatch):
+    """benchmarks/bench_jump_errors.py evaluates each of auto's Clenshaw-Curtis levels
+    alone: the rule of n intervals integrates a degree-n integrand exactly (to its
+    weights' float32 rounding, as every fixed rule's) and a degree 4n one not, and
+    igfast's quadrature table is restored afterwards."""
+    import importlib
+    import os
+
+    from igfast import quadrature
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    study = importlib.import_module("bench_jump_errors")
+
+    def power_sum(degree):  # F(x) = sum x^(degree+1) / (degree+1): the integrand is t^degree x^(degree+1)
+        return lambda z: (z ** (degree + 1)).sum(1, keepdim=True) / (degree + 1)
+
+    x = 0.5 + torch.rand(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for intervals in (8, 16):
+        exact = igfast.IntegratedGradients(power_sum(intervals))
+        got = study.clenshaw_curtis(lambda **kw: exact.attribute(x, target=0, **kw), intervals)
+        torch.testing.assert_close(got, x ** (intervals + 1) / (intervals + 1), rtol=1e-7, atol=0)
+        beyond = igfast.IntegratedGradients(power_sum(4 * intervals))
+        missed = study.clenshaw_curtis(lambda **kw: beyond.attribute(x, target=0, **kw), intervals)
+        truth = x ** (4 * intervals + 1) / (4 * intervals + 1)
+        assert float(((missed - truth) / truth).abs().max()) > 1e-5
+    assert quadrature.RULES["gausslegendre"].nodes_and_weights is quadrature._gauss_legendre
