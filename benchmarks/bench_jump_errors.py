@@ -26,7 +26,7 @@ on auto's levels), and where an estimate of change / r would stop, r the smalles
 change / error measured (the sharpest such estimate that never understates an error
 seen here); both as GL oracle / evaluations.
 
-    python benchmarks/bench_jump_errors.py           # CNN, 2 examples: about 4 minutes
+    python benchmarks/bench_jump_errors.py           # CNN, 2 examples: about 9 minutes (529 s)
     python benchmarks/bench_jump_errors.py --quick   # MLP, 8 examples (CI smoke)
 """
 
