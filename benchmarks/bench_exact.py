@@ -108,13 +108,14 @@ def encoder_problem(dtype: torch.dtype):
     return name, lambda **kw: ig.attribute(x, target=target, **kw)
 
 
-def problem(key: str, batch: int, dtype: torch.dtype):
-    """(name, attribute(**kwargs)) of a workload at one dtype."""
+def problem(key: str, batch: int, dtype: torch.dtype, seed: int = 0):
+    """(name, attribute(**kwargs)) of a workload at one dtype; the MLP and CNN workloads
+    take another ``seed`` for their weights and inputs (bench_jump_errors --seed)."""
     if key == "minilm":
         return minilm_problem(dtype)
     if key == "relu_encoder":
         return encoder_problem(dtype)
-    model, x, baseline, _ = WORKLOADS["cnn" if key == "cnn" else "mlp"].build("cpu")
+    model, x, baseline, _ = WORKLOADS["cnn" if key == "cnn" else "mlp"].build("cpu", seed=seed)
     if key == "softmax_mlp":
         model = SoftmaxHead(model).eval()
     if key == "gelu_mlp":  # the same MLP, smooth: GELU for ReLU
@@ -131,7 +132,8 @@ def problem(key: str, batch: int, dtype: torch.dtype):
     shape = "x".join(map(str, x.shape[1:]))
     name = {"mlp": "MLP", "softmax_mlp": "MLP + softmax head", "cnn": "CNN", "gelu_mlp": "GELU MLP",
             "tanh_mlp": "tanh-then-ReLU MLP"}[key]
-    return f"{name} ({shape}, batch {batch})", lambda **kw: ig.attribute(x, baseline, target=target, **kw)
+    drawn = f", seed {seed}" if seed else ""
+    return f"{name} ({shape}, batch {batch}{drawn})", lambda **kw: ig.attribute(x, baseline, target=target, **kw)
 
 
 def worst_error(attributions: torch.Tensor, reference: torch.Tensor) -> float:

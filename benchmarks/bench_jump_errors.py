@@ -39,9 +39,7 @@ from unittest import mock
 
 import torch
 
-import igfast
 from igfast import quadrature
-from igfast.bench.workloads import WORKLOADS
 
 from bench_exact import TOLERANCES, fewest_gl_steps, problem
 
@@ -62,22 +60,8 @@ def clenshaw_curtis(attribute, intervals: int) -> torch.Tensor:
             quadrature._table.cache_clear()
 
 
-def seeded_problem(key: str, batch: int, seed: int):
-    """bench_exact's workload (seed 0), or the same network and inputs drawn with
-    another seed: is what is measured a property of that one network?"""
-    if seed == 0:
-        return problem(key, batch, torch.float64)
-    model, x, baseline, _ = WORKLOADS[key].build("cpu", seed=seed)
-    model, x, baseline = model.double(), x[:batch].double(), baseline[:batch].double()
-    with torch.no_grad():
-        target = model(x).argmax(1)
-    explainer = igfast.IntegratedGradients(model)
-    return (f"{key.upper()} (seed {seed}, batch {batch})",
-            lambda **kw: explainer.attribute(x, baseline, target=target, **kw))
-
-
 def measure(key: str, batch: int, largest_intervals: int, seed: int = 0) -> Dict[str, Any]:
-    name, attribute = seeded_problem(key, batch, seed)
+    name, attribute = problem(key, batch, torch.float64, seed)
     started = time.perf_counter()
     exact = attribute(method="exact")
     print(f"{name}: exact IG in {time.perf_counter() - started:.1f} s", flush=True)
