@@ -68,6 +68,28 @@ def test_outside_meter_measures_the_peak_not_the_end():
     del kept, small
 
 
+def test_outside_meter_keeps_the_profilers_trace_lines_out_of_stderr(capfd):
+    # Kineto writes "USDT: ... profiler_start" (and stop) to stderr at every start and
+    # stop: igfast bench's output had a pair per measured call.
+    with AllocationPeak("cpu") as meter:
+        torch.empty(1000)
+    assert meter.bytes == 4000
+    assert "USDT" not in capfd.readouterr().err
+
+
+def test_only_the_profilers_trace_lines_are_dropped(capfd):
+    import os
+
+    from igfast.bench.peak import _without_profiler_trace_lines
+
+    with _without_profiler_trace_lines():
+        os.write(2, b"USDT:2026-12-05 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"ERROR: something the user must see\n")
+        os.write(2, b"STAGE:2026-12-05 Completed Stage: Warm Up\n")
+    err = capfd.readouterr().err
+    assert err == "ERROR: something the user must see\n"
+
+
 class _Identity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -11,7 +11,17 @@ meter instead, which sees every allocation:
 
 The CPU meter is the profiler, so it cannot run inside another profiler (nor
 another ``AllocationPeak``); the library itself never uses it.
+
+Kineto (torch 2.13's CPU profiler) writes "USDT:" and "STAGE:" trace lines to the
+process's stderr at every start and stop, whatever KINETO_LOG_LEVEL says: one pair
+per measured call filled `igfast bench`'s output. Those lines are dropped; any other
+line it writes there (a warning, an error) is passed on.
 """
+
+import contextlib
+import os
+import sys
+import tempfile
 
 import torch
 
@@ -33,7 +43,8 @@ class AllocationPeak:
         self._profiler = torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
         )
-        self._profiler.__enter__()
+        with _without_profiler_trace_lines():
+            self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -41,7 +52,8 @@ class AllocationPeak:
             self._meter.__exit__(*exc)
             self.bytes = self._meter.peak
             return
-        self._profiler.__exit__(*exc)
+        with _without_profiler_trace_lines():
+            self._profiler.__exit__(*exc)
         if exc[0] is not None:
             return
         events = [
@@ -54,6 +66,32 @@ class AllocationPeak:
             current += nbytes
             peak = max(peak, current)
         self.bytes = peak
+
+
+# Kineto's own progress lines (see the module docstring), by their prefix.
+_TRACE_LINE_PREFIXES = ("USDT:", "STAGE:")
+
+
+@contextlib.contextmanager
+def _without_profiler_trace_lines():
+    """Runs the block with the process's stderr (file descriptor 2, where C++ code
+    writes) sent to a file, then writes back every line but kineto's trace lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(_TRACE_LINE_PREFIXES)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def peak_of(run, device):
