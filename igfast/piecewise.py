@@ -908,19 +908,30 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
         order = list(range(2 + spatial, 2 + 2 * spatial)) + list(range(2 + spatial))
         return tensor.permute(order).reshape(math.prod(kernel), *tensor.shape[:2], -1)
 
-    # The winner just after the point (the max of z + margin dz; PyTorch's own pooling,
-    # whose indices are positions in each input plane), read from float64 copies; the
-    # kinks from the windows' elements; the value gathered from the input at the
-    # winner's position.
     v, dv = _primal_and_tangent(batched)
     with torch.no_grad():
         pool = getattr(torch.nn.functional, f"max_pool{spatial}d")
         _, index = pool(_side(mode, v, dv), kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
+    values = _pooled_winners(mode, batched, v, dv, index, sv, sdv, name)
+    return values.squeeze(0) if unbatched else values
+
+
+def _pooled_winners(mode: BreakpointMode, batched: torch.Tensor, v: torch.Tensor, dv: torch.Tensor,
+                    index: torch.Tensor, sv: torch.Tensor, sdv: torch.Tensor, name: str) -> torch.Tensor:
+    """A max-pool's output on the piece after the point, and its kinks recorded.
+
+    ``index``: the winner of each window just after the point (the max of z + margin
+    dz: PyTorch's own pooling of _side, whose indices are positions in each input
+    plane), shaped as the output; v, dv: the input's float64 value and tangent;
+    sv, sdv: (window elements, N, C, windows) of them, padding at -inf and 0. The
+    kinks come from the windows' elements, the value is gathered from the input at the
+    winner's position."""
+    with torch.no_grad():
         out_shape = index.shape
         index = index.flatten(2)
         flat_v, flat_dv = v.flatten(2), dv.flatten(2)
         chosen_v, chosen_dv = flat_v.gather(-1, index), flat_dv.gather(-1, index)
-        sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
     _record_overtaking(mode, sv, sdv, chosen_v, chosen_dv, 0, name)
     if mode.curved_kinks:  # every element's distance below the winner
         def back_from(reference):  # back to where the reference's winner was level with this one
@@ -930,14 +941,15 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
         mode._record_choice(index, back_from, torch.where(finite, chosen_v - sv, math.inf).movedim(0, -1),
                             torch.where(finite, chosen_dv - sdv, 0.0).movedim(0, -1), name)
     primal, tangent = _parts(batched)
-    values = fwAD.make_dual(primal.flatten(2).gather(-1, index).view(out_shape),
-                            tangent.flatten(2).gather(-1, index).view(out_shape))
-    return values.squeeze(0) if unbatched else values
+    return fwAD.make_dual(primal.flatten(2).gather(-1, index).view(out_shape),
+                          tangent.flatten(2).gather(-1, index).view(out_shape))
 
 
 def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
-    """An adaptive max-pool whose output size divides its input: the max-pool of
-    windows input / output wide, stepping by their width."""
+    """An adaptive max-pool: output i of an axis of size n pools elements
+    floor(i n / out) to ceil((i + 1) n / out) - 1 (PyTorch's windows), which may differ
+    in width by one and overlap. Where the output size divides the input's, it is the
+    max-pool of windows n / out wide."""
     spatial = 1 if "1d" in name else 2 if "2d" in name else 3
     x = args[0]
     output_size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
@@ -946,12 +958,54 @@ def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
     sizes = x.shape[-spatial:]
     wanted = tuple(output_size) if isinstance(output_size, (list, tuple)) else (output_size,) * spatial
     wanted = tuple(size if out is None else out for out, size in zip(wanted, sizes))
-    if any(size % out for size, out in zip(sizes, wanted)):
-        raise NotPiecewiseLinearError(
-            f"method='exact': {name} to {wanted} from {tuple(sizes)}: windows of unequal widths are not "
-            "supported (an output size that divides the input's is). Use a fixed n_steps or n_steps='auto'.")
-    kernel = tuple(size // out for size, out in zip(sizes, wanted))
-    return _max_pool(mode, func, f"max_pool{spatial}d", (x, kernel, kernel), {})
+    if not any(size % out for size, out in zip(sizes, wanted)):
+        kernel = tuple(size // out for size, out in zip(sizes, wanted))
+        return _max_pool(mode, func, f"max_pool{spatial}d", (x, kernel, kernel), {})
+    unbatched = x.dim() == spatial + 1
+    batched = x.unsqueeze(0) if unbatched else x
+    table = _adaptive_window_table(sizes, wanted).to(x.device)
+    v, dv = _primal_and_tangent(batched)
+    with torch.no_grad():
+        pool = getattr(torch.nn.functional, f"adaptive_max_pool{spatial}d")
+        _, index = pool(_side(mode, v, dv), wanted, return_indices=True)
+
+        def windows_first(tensor: torch.Tensor, fill: float) -> torch.Tensor:
+            """(window elements, N, C, windows); a narrower window's missing elements at
+            the extra position of ``fill`` after the plane."""
+            plane = tensor.flatten(2)
+            plane = torch.cat([plane, plane.new_full((*plane.shape[:2], 1), fill)], dim=2)
+            return plane[:, :, table].permute(2, 0, 1, 3)
+
+        sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
+    values = _pooled_winners(mode, batched, v, dv, index, sv, sdv, name)
+    return values.squeeze(0) if unbatched else values
+
+
+def _adaptive_window_table(sizes: Sequence[int], wanted: Sequence[int]) -> torch.Tensor:
+    """(most elements of a window, windows): the positions in the flattened input plane
+    of each adaptive window's elements, prod(sizes) (one past the plane) where a window
+    is narrower than the widest."""
+    per_axis = []
+    for size, out in zip(sizes, wanted):
+        starts = [(i * size) // out for i in range(out)]
+        ends = [-(-((i + 1) * size) // out) for i in range(out)]
+        width = max(e - b for b, e in zip(starts, ends))
+        # (windows, width) along this axis, -1 past a window's end
+        per_axis.append(torch.tensor([[b + k if b + k < e else -1 for k in range(width)]
+                                      for b, e in zip(starts, ends)]))
+    strides = [math.prod(sizes[axis + 1:]) for axis in range(len(sizes))]
+    position = torch.zeros((1,) * (2 * len(sizes)), dtype=torch.long)
+    missing = torch.zeros_like(position, dtype=torch.bool)
+    for axis, (elements, stride) in enumerate(zip(per_axis, strides)):
+        # windows of every axis first, then the elements of every axis
+        shape = [1] * (2 * len(sizes))
+        shape[axis], shape[len(sizes) + axis] = elements.shape
+        elements = elements.view(shape)
+        position = position + elements.clamp_min(0) * stride
+        missing = missing | (elements < 0)
+    position = torch.where(missing, math.prod(sizes), position)
+    windows = math.prod(wanted)
+    return position.reshape(windows, -1).T.contiguous()
 
 
 # Forward-mode AD in PyTorch 2.13 takes a slow path (Python decompositions, 50 to 100

@@ -94,11 +94,14 @@ def _region_of(module, x):
         _, indices = F.max_pool3d(x, module.kernel_size, module.stride, module.padding, module.dilation,
                                   ceil_mode=module.ceil_mode, return_indices=True)
         return indices
+    if isinstance(module, nn.AdaptiveMaxPool2d):
+        _, indices = F.adaptive_max_pool2d(x, module.output_size, return_indices=True)
+        return indices
     return module.region(x)
 
 
-PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d, Abs, Clamp,
-                     Maximum, Maxout)
+PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
+                     nn.AdaptiveMaxPool2d, Abs, Clamp, Maximum, Maxout)
 
 
 def relu_mlp():
@@ -129,6 +132,12 @@ def pool3d_net():
                          nn.Linear(2 * 4 * 4 * 4, 3))
 
 
+def adaptive_pool_net():
+    # 7 x 6 to 3 x 4: windows 3 and 2 wide that overlap (PyTorch's floor / ceil bounds)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.AdaptiveMaxPool2d((3, 4)), nn.Flatten(),
+                         nn.Linear(3 * 3 * 4, 3))
+
+
 def maxout_net():
     return nn.Sequential(Maxout(), nn.Linear(8, 3))
 
@@ -144,6 +153,7 @@ MODELS = {
     "max_pool_cnn": (max_pool_cnn, (1, 12, 12)),
     "pool1d_net": (pool1d_net, (2, 12)),
     "pool3d_net": (pool3d_net, (1, 4, 4, 4)),
+    "adaptive_pool_net": (adaptive_pool_net, (1, 9, 8)),
     "maxout_net": (maxout_net, (6,)),
 }
 
@@ -878,22 +888,38 @@ def test_the_completeness_check_allows_the_forwards_own_rounding(dtype):
         igfast.IntegratedGradients(model).attribute(x, baselines, target=target, method="exact")
 
 
-def test_adaptive_max_pool_with_equal_windows_is_walked():
-    """AdaptiveMaxPool2d was refused; an output size that divides the input's is a
-    max-pool (another one is refused, naming the sizes)."""
+@pytest.mark.parametrize("pool, shape", [
+    (nn.AdaptiveMaxPool2d(3), (2, 6, 6)),  # windows 2 wide: a max-pool
+    (nn.AdaptiveMaxPool2d((2, None)), (2, 6, 6)),
+    (nn.AdaptiveMaxPool2d(4), (2, 6, 6)),  # 1 or 2 wide, overlapping: was refused
+    (nn.AdaptiveMaxPool2d((3, 2)), (2, 7, 5)),
+    (nn.AdaptiveMaxPool1d(3), (2, 5)),
+    (nn.AdaptiveMaxPool3d((2, 3, 2)), (2, 5, 4, 3)),
+])
+def test_adaptive_max_pool_is_walked(pool, shape):
+    """AdaptiveMaxPool was refused, then walked only where its output size divides the
+    input's; its windows of unequal widths are walked too (a float64 dense reference)."""
     torch.manual_seed(3)
-    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
-    for pool in (nn.AdaptiveMaxPool2d(3), nn.AdaptiveMaxPool2d((2, None))):
-        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), pool, nn.Flatten()).double().eval()
-        explainer = igfast.IntegratedGradients(lambda inputs: model(inputs).sum(1, keepdim=True))
-        exact, info = explainer.attribute(x, method="exact", return_adaptive_info=True)
-        reference = explainer.attribute(x, n_steps=200000, method="riemann_middle")
-        assert bool((info.pieces > 1).all())
-        error = (exact - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
-        assert float(error.max()) < 1e-5
-    uneven = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(4), nn.Flatten()).double()
-    with pytest.raises(NotPiecewiseLinearError, match=r"to \(4, 4\) from \(6, 6\)"):
-        igfast.IntegratedGradients(lambda inputs: uneven(inputs).sum(1, keepdim=True)).attribute(x, method="exact")
+    conv = {2: nn.Conv1d, 3: nn.Conv2d, 4: nn.Conv3d}[len(shape)]
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    model = nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), pool, nn.Flatten()).double().eval()
+    explainer = igfast.IntegratedGradients(lambda inputs: model(inputs).sum(1, keepdim=True))
+    exact, delta, info = explainer.attribute(x, method="exact", return_adaptive_info=True,
+                                             return_convergence_delta=True)
+    reference = explainer.attribute(x, n_steps=200000, method="riemann_middle")
+    assert bool((info.pieces > 1).all())
+    error = (exact - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+    assert float(error.max()) < 1e-5
+    assert float(delta.abs().max()) < 1e-12
+
+
+def test_adaptive_max_pool_with_indices_is_refused():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(4, return_indices=True))
+    model = model.double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    with pytest.raises(NotPiecewiseLinearError, match="adaptive_max_pool2d_with_indices"):
+        igfast.IntegratedGradients(lambda inputs: model(inputs)[0].flatten(1).sum(1, keepdim=True)).attribute(
+            x, method="exact")
 
 
 def test_one_output_column_without_a_target():
