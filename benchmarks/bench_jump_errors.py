@@ -26,7 +26,13 @@ on auto's levels), and where an estimate of change / r would stop, r the smalles
 change / error measured (the sharpest such estimate that never understates an error
 seen here); both as GL oracle / evaluations.
 
-    python benchmarks/bench_jump_errors.py           # CNN, 2 examples: about 9 minutes (529 s)
+Last, the same grids with equally spaced nodes (the composite trapezoid rule, which
+also nests by doubling): the integrand is a step function, and for jumps spread
+evenly along the path even spacing would miss them by less than Clenshaw-Curtis'
+nodes, which crowd at both ends. Its error is compared with Clenshaw-Curtis' level
+by level, per example.
+
+    python benchmarks/bench_jump_errors.py           # CNN, 2 examples: about 15 minutes
     python benchmarks/bench_jump_errors.py --seed 1  # the same CNN, weights and inputs drawn again
     python benchmarks/bench_jump_errors.py --quick   # MLP, 8 examples (CI smoke)
 """
@@ -37,6 +43,7 @@ import time
 from typing import Any, Dict, List
 from unittest import mock
 
+import numpy as np
 import torch
 
 from igfast import quadrature
@@ -48,10 +55,28 @@ LEVEL_INTERVALS = [2**k for k in range(4, 14)]  # 17 to 8193 nodes: auto's level
 
 def clenshaw_curtis(attribute, intervals: int) -> torch.Tensor:
     """The attributions of the Clenshaw-Curtis rule of intervals + 1 nodes (one of auto's
-    nested levels, evaluated alone), put in igfast's quadrature table for this call
-    (whose weights, as every fixed rule's, are rounded to float32: about 3e-9 relative,
-    far below the errors measured here)."""
-    rule = quadrature.Rule("gausslegendre", 1, lambda n: quadrature._clenshaw_curtis(intervals))
+    nested levels, evaluated alone)."""
+    return _rule_alone(attribute, quadrature._clenshaw_curtis, intervals)
+
+
+def _trapezoid_nodes(intervals: int):
+    weights = np.full(intervals + 1, 1.0 / intervals)
+    weights[[0, -1]] /= 2
+    return np.arange(intervals + 1) / intervals, weights
+
+
+def trapezoid(attribute, intervals: int) -> torch.Tensor:
+    """The attributions of the composite trapezoid rule on intervals + 1 equally spaced
+    nodes (weights 1 / intervals, halved at both ends: not Captum's riemann_trapezoid,
+    whose weights sum to 1 - 1/n)."""
+    return _rule_alone(attribute, _trapezoid_nodes, intervals)
+
+
+def _rule_alone(attribute, nodes_and_weights, intervals: int) -> torch.Tensor:
+    """attribute(...) with the rule of intervals + 1 nodes put in igfast's quadrature
+    table for this call (whose weights, as every fixed rule's, are rounded to float32:
+    about 3e-9 relative, far below the errors measured here)."""
+    rule = quadrature.Rule("gausslegendre", 1, lambda n: nodes_and_weights(intervals))
     with mock.patch.dict(quadrature.RULES, {"gausslegendre": rule}):
         quadrature._table.cache_clear()
         try:
@@ -95,7 +120,17 @@ def measure(key: str, batch: int, largest_intervals: int, seed: int = 0) -> Dict
                       "sharp_estimate_worst_error": max(
                           (float(relative[n - 1][e]) for e, n in enumerate(per_example) if n is not None),
                           default=None)})
-    return {"workload": name, "rows": rows, "sharpest_change_over_error": sharpest, "stops": stops}
+    uniform = []
+    for n in levels:
+        trapezoid_error = (trapezoid(attribute, n) - exact).flatten(1).norm(dim=1) / scale
+        uniform.append({"nodes": n + 1, "worst_error": float(trapezoid_error.max()),
+                        "clenshaw_curtis_worst_error": float(relative[n].max()),
+                        "clenshaw_curtis_over_trapezoid": [float(q) for q in relative[n] / trapezoid_error]})
+    for stop in stops:
+        stop["trapezoid_perfect_stop"] = next(
+            (row["nodes"] for row in uniform if row["worst_error"] <= stop["tol"]), None)
+    return {"workload": name, "rows": rows, "sharpest_change_over_error": sharpest, "stops": stops,
+            "trapezoid": uniform}
 
 
 def ratio(oracle, evaluations) -> str:
@@ -122,6 +157,18 @@ def print_tables(result: Dict[str, Any]) -> None:
               f"({ratio(stop['gl_oracle'], stop['perfect_stop'])}) | "
               f"{'-' if mean is None else f'{mean:.1f}'} ({ratio(stop['gl_oracle'], mean)}) | "
               f"{'-' if worst is None else f'{worst:.2e}'} |")
+    print(f"\n{result['workload']}: equally spaced nodes (composite trapezoid) on the same grids\n")
+    print("| nodes | Clenshaw-Curtis worst error | trapezoid worst error | CC error / trapezoid error (per example) |")
+    print("|---|---|---|---|")
+    for row in result["trapezoid"]:
+        quotients = row["clenshaw_curtis_over_trapezoid"]
+        print(f"| {row['nodes']} | {row['clenshaw_curtis_worst_error']:.2e} | {row['worst_error']:.2e} | "
+              f"{min(quotients):.2f} to {max(quotients):.2f} |")
+    print("\nPerfect stops, as GL oracle / evaluations: "
+          + "; ".join(f"tol {stop['tol']:.0e}: Clenshaw-Curtis {stop['perfect_stop']} "
+                      f"({ratio(stop['gl_oracle'], stop['perfect_stop'])}), trapezoid "
+                      f"{stop['trapezoid_perfect_stop']} ({ratio(stop['gl_oracle'], stop['trapezoid_perfect_stop'])})"
+                      for stop in result["stops"]))
 
 
 def main() -> None:

@@ -740,8 +740,9 @@ def test_auto_floor_leja_rules_integrate_polynomials_and_read_the_integrand(monk
 def test_jump_errors_study_evaluates_auto_s_clenshaw_curtis_levels(monkeypatch):
     """benchmarks/bench_jump_errors.py evaluates each of auto's Clenshaw-Curtis levels
     alone: the rule of n intervals integrates a degree-n integrand exactly (to its
-    weights' float32 rounding, as every fixed rule's) and a degree 4n one not, and
-    igfast's quadrature table is restored afterwards."""
+    weights' float32 rounding, as every fixed rule's) and a degree 4n one not; the
+    trapezoid rule on the same grid has its known error on t^2; and igfast's
+    quadrature table is restored afterwards."""
     import importlib
     import os
 
@@ -762,4 +763,8 @@ def test_jump_errors_study_evaluates_auto_s_clenshaw_curtis_levels(monkeypatch):
         missed = study.clenshaw_curtis(lambda **kw: beyond.attribute(x, target=0, **kw), intervals)
         truth = x ** (4 * intervals + 1) / (4 * intervals + 1)
         assert float(((missed - truth) / truth).abs().max()) > 1e-5
+        # The trapezoid rule of n intervals on t^2: 1/3 + 1/(6 n^2), so F(x) = sum x^3 / 3.
+        square = igfast.IntegratedGradients(power_sum(2))
+        uniform = study.trapezoid(lambda **kw: square.attribute(x, target=0, **kw), intervals)
+        torch.testing.assert_close(uniform, x ** 3 * (1 / 3 + 1 / (6 * intervals**2)), rtol=1e-7, atol=0)
     assert quadrature.RULES["gausslegendre"].nodes_and_weights is quadrature._gauss_legendre
