@@ -61,6 +61,21 @@ def test_integrated_gradients_matches_captum(nt_type, nt_samples_batch_size, dev
                 return_convergence_delta=with_delta)
 
 
+@pytest.mark.parametrize("stdevs", [np.float64(0.3), (np.float64(0.3),), 0.3])
+def test_numpy_stdevs_draw_captums_noise(stdevs):
+    """A numpy.float64 standard deviation: Captum draws the noise in float64 (another
+    random stream than a Python float's); igfast drew it in float32."""
+    torch.manual_seed(0)
+    model = MLP().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, x,
+            nt_samples=4, stdevs=stdevs, target=1, n_steps=4)
+    # On a float32 model it keeps the inputs' dtype (Captum's float64 copies fail there).
+    _, ours = smoothed(igfast, igfast.IntegratedGradients, MLP().eval(), x.float(), 5, nt_samples=4,
+                       stdevs=stdevs, target=1, n_steps=4)
+    assert ours.dtype == torch.float32
+
+
 @pytest.mark.parametrize("nt_samples_batch_size", [None, 3])
 def test_baselines_drawn_from_a_distribution(nt_samples_batch_size, device):
     torch.manual_seed(1)

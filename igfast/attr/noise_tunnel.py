@@ -288,7 +288,9 @@ def _stdevs(stdevs: Any, count: int) -> Tuple[float, ...]:
             raise ArgumentTypeError(f"`{name}` must be a number >= 0; got {value!r}.")
         if value < 0:
             raise RangeError(f"`{name}` must be a number >= 0; got {value!r}.")
-        return float(value)
+        # A numpy float keeps its type: Captum draws the noise in its dtype (float64 for
+        # a numpy.float64), a different random stream from a Python float's.
+        return value if isinstance(value, np.floating) else float(value)
 
     if isinstance(stdevs, tuple):
         if len(stdevs) != count:
@@ -301,10 +303,14 @@ def _stdevs(stdevs: Any, count: int) -> Tuple[float, ...]:
 
 def _add_noise(x: torch.Tensor, stdev: float, samples: int) -> torch.Tensor:
     """``samples`` noisy copies of each row, adjacent; the draw is Captum's (a
-    normal with a tensor of standard deviations in the default dtype)."""
+    normal with a tensor of standard deviations: the default dtype for a Python
+    float, a numpy float's own dtype). The copies have the dtype x plus noise of the
+    default dtype has: a numpy.float64 does not turn float32 inputs into float64 ones
+    (Captum's do, and then a float32 model fails)."""
     size = (x.shape[0] * samples,) + tuple(x.shape[1:])
     spread = torch.tensor(stdev, device=x.device).repeat(size)
-    return x.repeat_interleave(samples, dim=0) + torch.normal(0, spread)
+    noisy = x.repeat_interleave(samples, dim=0) + torch.normal(0, spread)
+    return noisy.to(torch.promote_types(x.dtype, torch.get_default_dtype()))
 
 
 def _expand_target(target: Any, partitions: List[_Partition]) -> Any:
