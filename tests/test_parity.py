@@ -131,3 +131,32 @@ def test_internal_batch_size_below_batch_warns_like_captum():
         warnings.simplefilter("ignore")
         theirs = captum_attr.IntegratedGradients(model).attribute(x, target=1, internal_batch_size=2)
     assert_close(ours, theirs, 1e-5, "ibs < batch")
+
+
+@pytest.mark.parametrize("input_dtype, baseline_dtype, model_dtype", [
+    (torch.float32, torch.float64, torch.float64),
+    (torch.int64, torch.float64, torch.float64),
+    (torch.float16, torch.float32, torch.float32),
+    (torch.float64, torch.float32, torch.float64),
+    (torch.float32, torch.float64, torch.float32),  # Captum's path is float64: both fail in the model
+])
+def test_a_baseline_of_a_wider_dtype_sets_the_paths_dtype_as_in_captum(input_dtype, baseline_dtype, model_dtype):
+    """Captum's path x' + alpha (x - x') takes the promoted dtype of input and baseline;
+    igfast cast the baseline to the input's (float32 inputs with a float64 baseline
+    failed in a float64 model, which Captum attributes in float64)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(model_dtype)
+    x = (3 * torch.randn(3, 4)).to(input_dtype)
+    baselines = torch.randn(1, 4).to(baseline_dtype)
+
+    def attribute(lib):
+        return lib.IntegratedGradients(model).attribute(x, baselines=baselines, target=1, n_steps=9)
+
+    try:
+        theirs = attribute(captum_attr)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            attribute(igfast)
+        return
+    assert_close(attribute(igfast), theirs, TOLERANCE[theirs.dtype], "promoted path")
+    PARITY_COMPARISONS["count"] += 1

@@ -55,6 +55,22 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
     return tuple(t.detach() for t in checked), is_tuple
 
 
+def promote_to_baselines(inputs: Tuple[torch.Tensor, ...], baselines: Any) -> Tuple[torch.Tensor, ...]:
+    """The inputs in the dtype of Captum's path, x' + alpha (x - x'): where a baseline
+    is a tensor of a wider floating dtype than its input (float64 for float32 inputs,
+    float32 for float16 ones), the path and the attributions are in that dtype.
+    Baselines that are numbers (or not tensors, refused later) leave the input as it is."""
+    given = baselines if isinstance(baselines, tuple) else (baselines,)
+    if len(given) != len(inputs):
+        return inputs  # format_baselines says what is wrong
+    promoted = []
+    for x, baseline in zip(inputs, given):
+        if isinstance(baseline, torch.Tensor) and baseline.dim() > 0 and baseline.dtype.is_floating_point:
+            x = x.to(torch.promote_types(x.dtype, baseline.dtype))
+        promoted.append(x)
+    return tuple(promoted)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, torch.Tensor)
 

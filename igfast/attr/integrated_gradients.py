@@ -27,6 +27,7 @@ from ._forms import (
     format_baselines,
     format_inputs,
     full_batch,
+    promote_to_baselines,
     select_additional_forward_args,
     select_examples,
 )
@@ -216,6 +217,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
             the AdaptiveInfo last.
         """
         formatted_inputs, is_tuple = format_inputs(inputs)
+        formatted_inputs = promote_to_baselines(formatted_inputs, baselines)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
         n_steps = integer_item(n_steps)  # Captum takes a 0-dim tensor
         exact = exact_settings(n_steps, tolerance, max_steps, method) if method in PIECE_METHODS else None
