@@ -237,12 +237,34 @@ def test_captum_noise_tunnel_wraps_igfast_layer_ig():
 
 def test_layer_outside_the_model():
     model = TokenClassifier()
-    with pytest.raises(ValueError, match="not a submodule of `forward_func`"):
-        igfast.LayerIntegratedGradients(model, nn.Linear(2, 2))
+    ids, mask = token_batch(1)
+    # As Captum: found when the forward runs without it (a layer need not be registered).
+    explainer = igfast.LayerIntegratedGradients(model, nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="was not called by `forward_func`"):
+        explainer.attribute(ids, additional_forward_args=(mask,), target=0)
     with pytest.raises(ValueError, match="`layer` must be a torch.nn.Module"):
         igfast.LayerIntegratedGradients(model, "words")
     with pytest.raises(ValueError, match="non-empty list"):
         igfast.LayerIntegratedGradients(model, [])
+
+
+def test_a_layer_of_a_model_its_wrapper_does_not_register_matches_captum():
+    """A wrapper module that keeps the model in a plain list (its parameters hidden):
+    Captum hooks the layer and attributes to it; igfast refused it as not a submodule."""
+
+    class Holder(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.models = [model]
+
+        def forward(self, ids, mask):
+            return self.models[0](ids, mask)
+
+    model = TokenClassifier()
+    ids, mask = token_batch(3)
+    results = [lib.LayerIntegratedGradients(Holder(model), model.words).attribute(
+        ids, additional_forward_args=(mask,), target=1, n_steps=7) for lib in (igfast, captum_attr)]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
 def test_layer_the_forward_never_calls():

@@ -48,8 +48,9 @@ def compiled_original(forward_func: Callable) -> Optional[Callable]:
 
 
 def layer_list(layer: Any, forward_func: Callable) -> List[nn.Module]:
-    """``layer`` as a list of modules, each checked to be a submodule of the model
-    when the model is a module (a plain function is checked when it runs)."""
+    """``layer`` as a list of modules. Whether the model calls each one is checked when
+    it runs, as Captum's hooks find it: a layer need not be a registered submodule (a
+    model held in a plain list by a wrapper, or called from a function)."""
     layers = layer if isinstance(layer, list) else [layer]
     if not layers:
         raise ArgumentError("`layer` must be a module or a non-empty list of modules; got [].")
@@ -59,14 +60,6 @@ def layer_list(layer: Any, forward_func: Callable) -> List[nn.Module]:
             raise LayerError(
                 f"`{name}` must be a torch.nn.Module (a layer of the model); "
                 f"got {type(module).__name__}."
-            )
-        if isinstance(forward_func, nn.Module) and not any(
-            module is sub for sub in forward_func.modules()
-        ):
-            raise LayerError(
-                f"`{name}` ({type(module).__name__}) is not a submodule of `forward_func` "
-                f"({type(forward_func).__name__}): pass a layer of the model being explained, "
-                "e.g. model.embeddings."
             )
     if len(set(map(id, layers))) != len(layers):
         raise LayerError("`layer` lists the same module more than once.")
