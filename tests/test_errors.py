@@ -48,6 +48,8 @@ CASES = [
     ("target_list_mixing_ints_and_tuples", torch.randn(5, 4), dict(target=[0, (1,), 2, 0, 1]), ["target"], True),
     ("internal_batch_size_float", X, dict(target=0, internal_batch_size=2.5), ["internal_batch_size"], False),
     ("inputs_list", [X], dict(target=0), ["inputs", "list"], True),
+    ("inputs_tuple_holding_a_number", (X, 3), dict(target=0), ["inputs[1]", "int"], True),
+    ("inputs_0_dim", torch.tensor(1.0), dict(target=0), ["inputs", "0-dim"], True),
 ]
 
 
@@ -118,8 +120,21 @@ def test_forward_returning_a_tuple_is_rejected():
 
 
 def test_forward_func_must_be_callable():
-    with pytest.raises(igfast.ArgumentError, match="forward_func"):
+    with pytest.raises(igfast.ArgumentError, match="forward_func") as ours:
         igfast.IntegratedGradients(42)
+    with pytest.raises(Exception) as theirs:  # Captum: when it calls it
+        captum_attr.IntegratedGradients(42).attribute(X, target=0)
+    assert isinstance(ours.value, type(theirs.value))
+
+
+@pytest.mark.parametrize("inputs", [(X, 3), torch.tensor(1.0)], ids=["tuple_holding_a_number", "0_dim"])
+def test_noise_tunnels_input_errors_are_of_captums_class(inputs):
+    errors = []
+    for lib in (captum_attr, igfast):
+        with pytest.raises(Exception) as raised:
+            lib.NoiseTunnel(lib.IntegratedGradients(Linear3())).attribute(inputs, target=0)
+        errors.append(raised.value)
+    assert isinstance(errors[1], igfast.ArgumentError) and isinstance(errors[1], type(errors[0])), errors
 
 
 def test_delta_with_mismatched_attributions():
@@ -155,6 +170,7 @@ LAYER_CASES = {
     "a_string_for_a_layer": lambda m: ("emb", {}),
     "n_steps_a_string": lambda m: (m.emb, dict(n_steps="10")),
     "activations_not_batch_first": lambda m: (m.pos, {}),
+    "no_layer": lambda m: (None, {}),
 }
 
 

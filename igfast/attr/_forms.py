@@ -28,8 +28,8 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
     checked = []
     for index, tensor in enumerate(formatted):
         name = f"inputs[{index}]" if is_tuple else "inputs"
-        if not isinstance(tensor, torch.Tensor):
-            raise ArgumentError(
+        if not isinstance(tensor, torch.Tensor):  # Captum: AttributeError, reading .shape
+            raise ArgumentTypeError(
                 f"`{name}` must be a torch.Tensor (or `inputs` a tuple of tensors); "
                 f"got {type(tensor).__name__}."
             )
@@ -39,8 +39,8 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
             tensor = tensor.to(torch.get_default_dtype())
         if floating:
             dtype_policy(tensor.dtype, name)
-        if tensor.dim() == 0:
-            raise ArgumentError(
+        if tensor.dim() == 0:  # Captum: RuntimeError (IndexError under NoiseTunnel)
+            raise ShapeError(
                 f"`{name}` must have a batch dimension (dim 0 indexes examples); "
                 "got a 0-dim tensor."
             )

@@ -10,7 +10,7 @@ from ..adaptive import (
 )
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ArgumentTypeError
 from ..exact import (
     POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, ExactSettings, check_completeness,
     exact_settings, integrate_exactly,
@@ -76,8 +76,8 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
     """
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
-        if not callable(forward_func):
-            raise ArgumentError(
+        if not callable(forward_func):  # Captum: TypeError, when it calls it
+            raise ArgumentTypeError(
                 f"`forward_func` must be callable (a model or function); got {type(forward_func).__name__}."
             )
         self.forward_func = forward_func

@@ -29,7 +29,7 @@ from ..exact import (
     integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
-from ..errors import ArgumentError, LayerError, UnusedLayerError
+from ..errors import ArgumentError, ArgumentTypeError, LayerError, UnusedLayerError
 from ..dtypes import integer_item
 from ..quadrature import path_nodes
 from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
@@ -176,7 +176,8 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             "gausslegendre_pieces") last.
         """
         if self._layers is None:
-            raise ArgumentError("`layer` is None: give the layer(s) to attribute to (set `layer`).")
+            # Captum: TypeError, when it iterates over None
+            raise ArgumentTypeError("`layer` is None: give the layer(s) to attribute to (set `layer`).")
         if self.device_ids is None:
             self.device_ids = getattr(self.forward_func, "device_ids", None)
         if self.device_ids is not None and len(self.device_ids) > 1:

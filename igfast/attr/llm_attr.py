@@ -191,7 +191,8 @@ def _layer_integrated_gradients(attr_method: Any) -> LayerIntegratedGradients:
     if not isinstance(attr_method.forward_func, nn.Module):
         raise ArgumentError("The attribution method's forward_func must be the language model (an nn.Module).")
     if attr_method.layer is None or isinstance(attr_method.layer, list):
-        raise ArgumentError("LLM attribution needs one layer (e.g. model.get_input_embeddings()), not a list.")
+        # Captum: AttributeError, when it reads the list as a tensor
+        raise ArgumentTypeError("LLM attribution needs one layer (e.g. model.get_input_embeddings()), not a list.")
     return attr_method
 
 
