@@ -148,6 +148,14 @@ def test_methods_it_does_not_stream_run_per_sample_batch():
     compare(captum_attr.Saliency, captum_attr.Saliency, model, x, **kwargs)
 
 
+def test_is_gradient_method_as_in_captum():
+    model = MLP().eval()
+    for method in (igfast.IntegratedGradients(model), igfast.LayerIntegratedGradients(model, model.net[0]),
+                   captum_attr.Saliency(model), captum_attr.FeatureAblation(model)):
+        expected = captum_attr.NoiseTunnel(method).is_gradient_method
+        assert igfast.NoiseTunnel(method).is_gradient_method is expected
+
+
 def test_several_layers_keep_their_list_form():
     torch.manual_seed(6)
 

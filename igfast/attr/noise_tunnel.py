@@ -68,6 +68,10 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
                 f"method (e.g. igfast.IntegratedGradients); got {type(attribution_method).__name__}."
             )
         self.attribution_method = attribution_method
+        # Captum's attribute, read by code written for it: whether the method is a
+        # gradient one (igfast's are; Captum's GradientAttribution where importable).
+        self.is_gradient_method = isinstance(
+            attribution_method, (IntegratedGradients, LayerIntegratedGradients, *captum_bases("GradientAttribution")))
         self.is_delta_supported = attribution_method.has_convergence_delta()
         self._multiply_by_inputs = attribution_method.multiplies_by_inputs
         self.forward_func = attribution_method.forward_func
