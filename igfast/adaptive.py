@@ -494,6 +494,8 @@ class _ExactSwitch:
             order = torch.where(previous > 0, torch.log2(1 / ratio.clamp_min(1e-300)), order).clamp(1.0, 2.0)
         steps = torch.tensor(self.levels.steps, dtype=torch.float64, device=active.device)
         needed = steps[level] * (predicted[undone] / self.settings.tolerance) ** (1 / order[undone])
+        # An example whose estimate is NaN (a NaN or inf input) never reaches tolerance.
+        needed = torch.where(torch.isnan(needed), math.inf, needed)
         reachable = needed <= steps[-1]
         finer = torch.searchsorted(steps, needed.clamp(max=float(steps[-1])))
         to_go = torch.where(reachable, steps[finer] - steps[level], torch.full_like(needed, math.inf))

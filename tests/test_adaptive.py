@@ -271,6 +271,23 @@ def test_each_example_gets_what_it_would_get_alone():
         assert abs(int(alone_info.evaluations[0]) - int(info.evaluations[e])) <= 1
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_input_is_returned_unconverged_not_a_crash(bad):
+    """A NaN or inf in one example: its estimate is NaN, and the exact switch's predicted
+    cost indexed past the last level (IndexError); fixed rules return NaN, as Captum."""
+    model, x, baseline, target = model_and_batch("relu", seed=0, batch=4)
+    x[1, 2] = bad
+    reference = igfast.IntegratedGradients(model).attribute(x, baseline, target=target, method="exact")
+    with pytest.warns(igfast.ToleranceNotReachedWarning):
+        ours = igfast.IntegratedGradients(model).attribute(x, baseline, target=target, n_steps="auto")
+    _, info = igfast.IntegratedGradients(model).attribute(x, baseline, target=target, n_steps="auto",
+                                                          return_adaptive_info=True)
+    assert not bool(torch.isfinite(ours[1]).all()) and not bool(info.converged[1])
+    finite = torch.tensor([0, 2, 3])
+    assert bool(info.converged[finite].all())
+    assert float(relative_errors(ours[finite], reference[finite]).max()) <= 1e-3
+
+
 def test_max_steps_is_reported_when_reached():
     model, x, baseline, target = model_and_batch("relu")
     _, info = igfast.IntegratedGradients(model).attribute(
