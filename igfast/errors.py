@@ -59,6 +59,11 @@ class OutputTypeError(ArgumentError, TypeError, AttributeError):
     when it reads ``.shape`` of a dict, tuple or ModelOutput)."""
 
 
+class ComplexOutputError(OutputTypeError, RuntimeError):
+    """``forward_func`` returned a complex tensor: IG needs a real output (Captum:
+    autograd's RuntimeError, gradients of a complex output need a real scalar)."""
+
+
 class OutputShapeError(ArgumentError, IndexError):
     """``forward_func`` returned a tensor without one row per input row (Captum:
     IndexError for a 0-dim output)."""

@@ -147,6 +147,31 @@ def test_empty_batch_gives_empty_attributions():
     empty = torch.randn(0, 4)
     result = igfast.IntegratedGradients(Linear3()).attribute(empty, target=0)
     assert result.shape == (0, 4)
+    # The piece methods too (they failed inside torch.cat).
+    relu = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    for method in ("exact", "gausslegendre_pieces"):
+        attributions, delta = igfast.IntegratedGradients(relu).attribute(
+            empty, target=0, method=method, return_convergence_delta=True)
+        assert attributions.shape == (0, 4) and attributions.dtype == torch.float32 and delta.shape == (0,)
+        layer = igfast.LayerIntegratedGradients(relu, relu[1]).attribute(empty, target=0, method=method)
+        assert layer.shape == (0, 8)
+
+
+def test_a_complex_output_is_an_error_not_its_real_parts_attributions():
+    """Captum: autograd's RuntimeError; igfast returned the IG of the real part, with a
+    complex convergence delta."""
+    model = torch.nn.Linear(4, 2)
+
+    def complex_output(x):
+        return torch.view_as_complex(model(x).contiguous())
+
+    for explainer in (igfast.IntegratedGradients(complex_output), captum_attr.IntegratedGradients(complex_output)):
+        with pytest.raises(RuntimeError) as raised:
+            explainer.attribute(X)
+        assert raised.value is not None
+    for kwargs in ({}, {"n_steps": "auto"}, {"memory_budget": "1MB"}):
+        with pytest.raises(igfast.ArgumentError, match="must return a real tensor; got torch.complex64"):
+            igfast.IntegratedGradients(complex_output).attribute(X, **kwargs)
 
 
 class _Words(torch.nn.Module):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import GradientError, OutputShapeError, OutputTypeError, TargetError
+from ..errors import ComplexOutputError, GradientError, OutputShapeError, OutputTypeError, TargetError
 from ._target import select_targets
 
 
@@ -31,6 +31,11 @@ def forward_output(
             "`forward_func` must return a torch.Tensor (one row per example); "
             f"got {type(output).__name__}. Wrap the model to return the tensor to explain, e.g. "
             "`lambda *args: model(*args).logits` for a Hugging Face model."
+        )
+    if output.is_complex():  # a gradient of its real part alone would pass silently
+        raise ComplexOutputError(
+            f"`forward_func` must return a real tensor; got {output.dtype}. Explain the part you "
+            "mean, e.g. `lambda *args: model(*args).abs()` or `.real`."
         )
     return output
 
