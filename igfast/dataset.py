@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 from .attr import IntegratedGradients, LayerIntegratedGradients
 from .attr._train_mode import root_modules, running_state_kept
 from .errors import ArgumentError
-from .exact import PIECE_METHODS
-from .quadrature import validate_method_and_steps
+from .quadrature import PIECE_METHODS, validate_method_and_steps
 from .shards import (
     CONFIG, FORMAT_VERSION, INPUT_DIGEST, MANIFEST, complete_shards, read_json, read_shard_note,
     remove_partial_shards, shard_name, shard_ranges, write_json_atomically, write_shard,

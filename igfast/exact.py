@@ -53,7 +53,7 @@ from .engine import GradientsAt, PathIntegral
 from .memory import add_to_estimate
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .piecewise import BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin
-from .quadrature import PathNodes
+from .quadrature import PIECE_METHODS, PathNodes
 
 # The most pieces an example's path may have before the call stops (each costs one
 # forward and backward row); a convolutional network has thousands.
@@ -150,11 +150,6 @@ REFINE_SEGMENT_BYTES = 4 * 8 + 56
 CURVED_PIECE_BYTES = 3 * 8 + 2
 # Its pieces joined once the walk is done, then at the sub-paths' cuts (_join_at_cuts).
 CURVED_JOIN_BYTES = 4 * CURVED_PIECE_BYTES
-
-
-# The methods that integrate along the path's pieces, and whether they allow smooth ops
-# before kinks (curved pre-activations, whose kinks are searched for).
-PIECE_METHODS = {"exact": False, "gausslegendre_pieces": True}
 
 
 @dataclass(frozen=True)
@@ -1408,11 +1403,14 @@ def _along_the_path():
         with fwAD.dual_level(), _compiled_code_eagerly():
             yield
     except NotImplementedError as error:
+        # PyTorch names its own ops "aten::..." (an op without a forward-derivative formula,
+        # such as silu's backward inside a gradient row); anything else is a custom Function.
+        remedy = ("PyTorch has no forward-mode formula for that op, so use" if "aten::" in str(error) else
+                  "Give custom torch.autograd.Functions a jvp (with setup_context), or use")
         raise NotPiecewiseLinearError(
             "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to find the path's pieces) run "
             "the model with forward-mode AD along the path, which a part of it "
-            f"does not support ({error}). Give custom torch.autograd.Functions a jvp (with "
-            "setup_context), or use a fixed n_steps or n_steps='auto'.") from error
+            f"does not support ({error}). {remedy} a fixed n_steps or n_steps='auto'.") from error
 
 
 def _compiled_code_eagerly():

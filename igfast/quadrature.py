@@ -67,12 +67,18 @@ RULES: Dict[str, Rule] = {
 
 SUPPORTED_METHODS = tuple(RULES)
 
+# The methods that integrate along the path's pieces (igfast's own, see exact.py), and
+# whether they allow smooth ops before kinks (curved pre-activations, whose kinks are
+# searched for). Named here so that a misspelt method's error lists them too.
+PIECE_METHODS = {"exact": False, "gausslegendre_pieces": True}
+
 
 def validate_method_and_steps(method: str, n_steps: int) -> Rule:
     """The rule for ``method``, after checking that it can use ``n_steps`` nodes."""
     if not isinstance(method, str) or method not in RULES:
         raise ArgumentError(
-            f"`method` must be one of {list(SUPPORTED_METHODS)}; got {method!r}."
+            f"`method` must be one of {list(SUPPORTED_METHODS)}, or igfast's {list(PIECE_METHODS)}; "
+            f"got {method!r}."
         )
     rule = RULES[method]
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):

@@ -548,7 +548,8 @@ def test_argument_errors(kwargs, match):
 
 def test_unknown_method_still_lists_exact_nowhere_else():
     model, shape = make("relu_mlp", "cpu")
-    with pytest.raises(ArgumentError, match="method"):
+    # (a misspelt method's error names the piece methods too)
+    with pytest.raises(ArgumentError, match="method.*'exact', 'gausslegendre_pieces'"):
         igfast.IntegratedGradients(model).attribute(torch.randn(2, *shape, dtype=torch.float64), target=0,
                                                     method="exactly")
 
@@ -579,6 +580,16 @@ def test_additional_forward_args_follow_their_examples(device):
         alone = igfast.IntegratedGradients(lambda x: model(x * scale[example])).attribute(
             inputs[example:example + 1], target=1, method="exact")
         torch.testing.assert_close(attributions[example:example + 1], alone, rtol=1e-12, atol=1e-14)
+
+
+def test_a_pytorch_op_without_forward_ad_is_not_blamed_on_a_custom_function():
+    """SiLU's backward has no forward-mode formula in PyTorch: the message said to give
+    custom autograd Functions a jvp, though the model has none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with pytest.raises(NotPiecewiseLinearError, match="aten::silu_backward") as raised:
+        igfast.IntegratedGradients(model).attribute(torch.randn(3, 8), target=1, method="gausslegendre_pieces")
+    assert "PyTorch has no forward-mode formula" in str(raised.value) and "custom" not in str(raised.value)
 
 
 def test_autograd_function_without_jvp_is_named():

@@ -25,13 +25,13 @@ from ..adaptive import (
 from ..chunking import Chunk, RowCosts, choose_row_limit
 from ..engine import PathIntegral, integrate_gradients
 from ..exact import (
-    POINT_NODES, PIECE_METHODS, ExactIntegral, ExactParts, ExactRoute, check_completeness, exact_settings,
+    POINT_NODES, ExactIntegral, ExactParts, ExactRoute, check_completeness, exact_settings,
     integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
 from ..errors import ArgumentError, ArgumentTypeError, LayerError, UnusedLayerError
 from ..dtypes import integer_item
-from ..quadrature import path_nodes
+from ..quadrature import PIECE_METHODS, path_nodes
 from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
 from ._train_mode import batch_dependent_call, depends_on_the_call, guarded
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
