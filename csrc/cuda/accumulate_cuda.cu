@@ -1,6 +1,7 @@
 // CUDA kernels of igfast::accumulate_steps and igfast::scale_by_difference.
 // accumulate_steps: each thread owns a pack of accumulator elements, keeps it in
-// registers while it reads the k gradient rows, and writes it back once.
+// registers while it reads the k gradient rows (summing them in float64), and
+// writes it back once.
 #include "cuda/launch.cuh"
 #include "cuda/launchers.h"
 
@@ -15,18 +16,20 @@ __global__ void accumulate_steps_kernel(acc_t* __restrict__ acc, const scalar_t*
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t element = p * N;
-    acc_t sum[N];
+    // The chunk's steps are summed in float64 and added to the accumulator once (a
+    // running float32 sum over thousands of steps drifts; see accumulate_cpu.cpp).
+    double sum[N];
 #pragma unroll
-    for (int v = 0; v < N; ++v) sum[v] = acc[element + v];
+    for (int v = 0; v < N; ++v) sum[v] = 0.0;
 #pragma unroll 4
     for (int64_t s = 0; s < steps; ++s) {
       const GradPack g = *reinterpret_cast<const GradPack*>(grads + s * elements + element);
-      const acc_t w = weights[s];
+      const double w = static_cast<double>(weights[s]);
 #pragma unroll
-      for (int v = 0; v < N; ++v) sum[v] += w * static_cast<acc_t>(g.v[v]);
+      for (int v = 0; v < N; ++v) sum[v] += w * static_cast<double>(g.v[v]);
     }
 #pragma unroll
-    for (int v = 0; v < N; ++v) acc[element + v] = sum[v];
+    for (int v = 0; v < N; ++v) acc[element + v] = static_cast<acc_t>(static_cast<double>(acc[element + v]) + sum[v]);
   }
 }
 
