@@ -82,6 +82,7 @@ def test_info_says_which_path_runs():
     assert isinstance(info["reason"], str) and info["reason"]
 
 
+@pytest.mark.slow  # minutes per case in the CI run (cause not traced); the 10,000-step unit test in test_kernels.py runs by default
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "pure_pytorch"])
 @pytest.mark.parametrize("method", ["riemann_left", "gausslegendre"])
 def test_float32_stays_as_accurate_as_captum_at_ten_thousand_steps(kernels, method):
