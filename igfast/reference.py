@@ -74,7 +74,7 @@ def interpolate_path_into(
     _path_points(inputs, baselines, alphas, step_begin, step_end, out=out.view((steps,) + tuple(inputs.shape)))
 
 
-# Steps summed in the gradients' own dtype before the float64 sum over the chunk (see
+# Steps summed in the accumulation dtype before the float64 sum over the chunk (see
 # accumulate_steps); a sum of 16 float32 products loses at most a few units in the
 # last place, and 1/16 of the chunk's gradients is all the extra memory it needs.
 STEPS_PER_PARTIAL_SUM = 16
