@@ -16,6 +16,7 @@ marks the batch dimension dynamic once it has seen two sizes), and a repeated ca
 shows the same sizes again.
 """
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -284,16 +285,21 @@ class BudgetRowLimit(RowLimit):
 
 
 def integral_batch_size(value: Any) -> int:
-    """``internal_batch_size`` as an int: a Python or numpy integer, or a 0-dim
-    integer tensor (the forms Captum accepts). 0 and negative values are allowed, as in
-    Captum: they run one step of the batch per chunk, after Captum's warning."""
-    value = integer_item(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """``internal_batch_size`` as an int: a Python or numpy number or a one-element
+    tensor. Captum divides it by the number of examples with ``//`` and runs at least
+    one step per batch, so a real number counts as its floor, and 0 and negative
+    values run one step of the batch per chunk, after Captum's warning. (Captum itself
+    fails on a float whose quotient is 2 or more, slicing with it; igfast takes it.)"""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(  # Captum: TypeError, where it computes with it
-            "`internal_batch_size` must be None, 'auto' or an integer >= 0 (int, numpy integer "
-            f"or 0-dim integer tensor); got {value!r}."
+            "`internal_batch_size` must be None, 'auto' or a number >= 0 (int, float, numpy "
+            f"number or one-element tensor); got {value!r}."
         )
-    return max(0, int(value))
+    if not math.isfinite(value):
+        raise ArgumentError(f"`internal_batch_size` must be finite; got {value!r}.")
+    return max(0, math.floor(value))
 
 
 def budget_too_small(argument: str, budget: int, needed: int, measured: bool,

@@ -39,10 +39,14 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def integer_item(value: Any) -> Any:
+def integer_item(value: Any, any_shape: bool = False) -> Any:
     """A 0-dim integer tensor as its int (Captum indexes and loops with one as with an
-    int: n_steps, internal_batch_size, tuple targets); anything else as given."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and is_integer_dtype(value.dtype):
+    int: n_steps, internal_batch_size, tuple targets); with ``any_shape``, a
+    one-element integer tensor of any shape too (Captum counts steps with
+    ``torch.tensor([5])`` as with 5, where a target of that form would index
+    differently); anything else as given."""
+    if (isinstance(value, torch.Tensor) and (value.dim() == 0 or (any_shape and value.numel() == 1))
+            and is_integer_dtype(value.dtype)):
         return int(value.item())
     return value
 

@@ -4,6 +4,7 @@ still work)."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +47,8 @@ CASES = [
     ("baseline_does_not_broadcast", X, dict(baselines=torch.zeros(1, 7), target=0), ["baselines", "(1, 7)"], True),
     ("n_steps_float", X, dict(target=0, n_steps=5.0), ["n_steps", "5.0"], True),
     ("target_list_mixing_ints_and_tuples", torch.randn(5, 4), dict(target=[0, (1,), 2, 0, 1]), ["target"], True),
-    ("internal_batch_size_float", X, dict(target=0, internal_batch_size=2.5), ["internal_batch_size"], False),
+    ("internal_batch_size_nan", X, dict(target=0, internal_batch_size=float("nan")), ["internal_batch_size", "finite"], False),
+    ("internal_batch_size_string", X, dict(target=0, internal_batch_size="7"), ["internal_batch_size", "'7'"], True),
     ("inputs_list", [X], dict(target=0), ["inputs", "list"], True),
     ("inputs_tuple_holding_a_number", (X, 3), dict(target=0), ["inputs[1]", "int"], True),
     ("inputs_0_dim", torch.tensor(1.0), dict(target=0), ["inputs", "0-dim"], True),
@@ -78,6 +80,11 @@ def test_bad_input(inputs, kwargs, words, captum_raises):
     (X, dict(target=0, internal_batch_size=-1)),  # Captum warns and runs a step per chunk
     (X, dict(target=(torch.tensor(1),))),  # 0-dim tensors index as ints
     (X, dict(target=0, n_steps=torch.tensor(7))),
+    (X, dict(target=0, n_steps=torch.tensor([7]))),  # one element counts as 7 (Captum: gausslegendre only)
+    (X, dict(target=0, n_steps=torch.tensor([[6]]))),
+    (X, dict(target=0, internal_batch_size=2.5)),  # Captum: max(1, 2.5 // 5) steps per batch
+    (X, dict(target=0, internal_batch_size=7.0)),
+    (X, dict(target=0, internal_batch_size=torch.tensor(9.5))),
     (X, dict(target=0, baselines=torch.full((1, 1), 0.3))),  # one row broadcasts
     (X, dict(target=0, baselines=torch.tensor([0.3]))),
     (X, dict(target=0, baselines=torch.linspace(-1, 1, 4).view(1, 4))),
@@ -89,6 +96,25 @@ def test_forms_captum_accepts_that_look_odd(inputs, kwargs):
         theirs = captum_attr.IntegratedGradients(model).attribute(inputs, **kwargs)
         ours = igfast.IntegratedGradients(model).attribute(inputs, **kwargs)
     assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("explainer", ["ig", "lig"])
+@pytest.mark.parametrize("float_batch_size", [14.0, np.float32(23.9), torch.tensor([12.5])])
+def test_a_float_internal_batch_size_counts_as_its_floor(explainer, float_batch_size):
+    """Captum fails on these (it slices with ``14.0 // 5``), where its int counterparts
+    run: igfast takes them, as their floor (several steps per chunk)."""
+    model = Linear3()
+    floor = int(float_batch_size)
+    kwargs = dict(target=1, n_steps=9, method="riemann_middle")
+    if explainer == "ig":
+        ours = igfast.IntegratedGradients(model).attribute(X, internal_batch_size=float_batch_size, **kwargs)
+        theirs = captum_attr.IntegratedGradients(model).attribute(X, internal_batch_size=floor, **kwargs)
+    else:
+        ours = igfast.LayerIntegratedGradients(model, model.lin).attribute(
+            X, internal_batch_size=float_batch_size, **kwargs)
+        theirs = captum_attr.LayerIntegratedGradients(model, model.lin).attribute(
+            X, internal_batch_size=floor, **kwargs)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 

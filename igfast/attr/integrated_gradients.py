@@ -153,7 +153,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                 ``gausslegendre``.
             internal_batch_size (int or "auto", optional): an int: at most this
                 many path rows per forward/backward, whole steps of the batch (as
-                in Captum). "auto" (or None): chunks sized to fit a memory budget,
+                in Captum; a float counts as its floor). "auto" (or None): chunks sized to fit a memory budget,
                 ``memory_budget`` or a share of the device's free memory, and split
                 below one step of the batch when needed. The result does not
                 depend on it. Default: None.
@@ -219,7 +219,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         formatted_inputs, is_tuple = format_inputs(inputs)
         formatted_inputs = promote_to_baselines(formatted_inputs, baselines)
         formatted_baselines = format_baselines(baselines, formatted_inputs)
-        n_steps = integer_item(n_steps)  # Captum takes a 0-dim tensor
+        n_steps = integer_item(n_steps, any_shape=True)  # Captum takes a one-element tensor
         exact = exact_settings(n_steps, tolerance, max_steps, method) if method in PIECE_METHODS else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = formatted_inputs[0].shape[0]

@@ -188,7 +188,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             )
         model_inputs, _ = format_inputs(inputs, floating=False)
         model_baselines = format_baselines(baselines, model_inputs)
-        n_steps = integer_item(n_steps)  # Captum takes a 0-dim tensor
+        n_steps = integer_item(n_steps, any_shape=True)  # Captum takes a one-element tensor
         exact = exact_settings(n_steps, tolerance, max_steps, method) if method in PIECE_METHODS else None
         adaptive = None if exact else adaptive_settings(n_steps, method, tolerance, max_steps, return_adaptive_info)
         batch_size = model_inputs[0].shape[0]
