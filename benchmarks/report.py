@@ -324,6 +324,15 @@ def readme_figures(report: str) -> str:
     report's header facts), then one line per benchmark the report has."""
     facts = [line[2:] for line in report.splitlines()[:8] if line.startswith("- ")]
     sections = _sections(report)
+    # Sections re-run with --merge carry their own date and commit: say which.
+    names = {SECTIONS[name][0]: name for name in SECTIONS}
+    remeasured = {}
+    for title, body in sections.items():
+        stamp = next((m for m in map(MERGE_STAMP.match, body) if m), None)
+        if stamp:
+            remeasured.setdefault((stamp["date"], stamp["commit"]), []).append(names.get(title, title))
+    for (date, commit), which in sorted(remeasured.items()):
+        facts.append(f"{'sections' if len(which) > 1 else 'section'} {', '.join(which)} re-measured {date}, commit {commit[:7]}")
     lines = [line for line in (make(sections) for make in README_LINES) if line]
     return "\n".join([f"From {REPORT_LINK} ({'; '.join(facts)}):", "", *lines, ""])
 
@@ -341,6 +350,10 @@ def update_readme(report_dir: str) -> None:
     with open(README, "w") as handle:
         handle.write(readme)
     print(f"README.md: figures quoted from {os.path.join(report_dir, 'cpu.md')}")
+
+
+MERGE_STAMP = re.compile(r"^Re-measured alone with .*: (?P<date>\d{4}-\d\d-\d\d \d\d:\d\d UTC), "
+                         r"commit (?P<commit>\w+) ")
 
 
 def merged(out: str, names, texts, results, commit: str):

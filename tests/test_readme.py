@@ -234,3 +234,17 @@ def test_exact_line_counts_every_tolerance_and_names_where_no_checking_rule_can_
     assert "`auto` spends no more in 1 of 3 cells" in exact  # but the count covers all of them
     assert "on GELU no rule that checks its own error can (at best 0.85x-0.99x)" in exact
     assert "MiniLM" not in exact.split("hindsight")[1]
+
+
+def test_readme_figures_name_the_sections_re_measured_after_the_header_s_run():
+    """A section re-run with --merge carries its own date and commit; the README's
+    source line says so, since the header's date is not when those figures were taken."""
+    report_module = _report_module()
+    title = report_module.SECTIONS["speed"][0]
+    stamp = ("Re-measured alone with `--sections speed --merge`: 2031-02-03 04:05 UTC, commit fedcba987654 "
+             "(the other sections are the header's run).")
+    assert f"## {title}\n" in FAKE_REPORT
+    merged = FAKE_REPORT.replace(f"## {title}\n", f"## {title}\n\n{stamp}\n", 1)
+    first = report_module.readme_figures(merged).splitlines()[0]
+    assert first.endswith("; section speed re-measured 2031-02-03 04:05 UTC, commit fedcba9):"), first
+    assert "re-measured" not in report_module.readme_figures(FAKE_REPORT).splitlines()[0]
