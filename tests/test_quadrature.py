@@ -70,3 +70,19 @@ def test_large_gauss_legendre_rules_are_exact_on_polynomials(n):
         exact = 1 / (degree + 1)
         assert abs(float(weights @ nodes**degree) - exact) <= 1e-12 * exact + 1e-15, degree
     np.testing.assert_allclose(weights, weights[::-1], rtol=0, atol=1e-17)
+
+
+@pytest.mark.parametrize("intervals", [1, 2, 3, 4, 7, 8, 16, 33, 256, 4096])
+def test_clenshaw_curtis_weights_by_fft_equal_the_cosine_sum(intervals):
+    """auto's Clenshaw-Curtis weights (one FFT) equal the defining cosine sum, summed
+    term by term here, and the rule integrates t^k on [0, 1] exactly up to k = n."""
+    nodes, weights = quadrature._clenshaw_curtis(intervals)
+    angles = np.arange(intervals + 1) * np.pi / intervals
+    direct = np.ones(intervals + 1)
+    for m in range(1, intervals // 2 + 1):
+        direct -= (1.0 if 2 * m == intervals else 2.0) / (4 * m * m - 1) * np.cos(2 * m * angles)
+    direct *= np.where(np.arange(intervals + 1) % intervals == 0, 1.0, 2.0) / intervals / 2
+    np.testing.assert_allclose(weights, direct, rtol=0, atol=1e-15)
+    assert np.all(np.diff(nodes) > 0) and nodes[0] == 0 and abs(nodes[-1] - 1) < 1e-15
+    for degree in {0, 1, intervals // 2, intervals}:
+        assert abs(float(weights @ nodes**degree) - 1 / (degree + 1)) <= 1e-13, degree
