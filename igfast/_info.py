@@ -8,10 +8,10 @@ from . import _ext, ops
 
 
 def info() -> Dict[str, Any]:
-    """Versions, the kernels built, and the path igfast takes on each device.
+    """Versions, the kernels in use, and the path igfast takes on each device.
 
     Returns a dict with ``igfast`` and ``torch`` versions, ``extension`` (whether
-    igfast._C loaded), ``kernels`` ({"cpu": bool, "cuda": bool}), ``path``
+    igfast._C loaded), ``kernels`` ({"cpu": bool, "cuda": bool}: built, loaded and not disabled), ``path``
     ("kernels" or "pure-pytorch", on the CPU) and ``reason`` (why that path runs),
     and ``cuda_path`` / ``cuda_reason`` likewise when a GPU is visible.
     """

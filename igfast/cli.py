@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=".", help="folder for the JSON and PNG (default: here)")
     bench.add_argument("--no-captum", action="store_true", help="igfast and the floor only")
 
-    information = commands.add_parser("info", help="versions, kernels built, which path runs and why")
+    information = commands.add_parser("info", help="versions, kernels in use, which path runs and why")
     information.add_argument("--json", action="store_true", help="print the dict as JSON")
     return parser
 
@@ -209,7 +209,7 @@ def _info(args) -> int:
         return 0
     print(f"igfast {state['igfast']}, torch {state['torch']}")
     print(f"extension igfast._C loaded: {state['extension']}")
-    print("kernels built: " + ", ".join(f"{d} {'yes' if ok else 'no'}" for d, ok in state["kernels"].items()))
+    print("kernels in use (built, loaded and not disabled): " + ", ".join(f"{d} {'yes' if ok else 'no'}" for d, ok in state["kernels"].items()))
     print(f"cpu path: {state['path']} ({state['reason']})")
     if "cuda_path" in state:
         print(f"cuda path: {state['cuda_path']} ({state['cuda_reason']})")

@@ -96,7 +96,7 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
 def test_info_command(capsys):
     assert cli.main(["info"]) == 0
     printed = capsys.readouterr().out
-    assert "kernels built: cpu" in printed and "cpu path:" in printed
+    assert "kernels in use (built, loaded and not disabled): cpu" in printed and "cpu path:" in printed
     assert cli.main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["igfast"] == igfast.__version__
 

@@ -138,9 +138,10 @@ def test_generated_tokens_equal_per_token_runs(device):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(targets=[]), "non-empty list"),
-    (dict(targets=[0, 9]), "out of range"),
-    (dict(target="topk:0"), "'topk:K' \\(K >= 1\\)|asks for 0"),
-    (dict(target="topk:6"), "asks for 6 targets but the output has 5 classes"),
+    (dict(targets=[0, 9]), "`targets\\[1\\]` index 9 is out of range"),  # named as given, not `target`
+    (dict(targets=[(0,), (2, 1)]), "`targets\\[1\\]` \\(2, 1\\) has more indices"),
+    (dict(target="topk:0"), "asks for 0 targets; 'topk:K' needs 1 <= K <= 5"),
+    (dict(target="topk:6"), "asks for 6 targets; 'topk:K' needs 1 <= K <= 5"),
     (dict(target="best"), "must be 'all' or 'topk:K'"),
     (dict(target=1, targets=[0]), "not both"),
 ])
@@ -148,6 +149,9 @@ def test_bad_targets(kwargs, message):
     model = MLP(num_out=5).eval()
     with pytest.raises(ValueError, match=message):
         igfast.IntegratedGradients(model).attribute(torch.randn(2, 6), n_steps=4, **kwargs)
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ValueError, match=message):
+        igfast.LayerIntegratedGradients(model, layer).attribute(torch.randn(2, 6), n_steps=4, **kwargs)
 
 
 def test_generated_tokens_bad_input():

@@ -7,8 +7,9 @@ the gradient of all rows in one backward call (ones as output gradients) instead
 ``autograd.grad`` over ``unbind(outputs)``, which costs one graph node per row.
 """
 
+import contextlib
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,13 +66,27 @@ def check_one_value_per_row(outputs: torch.Tensor, rows: int, target: Any) -> No
         )
 
 
-def values_per_target(output: torch.Tensor, targets: Sequence[Any]) -> torch.Tensor:
-    """The targeted value of every row of a forward output, per target: (K, rows)."""
+@contextlib.contextmanager
+def _naming_the_target(index: Optional[int]) -> Iterator[None]:
+    """An error about target ``index`` of a many-target call names it as the user gave
+    it, ``targets[index]``, not as ``target``."""
+    try:
+        yield
+    except TargetError as error:
+        if index is None:
+            raise
+        raise TargetError(str(error).replace("`target`", f"`targets[{index}]`")) from None
+
+
+def values_per_target(output: torch.Tensor, targets: Sequence[Any], many_targets: bool = False) -> torch.Tensor:
+    """The targeted value of every row of a forward output, per target: (K, rows).
+    ``many_targets``: the targets of a many-target call (errors name ``targets[j]``)."""
     rows = output.shape[0] if output.dim() else 1
     values = []
-    for target in targets:
-        selected = select_targets(output, target)
-        check_one_value_per_row(selected, rows, target)
+    for index, target in enumerate(targets):
+        with _naming_the_target(index if many_targets else None):
+            selected = select_targets(output, target)
+            check_one_value_per_row(selected, rows, target)
         values.append(selected.reshape(rows))
     return torch.stack(values)
 
@@ -118,9 +133,11 @@ def gradients_and_outputs_per_target(
     grad_kwargs: Optional[Dict[str, Any]] = None,
     on_unused: Optional[Callable[[int], None]] = None,
     check_targets: bool = True,
+    many_targets: bool = False,
 ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
     """Gradients and targeted outputs for K targets from one forward call
-    (``check_targets=False``: their range was checked on an earlier chunk).
+    (``check_targets=False``: their range was checked on an earlier chunk;
+    ``many_targets``: a many-target call's, whose errors name ``targets[j]``).
 
     The forward graph is built once and kept (retain_graph) for the K backward
     passes: K targets cost one forward and K backwards instead of K of each. A graph
@@ -133,9 +150,10 @@ def gradients_and_outputs_per_target(
     def forward_and_select(some_targets: Sequence[Any]) -> List[torch.Tensor]:
         output = forward_output(forward_fn, inputs, additional_forward_args)
         selected = []
-        for target in some_targets:
-            values = select_targets(output, target, check_range=check_targets)
-            check_one_value_per_row(values, inputs[0].shape[0], target)
+        for index, target in enumerate(some_targets):
+            with _naming_the_target(index if many_targets else None):
+                values = select_targets(output, target, check_range=check_targets)
+                check_one_value_per_row(values, inputs[0].shape[0], target)
             selected.append(values)
         return selected
 

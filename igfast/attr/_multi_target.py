@@ -59,7 +59,8 @@ def resolve_targets(
     k = int(top.group(1))
     if not 1 <= k <= classes:
         raise TargetError(
-            f"target={target!r} asks for {k} targets but the output has {classes} classes."
+            f"target={target!r} asks for {k} targets; 'topk:K' needs 1 <= K <= {classes}, the "
+            "number of classes of the output."
         )
     order = outputs.topk(k, dim=1).indices
     return [order[:, j].to(device=device, dtype=torch.long) for j in range(k)]

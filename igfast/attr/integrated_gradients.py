@@ -292,7 +292,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
             if many is not None:
                 return gradients_and_outputs_per_target(
                     forward, path, [expand_target(t, chunk) for t in many], chunk_args,
-                    check_targets=check)
+                    check_targets=check, many_targets=True)
             target_ind = expand_target(chunk_target, chunk)
             if self.gradient_func is compute_gradients:
                 grads, outputs = gradients_and_outputs(forward, path, target_ind, chunk_args,
@@ -394,7 +394,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         args = format_additional_forward_args(additional_forward_args)
         with torch.no_grad():
             end_values, start_values = (
-                values_per_target(forward_output(self.forward_func, points, args), many)
+                values_per_target(forward_output(self.forward_func, points, args), many, many_targets=True)
                 for points in (end_points, start_points)
             )
         return convergence_delta_per_target(attributions, start_values, end_values)

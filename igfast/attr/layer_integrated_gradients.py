@@ -200,7 +200,8 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         many = resolve_targets(target, targets, batch_size, device, lambda: end_outputs)
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
         per_target = [chunk_target] if many is None else many
-        end_values, start_values = (values_per_target(outputs, per_target) for outputs in (end_outputs, start_outputs))
+        end_values, start_values = (values_per_target(outputs, per_target, many_targets=many is not None)
+                                    for outputs in (end_outputs, start_outputs))
         if many is None:
             end_values, start_values = end_values[0], start_values[0]
         refuse_several_targets(adaptive, many)
