@@ -11,9 +11,10 @@ def info() -> Dict[str, Any]:
     """Versions, the kernels in use, and the path igfast takes on each device.
 
     Returns a dict with ``igfast`` and ``torch`` versions, ``extension`` (whether
-    igfast._C loaded), ``kernels`` ({"cpu": bool, "cuda": bool}: built, loaded and not disabled), ``path``
-    ("kernels" or "pure-pytorch", on the CPU) and ``reason`` (why that path runs),
-    and ``cuda_path`` / ``cuda_reason`` likewise when a GPU is visible.
+    igfast._C loaded), ``kernels`` ({"cpu": bool, "cuda": bool}: built, loaded and
+    not disabled), ``path`` ("kernels" or "pure-pytorch", on the CPU) and ``reason``
+    (why that path runs), and ``cuda_path`` / ``cuda_reason`` likewise when a GPU is
+    visible.
     """
     from . import __version__
 

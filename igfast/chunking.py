@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .dtypes import dtype_policy, integer_item
+from .dtypes import dtype_policy
 from .errors import ArgumentError, ArgumentTypeError
 from .memory import automatic_budget, format_size, parse_memory_size, preferred_chunk_bytes
 

@@ -209,7 +209,8 @@ def _info(args) -> int:
         return 0
     print(f"igfast {state['igfast']}, torch {state['torch']}")
     print(f"extension igfast._C loaded: {state['extension']}")
-    print("kernels in use (built, loaded and not disabled): " + ", ".join(f"{d} {'yes' if ok else 'no'}" for d, ok in state["kernels"].items()))
+    in_use = ", ".join(f"{d} {'yes' if ok else 'no'}" for d, ok in state["kernels"].items())
+    print(f"kernels in use (built, loaded and not disabled): {in_use}")
     print(f"cpu path: {state['path']} ({state['reason']})")
     if "cuda_path" in state:
         print(f"cuda path: {state['cuda_path']} ({state['cuda_reason']})")

@@ -41,7 +41,7 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
 
 def integer_item(value: Any, any_shape: bool = False) -> Any:
     """A 0-dim integer tensor as its int (Captum indexes and loops with one as with an
-    int: n_steps, internal_batch_size, tuple targets); with ``any_shape``, a
+    int: n_steps, tuple targets); with ``any_shape``, a
     one-element integer tensor of any shape too (Captum counts steps with
     ``torch.tensor([5])`` as with 5, where a target of that form would index
     differently); anything else as given."""

@@ -153,9 +153,10 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                 ``gausslegendre``.
             internal_batch_size (int or "auto", optional): an int: at most this
                 many path rows per forward/backward, whole steps of the batch (as
-                in Captum; a float counts as its floor). "auto" (or None): chunks sized to fit a memory budget,
-                ``memory_budget`` or a share of the device's free memory, and split
-                below one step of the batch when needed. The result does not
+                in Captum; a float counts as its floor). "auto" (or None): chunks
+                sized to fit a memory budget, ``memory_budget`` or a share of the
+                device's free memory, and split below one step of the batch when
+                needed. The result does not
                 depend on it. Default: None.
             return_convergence_delta (bool, optional): also return, per example,
                 sum(attributions) - (F(inputs) - F(baselines)). With a fixed
