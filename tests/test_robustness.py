@@ -190,7 +190,9 @@ def test_layer_delta_is_compute_convergence_delta_to_the_bit():
 
 # ------------------------------------------------------- argument forms ---
 
-@pytest.mark.parametrize("size", [np.int64(12), np.int32(12), torch.tensor(12), 12, 0, -3])
+@pytest.mark.parametrize("size", [np.int64(12), np.int32(12), torch.tensor(12), 12, 0, -3,
+                                  # Floats count as their floor (Captum: max(1, size // examples)).
+                                  2.5, 12.9, np.float32(12.0), torch.tensor(12.5), torch.tensor([12])])
 def test_internal_batch_size_in_every_form_captum_accepts(size):
     torch.manual_seed(5)
     model = MLP().eval()
@@ -203,7 +205,7 @@ def test_internal_batch_size_in_every_form_captum_accepts(size):
     assert any("Internal batch size cannot be less" in str(w.message) for w in seen) == (int(size) < 4)
 
 
-@pytest.mark.parametrize("bad", [2.5, "12", True, torch.tensor(1.5), torch.tensor([4, 4])])
+@pytest.mark.parametrize("bad", ["12", True, torch.tensor([4, 4]), torch.tensor(1 + 2j), [12]])
 def test_internal_batch_size_refused_forms(bad):
     # A TypeError too, as Captum's where it computes with it (a float or a string).
     with pytest.raises((igfast.ArgumentError, TypeError), match="internal_batch_size") as raised:
