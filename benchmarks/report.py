@@ -332,7 +332,8 @@ def readme_figures(report: str) -> str:
         if stamp:
             remeasured.setdefault((stamp["date"], stamp["commit"]), []).append(names.get(title, title))
     for (date, commit), which in sorted(remeasured.items()):
-        facts.append(f"{'sections' if len(which) > 1 else 'section'} {', '.join(which)} re-measured {date}, commit {commit[:7]}")
+        label = "sections" if len(which) > 1 else "section"
+        facts.append(f"{label} {', '.join(which)} re-measured {date}, commit {commit[:7]}")
     lines = [line for line in (make(sections) for make in README_LINES) if line]
     return "\n".join([f"From {REPORT_LINK} ({'; '.join(facts)}):", "", *lines, ""])
 
