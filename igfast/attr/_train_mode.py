@@ -122,16 +122,26 @@ def depends_on_the_call(forward_func: Callable) -> bool:
     """Whether a module of the forward function makes a row's output depend on the
     other rows of its call or on random draws (so that how the rows are batched, and
     what else draws random numbers in between, changes the result)."""
-    return any(_may_depend_on_the_call(type(module)) and (_depends_on_the_batch(module) or _draws_random_masks(module))
-               for _, module in _named_modules(forward_func))
+    return any(_depends_on_the_batch(module) or _draws_random_masks(module)
+               for _, module in _call_dependent_modules(forward_func))
+
+
+def _call_dependent_modules(forward_func: Any) -> List[Tuple[str, nn.Module]]:
+    """The (name, module) pairs that can be batch-dependent, random or stateful: one
+    walk of the model serves every check of a call (each walk is Python over every
+    module, a share of a small model's call)."""
+    return [(name, module) for name, module in _named_modules(forward_func) if _may_depend_on_the_call(type(module))]
+
+
+def running_state_kept(forward_func: Callable):
+    """Restore the buffers that forward calls update (running statistics, observed
+    ranges) after the block."""
+    return _state_kept(_call_dependent_modules(forward_func))
 
 
 @contextlib.contextmanager
-def running_state_kept(forward_func: Callable) -> Iterator[None]:
-    """Restore the buffers that forward calls update (running statistics, observed
-    ranges) after the block."""
-    saved = [(buffer, buffer.clone()) for _, module in _named_modules(forward_func)
-             if _may_depend_on_the_call(type(module)) and _updates_its_state(module)
+def _state_kept(modules: List[Tuple[str, nn.Module]]) -> Iterator[None]:
+    saved = [(buffer, buffer.clone()) for _, module in modules if _updates_its_state(module)
              for buffer in module.buffers(recurse=False)]
     try:
         yield
@@ -148,9 +158,8 @@ def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
     """Warn about batch-dependent or random modules, and restore running statistics
     after the block."""
     batch_statistics, random_masks = [], []
-    for name, module in _named_modules(forward_func):
-        if not _may_depend_on_the_call(type(module)):
-            continue
+    modules = _call_dependent_modules(forward_func)
+    for name, module in modules:
         if _depends_on_the_batch(module):
             batch_statistics.append(f"{name} ({type(module).__name__})")
         if _draws_random_masks(module):
@@ -174,7 +183,7 @@ def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
         )
     token = _BATCH_DEPENDENT.set(bool(batch_statistics))
     try:
-        with running_state_kept(forward_func):
+        with _state_kept(modules):
             yield
     finally:
         _BATCH_DEPENDENT.reset(token)
