@@ -300,10 +300,16 @@ def _auto_against_hindsight(exact_rows, sections) -> str:
         tols_by_workload: dict = {}
         for r in unreachable:
             tols_by_workload.setdefault(r["workload"], []).append(r["tol"])
-        cells_text = "; ".join(f"{workload} at {' and '.join(tols)}" for workload, tols in tols_by_workload.items())
+        cells_text = "; ".join(f"{workload} at {_listed_in_words(tols)}"
+                               for workload, tols in tols_by_workload.items())
         text += (f", and no rule that checks its own error can on {cells_text} "
                  f"(at best {best[0]}-{best[-1]})")
     return text + "."
+
+
+def _listed_in_words(items) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 LLM_ROW = re.compile(r"^\s*(?P<targets>\d+)\s+(?P<n_steps>\d+)\s+(?P<igfast>[\d.]+)\s+(?P<captum>[\d.]+)\s+\S+\s+"
