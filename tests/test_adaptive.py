@@ -732,6 +732,28 @@ def test_auto_floor_counts_the_fewest_nodes_from_which_every_rule_meets_tol(monk
     assert floor.fewest_nodes_per_example(errors, 1e-1).tolist() == [2, 3, 4]
 
 
+def test_auto_floor_piecewise_sweep_and_rows(monkeypatch):
+    """bench_auto_floor --piecewise: every n up to 64, then 3% steps to the largest;
+    a tolerance that some example misses within the sweep is left out (not a floor
+    computed from examples that never got there), and the oracle is the slowest
+    example's n_min."""
+    import importlib
+    import os
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    floor = importlib.import_module("bench_auto_floor")
+    sweep = floor.piecewise_sweep(200)
+    assert sweep[:64] == list(range(1, 65)) and sweep[-1] <= 200 and sweep[-1] * floor.PIECEWISE_STEP > 195
+    assert all(1.0 < b / a <= floor.PIECEWISE_STEP + 0.01 for a, b in zip(sweep[64:], sweep[65:]))
+    errors = {4: torch.tensor([0.02, 0.5]), 8: torch.tensor([0.005, 0.02]), 16: torch.tensor([0.001, 0.005])}
+    rows = floor.floor_rows("toy", errors, (1e-2, 1e-3), must_reach=False)
+    assert len(rows) == 1 and rows[0]["tol"] == 1e-2
+    assert rows[0]["oracle_gl_steps"] == 16 and rows[0]["floor_evaluations"] == (9 + 17) / 2
+    assert rows[0]["best_ratio"] == 16 / 13
+    with pytest.raises(SystemExit):
+        floor.floor_rows("toy", errors, (1e-3,), must_reach=True)
+
+
 def test_auto_floor_leja_rules_integrate_polynomials_and_read_the_integrand(monkeypatch):
     """bench_auto_floor's Leja study: every prefix rule integrates polynomials below its
     node count exactly, and the one-node integrand at 1/2 is the 1-node GL rule, with
