@@ -52,6 +52,10 @@ AUTO_SHARE_CPU = 0.5
 # 512 MiB and 3.65 s in one 0.9 GiB chunk; LayerIG on MiniLM 12.6 s with 256 MiB
 # chunks and 20.2 s in one 3.7 GiB chunk. So CPU chunks stay below this size even
 # when the budget allows more; the budget remains the hard limit.
+# The best size depends on the model, so this is a compromise: at 585a08f (one thread,
+# 5-7 interleaved runs, medians over the floor) the CNN ran 0.665x / 0.700x / 0.879x
+# the floor at 200 steps with 128 / 256 / 512 MiB, while MiniLM's LayerIG at 50 steps
+# ran 1.055x / 1.015x / 0.997x (its one-call floor is a 945 MiB batch).
 CPU_PREFERRED_CHUNK_BYTES = 128 * 2**20
 
 
