@@ -35,7 +35,7 @@ must serve the slowest): a CNN path crosses about 11,000 kinks, whose errors ave
 out, so its examples need nearly the same n.
 
     python benchmarks/bench_auto_floor.py            # about 21 minutes on one thread (1273-1298 s)
-    python benchmarks/bench_auto_floor.py --piecewise  # MLP and CNN, about 21 minutes
+    python benchmarks/bench_auto_floor.py --piecewise  # MLP and CNN, about 35 minutes (2081 s)
     python benchmarks/bench_auto_floor.py --quick    # GELU MLP, 8 examples (CI smoke)
     python benchmarks/bench_auto_floor.py --piecewise --quick  # the MLP, 8 examples
 """
@@ -254,14 +254,13 @@ def main() -> None:
     if args.piecewise:
         cases = (("mlp", 8, 200),) if args.quick else PIECEWISE
         results = [measure_piecewise(key, batch, largest, TOLERANCES) for key, batch, largest in cases]
-        print_table(results)
     else:
         keys = ["gelu_mlp"] if args.quick else ["gelu_mlp", "minilm"]
         if "minilm" in keys and minilm_available():
             print(f"MiniLM left out: {minilm_available()}")
             keys.remove("minilm")
         results = [measure(key, 8 if args.quick else (4 if key == "minilm" else 64), TOLERANCES) for key in keys]
-        print_table(results)
+    print_table(results)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
