@@ -26,7 +26,7 @@ import torch
 
 from .dtypes import dtype_policy
 from .errors import ArgumentError, ArgumentTypeError
-from .memory import automatic_budget, format_size, parse_memory_size, preferred_chunk_bytes
+from .memory import automatic_budget, format_size, parse_memory_size, preferred_chunk_bytes, raised_for_weights
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,15 @@ class RowLimit:
     measures = False
     # Captum's internal_batch_size: whole chunks of the limit, then the remainder.
     balanced = False
+    weight_bytes = 0  # nothing measured
 
     def __init__(self, rows: int) -> None:
         self.rows = max(1, rows)
         self._ceiling: Optional[int] = None
 
-    def observe(self, rows: int, peak_bytes: int) -> None:
-        """A chunk of ``rows`` rows peaked at ``peak_bytes`` (only when measures)."""
+    def observe(self, rows: int, peak_bytes: int, weight_bytes: int = 0) -> None:
+        """A chunk of ``rows`` rows peaked at ``peak_bytes`` and read ``weight_bytes`` of
+        the model's weights (only when measures)."""
 
     @property
     def forward_rows(self) -> int:
@@ -177,7 +179,10 @@ class BudgetRowLimit(RowLimit):
         self.reserved = reserved
         self.argument = argument
         # A softer limit for speed: chunks aim below it, but a row above it still runs.
+        # Raised once a chunk shows how many bytes of weights each chunk reads again.
         self.preferred_chunk_bytes = preferred_chunk_bytes
+        self._device_preference = preferred_chunk_bytes
+        self.weight_bytes = 0
         self._measured: Optional[Tuple[int, int]] = None  # (rows, peak) of the largest chunk
         self._set_aside: Optional[int] = None  # bytes held beside the chunks (set_aside)
         self.settled = False
@@ -186,9 +191,10 @@ class BudgetRowLimit(RowLimit):
     def measures(self) -> bool:
         return not self.settled
 
-    def adopt(self, row_bytes: float) -> None:
-        """Size chunks from a row cost an earlier call of the same shape measured: no
-        probe, nothing measured, chunks balanced from the start."""
+    def adopt(self, row_bytes: float, weight_bytes: int = 0) -> None:
+        """Size chunks from a row cost (and weight bytes) an earlier call of the same
+        shape measured: no probe, nothing measured, chunks balanced from the start."""
+        self._read_weights(weight_bytes)
         if row_bytes > self.available:
             raise budget_too_small(self.argument, self.budget, self.reserved + int(row_bytes), measured=True)
         rows = self._fitting(row_bytes)
@@ -270,7 +276,13 @@ class BudgetRowLimit(RowLimit):
             return self.available
         return min(self.available, self.preferred_chunk_bytes)
 
-    def observe(self, rows: int, peak_bytes: int) -> None:
+    def _read_weights(self, weight_bytes: int) -> None:
+        self.weight_bytes = max(self.weight_bytes, weight_bytes)
+        if self._device_preference is not None:
+            self.preferred_chunk_bytes = raised_for_weights(self._device_preference, self.weight_bytes)
+
+    def observe(self, rows: int, peak_bytes: int, weight_bytes: int = 0) -> None:
+        self._read_weights(weight_bytes)
         if rows == 1 and peak_bytes > self.available:
             raise budget_too_small(self.argument, self.budget, self.reserved + peak_bytes, measured=True)
         if self._measured is None or rows >= self._measured[0]:
@@ -334,7 +346,7 @@ def choose_row_limit(
     n_nodes: int,
     target_count: int = 1,
     batch_dependent: bool = False,
-    known_row_bytes: Optional[float] = None,
+    known_row_cost: Optional[Tuple[float, int]] = None,
     accumulator_bytes: Optional[int] = None,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
@@ -348,7 +360,7 @@ def choose_row_limit(
       With neither for a ``batch_dependent`` model (BatchNorm in training mode), the
       whole path in one chunk, as Captum batches it (see attr/_train_mode.py).
 
-    Under a budget, ``known_row_bytes`` (what an earlier call of the same shapes
+    Under a budget, ``known_row_cost`` (what an earlier call of the same shapes
     measured, see ``RowCosts``) sizes the chunks at once, without a probe.
 
     ``accumulator_bytes``: what the call's accumulators hold, when not one tensor
@@ -400,20 +412,21 @@ def choose_row_limit(
         first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
     limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred,
                            estimated_rows=first_rows)
-    if known_row_bytes is not None:
-        limit.adopt(known_row_bytes)
+    if known_row_cost is not None:
+        limit.adopt(*known_row_cost)
     return limit
 
 
 class RowCosts:
-    """The bytes per path row that calls on one explainer measured, by the shapes that
+    """The bytes per path row (and the bytes of weights each chunk read) that calls on
+    one explainer measured, by the shapes that
     decide them: the device, each path tensor's dtype and row shape, the model inputs'
     row shapes, the number of targets and the additional arguments' row shapes. A
     later call with the same key sizes its chunks without a probe; the row cost of a
     model does not depend on the batch size, n_steps or the budget."""
 
     def __init__(self) -> None:
-        self._bytes: Dict[Tuple, float] = {}
+        self._costs: Dict[Tuple, Tuple[float, int]] = {}
 
     @staticmethod
     def key(path_inputs: Sequence[torch.Tensor], other: Sequence[Any] = (), target_count: int = 1) -> Tuple:
@@ -423,11 +436,12 @@ class RowCosts:
             return type(value).__name__
         return (tuple(row_shape(x) for x in path_inputs), tuple(row_shape(o) for o in other), target_count)
 
-    def get(self, key: Tuple) -> Optional[float]:
-        return self._bytes.get(key)
+    def get(self, key: Tuple) -> Optional[Tuple[float, int]]:
+        """(bytes per row, weight bytes per chunk), or None where nothing was measured."""
+        return self._costs.get(key)
 
     def remember(self, key: Tuple, row_limit: RowLimit) -> None:
         row_bytes = getattr(row_limit, "row_bytes", None)
         if row_bytes is not None:
-            self._bytes[key] = row_bytes
+            self._costs[key] = (row_bytes, row_limit.weight_bytes)
 

@@ -216,7 +216,8 @@ def integrate_gradients(
             done.append(chunk)
             if measure:
                 # The buffer was reserved before the meter started: add its rows.
-                row_limit.observe(chunk.rows, meter.peak + (buffers.bytes_for(chunk.rows) if meter.exact else 0))
+                row_limit.observe(chunk.rows, meter.peak + (buffers.bytes_for(chunk.rows) if meter.exact else 0),
+                                  meter.weight_bytes)
     return PathIntegral(
         accumulators, values.get(nodes.start_node), values.get(nodes.end_node), done, failed
     )

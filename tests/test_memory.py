@@ -336,6 +336,68 @@ def test_cpu_chunks_stay_below_the_preferred_size(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_meter_keeps_weights_apart_from_the_chunks_memory():
+    """The CPU meter counts the parameters a graph saved (trainable or frozen) as weight
+    bytes, once each, and not in the chunk's estimate: they exist before the forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 8))
+    x = torch.randn(3, 256, requires_grad=True)
+    weights = sum(layer.weight.nbytes for layer in (model[0], model[2]))
+    estimates = []
+    for frozen in (False, True):
+        model.requires_grad_(not frozen)
+        with memory.PeakMeter(torch.device("cpu")) as meter:
+            model(x).sum()
+        assert meter.weight_bytes == weights  # the biases are not saved for backward
+        estimates.append(meter.peak)
+    # The activations alone: the tanh's output (3 x 512 floats) and the first layer's input.
+    assert estimates[0] == estimates[1] < memory.ESTIMATE_MARGIN * (3 * 512 * 4 + 3 * 512 * 4) + 1
+    with memory.PeakMeter(torch.device("cpu")) as meter:
+        (x * 2).sum()
+    assert meter.weight_bytes == 0
+
+
+def test_preferred_chunk_rises_for_models_with_large_weights(monkeypatch):
+    """Each chunk reads the weights again: where they are large beside a row's
+    activations, CPU chunks are sized to CHUNK_BYTES_PER_WEIGHT_BYTE times the weight
+    bytes, at most WEIGHTS_PREFERENCE_CAP times the preferred size; a later call of the
+    same shapes sizes its chunks the same way without a probe; results do not change."""
+    from igfast.chunking import BudgetRowLimit
+
+    mib = 2**20
+    assert memory.raised_for_weights(mib, 0) == mib
+    assert memory.raised_for_weights(mib, mib // 16) == mib  # 8 x 64 KiB is below 1 MiB
+    assert memory.raised_for_weights(mib, mib // 4) == 2 * mib
+    assert memory.raised_for_weights(mib, 10 * mib) == memory.WEIGHTS_PREFERENCE_CAP * mib
+    assert memory.preferred_chunk_bytes(torch.device("meta"), 10 * mib) is None  # only CPU chunks have a preference
+
+    limit = BudgetRowLimit(budget=2**30, reserved=0, first_rows=1, argument="memory_budget",
+                           preferred_chunk_bytes=mib)
+    limit.observe(4, 4 * 2**14, weight_bytes=mib // 4)
+    assert limit.rows == int(0.95 * 2 * mib / 2**14)
+    unbounded = BudgetRowLimit(budget=2**30, reserved=0, first_rows=1, argument="memory_budget")
+    unbounded.observe(4, 4 * 2**14, weight_bytes=mib // 4)  # no preference (a GPU): the budget decides
+    assert unbounded.rows == 4 * BudgetRowLimit.MAX_GROWTH
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 4))
+    x, baseline = torch.randn(4, 64), torch.zeros(1, 64)
+    monkeypatch.setattr(memory, "CPU_PREFERRED_CHUNK_BYTES", 256 * 2**10)
+    results, chunks = {}, {}
+    for factor in (0, memory.CHUNK_BYTES_PER_WEIGHT_BYTE):
+        monkeypatch.setattr(memory, "CHUNK_BYTES_PER_WEIGHT_BYTE", factor)
+        ig = igfast.IntegratedGradients(model)
+        results[factor] = ig.attribute(x, baseline, target=1, n_steps=50)
+        chunks[factor] = [c.rows for c in ig.last_integral.chunks]
+        if factor:
+            ig.attribute(x, baseline, target=1, n_steps=50)  # sized from the first call's costs
+            again = [c.rows for c in ig.last_integral.chunks]
+    old, new = chunks[0], chunks[memory.CHUNK_BYTES_PER_WEIGHT_BYTE]
+    assert len(new) < len(old) / 2 and max(new) > 2 * max(old)
+    assert max(again) == max(new) and len(again) <= len(new)
+    torch.testing.assert_close(results[0], results[memory.CHUNK_BYTES_PER_WEIGHT_BYTE], rtol=1e-5, atol=1e-6)
+
+
 def test_forward_rows_take_the_first_chunk_estimate_until_measured():
     """Walk forwards (no graph) take the automatic first-chunk estimate even where the
     first pass held fewer rows and measured nothing; once measured, the limit's rows,

@@ -255,7 +255,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
             row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs,
                                          nodes.count, target_count=target_count,
                                          batch_dependent=batch_dependent_call(),
-                                         known_row_bytes=self._row_costs.get(cost_key))
+                                         known_row_cost=self._row_costs.get(cost_key))
             integral = integrate_gradients(
                 formatted_inputs, formatted_baselines, nodes,
                 self._gradients_at(chunk_target, many, args), row_limit,

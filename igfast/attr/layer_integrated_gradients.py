@@ -300,7 +300,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             cost_key = RowCosts.key(ends, model_inputs + (args or ()), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
                                          target_count=target_count, batch_dependent=batch_dependent_call(),
-                                         known_row_bytes=self._row_costs.get(cost_key))
+                                         known_row_cost=self._row_costs.get(cost_key))
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
                                            row_limit, target_count=len(many) if many is not None else None)
             self._row_costs.remember(cost_key, row_limit)
