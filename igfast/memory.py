@@ -74,13 +74,11 @@ CHUNK_BYTES_PER_WEIGHT_BYTE = 8
 WEIGHTS_PREFERENCE_CAP = 4
 
 
-def preferred_chunk_bytes(device: torch.device, weight_bytes: int = 0) -> Optional[int]:
-    """The chunk working memory that runs fastest on the device, for a model whose
-    chunks read ``weight_bytes`` of weights; None: no limit besides the budget (GPUs are
-    fastest with the largest chunks that fit)."""
-    if device.type != "cpu":
-        return None
-    return raised_for_weights(CPU_PREFERRED_CHUNK_BYTES, weight_bytes)
+def preferred_chunk_bytes(device: torch.device) -> Optional[int]:
+    """The chunk working memory that runs fastest on the device, before the model's
+    weights are known (see raised_for_weights); None: no limit besides the budget (GPUs
+    are fastest with the largest chunks that fit)."""
+    return CPU_PREFERRED_CHUNK_BYTES if device.type == "cpu" else None
 
 
 def raised_for_weights(preferred: int, weight_bytes: int) -> int:
@@ -210,7 +208,8 @@ class PeakMeter:
     ``peak`` is set on exit; ``exact`` says whether it was measured (CUDA) or is the
     saved-tensor estimate (CPU and other devices). The estimating meter also sets
     ``weight_bytes``: the bytes of the parameters (``nn.Parameter``) the block's graph
-    saved, which every chunk reads again (0 where not estimated). CUDA meters nest (the engine's
+    saved, which every chunk reads again (0 where not estimated, and for weights that
+    no backward needs, such as an embedding table's). CUDA meters nest (the engine's
     per-chunk meters inside a benchmark's, say): each sees the peak of its own block.
     """
 
@@ -243,20 +242,22 @@ class PeakMeter:
         return self
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        # Parameters (frozen ones too) and the path itself (leaves that require grad,
-        # and views of them) exist before the forward: not its cost. The parameters'
-        # bytes are kept apart: each chunk reads them again (weight_bytes).
+        # Trainable parameters and the path itself (leaves that require grad, and views
+        # of them) exist before the forward: not its cost. Frozen parameters stay in
+        # the estimate although they exist before it too: some ops (a CPU LSTM, a
+        # convolution above one row) allocate weight-sized temporaries in every chunk
+        # that no hook sees, and these bytes covered them (without them, a frozen LSTM
+        # ran 6-12x over a small explicit budget).
+        # A parameter's own bytes (not its storage's: it may be a view into a larger
+        # buffer) are also kept apart as weight_bytes: each chunk reads them again.
         # A forward-mode zero tangent (a ZeroTensor, which BatchNorm's forward AD saves
         # when run along a path) has no storage and holds no memory.
-        if tensor._is_zerotensor():
+        if tensor._is_zerotensor() or tensor.device != self.device:
             return tensor
         base = tensor._base if tensor._base is not None else tensor
-        if tensor.device != self.device:
-            return tensor
         if isinstance(base, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
-            self._weights[storage.data_ptr()] = storage.nbytes()
-        elif not (base.is_leaf and base.requires_grad):
+            self._weights[base.data_ptr()] = base.numel() * base.element_size()
+        if not (base.is_leaf and base.requires_grad):
             storage = tensor.untyped_storage()
             self._saved[storage.data_ptr()] = storage.nbytes()
         return tensor
