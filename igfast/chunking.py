@@ -171,8 +171,14 @@ class BudgetRowLimit(RowLimit):
     MAX_GROWTH = 64
 
     def __init__(self, budget: int, reserved: int, first_rows: int, argument: str,
-                 preferred_chunk_bytes: Optional[int] = None, estimated_rows: int = 1) -> None:
+                 preferred_chunk_bytes: Optional[int] = None, estimated_rows: int = 1,
+                 least_rows: int = 1) -> None:
         super().__init__(first_rows)
+        # Fewer rows than this are refused, not run: a model whose output depends on
+        # how rows are batched (BatchNorm in training mode) keeps one node of the whole
+        # batch per chunk, since a split batch changes its statistics (and fails at one
+        # row).
+        self.least_rows = max(1, least_rows)
         # The rows the first-chunk estimate allows, where the call's first pass held fewer.
         self.estimated_rows = max(1, estimated_rows)
         self.budget = budget
@@ -198,6 +204,7 @@ class BudgetRowLimit(RowLimit):
         if row_bytes > self.available:
             raise budget_too_small(self.argument, self.budget, self.reserved + int(row_bytes), measured=True)
         rows = self._fitting(row_bytes)
+        self._check_least_rows(rows, row_bytes)
         self._measured = (rows, max(1, int(rows * row_bytes)))
         self.rows = rows if self._ceiling is None else min(rows, self._ceiling)
         self.settled = True
@@ -276,6 +283,14 @@ class BudgetRowLimit(RowLimit):
             return self.available
         return min(self.available, self.preferred_chunk_bytes)
 
+    def _check_least_rows(self, fitting: int, row_bytes: float) -> None:
+        if fitting < self.least_rows:
+            raise budget_too_small(
+                self.argument, self.budget, self.reserved + int(self.least_rows * row_bytes / self.SAFETY) + 1,
+                measured=True, beside_rows=False,
+                what=f"one path step of all {self.least_rows} examples per chunk (measured): the model's output "
+                     "depends on how rows are batched (BatchNorm in training mode, say), so the batch is not split")
+
     def _read_weights(self, weight_bytes: int) -> None:
         self.weight_bytes = max(self.weight_bytes, weight_bytes)
         if self._device_preference is not None:
@@ -289,6 +304,7 @@ class BudgetRowLimit(RowLimit):
             self._measured = (rows, max(peak_bytes, 1))
         measured_rows, measured_peak = self._measured
         fitting = self._fitting(measured_peak / measured_rows)
+        self._check_least_rows(fitting, measured_peak / measured_rows)
         limit = min(fitting, measured_rows * self.MAX_GROWTH)
         self.settled = fitting <= measured_rows * self.MAX_GROWTH
         if self._ceiling is not None:
@@ -411,7 +427,7 @@ def choose_row_limit(
         room = budget - reserved if preferred is None else min(budget - reserved, preferred)
         first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
     limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred,
-                           estimated_rows=first_rows)
+                           estimated_rows=first_rows, least_rows=batch_size if batch_dependent else 1)
     if known_row_cost is not None:
         limit.adopt(*known_row_cost)
     return limit

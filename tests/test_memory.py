@@ -551,3 +551,24 @@ def test_a_repeated_call_sizes_its_chunks_without_a_probe(monkeypatch):
     # Other row shapes are measured afresh.
     igfast.IntegratedGradients(lambda t: model(t.repeat(1, 2))).attribute(x[:, :32], target=3, n_steps=200)
     assert meters
+
+
+def test_a_batch_dependent_model_is_never_split_below_the_batch():
+    """BatchNorm in training mode under an explicit budget: every chunk holds whole path
+    steps of the batch (a split batch changes its statistics, and one row fails inside
+    BatchNorm); a budget too small for one step is refused with the budget's error."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time batch-dependence warning
+        with pytest.raises(ArgumentError, match="memory_budget.*not split"):
+            igfast.IntegratedGradients(model).attribute(x, target=1, n_steps=20, memory_budget="1KB")
+        for budget in ("4KB", "64KB"):
+            ig = igfast.IntegratedGradients(model)
+            ig.attribute(x, target=1, n_steps=20, memory_budget=budget)
+            chunks = ig.last_integral.chunks
+            assert len(chunks) > 1 and all(c.examples == 5 for c in chunks)
+    for key, value in model.state_dict().items():  # running statistics restored after each call
+        torch.testing.assert_close(value, state[key])
