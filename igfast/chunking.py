@@ -434,12 +434,12 @@ def choose_row_limit(
 
 
 class RowCosts:
-    """The bytes per path row (and the bytes of weights each chunk read) that calls on
-    one explainer measured, by the shapes that
-    decide them: the device, each path tensor's dtype and row shape, the model inputs'
-    row shapes, the number of targets and the additional arguments' row shapes. A
-    later call with the same key sizes its chunks without a probe; the row cost of a
-    model does not depend on the batch size, n_steps or the budget."""
+    """The bytes per path row, and the bytes of weights each chunk read, that calls on
+    one explainer measured, by the shapes that decide them: the device, each path
+    tensor's dtype and row shape, the model inputs' row shapes, the number of targets
+    and the additional arguments' row shapes. A later call with the same key sizes its
+    chunks without a probe; these costs do not depend on the batch size, n_steps or
+    the budget."""
 
     def __init__(self) -> None:
         self._costs: Dict[Tuple, Tuple[float, int]] = {}
