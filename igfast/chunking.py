@@ -118,9 +118,13 @@ class RowLimit:
     balanced = False
     weight_bytes = 0  # nothing measured
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, least_rows: int = 1) -> None:
         self.rows = max(1, rows)
         self._ceiling: Optional[int] = None
+        # Fewer rows than this are never run: a model whose output depends on how rows
+        # are batched (BatchNorm in training mode) keeps one node of the whole batch
+        # per chunk, since a split batch changes its statistics (and fails at one row).
+        self.least_rows = max(1, least_rows)
 
     def observe(self, rows: int, peak_bytes: int, weight_bytes: int = 0) -> None:
         """A chunk of ``rows`` rows peaked at ``peak_bytes`` and read ``weight_bytes`` of
@@ -144,8 +148,9 @@ class RowLimit:
         """Memory held for a moment when no chunk runs (see BudgetRowLimit); nothing here."""
 
     def shrink(self, failed_rows: int) -> bool:
-        """After a chunk of failed_rows rows ran out of memory: halve; False at one row."""
-        if failed_rows <= 1:
+        """After a chunk of failed_rows rows ran out of memory: halve; False at one row
+        (or below least_rows: the error stands)."""
+        if failed_rows <= 1 or failed_rows // 2 < self.least_rows:
             return False
         self._ceiling = failed_rows // 2
         self.rows = min(self.rows, self._ceiling)
@@ -173,12 +178,7 @@ class BudgetRowLimit(RowLimit):
     def __init__(self, budget: int, reserved: int, first_rows: int, argument: str,
                  preferred_chunk_bytes: Optional[int] = None, estimated_rows: int = 1,
                  least_rows: int = 1) -> None:
-        super().__init__(first_rows)
-        # Fewer rows than this are refused, not run: a model whose output depends on
-        # how rows are batched (BatchNorm in training mode) keeps one node of the whole
-        # batch per chunk, since a split batch changes its statistics (and fails at one
-        # row).
-        self.least_rows = max(1, least_rows)
+        super().__init__(first_rows, least_rows)
         # The rows the first-chunk estimate allows, where the call's first pass held fewer.
         self.estimated_rows = max(1, estimated_rows)
         self.budget = budget
@@ -398,10 +398,10 @@ def choose_row_limit(
                 stacklevel=4,
             )
         steps = max(1, internal_batch_size // max(batch_size, 1))
-        return RowLimit(steps * batch_size)
+        return RowLimit(steps * batch_size, least_rows=batch_size if batch_dependent else 1)
 
     if batch_dependent and internal_batch_size is None and memory_budget is None:
-        return RowLimit(n_nodes * batch_size)
+        return RowLimit(n_nodes * batch_size, least_rows=batch_size)
     row_bytes = sum(x[0].numel() * x.element_size() for x in inputs) if batch_size else 0
     reserved = accumulator_bytes if accumulator_bytes is not None else target_count * sum(
         # one accumulator per input and target

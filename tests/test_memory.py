@@ -572,3 +572,20 @@ def test_a_batch_dependent_model_is_never_split_below_the_batch():
             assert len(chunks) > 1 and all(c.examples == 5 for c in chunks)
     for key, value in model.state_dict().items():  # running statistics restored after each call
         torch.testing.assert_close(value, state[key])
+
+
+def test_out_of_memory_never_splits_a_batch_dependent_batch():
+    """The out-of-memory back-off of a batch-dependent model halves whole steps of the
+    batch, and where one step of the batch fails the error stands (no one-row chunks)."""
+    torch.manual_seed(13)
+    body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).train()
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the batch-dependence and retry warnings
+        model = Counting(body, max_rows=12)
+        igfast.IntegratedGradients(model).attribute(x, target=1, n_steps=20)
+        assert max(model.calls) > 12 and all(rows % 5 == 0 for rows in model.calls)
+        model = Counting(body, max_rows=3)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            igfast.IntegratedGradients(model).attribute(x, target=1, n_steps=20)
+        assert min(model.calls) == 5
