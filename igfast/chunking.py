@@ -188,7 +188,6 @@ class BudgetRowLimit(RowLimit):
         # Raised once a chunk shows how many bytes of weights each chunk reads again.
         self.preferred_chunk_bytes = preferred_chunk_bytes
         self._device_preference = preferred_chunk_bytes
-        self.weight_bytes = 0
         self._measured: Optional[Tuple[int, int]] = None  # (rows, peak) of the largest chunk
         self._set_aside: Optional[int] = None  # bytes held beside the chunks (set_aside)
         self.settled = False

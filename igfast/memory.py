@@ -55,7 +55,8 @@ AUTO_SHARE_CPU = 0.5
 # The best size depends on the model, so this is a compromise: at 585a08f (one thread,
 # 5-7 interleaved runs, medians over the floor) the CNN ran 0.665x / 0.700x / 0.879x
 # the floor at 200 steps with 128 / 256 / 512 MiB, while MiniLM's LayerIG at 50 steps
-# ran 1.055x / 1.015x / 0.997x (its one-call floor is a 945 MiB batch).
+# ran 1.055x / 1.015x / 0.997x (its one-call floor is a 945 MiB batch). MiniLM's side
+# of it (its weights) is now served by raised_for_weights, below.
 CPU_PREFERRED_CHUNK_BYTES = 128 * 2**20
 # Every chunk reads the model's weights again, once in its forward and once in its
 # backward: a cost per chunk, whatever its rows, that larger chunks spread thinner. For
