@@ -814,3 +814,76 @@ def test_jump_errors_study_evaluates_auto_s_clenshaw_curtis_levels(monkeypatch):
         uniform = study.trapezoid(lambda **kw: square.attribute(x, target=0, **kw), intervals)
         torch.testing.assert_close(uniform, x ** 3 * (1 / 3 + 1 / (6 * intervals**2)), rtol=1e-7, atol=0)
     assert quadrature.RULES["gausslegendre"].nodes_and_weights is quadrature._gauss_legendre
+
+
+class _Abs(nn.Module):
+    def forward(self, x):
+        return x.abs()
+
+
+def _walked_workload(key):
+    """Piecewise-linear models whose walks stop short under auto (exact._GapFill): a
+    float64 copy of igfast bench's MLP, a LeakyReLU MLP, a conv + max-pool net (whose
+    kinks often change no gradient) and hardtanh, abs and ReLU6."""
+    from igfast.bench.workloads import WORKLOADS
+
+    if key == "bench_mlp":
+        model, x, baseline, _ = WORKLOADS["mlp"].build("cpu", seed=3)
+        return model.double().eval(), x[:24].double(), baseline[:24].double()
+    torch.manual_seed(7)
+    features = 128 if key == "pool" else 32
+    model = {
+        "leaky": lambda: nn.Sequential(nn.Linear(32, 96), nn.LeakyReLU(0.1), nn.Linear(96, 96), nn.LeakyReLU(0.1),
+                                       nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10)),
+        "pool": lambda: nn.Sequential(nn.Unflatten(1, (2, 8, 8)), nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Flatten(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10)),
+        "hard": lambda: nn.Sequential(nn.Linear(32, 64), nn.Hardtanh(), nn.Linear(64, 64), _Abs(), nn.Linear(64, 64),
+                                      nn.ReLU6(), nn.Linear(64, 10)),
+    }[key]().double().eval()
+    generator = torch.Generator().manual_seed(8)
+    x = 2 * torch.randn(24, features, generator=generator, dtype=torch.float64)
+    return model, x, 0.1 * torch.randn(24, features, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("key", ["bench_mlp", "leaky", "pool", "hard"])
+def test_a_walk_stops_short_of_pieces_that_cannot_matter(key, monkeypatch):
+    """Auto's walk stops an example once the stretches of its path it has not reached are
+    estimated within tolerance (each filled with the mean gradient of the reached pieces
+    beside it): examples reported converged are within tolerance of exact IG, and the
+    walk costs fewer evaluations than the pieces. (The walk is forced: whether it is
+    chosen depends on measured times.)"""
+    monkeypatch.setattr(igfast.adaptive, "predicted_walk_seconds", lambda *args: 0.0)
+    model, x, baseline = _walked_workload(key)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    ig = igfast.IntegratedGradients(model)
+    reference, exact_info = ig.attribute(x, baseline, target=target, method="exact", return_adaptive_info=True)
+    stopped_short = 0
+    for tolerance in (1e-2, 1e-3, 1e-4):
+        ours, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=tolerance, max_steps=4097,
+                                  return_adaptive_info=True)
+        assert info.exact_unavailable is None
+        errors = relative_errors(ours, reference)
+        assert bool(info.converged.all()), (tolerance, info.error_estimate)
+        assert float(errors.max()) <= tolerance, (tolerance, errors.max())
+        walked = info.exact
+        # A walked example's evaluations: the probe, the rule's round 0, and its walk.
+        short = info.evaluations[walked] < exact_info.pieces[walked]
+        stopped_short += int(short.sum())
+        assert bool((info.error_estimate[walked][short] > 0).all())  # its estimate is the fill's, not 0
+    assert stopped_short >= 10, stopped_short
+
+
+def test_a_walk_keeps_every_piece_when_the_gradients_it_would_keep_do_not_fit(monkeypatch):
+    """Beyond what _GapFill may keep of the reached gradients, the walk reaches every
+    piece: auto's walked examples are exact IG."""
+    monkeypatch.setattr(igfast.adaptive, "predicted_walk_seconds", lambda *args: 0.0)
+    monkeypatch.setattr(igfast.exact, "GAP_KEPT_BYTES", 1)
+    model, x, baseline = _walked_workload("bench_mlp")
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    ig = igfast.IntegratedGradients(model)
+    reference = ig.attribute(x, baseline, target=target, method="exact")
+    ours, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=1e-3, return_adaptive_info=True)
+    assert bool(info.exact.all())
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-14)

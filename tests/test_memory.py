@@ -289,7 +289,15 @@ def test_the_walks_record_of_many_examples_counts_in_the_budget(case):
     with AllocationPeak("cpu") as peak:
         ours = attribute(memory_budget=budget)
     assert peak.bytes <= budget, (peak.bytes, budget)
-    torch.testing.assert_close(ours, attribute(), rtol=1e-4, atol=1e-6)
+    unbounded = attribute()
+    if case == "auto":
+        # The walk of auto may stop an example short of its last pieces, keeping the
+        # gradients of those reached (exact._GapFill); a budget with less room keeps less
+        # and so reaches more: the results agree to the tolerance, not to rounding.
+        errors = (ours - unbounded).flatten(1).norm(dim=1) / unbounded.flatten(1).norm(dim=1)
+        assert float(errors.max()) <= 1e-4
+    else:
+        torch.testing.assert_close(ours, unbounded, rtol=1e-4, atol=1e-6)
 
 
 def test_chunks_grow_to_fill_the_budget():
