@@ -85,7 +85,7 @@ from .completeness import completeness_scale, relative_completeness
 from .dtypes import dtype_policy
 from .engine import PathIntegral
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
-from .exact import ExactRoute, SmoothNetworkError, hidden_kinks
+from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks
 from .quadrature import (
     DEFAULT_MAX_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
     validate_method_and_steps,
@@ -534,14 +534,27 @@ class _ExactSwitch:
             self.unavailable, self.unreadable = str(error), True
             return taken
         rounds.append(integral)
-        why = hidden_kinks(integral, tuple(e[chosen] for e in self.route.ends),
-                           tuple(s[chosen] if s.shape[0] != 1 else s for s in self.route.starts),
-                           self.value_change[chosen], self.scale[chosen],
-                           stop_within=None if self.route.curved else self.settings.tolerance)
-        if why is not None:  # (a ReLU hidden in a custom Function: its walk was far off) the rule goes on
-            self.unavailable, self.unreadable = why, True
+        if self._hidden_kinks(chosen, integral):
             return taken
+        # A walk stopped short whose completeness error is above its filled stretches'
+        # estimate (GAP_COMPLETENESS_ALLOWANCE times) proves the estimate wrong: that example
+        # is walked again to every piece (a random ReLU residual net whose last stretch hid
+        # a jump: 1.9x its tolerance).
+        rewalk = None
+        gap = integral.info.gap_error_estimate
+        if gap is not None:
+            complete = relative_completeness(integral.gradient_sums, tuple(d[chosen] for d in self.differences),
+                                             self.value_change[chosen], self.scale[chosen])
+            gap = gap.to(complete)
+            contradicted = chosen[(gap > 0) & (complete > GAP_COMPLETENESS_ALLOWANCE * gap)]
+            if contradicted.numel():
+                rewalk = self.route.integrate(contradicted, tolerance)
+                rounds.append(rewalk)
+                if self._hidden_kinks(contradicted, rewalk):
+                    return taken
         self._record(chosen, integral)
+        if rewalk is not None:
+            self._record(contradicted, rewalk)  # (its evaluations add to the first walk's)
         head = integral.info.head_error_estimate
         if tolerance is None and head is not None:
             coarse = chosen[head.to(self.estimate.device) > self.settings.tolerance]
@@ -551,6 +564,17 @@ class _ExactSwitch:
                 self._record(coarse, refined)  # (its evaluations add to the first pass's)
         taken[undone.nonzero()[:, 0][cheaper]] = True
         return taken
+
+    def _hidden_kinks(self, chosen: torch.Tensor, integral) -> bool:
+        """Whether the walk missed completeness where it reached every piece (a ReLU hidden
+        in a custom Function: the walk was far off): then the switch closes for the call
+        and the rule goes on."""
+        why = hidden_kinks(integral, tuple(e[chosen] for e in self.route.ends),
+                           tuple(s[chosen] if s.shape[0] != 1 else s for s in self.route.starts),
+                           self.value_change[chosen], self.scale[chosen])
+        if why is not None:
+            self.unavailable, self.unreadable = why, True
+        return why is not None
 
     def _record(self, chosen: torch.Tensor, integral) -> None:
         for result, exact_sums in zip(self.results, integral.gradient_sums):

@@ -887,3 +887,55 @@ def test_a_walk_keeps_every_piece_when_the_gradients_it_would_keep_do_not_fit(mo
     ours, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=1e-3, return_adaptive_info=True)
     assert bool(info.exact.all())
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-14)
+
+
+def _three_piece_path(orthogonal):
+    """A path with kinks at t = 0.86 (a small jump of the gradient) and 0.96 (a large one):
+    the walk reaches [0, 0.86] and [0.86, 0.96] first, and the last stretch hides the large
+    jump. ``orthogonal``: the large jump is orthogonal to x - x', so completeness cannot see
+    it. (Built by a review helper to break the walk's estimate.)"""
+    l1, l2, l3 = nn.Linear(2, 3), nn.Linear(3, 4), nn.Linear(4, 1)
+    bend = 1.0 if orthogonal else 0.0
+    with torch.no_grad():
+        l1.weight.copy_(torch.tensor([[.5, .5], [.5, .5], [1., -1.]]))
+        l1.bias.copy_(torch.tensor([1., -.86, 10.]))
+        l2.weight.copy_(torch.tensor([[1., 0, 0], [0, 1., 0], [0, 10., bend], [0, 10., -bend]]))
+        l2.bias.copy_(torch.tensor([0., 1., -1 - 10 * bend, -1 + 10 * bend]))
+        l3.weight.copy_(torch.tensor([[1., 0.01, 1., -1. if orthogonal else 0.0]]))
+        l3.bias.zero_()
+    model = nn.Sequential(l1, nn.ReLU(), l2, nn.ReLU(), l3).double().eval()
+    x = torch.ones(4, 2, dtype=torch.float64)
+    x[1:] = 0.5 if not orthogonal else 1.0
+    return model, x, torch.zeros_like(x)
+
+
+def test_a_walk_does_not_stop_on_the_jumps_of_a_few_pieces(monkeypatch):
+    """An example stops short only once MIN_REACHED_JUMPS jumps between its reached pieces
+    tell the size of a typical one: from the one small jump reached, the hidden large jump
+    was estimated at nothing and the answer was 15.8x the tolerance off."""
+    monkeypatch.setattr(igfast.adaptive, "predicted_walk_seconds", lambda *args: 0.0)
+    model, x, baseline = _three_piece_path(orthogonal=True)
+    ig = igfast.IntegratedGradients(model)
+    reference = ig.attribute(x, baseline, target=0, method="exact")
+    for tolerance in (1e-2, 1e-3):
+        ours, info = ig.attribute(x, baseline, target=0, n_steps="auto", tolerance=tolerance, max_steps=4097,
+                                  return_adaptive_info=True)
+        assert bool(info.exact.all()) and bool(info.converged.all())
+        assert float(relative_errors(ours, reference).max()) <= tolerance
+
+
+def test_a_stop_that_completeness_contradicts_is_walked_to_every_piece(monkeypatch):
+    """Where an example stopped short misses completeness by more than its estimate allows,
+    the estimate is wrong: that example is walked again to every piece. (It used to close
+    the walk for the whole call as if a custom Function hid a kink, and the other examples
+    went back to the rule.)"""
+    monkeypatch.setattr(igfast.adaptive, "predicted_walk_seconds", lambda *args: 0.0)
+    monkeypatch.setattr(igfast.exact, "MIN_REACHED_JUMPS", 1)  # let the three-piece path stop short
+    model, x, baseline = _three_piece_path(orthogonal=False)
+    ig = igfast.IntegratedGradients(model)
+    reference, exact_info = ig.attribute(x, baseline, target=0, method="exact", return_adaptive_info=True)
+    ours, info = ig.attribute(x, baseline, target=0, n_steps="auto", tolerance=1e-2, max_steps=4097,
+                              return_adaptive_info=True)
+    assert info.exact_unavailable is None and bool(info.exact[0]) and bool(info.converged.all())
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-12, atol=1e-14)
+    assert int(info.evaluations[0]) > int(exact_info.pieces[0]) + 2  # the stopped walk, then the whole walk
