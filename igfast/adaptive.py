@@ -565,10 +565,9 @@ class _ExactSwitch:
         # is walked again to every piece (a random ReLU residual net whose last stretch hid
         # a jump: 1.9x its tolerance).
         rewalk = None
+        complete = self._completeness(chosen, integral)
         gap = integral.info.gap_error_estimate
         if gap is not None:
-            complete = relative_completeness(integral.gradient_sums, tuple(d[chosen] for d in self.differences),
-                                             self.value_change[chosen], self.scale[chosen])
             gap = gap.to(complete)
             contradicted = chosen[(gap > 0) & (complete > GAP_COMPLETENESS_ALLOWANCE * gap)]
             if contradicted.numel():
@@ -576,7 +575,7 @@ class _ExactSwitch:
                 rounds.append(rewalk)
                 if self._hidden_kinks(contradicted, rewalk):
                     return taken
-        self._record(chosen, integral)
+        self._record(chosen, integral, complete)
         if rewalk is not None:
             self._record(contradicted, rewalk)  # (its evaluations add to the first walk's)
         head = integral.info.head_error_estimate
@@ -600,11 +599,15 @@ class _ExactSwitch:
             self.unavailable, self.unreadable = why, True
         return why is not None
 
-    def _record(self, chosen: torch.Tensor, integral) -> None:
+    def _completeness(self, chosen: torch.Tensor, integral) -> torch.Tensor:
+        return relative_completeness(integral.gradient_sums, tuple(d[chosen] for d in self.differences),
+                                     self.value_change[chosen], self.scale[chosen])
+
+    def _record(self, chosen: torch.Tensor, integral, complete: Optional[torch.Tensor] = None) -> None:
         for result, exact_sums in zip(self.results, integral.gradient_sums):
             result[chosen] = exact_sums.to(result.dtype)
-        complete = relative_completeness(integral.gradient_sums, tuple(d[chosen] for d in self.differences),
-                                         self.value_change[chosen], self.scale[chosen])
+        if complete is None:
+            complete = self._completeness(chosen, integral)
         # With Gauss nodes on the pieces (a smooth head, or a mixed network's pieces
         # integrated adaptively), their own error estimate joins the completeness error.
         estimate = complete

@@ -706,7 +706,7 @@ class _GapFill:
         # piece (those stopped before keep their fills and estimates).
         self.most_kept = GAP_KEPT_BYTES if room is None else min(GAP_KEPT_BYTES, room // 2)
         self.active = True
-        self.flat_directions = torch.cat([d.flatten(1) for d in directions], 1).double()
+        self.flat_directions = torch.cat([d.flatten(1) for d in directions], 1)
         self.owners: List[torch.Tensor] = []
         self.lows: List[torch.Tensor] = []
         self.gradients: List[torch.Tensor] = []
@@ -752,7 +752,7 @@ class _GapFill:
         # (In the gradients' dtype: an estimate needs no float64, and a float32 model's walk
         # would spend a sixth of its time converting.)
         step, size = torch.zeros(count, dtype=torch.float64, device=key.device), torch.zeros_like(key)
-        scales = directions.to(gradients.dtype)
+        scales = directions.to(gradients.dtype)  # (a copy only where the two dtypes differ)
         for part in _slices(count, directions.shape[1], self.slice_bytes):
             rows, scale = gradients[part], scales[owners[part]]
             size[part] = (rows * scale).norm(dim=1).double()
@@ -802,7 +802,7 @@ class _GapFill:
             fills.index_add_(0, owners[part], gradients[part] * weight[part].to(fills.dtype).view(-1, 1))
         fills = fills.double()
         reached = torch.cat([s.flatten(1) for s in sums], 1)
-        norm = ((reached + fills) * directions).norm(dim=1)
+        norm = ((reached + fills) * directions.double()).norm(dim=1)
         del reached
         total = torch.zeros_like(norm).index_add_(0, examples, error) * GAP_SAFETY
         waiting = torch.bincount(examples, minlength=batch_size) > 0
