@@ -90,7 +90,7 @@ from .engine import PathIntegral
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks
 from .quadrature import (
-    DEFAULT_MAX_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
+    DEFAULT_MAX_STEPS, FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
     validate_method_and_steps,
 )
 
@@ -140,10 +140,14 @@ def warn_if_not_converged(info: AdaptiveInfo) -> None:
     missed = ~info.converged
     if not bool(missed.any()):
         return
+    # (An estimate within tolerance unconverged: round 0's alone, on a network auto can walk.)
+    unjudged = bool((info.error_estimate[missed] <= info.tolerance).any())
     warnings.warn(
         f"n_steps='auto': {int(missed.sum())} of {missed.numel()} examples did not reach tolerance "
         f"{info.tolerance:g} within max_steps (error estimate up to {float(info.error_estimate.max()):.2e}); "
-        "raise max_steps or the tolerance, or pass return_adaptive_info=True to see which examples "
+        + ("on a piecewise-linear network the first round's estimate is not trusted, and a max_steps of at "
+           f"least {2 * FIRST_ROUND_STEPS - 1} lets auto check it; " if unjudged else "")
+        + "raise max_steps or the tolerance, or pass return_adaptive_info=True to see which examples "
         "(AdaptiveInfo.converged).", ToleranceNotReachedWarning, stacklevel=3)
 
 

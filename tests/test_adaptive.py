@@ -1068,3 +1068,20 @@ def test_a_walk_stopped_short_is_judged_by_completeness_as_the_rule_is(monkeypat
     assert worst_walked() <= 1.0
     monkeypatch.setattr(igfast.adaptive, "PIECEWISE_COMPLETENESS_FACTOR", 1.0)
     assert worst_walked() > 1.0
+
+
+def test_a_first_round_estimate_within_tolerance_on_a_walked_network_warns_why_it_is_not_trusted():
+    """On a network auto can walk no example converges at round 0
+    (PIECEWISE_FIRST_CONVERGING_ROUND): with a max_steps below the next level (17 nodes)
+    every example comes back unconverged although its estimate is within tolerance, and
+    the warning says why and what max_steps lets auto check it."""
+    model, x, baseline, target, _ = sweep_network(1091)
+    ig = igfast.IntegratedGradients(model)
+    with pytest.warns(igfast.ToleranceNotReachedWarning, match="first round's estimate is not trusted.*at least 17"):
+        ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=0.5, max_steps=16)
+    _, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=0.5, max_steps=16,
+                           return_adaptive_info=True)
+    assert not bool(info.converged.any()) and bool((info.error_estimate <= 0.5).any())
+    _, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=0.5, max_steps=17,
+                           return_adaptive_info=True)
+    assert bool(info.converged.all())
