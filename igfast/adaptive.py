@@ -90,8 +90,8 @@ from .engine import PathIntegral
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks
 from .quadrature import (
-    DEFAULT_MAX_STEPS, FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels, validate_max_steps,
-    validate_method_and_steps,
+    DEFAULT_MAX_STEPS, FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels,
+    validate_max_steps, validate_method_and_steps,
 )
 
 DEFAULT_TOLERANCE = 1e-3
@@ -310,9 +310,7 @@ def integrate_adaptively(
         # it is stricter at coarse levels where the integrand may jump (see above).
         predicted = torch.maximum(change, relative_completeness)
         piecewise_linear = switch is not None and switch.piecewise_linear
-        judged_completeness = relative_completeness
-        if piecewise_linear:
-            judged_completeness = relative_completeness * PIECEWISE_COMPLETENESS_FACTOR
+        judged_completeness = relative_completeness * (PIECEWISE_COMPLETENESS_FACTOR if piecewise_linear else 1.0)
         if strict and levels.steps[level] < (PIECEWISE_ASYMPTOTIC_STEPS if piecewise_linear else ASYMPTOTIC_STEPS):
             change = change * PRE_ASYMPTOTIC_FACTOR
         estimate[active] = torch.maximum(change, judged_completeness)
