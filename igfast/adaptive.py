@@ -64,14 +64,15 @@ A mixed network (smooth ops before kinks: tanh then ReLU, a transformer's ReLU
 feed-forward block) cannot take the exact walk, but its pieces can be followed as
 method="gausslegendre_pieces" does: the probe counts their kinks as if the units were
 straight, and an example switches as above, judged from ASYMPTOTIC_STEPS nodes on and
-with the rule's order read from its last doubling (1 to 2). Its pieces are integrated
-by adaptive Gauss quadrature (a Gauss pair per piece, the pieces that carry the error
-bisected until the estimate is within tolerance: exact._refine_pieces). Its integrand
-jumps at the kinks, so nested levels can agree by chance: the plain change let
-tanh-then-ReLU MLPs report examples converged at 2.0x their tolerance, the strict
-estimate at most 1.09x. Its floor does not compound: the smooth stretches resolve
-faster than 1/n first (a ReLU-FFN encoder layer's changes fall from 2.9 to 0.68 at 5
-to 17 nodes), and a compounding floor held that for many levels (4098 evaluations at
+with the rule's order read from its last doubling (1 to 2); a path of a few pieces
+(FEW_PIECES) switches at once. Its pieces are integrated by adaptive Gauss quadrature
+(a Gauss pair per piece, the pieces that carry the error bisected until the estimate is
+within tolerance: exact._refine_pieces). Its integrand jumps at the kinks, so nested
+levels can agree by chance: calibrated on random mixed nets as the walked networks'
+estimate was, its change and its completeness error count twice at every level
+(MIXED_ASYMPTOTIC_STEPS). Its floor does not compound: the smooth stretches resolve
+faster than 1/n first (a ReLU-FFN encoder layer's changes fall from 2.9 to 0.68 at 9
+to 33 nodes), and a compounding floor held that for many levels (4097 evaluations at
 1e-2, where 514 meet it).
 """
 
@@ -310,10 +311,16 @@ def integrate_adaptively(
         # it is stricter at coarse levels where the integrand may jump (see above).
         predicted = torch.maximum(change, relative_completeness)
         piecewise_linear = switch is not None and switch.piecewise_linear
-        judged_completeness = relative_completeness * (PIECEWISE_COMPLETENESS_FACTOR if piecewise_linear else 1.0)
-        if strict and levels.steps[level] < (PIECEWISE_ASYMPTOTIC_STEPS if piecewise_linear else ASYMPTOTIC_STEPS):
+        mixed = switch is not None and switch.mixed
+        judged_completeness = relative_completeness * (
+            PIECEWISE_COMPLETENESS_FACTOR if piecewise_linear else MIXED_COMPLETENESS_FACTOR if mixed else 1.0)
+        asymptotic_steps = (PIECEWISE_ASYMPTOTIC_STEPS if piecewise_linear else MIXED_ASYMPTOTIC_STEPS if mixed
+                            else ASYMPTOTIC_STEPS)
+        if strict and levels.steps[level] < asymptotic_steps:
             change = change * PRE_ASYMPTOTIC_FACTOR
         estimate[active] = torch.maximum(change, judged_completeness)
+        if mixed:  # its factors hold at every level: the rule stops only once its estimate does
+            predicted = estimate[active]
         completeness[active] = relative_completeness
         done = estimate[active] <= settings.tolerance
         if piecewise_linear and round_index < PIECEWISE_FIRST_CONVERGING_ROUND:
@@ -322,7 +329,7 @@ def integrate_adaptively(
         walked = torch.zeros_like(done)
         # A path of a few pieces is walked even where the rule says it is done: nested levels
         # can miss the same jump of a path with 2 or 3 kinks (see FEW_PIECES).
-        few = done & switch.few_pieces(active) if switch is not None else torch.zeros_like(done)
+        few = switch.few_pieces(active, done) if switch is not None else torch.zeros_like(done)
         if switch is not None and not last and not bool((done & ~few).all()):
             switch.route.held_beside = sum(t.numel() * t.element_size() for t in (*sums, *results, *differences))
             walked = switch.take(active, ~done | few, predicted, level, rounds, always=few)
@@ -379,13 +386,39 @@ PRE_ASYMPTOTIC_FACTOR = 2.0
 PIECEWISE_FIRST_CONVERGING_ROUND = 1
 PIECEWISE_ASYMPTOTIC_STEPS = 129
 PIECEWISE_COMPLETENESS_FACTOR = 2.0
+# A mixed network (kinks after smooth ops: tanh then ReLU) was calibrated the same way,
+# against gausslegendre_pieces with 8 Gauss nodes per piece, on 300 of the sweep's nets
+# with tanh first (tests/test_adaptive.py: mixed_sweep_network; 4800 paths). With the
+# strict estimate of a network the probe cannot read (the factor below ASYMPTOTIC_STEPS,
+# completeness once), the rule alone reported 23, 29 and 13 examples converged above
+# tolerance 1e-2, 1e-3 and 1e-4 (up to 3.4x, 4.7x, 1.8x), at every level from 33 nodes
+# to 4097: the error of a rule on a jumping integrand falls as 1/n, and at a doubling the
+# change is then about the finer level's error itself, not an overestimate. Now
+# - its change counts PRE_ASYMPTOTIC_FACTOR times at every level (below
+#   MIXED_ASYMPTOTIC_STEPS nodes); to 129 nodes only, 5, 7 and 7 stayed above (1.27x,
+#   1.67x, 1.77x); to 129 and 1.5 times beyond, 0, 3 and 0 (1.26x);
+# - its completeness error counts MIXED_COMPLETENESS_FACTOR times; once, 3, 2 and 0
+#   (1.09x, 1.26x);
+# - a path of at most FEW_PIECES pieces is walked at once: with both factors one path of
+#   6 pieces was still 1.26x off at 1e-3 (513 nodes);
+# which leaves none (at most 0.83x, 0.63x at 1e-2 and 1e-4), nor on 300 nets held out
+# until then (seeds 6000-6299: 23, 30 and 9 before, up to 2.3x; at most 0.64x, 0.96x and
+# 0.57x now, the rule alone). It costs the rule evaluations: at 1e-2, 587 on average
+# where it ran alone, against 333 (held out: 706 against 445); on bench_exact's
+# tanh-then-ReLU MLP 202 against 94, where GL needs 66. At 1e-3 the switch, which weighs
+# the rule's judged estimate on such a network, walks that MLP's pieces after 33 nodes
+# instead: 471.9 against 962 (GL 480). A compounding floor as well left none either, but
+# held bench_exact's encoder layer at 4097 evaluations at 1e-2 (the module docstring).
+MIXED_ASYMPTOTIC_STEPS = math.inf
+MIXED_COMPLETENESS_FACTOR = 2.0
 # A path of at most this many pieces (as its probe predicts) is walked even where the
 # rule says it is done, which costs no more rows than the rule's round 1 (17 nodes; on
 # such a network no example converges before it, PIECEWISE_FIRST_CONVERGING_ROUND): a
 # 6-layer ReLU MLP on 2 features with a baseline near the input had a path of 3 pieces,
 # and its levels of 9 and 17 nodes agreed on an answer 5.9x its tolerance (1e-2) off;
 # on a path of 10 pieces the rule's error went from 1.3e-2 at 65 nodes to 1.7e-2 at
-# 129, where the estimate said 7.8e-3 (one of the 400 more nets above).
+# 129, where the estimate said 7.8e-3 (one of the 400 more nets above). On a mixed
+# network such a path is walked at once, whatever its rule says (_ExactSwitch.few_pieces).
 FEW_PIECES = 16
 
 
@@ -505,7 +538,8 @@ class _ExactSwitch:
         does (piecewise_linear), or found kinks after smooth ops (a mixed network,
         ExactRoute.curved). Either way the integrand jumps at the kinks, so nested levels
         can agree by chance: on tanh-then-ReLU MLPs the plain change let converged examples
-        reach 2.0x their tolerance (3e-3); the strict estimate, 1.09x."""
+        reach 2.0x their tolerance (3e-3); the strict estimate, calibrated for each kind
+        (PIECEWISE_ASYMPTOTIC_STEPS, MIXED_ASYMPTOTIC_STEPS), none."""
         return self.unavailable is None and self.exact_cost is not None and bool((self.exact_cost >= 0).any())
 
     @property
@@ -515,19 +549,32 @@ class _ExactSwitch:
         return self.piecewise_linear or self.jumps
 
     @property
+    def mixed(self) -> bool:
+        """Whether a probe found kinks after smooth ops (ExactRoute.curved): the integrand
+        is smooth between jumps, and its rule converges as 1/n once the smooth stretches
+        are resolved."""
+        return self.route.curved and self.found_kinks
+
+    @property
     def piecewise_linear(self) -> bool:
         """Whether a probe has walked the network as method="exact" does (so its integrand
         is piecewise constant, or smooth with jumps, and every rule converges as 1/n)."""
         return not self.route.curved and self.found_kinks
 
-    def few_pieces(self, active: torch.Tensor) -> torch.Tensor:
-        """Per active example: whether a probe predicted a walk of at most FEW_PIECES rows
-        on a piecewise-linear network, over a path with a kink (on one piece every rule is
-        exact)."""
-        if self.unavailable is not None or self.exact_cost is None or not self.piecewise_linear:
+    def few_pieces(self, active: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Per active example: whether its path is to be walked because a probe predicted
+        at most FEW_PIECES pieces with a kink (on one piece every rule is exact). On a
+        piecewise-linear network, a walk of at most that many rows, once the rule says the
+        example is ``done`` (a walk of a few rows, where it is not, is cheaper than the
+        rule anyway); on a mixed network at once, at any level: its walk costs a few rows
+        per piece (CURVED_WALK_ROWS_PER_PIECE and a Gauss pair), and once its rule said
+        done at 129 nodes, a walk of 6 pieces added 50 evaluations to its 130."""
+        if self.unavailable is not None or self.exact_cost is None or not (self.piecewise_linear or self.mixed):
             return torch.zeros_like(active, dtype=torch.bool)
-        cost = self.exact_cost[active]
-        return (cost >= 0) & (cost <= FEW_PIECES) & (self.pieces[active] >= 2)
+        probed = self.exact_cost[active] >= 0
+        if self.piecewise_linear:
+            return done & probed & (self.exact_cost[active] <= FEW_PIECES) & (self.pieces[active] >= 2)
+        return probed & (self.pieces[active] >= 2) & (self.pieces[active] <= FEW_PIECES)
 
     def take(self, active: torch.Tensor, undone: torch.Tensor, predicted: torch.Tensor, level: int,
              rounds: list, always: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -540,14 +587,18 @@ class _ExactSwitch:
         if self.unavailable is not None:
             return taken
         order = torch.ones_like(predicted)
+        forced = always[undone] if always is not None else torch.zeros_like(undone[undone])
+        early = False  # a mixed network's rule is judged from ASYMPTOTIC_STEPS nodes on
         if self.route.curved:
             # A mixed network's rule converges faster than 1/n once its smooth stretches
             # are resolved (bench_exact's encoder layer: error 2.9 at 9 nodes, 0.69 at
             # 33, within 1e-3 at 2049): its order is read from the last doubling,
-            # between 1 and 2, and only from ASYMPTOTIC_STEPS nodes on.
+            # between 1 and 2, and only from ASYMPTOTIC_STEPS nodes on; before, only the
+            # paths of a few pieces switch.
             previous = self.previous_predicted[active]
             self.previous_predicted[active] = predicted
-            if self.levels.steps[level] < ASYMPTOTIC_STEPS:
+            early = self.levels.steps[level] < ASYMPTOTIC_STEPS
+            if early and not bool(forced.any()):
                 return taken
             ratio = predicted / previous.clamp_min(torch.finfo(torch.float64).tiny)
             order = torch.where(previous > 0, torch.log2(1 / ratio.clamp_min(1e-300)), order).clamp(1.0, 2.0)
@@ -560,9 +611,7 @@ class _ExactSwitch:
         to_go = torch.where(reachable, steps[finer] - steps[level], torch.full_like(needed, math.inf))
         exact_cost = self.exact_cost[candidates].double()
         left = self.settings.max_steps - self.evaluations[candidates]
-        cheaper = (exact_cost < to_go) & (exact_cost <= left)
-        forced = always[undone] if always is not None else torch.zeros_like(cheaper)
-        cheaper |= forced
+        cheaper = forced.clone() if early else (exact_cost < to_go) & (exact_cost <= left) | forced
         if not bool(cheaper.any()):
             return taken
         chosen = candidates[cheaper]
