@@ -405,10 +405,13 @@ PIECEWISE_COMPLETENESS_FACTOR = 2.0
 # until then (seeds 6000-6299: 23, 30 and 9 before, up to 2.3x; at most 0.64x, 0.96x and
 # 0.57x now, the rule alone). It costs the rule evaluations: at 1e-2, 587 on average
 # where it ran alone, against 333 (held out: 706 against 445); on bench_exact's
-# tanh-then-ReLU MLP 202 against 94, where GL needs 66. At 1e-3 the switch, which weighs
-# the rule's judged estimate on such a network, walks that MLP's pieces after 33 nodes
-# instead: 471.9 against 962 (GL 480). A compounding floor as well left none either, but
-# held bench_exact's encoder layer at 4097 evaluations at 1e-2 (the module docstring).
+# tanh-then-ReLU MLP 202 against 94, where GL needs 66; at 1e-3 1954 against 962 (GL 480),
+# where walking its pieces after 33 nodes costs 471.9 evaluations and 0.28 s against the
+# rule's 0.48 s (float64, one thread), but the switch predicts the curved walk at 0.41 s,
+# above the rule's remaining rows, and keeps the rule (its time model overstates a walk
+# row of this small model). The switch weighs the rule's judged estimate on such a network, the
+# one it stops on. A compounding floor as well left none either, but held bench_exact's
+# encoder layer at 4097 evaluations at 1e-2 (the module docstring).
 MIXED_ASYMPTOTIC_STEPS = math.inf
 MIXED_COMPLETENESS_FACTOR = 2.0
 # A path of at most this many pieces (as its probe predicts) is walked even where the
