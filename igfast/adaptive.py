@@ -405,13 +405,12 @@ PIECEWISE_COMPLETENESS_FACTOR = 2.0
 # until then (seeds 6000-6299: 23, 30 and 9 before, up to 2.3x; at most 0.64x, 0.96x and
 # 0.57x now, the rule alone). It costs the rule evaluations: at 1e-2, 587 on average
 # where it ran alone, against 333 (held out: 706 against 445); on bench_exact's
-# tanh-then-ReLU MLP 202 against 94, where GL needs 66; at 1e-3 1954 against 962 (GL 480),
-# where walking its pieces after 33 nodes costs 471.9 evaluations and 0.28 s against the
-# rule's 0.48 s (float64, one thread), but the switch predicts the curved walk at 0.41 s,
-# above the rule's remaining rows, and keeps the rule (its time model overstates a walk
-# row of this small model). The switch weighs the rule's judged estimate on such a network, the
-# one it stops on. A compounding floor as well left none either, but held bench_exact's
-# encoder layer at 4097 evaluations at 1e-2 (the module docstring).
+# tanh-then-ReLU MLP 202 against 94, where GL needs 66. At 1e-3 the switch, which weighs
+# the rule's judged estimate on such a network (the one it stops on), walks that MLP's
+# pieces after 33 nodes: 471.9 evaluations (GL 480), where the rule would take 1954 and
+# about twice the time (see predicted_walk_seconds). A compounding floor as well left
+# none either, but held bench_exact's encoder layer at 4097 evaluations at 1e-2 (the
+# module docstring).
 MIXED_ASYMPTOTIC_STEPS = math.inf
 MIXED_COMPLETENESS_FACTOR = 2.0
 # A path of at most this many pieces (as its probe predicts) is walked even where the
@@ -720,11 +719,17 @@ def predicted_walk_seconds(rounds: float, walk_rows: float, plain_rows: float, r
     """The predicted time of walking some examples' pieces (ExactRoute.integrate).
 
     The walk's rows run with tangents through BreakpointMode: each costs a probe's row
-    (its time per example) on top of a rule's (igfast bench's CNN at dd8df99: 1.7 ms
-    against 0.5 ms). The Gauss nodes of a smooth head or of a mixed network's pieces
-    are plain rule rows. The walk's rounds wait on each other: each costs a probe's
-    latency, which a few examples of a small model do not fill."""
-    return rounds * round_seconds + walk_rows * (row_seconds + probe_row_seconds) + plain_rows * row_seconds
+    on top of a rule's (igfast bench's CNN at dd8df99: 1.7 ms against 0.5 ms). The
+    Gauss nodes of a smooth head or of a mixed network's pieces are plain rule rows.
+    The walk's rounds wait on each other. One probe's time is latency (which a few
+    examples of a small model do not fill) plus its rows' cost, in a split one probe
+    cannot tell; whatever the split, the walk's tangents take no longer than the dearer
+    reading: every round a whole probe's time, or every walk row a probe's time per
+    example (``probe_row_seconds``). Charging both, as before, predicted bench_exact's
+    tanh-then-ReLU MLP's walk at 0.41 s where it took about 0.25 s, and kept a rule that
+    took 0.48 s."""
+    tangents = max(rounds * round_seconds, walk_rows * probe_row_seconds)
+    return tangents + (walk_rows + plain_rows) * row_seconds
 
 
 def _seconds(device: torch.device) -> float:

@@ -706,9 +706,11 @@ def test_the_switch_charges_the_walks_tangents_to_its_walk_rows_only():
     assert torch.equal(head.evaluations, pieces * (1 + GAUSS_NODES_PER_PIECE))
     assert torch.equal(curved.walk_rows, pieces * CURVED_WALK_ROWS_PER_PIECE)
     assert bool((curved.walk_rows < curved.evaluations).all())
-    # 6 rounds of 20 ms; 100 walk rows at a rule row (1 ms) plus a probe row (5 ms); 300
-    # Gauss rows at 1 ms.
-    assert predicted_walk_seconds(6, 100, 300, 1e-3, 5e-3, 2e-2) == pytest.approx(0.12 + 0.6 + 0.3)
+    # A probe of 20 ms over 4 examples (5 ms each); 100 walk rows and 300 Gauss rows at a
+    # rule row (1 ms) each, and the walk's tangents at the dearer reading of the probe:
+    # 100 probe rows (0.5 s) over 6 rounds (0.12 s), but 60 rounds (1.2 s) over 100 rows.
+    assert predicted_walk_seconds(6, 100, 300, 1e-3, 5e-3, 2e-2) == pytest.approx(0.5 + 0.4)
+    assert predicted_walk_seconds(60, 100, 300, 1e-3, 5e-3, 2e-2) == pytest.approx(1.2 + 0.4)
 
 
 def test_examples_left_unconverged_warn_unless_the_info_is_asked_for():
