@@ -312,10 +312,13 @@ def integrate_adaptively(
         predicted = torch.maximum(change, relative_completeness)
         piecewise_linear = switch is not None and switch.piecewise_linear
         mixed = switch is not None and switch.mixed
-        judged_completeness = relative_completeness * (
-            PIECEWISE_COMPLETENESS_FACTOR if piecewise_linear else MIXED_COMPLETENESS_FACTOR if mixed else 1.0)
-        asymptotic_steps = (PIECEWISE_ASYMPTOTIC_STEPS if piecewise_linear else MIXED_ASYMPTOTIC_STEPS if mixed
-                            else ASYMPTOTIC_STEPS)
+        if piecewise_linear:
+            completeness_factor, asymptotic_steps = PIECEWISE_COMPLETENESS_FACTOR, PIECEWISE_ASYMPTOTIC_STEPS
+        elif mixed:
+            completeness_factor, asymptotic_steps = MIXED_COMPLETENESS_FACTOR, MIXED_ASYMPTOTIC_STEPS
+        else:
+            completeness_factor, asymptotic_steps = 1.0, ASYMPTOTIC_STEPS
+        judged_completeness = relative_completeness * completeness_factor
         if strict and levels.steps[level] < asymptotic_steps:
             change = change * PRE_ASYMPTOTIC_FACTOR
         estimate[active] = torch.maximum(change, judged_completeness)
@@ -579,7 +582,7 @@ class _ExactSwitch:
         return probed & (self.pieces[active] >= 2) & (self.pieces[active] <= FEW_PIECES)
 
     def take(self, active: torch.Tensor, undone: torch.Tensor, predicted: torch.Tensor, level: int,
-             rounds: list, always: Optional[torch.Tensor] = None) -> torch.Tensor:
+             rounds: list, always: torch.Tensor) -> torch.Tensor:
         """Integrate exactly the undone active examples for which it is cheaper, and those
         ``always`` marks (paths of a few pieces); returns the mask (over ``active``) of
         those it took."""
@@ -589,7 +592,7 @@ class _ExactSwitch:
         if self.unavailable is not None:
             return taken
         order = torch.ones_like(predicted)
-        forced = always[undone] if always is not None else torch.zeros_like(undone[undone])
+        forced = always[undone]
         early = False  # a mixed network's rule is judged from ASYMPTOTIC_STEPS nodes on
         if self.route.curved:
             # A mixed network's rule converges faster than 1/n once its smooth stretches

@@ -491,9 +491,8 @@ def test_a_mixed_path_of_a_few_pieces_is_walked_at_once(monkeypatch):
     ours, info = ig.attribute(x, baseline, target=1, n_steps="auto", tolerance=1e-2, return_adaptive_info=True)
     assert bool(info.exact.all()) and bool(info.converged.all())
     assert float(relative_errors(ours, reference).max()) <= 1e-2
-    with monkeypatch.context() as patch:  # the rule alone
-        patch.setattr(igfast.adaptive._ExactSwitch, "take", lambda self, active, undone, *args, **kwargs:
-                      torch.zeros_like(undone))
+    with monkeypatch.context() as patch:
+        keep_the_switch_out(patch)
         _, by_rule = ig.attribute(x, baseline, target=1, n_steps="auto", tolerance=1e-2, return_adaptive_info=True)
     assert not by_rule.exact.any()
     assert bool((info.evaluations < by_rule.evaluations).all()), (info.evaluations, by_rule.evaluations)
@@ -1151,6 +1150,13 @@ def mixed_sweep_network(seed):
     return model, x, baseline, logits.argmax(1) if seed % 2 else logits.argmin(1), description
 
 
+def keep_the_switch_out(patch):
+    """The rule alone: auto's switch takes no example (the probe still runs, so the rule is
+    judged as on the network the probe found)."""
+    patch.setattr(igfast.adaptive._ExactSwitch, "take", lambda self, active, undone, *args, **kwargs:
+                  torch.zeros_like(undone))
+
+
 def converged_pieces_reference(explainer, x, baseline, target, monkeypatch):
     """gausslegendre_pieces with 8 Gauss nodes per piece and pieces cut to 1/2048 of the
     path: the mixed sweep's reference."""
@@ -1172,14 +1178,13 @@ MIXED_ESTIMATE_CASES = [(5072, 1e-2), (5189, 1e-2), (5008, 1e-2), (5027, 1e-2), 
 def test_the_rule_on_a_mixed_network_reports_converged_only_within_tolerance(monkeypatch, seed, tolerance):
     """On a mixed network (tanh, then kinks) the change counts twice at every level and so
     does the completeness error (adaptive.MIXED_ASYMPTOTIC_STEPS). The switch to the
-    pieces is kept out so that the rule's own estimate is judged; with the factor below 33 nodes only and completeness counted once, as on a
-    network the probe cannot read, the same call reports an example converged above
-    tolerance."""
+    pieces is kept out so that the rule's own estimate is judged; with the factor below 33
+    nodes only and completeness counted once, as on a network the probe cannot read, the
+    same call reports an example converged above tolerance."""
     model, x, baseline, target, _ = mixed_sweep_network(seed)
     ig = igfast.IntegratedGradients(model)
     reference = converged_pieces_reference(ig, x, baseline, target, monkeypatch)
-    monkeypatch.setattr(igfast.adaptive._ExactSwitch, "take", lambda self, active, undone, *args, **kwargs:
-                        torch.zeros_like(undone))
+    keep_the_switch_out(monkeypatch)
 
     def worst_converged():
         ours, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=tolerance,
