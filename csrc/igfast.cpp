@@ -21,7 +21,7 @@ extern "C" PyObject* PyInit__C(void) {
 namespace igfast {
 
 // Bumped whenever an op schema changes, so Python can refuse a stale build.
-int64_t abi_version() { return 4; }
+int64_t abi_version() { return 5; }
 
 namespace {
 
@@ -102,6 +102,25 @@ void check_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& 
   check_same_device(baselines, "baselines", inputs, "inputs");
 }
 
+void check_scalar_kinks(const at::Tensor& primal, const at::Tensor& tangent, int64_t rows,
+                        const std::optional<at::Tensor>& low, const std::optional<at::Tensor>& high) {
+  check_float(primal, "primal");
+  TORCH_CHECK(tangent.scalar_type() == primal.scalar_type() && tangent.sizes() == primal.sizes(),
+              "igfast: `tangent` must have the dtype and shape of `primal` (", primal.scalar_type(), ", ",
+              primal.sizes(), "); got ", tangent.scalar_type(), ", ", tangent.sizes());
+  check_same_device(tangent, "tangent", primal, "primal");
+  TORCH_CHECK(rows >= 1 && primal.dim() >= 1 && primal.size(0) % rows == 0, "igfast: `rows` (", rows,
+              ") must be positive and divide the first dimension of `primal` (shape ", primal.sizes(), ")");
+  TORCH_CHECK(low.has_value() == high.has_value(), "igfast: give both ends of the window (`low` and `high`) or neither");
+  if (!low.has_value()) return;
+  for (const auto* end : {&*low, &*high}) {
+    TORCH_CHECK(end->scalar_type() == at::kDouble && end->dim() == 1 && end->size(0) == rows,
+                "igfast: the window's ends (`low`, `high`) must be float64 of shape (", rows, "); got ",
+                end->scalar_type(), " of shape ", end->sizes());
+    check_same_device(*end, "low / high", primal, "primal");
+  }
+}
+
 }  // namespace
 
 at::ScalarType compute_dtype(at::ScalarType input_dtype) {
@@ -164,6 +183,22 @@ ScalingPlan plan_scale_by_difference(const at::Tensor& accumulator, const at::Te
   return plan;
 }
 
+ScalarKinksPlan plan_scalar_kinks(const at::Tensor& primal, const at::Tensor& tangent, int64_t rows,
+                                  const std::optional<at::Tensor>& low, const std::optional<at::Tensor>& high) {
+  check_scalar_kinks(primal, tangent, rows, low, high);
+  ScalarKinksPlan plan;
+  plan.primal = primal.contiguous();  // (rows, units) in the tensor's logical order, as reshape reads it
+  plan.tangent = tangent.contiguous();
+  plan.rows = rows;
+  plan.units = primal.numel() / rows;
+  plan.with_window = low.has_value();
+  if (plan.with_window) {
+    plan.low = low->contiguous();
+    plan.high = high->contiguous();
+  }
+  return plan;
+}
+
 TORCH_LIBRARY(igfast, m) {
   m.def("abi_version() -> int", &abi_version);
   // The path points of steps [step_begin, step_end): (k * B, ...) step-major.
@@ -175,6 +210,11 @@ TORCH_LIBRARY(igfast, m) {
   m.def("accumulate_steps(Tensor(a!) accumulator, Tensor grads, Tensor weights) -> ()");
   // accumulator * (inputs - baselines): the attributions when multiplying by inputs.
   m.def("scale_by_difference(Tensor accumulator, Tensor inputs, Tensor baselines) -> Tensor");
+  // The walk of method="exact" at one op whose units each have one kink at `kink`
+  // (igfast/reference.py: scalar_kinks): (factor, tangent * factor, found kinks' rows,
+  // their steps, nearest ahead, nearest behind, near); the last five empty without a window.
+  m.def("scalar_kinks(Tensor primal, Tensor tangent, float kink, float margin, int rows, Tensor? low, "
+        "Tensor? high, float below, float at, float above) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace igfast

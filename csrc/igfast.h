@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace igfast {
 
 int64_t abi_version();
@@ -56,6 +58,20 @@ struct ScalingPlan {
 };
 ScalingPlan plan_scale_by_difference(const at::Tensor& accumulator, const at::Tensor& inputs,
                                      const at::Tensor& baselines);
+
+// The arguments of scalar_kinks after the checks: primal and tangent contiguous,
+// (rows, units) of them; the window (low, high) float64 contiguous, when given.
+struct ScalarKinksPlan {
+  at::Tensor primal;
+  at::Tensor tangent;
+  at::Tensor low;
+  at::Tensor high;
+  int64_t rows;
+  int64_t units;
+  bool with_window;
+};
+ScalarKinksPlan plan_scalar_kinks(const at::Tensor& primal, const at::Tensor& tangent, int64_t rows,
+                                  const std::optional<at::Tensor>& low, const std::optional<at::Tensor>& high);
 
 // Number of feature elements per example (product of all but the first dimension).
 inline int64_t features_per_example(const at::Tensor& t) {

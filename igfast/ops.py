@@ -6,6 +6,10 @@ trace it, and the two pure functions have autograd formulas. ``accumulate_steps`
 and ``interpolate_path_into`` write in place and are not differentiable (the first
 ends the pipeline, the second fills a buffer that becomes a leaf of the graph).
 
+``scalar_kinks`` serves the walk of method="exact" (piecewise.BreakpointMode) at
+ReLU-like ops; it has a CPU kernel only, and its data-dependent output (the kinks
+found) a fake with a dynamic size.
+
 ``kernels_available(device)`` and ``why_not_kernels(device)`` say which path runs;
 ``kernels_disabled()`` forces the reference path (tests, benchmarks).
 """
@@ -102,6 +106,31 @@ def scale_by_difference(accumulator, inputs, baselines) -> torch.Tensor:
     return reference.scale_by_difference(accumulator, inputs, baselines)
 
 
+@lru_cache(maxsize=None)
+def _registered_op(op: str, device_type: str) -> bool:
+    key = _DISPATCH_KEYS.get(device_type)
+    return (_ext.extension_loaded() and key is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"igfast::{op}", key))
+
+
+def scalar_kinks(primal, tangent, kink: float, margin: float, rows: int, window=None,
+                 factors=(-1.0, 0.0, 1.0)):
+    """The walk of method="exact" at an op whose units each have one kink at ``kink``
+    (reference.scalar_kinks): each unit's factor (``factors`` = (below, at, above) its
+    kink just after the point; by default the side's sign) in primal's dtype, the
+    tangent times it, and with ``window`` = (low, high) the tuple (kink rows, kink
+    steps, nearest ahead, nearest behind, near) of reference.window_kinks, else None.
+    The kernel is CPU only: elsewhere the reference runs (the walk's own code before it)."""
+    low, high = window if window is not None else (None, None)
+    if _enabled and _registered_op("scalar_kinks", primal.device.type):
+        factor, scaled_tangent, *found = torch.ops.igfast.scalar_kinks(primal, tangent, kink, margin, rows, low, high,
+                                                                       *factors)
+    else:
+        factor, scaled_tangent, *found = reference.scalar_kinks(primal, tangent, kink, margin, rows, low, high,
+                                                                *factors)
+    return factor, scaled_tangent, (tuple(found) if window is not None else None)
+
+
 def _sum_to_baseline(grad: torch.Tensor, baselines: torch.Tensor) -> torch.Tensor:
     """Reduce a (B, ...) gradient to the baseline's (B or 1, ...) shape and dtype."""
     if baselines.shape[0] == 1 and grad.shape[0] != 1:
@@ -126,6 +155,14 @@ def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("igfast::scale_by_difference")
     def _(accumulator, inputs, baselines):
         return torch.empty_like(accumulator)
+
+    @torch.library.register_fake("igfast::scalar_kinks")
+    def _(primal, tangent, kink, margin, rows, low, high, below, at, above):
+        per_row = rows if low is not None else 0
+        found = torch.library.get_ctx().new_dynamic_size() if low is not None else 0
+        return (torch.empty_like(primal), torch.empty_like(primal), primal.new_empty(found, dtype=torch.long),
+                primal.new_empty(found, dtype=torch.float64), primal.new_empty(per_row, dtype=torch.float64),
+                primal.new_empty(per_row, dtype=torch.float64), primal.new_empty(per_row, dtype=torch.bool))
 
     # d path / d x = alpha_k and d path / d x' = 1 - alpha_k: both gradients are
     # weighted sums over steps, which is exactly what accumulate_steps computes.

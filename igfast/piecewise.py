@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from . import ops
 from .errors import NotPiecewiseLinearError
+from .reference import window_kinks
 
 # Units this close to a kink (in path length, t in [0, 1]) count as on it: they take
 # the side the path moves into, and no piece shorter than this is started for them.
@@ -301,25 +303,43 @@ class BreakpointMode(TorchFunctionMode):
         if self.window is None:
             return
         low, high = self.window
-        margin = self.margin
-        steps = signed.detach().reshape(self.rows, -1)
-        clear = steps.abs() > margin  # not on a kink at the point
-        inside = clear & (steps > (low + margin).view(-1, 1)) & (steps < (high - margin).view(-1, 1))
-        found = inside.nonzero()
-        rows, found_steps = found[:, 0], steps[found[:, 0], found[:, 1]]
+        self._narrow_window(*window_kinks(signed.detach().reshape(self.rows, -1), self.margin, low, high))
+
+    def _narrow_window(self, rows: torch.Tensor, found_steps: torch.Tensor, ahead: torch.Tensor,
+                       behind: torch.Tensor, near: torch.Tensor) -> None:
+        """Record an op's kinks inside the window (reference.window_kinks: their rows and
+        steps, per row the nearest ahead and behind and whether a unit is on its kink at
+        the point) and shrink the window to the nearest on each side."""
         self.kink_rows.append(rows)
         self.kink_steps.append(found_steps)
-        # The nearest found kink on each side, from the (few) found ones.
-        ahead = torch.full_like(low, math.inf).scatter_reduce(
-            0, rows, torch.where(found_steps > 0, found_steps, math.inf), "amin")
-        behind = torch.full_like(low, -math.inf).scatter_reduce(
-            0, rows, torch.where(found_steps < 0, found_steps, -math.inf), "amax")
+        low, high = self.window
         high = torch.minimum(high, ahead)
         low = torch.maximum(low, behind)
         # (Not where the segment ends within the margin behind the point: that sliver
         # joins the piece, or every evaluation would leave half of it behind.)
-        near = ~clear.all(1)
-        self.window = (torch.where(near & (low < -margin), low.clamp_min(0.0), low), high)
+        self.window = (torch.where(near & (low < -self.margin), low.clamp_min(0.0), low), high)
+
+    def fuses_kinks(self) -> bool:
+        """Whether an op with one kink per unit at a fixed value can be read by
+        ops.scalar_kinks (_record_scalar_kink): in a walk of method="exact" (a window,
+        no next step wanted, straight pieces); the probe and curved walks read more."""
+        return self.window is not None and not self._wants_next_step and not self.curved_kinks
+
+    def _record_scalar_kink(self, x: torch.Tensor, kink: float, factors: Tuple[float, float, float], op: str):
+        """_record_kink of an op whose units each have one kink at ``kink``, fused with
+        the op's factor per unit (``factors``: below, at or above the kink just after
+        the point) and the tangent times it (ops.scalar_kinks: one pass over the units
+        where the CPU kernel runs); returns those two, in x's dtype."""
+        primal, tangent = _parts(x)
+        self.widest_row_units = max(self.widest_row_units, primal.numel() // max(1, self.rows))
+        placed = self._placed_before(primal, op, line=True)
+        if not placed:
+            self._count_kink_op(primal, op)
+        factor, scaled_tangent, found = ops.scalar_kinks(primal.detach(), tangent.detach(), kink, self.margin,
+                                                         self.rows, None if placed else self.window, factors)
+        if found is not None:
+            self._narrow_window(*found)
+        return factor, scaled_tangent
 
     def _record_kink(self, z: torch.Tensor, dz: torch.Tensor, kink: Any, op: str) -> None:
         """Units z (float64, with derivative dz) that have a kink at ``kink``: their steps
@@ -623,15 +643,25 @@ def _side(mode: BreakpointMode, z: torch.Tensor, dz: torch.Tensor) -> torch.Tens
     return torch.add(z, dz, alpha=mode.margin)
 
 
-def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: Sequence[float], name: str):
-    """x times a per-unit factor chosen from the side of z (float64 z, dz); the steps to
-    every kink are recorded."""
+def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: Sequence[float], name: str,
+            factors: Optional[Tuple[float, float, float]] = None):
+    """x times a per-unit factor chosen from the side of its kink each unit is on just
+    after the point (``factor_of`` of z + margin dz in float64: every caller's one kink
+    is at 0); the steps to the kink are recorded. Where the walk fuses its reading of
+    the op (BreakpointMode.fuses_kinks), a factor that is one of three numbers below, at
+    and above the kink (``factors``) comes from ops.scalar_kinks with the tangent times
+    it; otherwise factor_of takes the side's sign from there."""
+    (kink,) = kinks
+    if mode.fuses_kinks():
+        factor, scaled_tangent = mode._record_scalar_kink(x, kink, factors or (-1.0, 0.0, 1.0), name)
+        if factors is None:
+            factor = factor_of(factor).to(x.dtype)
+            scaled_tangent = _parts(x)[1] * factor
+        return fwAD.make_dual(_parts(x)[0] * factor, scaled_tangent)
     z, dz = _primal_and_tangent(x)
     with torch.no_grad():
         factor = factor_of(_side(mode, z, dz))
-    for kink in kinks:
-        mode._record_kink(z, dz, kink, name)
-    (kink,) = kinks
+    mode._record_kink(z, dz, kink, name)
     if mode.curved_kinks:
         side = torch.where(factor_of(torch.ones_like(z)) == factor, 1.0, -1.0).to(z.dtype)
         mode._record_choice(factor, lambda reference: mode._back_to(z, dz, kink), side * (z - kink),
@@ -642,12 +672,13 @@ def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: S
 
 
 def _relu(mode: BreakpointMode, func, name, args, kwargs):
-    return _scaled(mode, args[0], lambda ahead: ahead > 0, (0.0,), name)
+    return _scaled(mode, args[0], lambda ahead: ahead > 0, (0.0,), name, factors=(0.0, 0.0, 1.0))
 
 
 def _leaky_relu(mode: BreakpointMode, func, name, args, kwargs):
     slope = float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
-    return _scaled(mode, args[0], lambda ahead: torch.where(ahead > 0, torch.ones_like(ahead), torch.full_like(ahead, slope)), (0.0,), name)
+    return _scaled(mode, args[0], lambda ahead: torch.where(ahead > 0, torch.ones_like(ahead), torch.full_like(ahead, slope)), (0.0,), name,
+                   factors=(slope, slope, 1.0))
 
 
 def _prelu(mode: BreakpointMode, func, name, args, kwargs):
@@ -664,7 +695,7 @@ def _prelu(mode: BreakpointMode, func, name, args, kwargs):
 
 
 def _abs(mode: BreakpointMode, func, name, args, kwargs):
-    return _scaled(mode, args[0], torch.sign, (0.0,), name)
+    return _scaled(mode, args[0], torch.sign, (0.0,), name, factors=(-1.0, 0.0, 1.0))
 
 
 def _clamp(mode: BreakpointMode, func, name, args, kwargs):

@@ -14,6 +14,9 @@ Shapes (``b`` examples in the chunk, ``k`` steps, ``...`` the feature shape):
     accumulator (b, ...)      running sum of w_k * grad_k, in the accumulation dtype
 """
 
+import math
+from typing import Optional
+
 import torch
 
 from .dtypes import dtype_policy
@@ -114,3 +117,54 @@ def scale_by_difference(
     """The attributions when multiplying by inputs: accumulator * (x - x')."""
     # (x - x') in the input dtype first, as Captum forms it.
     return accumulator * (inputs - baselines)
+
+
+# -- the walk of method="exact" (piecewise.BreakpointMode) ---------------------------------
+# Shapes: ``rows`` path rows, each with ``units`` units of one piecewise-linear op
+# (the op's tensor reshaped to (rows, units)); steps are along the path from each row's
+# point, in units of its whole length, float64.
+
+
+def window_kinks(steps: torch.Tensor, margin: float, low: torch.Tensor, high: torch.Tensor):
+    """The kinks of one op that lie inside each row's window (low, high), from its
+    units' signed steps to their kinks ((rows, units); inf, -inf or nan where a unit
+    has none): steps within ``margin`` of the window's ends are the kinks that bound
+    it, and a unit within ``margin`` of its kink is on it at the point, not ahead.
+
+    Returns the found kinks' rows and steps (row-major, as nonzero orders them), and
+    per row the nearest found kink ahead (inf where none) and behind (-inf), and
+    whether some unit is on its kink at the point (``near``)."""
+    clear = steps.abs() > margin  # (nan: on no side, never a kink)
+    inside = clear & (steps > (low + margin).view(-1, 1)) & (steps < (high - margin).view(-1, 1))
+    found = inside.nonzero()
+    rows, found_steps = found[:, 0], steps[found[:, 0], found[:, 1]]
+    ahead = torch.full_like(low, math.inf).scatter_reduce(
+        0, rows, torch.where(found_steps > 0, found_steps, math.inf), "amin")
+    behind = torch.full_like(low, -math.inf).scatter_reduce(
+        0, rows, torch.where(found_steps < 0, found_steps, -math.inf), "amax")
+    return rows, found_steps, ahead, behind, ~clear.all(1)
+
+
+def scalar_kinks(primal: torch.Tensor, tangent: torch.Tensor, kink: float, margin: float, rows: int,
+                 low: Optional[torch.Tensor] = None, high: Optional[torch.Tensor] = None,
+                 below: float = -1.0, at: float = 0.0, above: float = 1.0):
+    """One op whose units each have one kink at the value ``kink`` (ReLU, LeakyReLU,
+    PReLU, abs), read at the rows' points: primal z and tangent dz (the op's input and
+    its derivative along the path, any float dtype, rows along dim 0).
+
+    Returns the op's factor per unit, ``below``, ``at`` or ``above`` as z + margin dz
+    (the side of its kink the unit is on just after the point) is below, at or above
+    ``kink``, in z's dtype (the defaults give the side's sign); the tangent times it;
+    and, with a window (low, high), window_kinks of the units' steps (kink - z) / dz
+    (without one, empty tensors). In float64: a unit's side and its step to the kink
+    must agree to the last bit."""
+    z, dz = primal.detach().double(), tangent.detach().double()
+    side = torch.add(z, dz, alpha=margin)
+    # (Formed in float64, as the walk's factor was, then rounded once to z's dtype.)
+    factor = torch.where(side > kink, above, torch.where(side < kink, below, torch.full_like(z, at))).to(primal.dtype)
+    scaled_tangent = tangent.detach() * factor
+    if low is None or high is None:
+        empty = z.new_empty(0)
+        return factor, scaled_tangent, empty.long(), empty, empty, empty, empty.bool()
+    steps = (z.neg() if kink == 0 else torch.rsub(z, kink)).div_(dz).reshape(rows, -1)
+    return (factor, scaled_tangent, *window_kinks(steps, margin, low, high))

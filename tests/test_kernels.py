@@ -413,3 +413,138 @@ def test_integrated_gradients_kernels_equal_pure_pytorch(device, dtype, method):
         pure = igfast.IntegratedGradients(model).attribute(x, **kwargs)
     oracle = igfast.IntegratedGradients(model64).attribute(x.double(), **{**kwargs, "baselines": baseline.double()})
     assert_matches_reference(with_kernels, pure, oracle, dtype)
+
+
+# -- scalar_kinks: the walk of method="exact" at ReLU-like ops (a CPU kernel only) ------
+
+def scalar_kinks_case(dtype, kink, g, rows=6, per_row=(4, 25)):
+    """Units (rows * 4, 25) with every edge case in them: a unit on its kink at the point
+    (z = 0 at kink 0, or z = kink), a tangent of 0 (an inf step, or nan with z on the
+    kink), steps just inside and just outside the window's margin, and windows that hold
+    nothing, part of the row, or all of it."""
+    shape = (rows * per_row[0], per_row[1])
+    z = randn(shape, torch.float64, "cpu", g) + kink
+    dz = randn(shape, torch.float64, "cpu", g)
+    z[0, :3] = kink
+    dz[1, :2] = 0.0
+    z[2, 0], dz[2, 0] = kink, 0.0
+    low = -torch.rand(rows, generator=g, dtype=torch.float64)
+    high = torch.rand(rows, generator=g, dtype=torch.float64)
+    low[1], high[1] = 0.0, 0.0  # a window of one point: no kink inside
+    low[2], high[2] = -1e9, 1e9  # every step inside
+    margin = 1e-6 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-12
+    # Steps a hair inside and outside the window's ends, and within the margin of the point.
+    for unit, step in enumerate((float(high[0]) - margin * 0.5, float(high[0]) - margin * 2, float(low[0]) + margin * 0.5,
+                                 float(low[0]) + margin * 2, margin * 0.5, -margin * 2, margin * 2)):
+        z[3, 5 + unit] = kink - step * dz[3, 5 + unit]
+    return z.to(dtype), dz.to(dtype), margin, low, high, rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kink", [0.0, 0.75])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_scalar_kinks_equal_the_reference(dtype, kink, layout):
+    """Every output equal to the pure-PyTorch reference, to the bit: both work in
+    float64 from the same values (a unit's side by one fused multiply-add, its step by
+    one division), and list the kinks row-major."""
+    require_kernels("cpu")
+    z, dz, margin, low, high, rows = scalar_kinks_case(dtype, kink, generator_for("kinks", str(dtype), kink))
+    if layout == "transposed":  # the same logical tensors in another memory order
+        z, dz = z.t().contiguous().t(), dz.t().contiguous().t()
+        assert not z.is_contiguous()
+    for window in ((low, high), (None, None)):
+        for factors in ((-1.0, 0.0, 1.0), (0.0, 0.0, 1.0), (0.1, 0.1, 1.0)):  # sign, ReLU, LeakyReLU
+            kernel = torch.ops.igfast.scalar_kinks(z, dz, kink, margin, rows, *window, *factors)
+            pure = reference.scalar_kinks(z, dz, kink, margin, rows, *window, *factors)
+            names = ("factor", "tangent * factor", "kink rows", "kink steps", "ahead", "behind", "near")
+            for name, k, p in zip(names, kernel, pure):
+                assert k.dtype == p.dtype and k.shape == p.shape, name
+                assert torch.equal(k, p), name
+    sign, scaled, kink_rows, kink_steps, ahead, behind, near = torch.ops.igfast.scalar_kinks(
+        z, dz, kink, margin, rows, low, high, -1.0, 0.0, 1.0)
+    # The case holds what it is meant to: kinks found, a row with none, units on their kink.
+    assert kink_rows.numel() > rows and bool(near[0]) and not bool(near[4])
+    assert set(sign.unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert torch.equal(scaled, dz * sign)
+    assert not bool((kink_rows == 1).any()) and float(ahead[1]) == float("inf")
+
+
+def test_scalar_kinks_on_several_threads_equal_one():
+    require_kernels("cpu")
+    g = generator_for("kinks threads")
+    rows = 3000
+    z, dz = randn((rows, 64), torch.float32, "cpu", g), randn((rows, 64), torch.float32, "cpu", g)
+    low, high = -torch.rand(rows, generator=g, dtype=torch.float64), torch.rand(rows, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.igfast.scalar_kinks(z, dz, 0.0, 1e-6, rows, low, high, 0.0, 0.0, 1.0)
+        torch.set_num_threads(4)
+        several = torch.ops.igfast.scalar_kinks(z, dz, 0.0, 1e-6, rows, low, high, 0.0, 0.0, 1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, several))
+
+
+SCALAR_KINKS_BAD_CALLS = [
+    ("tangent_dtype", lambda: torch.ops.igfast.scalar_kinks(torch.rand(4, 3), torch.rand(4, 3, dtype=torch.float64), 0.0, 1e-6, 2, None, None, -1.0, 0.0, 1.0), "tangent"),
+    ("tangent_shape", lambda: torch.ops.igfast.scalar_kinks(torch.rand(4, 3), torch.rand(4, 2), 0.0, 1e-6, 2, None, None, -1.0, 0.0, 1.0), "tangent"),
+    ("rows", lambda: torch.ops.igfast.scalar_kinks(torch.rand(4, 3), torch.rand(4, 3), 0.0, 1e-6, 3, None, None, -1.0, 0.0, 1.0), "rows"),
+    ("integer_primal", lambda: torch.ops.igfast.scalar_kinks(torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), 0.0, 1e-6, 2, None, None, -1.0, 0.0, 1.0), "primal"),
+    ("one_end", lambda: torch.ops.igfast.scalar_kinks(torch.rand(4, 3), torch.rand(4, 3), 0.0, 1e-6, 2, torch.zeros(2, dtype=torch.float64), None, -1.0, 0.0, 1.0), "low"),
+    ("window_dtype", lambda: torch.ops.igfast.scalar_kinks(torch.rand(4, 3), torch.rand(4, 3), 0.0, 1e-6, 2, torch.zeros(2), torch.ones(2), -1.0, 0.0, 1.0), "window"),
+    ("window_rows", lambda: torch.ops.igfast.scalar_kinks(torch.rand(4, 3), torch.rand(4, 3), 0.0, 1e-6, 2, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), -1.0, 0.0, 1.0), "window"),
+]
+
+
+@pytest.mark.parametrize("name, call, word", SCALAR_KINKS_BAD_CALLS, ids=[c[0] for c in SCALAR_KINKS_BAD_CALLS])
+def test_scalar_kinks_bad_arguments_raise_clear_errors(name, call, word):
+    require_kernels("cpu")
+    with pytest.raises(RuntimeError, match=word):
+        call()
+
+
+def test_scalar_kinks_opcheck():
+    require_kernels("cpu")
+    z, dz, margin, low, high, rows = scalar_kinks_case(torch.float64, 0.0, generator_for("kinks opcheck"))
+    torch.library.opcheck(torch.ops.igfast.scalar_kinks.default, (z, dz, 0.0, margin, rows, low, high, 0.0, 0.0, 1.0))
+    torch.library.opcheck(torch.ops.igfast.scalar_kinks.default, (z, dz, 0.5, margin, rows, None, None, -1.0, 0.0, 1.0))
+
+
+class _KinkZoo(torch.nn.Module):
+    """A ReLU, a LeakyReLU, an abs and a PReLU, after a convolution and a linear layer:
+    every op the fused walk reads (ops.scalar_kinks), with a max-pool it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.prelu = torch.nn.PReLU(4)
+        self.fc1 = torch.nn.Linear(4 * 4 * 4, 24)
+        self.fc2 = torch.nn.Linear(24, 16)
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        h = self.prelu(h).flatten(1)
+        h = torch.nn.functional.leaky_relu(self.fc1(h), 0.1)
+        return self.out(self.fc2(h).abs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_exact_walk_with_the_kernel_equals_pure_pytorch(dtype):
+    """method="exact" and n_steps="auto" (which walks these paths) give the same
+    attributions, pieces and evaluations with the kernel as on the pure-PyTorch path."""
+    require_kernels("cpu")
+    torch.manual_seed(0)
+    model = _KinkZoo().to(dtype).eval()
+    g = generator_for("exact walk", str(dtype))
+    x, baseline = randn((5, 2, 8, 8), dtype, "cpu", g), randn((5, 2, 8, 8), dtype, "cpu", g) * 0.1
+    ig = igfast.IntegratedGradients(model)
+    for kwargs in (dict(method="exact"), dict(n_steps="auto", tolerance=1e-4, max_steps=1025)):
+        fused, fused_info = ig.attribute(x, baseline, target=[0, 1, 2, 0, 1], return_adaptive_info=True, **kwargs)
+        with ops.kernels_disabled():
+            pure, pure_info = ig.attribute(x, baseline, target=[0, 1, 2, 0, 1], return_adaptive_info=True, **kwargs)
+        assert torch.equal(fused, pure)
+        assert torch.equal(fused_info.evaluations, pure_info.evaluations)
+        if kwargs.get("method") == "exact":
+            assert torch.equal(fused_info.pieces, pure_info.pieces) and int(fused_info.pieces.min()) > 10

@@ -7,7 +7,10 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <limits>
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include "igfast.h"
 
@@ -53,6 +56,52 @@ void accumulate_steps(at::Tensor& acc, const at::Tensor& grads, const at::Tensor
                        .findSchemaOrThrow("igfast::accumulate_steps", "")
                        .typed<void(at::Tensor, const at::Tensor&, const at::Tensor&)>();
   op.call(acc, grads, weights);
+}
+
+using Kinks = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (With LeakyReLU's factors: slope below and at the kink, 1 above.)
+Kinks scalar_kinks(const at::Tensor& z, const at::Tensor& dz, double kink, double margin, int64_t rows,
+                   const std::optional<at::Tensor>& low, const std::optional<at::Tensor>& high) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("igfast::scalar_kinks", "")
+                       .typed<Kinks(const at::Tensor&, const at::Tensor&, double, double, int64_t,
+                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+                                    double, double)>();
+  return op.call(z, dz, kink, margin, rows, low, high, 0.125, 0.125, 1.0);
+}
+
+// scalar_kinks against the same float64 expressions in ATen: each unit's factor from
+// its side of the kink, the tangent times it, its step to the kink, the steps inside each row's window (row-major), the nearest on
+// each side and the rows with a unit on its kink.
+void test_scalar_kinks(at::ScalarType dtype) {
+  const int64_t rows = 7;
+  const double kink = 0.25, margin = 1e-6;
+  const auto options = at::TensorOptions().dtype(dtype);
+  at::Tensor z = at::randn({rows * 2, 30}, options), dz = at::randn({rows * 2, 30}, options);
+  z.index_put_({0, 0}, kink);  // on its kink at the point
+  dz.index_put_({1, 1}, 0.0);  // never reaches it: an infinite step
+  const at::Tensor low = -at::rand({rows}, at::kDouble), high = at::rand({rows}, at::kDouble);
+  const auto [factor, scaled_tangent, kink_rows, kink_steps, ahead, behind, near] =
+      scalar_kinks(z, dz, kink, margin, rows, low, high);
+  const std::string name = "scalar_kinks " + std::string(c10::toString(dtype));
+  const at::Tensor z64 = z.to(at::kDouble), dz64 = dz.to(at::kDouble);
+  const at::Tensor side = at::add(z64, dz64, margin) - kink;
+  const at::Tensor expected_factor = at::where(side > 0, 1.0, 0.125).to(dtype);
+  expect(at::equal(factor, expected_factor), name + ": factors");
+  expect(at::equal(scaled_tangent, dz * expected_factor), name + ": tangent times factor");
+  const at::Tensor steps = ((kink - z64) / dz64).reshape({rows, -1});
+  const at::Tensor clear = steps.abs() > margin;
+  const at::Tensor inside = clear & (steps > (low + margin).unsqueeze(1)) & (steps < (high - margin).unsqueeze(1));
+  const at::Tensor found = inside.nonzero();
+  expect(at::equal(kink_rows, found.select(1, 0)), name + ": kink rows");
+  expect(at::equal(kink_steps, steps.index({found.select(1, 0), found.select(1, 1)})), name + ": kink steps");
+  const double inf = std::numeric_limits<double>::infinity();
+  expect(at::equal(ahead, at::where(inside & (steps > 0), steps, inf).amin(1)), name + ": nearest ahead");
+  expect(at::equal(behind, at::where(inside & (steps < 0), steps, -inf).amax(1)), name + ": nearest behind");
+  expect(at::equal(near, (~clear).any(1)) && near[0].item<bool>(), name + ": units on their kink");
+  expect(kink_rows.numel() > rows, name + ": kinks found");
+  expect_throws([&] { scalar_kinks(z, dz, kink, margin, 3, low, high); }, "rows", name + ": rows");
 }
 
 void test_interpolate(at::ScalarType dtype, double tolerance, bool broadcast) {
@@ -108,6 +157,8 @@ int main() {
   test_accumulate(at::kDouble, 1e-12);
   test_accumulate(at::kBFloat16, 1e-5);  // bfloat16 grads are exact in float32
   test_errors();
+  test_scalar_kinks(at::kFloat);
+  test_scalar_kinks(at::kDouble);
   std::printf(failures ? "%d checks failed\n" : "all kernel checks passed\n", failures);
   return failures ? 1 : 0;
 }
