@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <utility>
 #include <vector>
 
 #include "igfast.h"
@@ -183,6 +184,29 @@ ScalingPlan plan_scale_by_difference(const at::Tensor& accumulator, const at::Te
   return plan;
 }
 
+OvertakingsPlan plan_overtakings(const at::Tensor& values, const at::Tensor& rates, const at::Tensor& winner_values,
+                                 const at::Tensor& winner_rates) {
+  const std::pair<const at::Tensor*, const char*> named[] = {
+      {&values, "values"}, {&rates, "rates"}, {&winner_values, "winner_values"}, {&winner_rates, "winner_rates"}};
+  for (const auto& [t, name] : named) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble, "igfast: `", name, "` must be float64; got ", t->scalar_type());
+    check_same_device(*t, name, values, "values");
+  }
+  TORCH_CHECK(values.dim() >= 1 && rates.sizes() == values.sizes(), "igfast: `rates` must have the shape of `values` (",
+              values.sizes(), "), the windows' elements first; got ", rates.sizes());
+  TORCH_CHECK(winner_values.sizes() == values.sizes().slice(1) && winner_rates.sizes() == winner_values.sizes(),
+              "igfast: `winner_values` and `winner_rates` must have the shape of `values` without its first "
+              "dimension (", values.sizes().slice(1), "); got ", winner_values.sizes(), " and ", winner_rates.sizes());
+  OvertakingsPlan plan;
+  plan.values = values.contiguous();
+  plan.rates = rates.contiguous();
+  plan.winner_values = winner_values.contiguous();
+  plan.winner_rates = winner_rates.contiguous();
+  plan.elements = values.size(0);
+  plan.windows = winner_values.numel();
+  return plan;
+}
+
 ScalarKinksPlan plan_scalar_kinks(const at::Tensor& primal, const at::Tensor& tangent, int64_t rows,
                                   const std::optional<at::Tensor>& low, const std::optional<at::Tensor>& high) {
   check_scalar_kinks(primal, tangent, rows, low, high);
@@ -215,6 +239,10 @@ TORCH_LIBRARY(igfast, m) {
   // their steps, nearest ahead, nearest behind, near); the last five empty without a window.
   m.def("scalar_kinks(Tensor primal, Tensor tangent, float kink, float margin, int rows, Tensor? low, "
         "Tensor? high, float below, float at, float above) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same at a max-pool, per window (igfast/reference.py: overtakings): (..., 3) signed
+  // steps (nearest overtaking ahead, behind, 0 for a tie) from (elements, ...) float64
+  // values and rates with the windows' elements first, and the winners' (...).
+  m.def("overtakings(Tensor values, Tensor rates, Tensor winner_values, Tensor winner_rates, float margin) -> Tensor");
 }
 
 }  // namespace igfast

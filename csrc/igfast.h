@@ -73,6 +73,19 @@ struct ScalarKinksPlan {
 ScalarKinksPlan plan_scalar_kinks(const at::Tensor& primal, const at::Tensor& tangent, int64_t rows,
                                   const std::optional<at::Tensor>& low, const std::optional<at::Tensor>& high);
 
+// The arguments of overtakings after the checks, contiguous: (elements, windows) of
+// values and rates, (windows) of the winners'.
+struct OvertakingsPlan {
+  at::Tensor values;
+  at::Tensor rates;
+  at::Tensor winner_values;
+  at::Tensor winner_rates;
+  int64_t elements;
+  int64_t windows;
+};
+OvertakingsPlan plan_overtakings(const at::Tensor& values, const at::Tensor& rates, const at::Tensor& winner_values,
+                                 const at::Tensor& winner_rates);
+
 // Number of feature elements per example (product of all but the first dimension).
 inline int64_t features_per_example(const at::Tensor& t) {
   return t.dim() == 0 ? 1 : (t.size(0) == 0 ? t.numel() : t.numel() / t.size(0));

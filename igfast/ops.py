@@ -6,9 +6,10 @@ trace it, and the two pure functions have autograd formulas. ``accumulate_steps`
 and ``interpolate_path_into`` write in place and are not differentiable (the first
 ends the pipeline, the second fills a buffer that becomes a leaf of the graph).
 
-``scalar_kinks`` serves the walk of method="exact" (piecewise.BreakpointMode) at
-ReLU-like ops; it has a CPU kernel only, and its data-dependent output (the kinks
-found) a fake with a dynamic size.
+``scalar_kinks`` and ``overtakings`` serve the walk of method="exact"
+(piecewise.BreakpointMode) at ReLU-like ops and max-pools; they have CPU kernels
+only, and scalar_kinks's data-dependent output (the kinks found) a fake with a
+dynamic size.
 
 ``kernels_available(device)`` and ``why_not_kernels(device)`` say which path runs;
 ``kernels_disabled()`` forces the reference path (tests, benchmarks).
@@ -131,6 +132,15 @@ def scalar_kinks(primal, tangent, kink: float, margin: float, rows: int, window=
     return factor, scaled_tangent, (tuple(found) if window is not None else None)
 
 
+def overtakings(values, rates, winner_values, winner_rates, margin: float):
+    """Per window of a max-pool in the walk of method="exact" (values and rates float64,
+    (elements, ...) with the windows' elements first; the winners' (...)): the signed
+    steps of reference.overtakings, (..., 3). The kernel is CPU only."""
+    if _enabled and _registered_op("overtakings", values.device.type):
+        return torch.ops.igfast.overtakings(values, rates, winner_values, winner_rates, margin)
+    return reference.overtakings(values, rates, winner_values, winner_rates, margin)[1]
+
+
 def _sum_to_baseline(grad: torch.Tensor, baselines: torch.Tensor) -> torch.Tensor:
     """Reduce a (B, ...) gradient to the baseline's (B or 1, ...) shape and dtype."""
     if baselines.shape[0] == 1 and grad.shape[0] != 1:
@@ -155,6 +165,10 @@ def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("igfast::scale_by_difference")
     def _(accumulator, inputs, baselines):
         return torch.empty_like(accumulator)
+
+    @torch.library.register_fake("igfast::overtakings")
+    def _(values, rates, winner_values, winner_rates, margin):
+        return values.new_empty((*winner_values.shape, 3))
 
     @torch.library.register_fake("igfast::scalar_kinks")
     def _(primal, tangent, kink, margin, rows, low, high, below, at, above):

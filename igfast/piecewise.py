@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import ops
 from .errors import NotPiecewiseLinearError
-from .reference import window_kinks
+from .reference import overtakings, window_kinks
 
 # Units this close to a kink (in path length, t in [0, 1]) count as on it: they take
 # the side the path moves into, and no piece shorter than this is started for them.
@@ -840,23 +840,19 @@ def _record_overtaking(mode: BreakpointMode, sv: torch.Tensor, sdv: torch.Tensor
     nan steps, and so does the winner itself: never a kink."""
     if mode._placed_before(chosen_v, name, line=False):
         return
-    margin = mode.margin
     with torch.no_grad():
-        rate = sdv - chosen_dv  # > 0: gaining on the winner
-        crossings = (chosen_v - sv).div_(rate)
-        ahead = torch.where((rate > 0) & (crossings > margin), crossings, math.inf)
-        # rows first for _record_steps (a copy only where next_step is wanted: a walk's
-        # first point, not the rounds of method="exact")
-        mode._record_steps(ahead.movedim(dim, -1) if mode._wants_next_step else chosen_v, name)
-        if mode.window is None:
-            return
-        # The envelope's kinks that are exact: the nearest overtaking on each side of the
-        # point (later crossings with the winner are no kinks, the envelope has moved on);
-        # and a tie at the point (the winner taken is the one rising).
-        before = torch.where((rate < 0) & (crossings < -margin), crossings, -math.inf).amax(dim)
-        tied = torch.nan_to_num(crossings.abs_(), nan=math.inf).amin(dim) <= margin
-        signed = torch.stack([ahead.amin(dim), torch.where(torch.isfinite(before), before, math.inf),
-                              torch.where(tied, 0.0, math.inf).to(before.dtype)], -1)
+        if mode.window is not None and not mode._wants_next_step and dim == 0:
+            # A walk of method="exact" at a max-pool (its windows first): only the
+            # window's kinks are read, in one pass where the CPU kernel runs.
+            mode._record_steps(chosen_v, name)
+            signed = ops.overtakings(sv, sdv, chosen_v, chosen_dv, mode.margin)
+        else:
+            ahead, signed = overtakings(sv, sdv, chosen_v, chosen_dv, mode.margin, dim)
+            # rows first for _record_steps (a copy only where next_step is wanted: a walk's
+            # first point, not the rounds of method="exact")
+            mode._record_steps(ahead.movedim(dim, -1) if mode._wants_next_step else chosen_v, name)
+            if mode.window is None:
+                return
     mode._record_window(signed, name)
 
 

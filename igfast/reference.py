@@ -168,3 +168,26 @@ def scalar_kinks(primal: torch.Tensor, tangent: torch.Tensor, kink: float, margi
         return factor, scaled_tangent, empty.long(), empty, empty, empty, empty.bool()
     steps = (z.neg() if kink == 0 else torch.rsub(z, kink)).div_(dz).reshape(rows, -1)
     return (factor, scaled_tangent, *window_kinks(steps, margin, low, high))
+
+
+def overtakings(values: torch.Tensor, rates: torch.Tensor, winner_values: torch.Tensor, winner_rates: torch.Tensor,
+                margin: float, dim: int = 0):
+    """The steps at which an element of a window (along ``dim`` of values, float64, with
+    its derivative along the path, ``rates``) overtakes the window's winner (winner_values
+    and winner_rates, broadcast along ``dim``): elements at -inf (a max-pool's padding,
+    rate 0) give infinite or nan steps, and so does the winner itself, never a kink.
+
+    Returns each element's step ahead to its overtaking (inf where none), and per window
+    (``dim`` reduced, last) three signed steps: the nearest overtaking ahead, the nearest
+    behind, and 0 where an element is level with the winner at the point (else inf).
+    Those are the envelope's kinks that are exact (later crossings with the winner are
+    no kinks: the envelope has moved on), and a tie at the point (the winner taken is
+    the one rising)."""
+    rate = rates - winner_rates  # > 0: gaining on the winner
+    crossings = (winner_values - values).div_(rate)
+    ahead = torch.where((rate > 0) & (crossings > margin), crossings, math.inf)
+    before = torch.where((rate < 0) & (crossings < -margin), crossings, -math.inf).amax(dim)
+    tied = torch.nan_to_num(crossings.abs_(), nan=math.inf).amin(dim) <= margin
+    signed = torch.stack([ahead.amin(dim), torch.where(torch.isfinite(before), before, math.inf),
+                          torch.where(tied, 0.0, math.inf).to(before.dtype)], -1)
+    return ahead, signed

@@ -4,6 +4,7 @@ every device and dtype; opcheck, torch.compile, autograd, errors, empty inputs.
 Skipped where the extension was not built (CI builds it and checks that it did).
 """
 
+import math
 import os
 import re
 import signal
@@ -548,3 +549,53 @@ def test_exact_walk_with_the_kernel_equals_pure_pytorch(dtype):
         assert torch.equal(fused_info.evaluations, pure_info.evaluations)
         if kwargs.get("method") == "exact":
             assert torch.equal(fused_info.pieces, pure_info.pieces) and int(fused_info.pieces.min()) > 10
+
+
+def overtakings_case(g, shape=(4, 3, 5, 7)):
+    """A max-pool's windows first: padding (-inf, rate 0), an element level with its
+    winner at the point, one overtaking ahead and one behind within the margin's reach."""
+    values = torch.randn(shape, generator=g, dtype=torch.float64)
+    rates = torch.randn(shape, generator=g, dtype=torch.float64)
+    values[0, 0, 0, :3], rates[0, 0, 0, :3] = -math.inf, 0.0
+    winner = values.argmax(0, keepdim=True)
+    winner_values, winner_rates = values.gather(0, winner)[0], rates.gather(0, winner)[0]
+    if shape[0] == 1:  # windows of one element: each its own winner, never overtaken
+        return values, rates, winner_values, winner_rates
+    other = (winner[0, 1, 1, 1] + 1) % shape[0]
+    values[other, 1, 1, 1], rates[other, 1, 1, 1] = winner_values[1, 1, 1] - 1e-13, winner_rates[1, 1, 1] + 1.0
+    return values, rates, winner_values, winner_rates
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (9, 2, 3, 4100), (1, 2, 3, 6)])
+def test_overtakings_equal_the_reference(shape):
+    require_kernels("cpu")
+    values, rates, winner_values, winner_rates = overtakings_case(generator_for("overtakings", shape), shape)
+    kernel = torch.ops.igfast.overtakings(values, rates, winner_values, winner_rates, 1e-12)
+    _, pure = reference.overtakings(values.clone(), rates, winner_values, winner_rates, 1e-12)
+    assert kernel.shape == pure.shape == (*shape[1:], 3)
+    assert torch.equal(kernel, pure)
+    if shape[0] > 1:  # the case holds a tie at the point, steps ahead and behind, and windows with none
+        assert float(kernel[1, 1, 1, 2]) == 0.0 and bool(torch.isfinite(kernel[..., :2]).any())
+        assert bool(torch.isinf(kernel[..., 0]).any())
+    else:
+        assert bool(torch.isinf(kernel).all())
+
+
+OVERTAKINGS_BAD_CALLS = [
+    ("float32", lambda: torch.ops.igfast.overtakings(torch.rand(2, 3), torch.rand(2, 3), torch.rand(3), torch.rand(3), 1e-6), "float64"),
+    ("rates_shape", lambda: torch.ops.igfast.overtakings(*(torch.rand(s, dtype=torch.float64) for s in ((2, 3), (2, 4), (3,), (3,))), 1e-6), "rates"),
+    ("winners_shape", lambda: torch.ops.igfast.overtakings(*(torch.rand(s, dtype=torch.float64) for s in ((2, 3), (2, 3), (2,), (2,))), 1e-6), "winner_values"),
+]
+
+
+@pytest.mark.parametrize("name, call, word", OVERTAKINGS_BAD_CALLS, ids=[c[0] for c in OVERTAKINGS_BAD_CALLS])
+def test_overtakings_bad_arguments_raise_clear_errors(name, call, word):
+    require_kernels("cpu")
+    with pytest.raises(RuntimeError, match=word):
+        call()
+
+
+def test_overtakings_opcheck():
+    require_kernels("cpu")
+    torch.library.opcheck(torch.ops.igfast.overtakings.default,
+                          (*overtakings_case(generator_for("overtakings opcheck")), 1e-12))

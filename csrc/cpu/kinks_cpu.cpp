@@ -1,4 +1,5 @@
-// CPU kernel of igfast::scalar_kinks: the walk of method="exact" at an op whose
+// CPU kernels of igfast::scalar_kinks and igfast::overtakings (a max-pool's windows,
+// at the end of this file). scalar_kinks: the walk of method="exact" at an op whose
 // units each have one kink at a fixed value (ReLU, LeakyReLU, PReLU, abs), in one
 // pass over the units where the pure-PyTorch path (igfast/reference.py) makes
 // about fifteen over float64 copies of them (on igfast bench's MLP those passes
@@ -169,10 +170,63 @@ Kinks scalar_kinks_cpu(const at::Tensor& primal_in, const at::Tensor& tangent_in
   return {factor, scaled_tangent, kink_rows, kink_steps, ahead, behind, near};
 }
 
+// One element of every window against its winner (rate: how fast it gains on it):
+// the nearest overtaking ahead and behind so far, and whether one is level with it.
+IGFAST_ROW_LOOP void overtaking_row(double* __restrict ahead, double* __restrict behind, uint8_t* __restrict tied,
+                                    const double* __restrict values, const double* __restrict rates,
+                                    const double* __restrict winner_values, const double* __restrict winner_rates,
+                                    double margin, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double rate = rates[j] - winner_rates[j];
+    const double step = (winner_values[j] - values[j]) / rate;
+    ahead[j] = (rate > 0) & (step > margin) & (step < ahead[j]) ? step : ahead[j];
+    behind[j] = (rate < 0) & (step < -margin) & (step > behind[j]) ? step : behind[j];
+    tied[j] |= static_cast<uint8_t>(std::fabs(step) <= margin);  // (nan: the winner itself, never)
+  }
+}
+
+at::Tensor overtakings_cpu(const at::Tensor& values_in, const at::Tensor& rates_in, const at::Tensor& winner_values_in,
+                           const at::Tensor& winner_rates_in, double margin) {
+  const OvertakingsPlan plan = plan_overtakings(values_in, rates_in, winner_values_in, winner_rates_in);
+  const int64_t elements = plan.elements, windows = plan.windows;
+  std::vector<int64_t> shape = plan.winner_values.sizes().vec();
+  shape.push_back(3);
+  at::Tensor signed_steps = at::empty(shape, plan.values.options());
+  const double* values = plan.values.const_data_ptr<double>();
+  const double* rates = plan.rates.const_data_ptr<double>();
+  const double* winner_values = plan.winner_values.const_data_ptr<double>();
+  const double* winner_rates = plan.winner_rates.const_data_ptr<double>();
+  double* out = signed_steps.mutable_data_ptr<double>();
+  // Tasks own blocks of windows; each block's running results stay in cache while the
+  // windows' elements stream past, one row of the windows-first layout at a time.
+  at::parallel_for(0, windows, std::max<int64_t>(kFeatureBlock, grain_for(elements)), [&](int64_t begin, int64_t end) {
+    double* ahead = scratch_buffer<double, 5>(kFeatureBlock);
+    double* behind = scratch_buffer<double, 6>(kFeatureBlock);
+    uint8_t* tied = scratch_buffer<uint8_t, 7>(kFeatureBlock);
+    for (int64_t j0 = begin; j0 < end; j0 += kFeatureBlock) {
+      const int64_t n = std::min(kFeatureBlock, end - j0);
+      std::fill(ahead, ahead + n, kInf);
+      std::fill(behind, behind + n, -kInf);
+      std::fill(tied, tied + n, uint8_t{0});
+      for (int64_t element = 0; element < elements; ++element) {
+        overtaking_row(ahead, behind, tied, values + element * windows + j0, rates + element * windows + j0,
+                       winner_values + j0, winner_rates + j0, margin, n);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        out[3 * (j0 + j)] = ahead[j];
+        out[3 * (j0 + j) + 1] = std::isfinite(behind[j]) ? behind[j] : kInf;
+        out[3 * (j0 + j) + 2] = tied[j] ? 0.0 : kInf;
+      }
+    }
+  });
+  return signed_steps;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(igfast, CPU, m) {
   m.impl("scalar_kinks", &scalar_kinks_cpu);
+  m.impl("overtakings", &overtakings_cpu);
 }
 
 }  // namespace igfast::cpu

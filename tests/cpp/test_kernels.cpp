@@ -104,6 +104,35 @@ void test_scalar_kinks(at::ScalarType dtype) {
   expect_throws([&] { scalar_kinks(z, dz, kink, margin, 3, low, high); }, "rows", name + ": rows");
 }
 
+at::Tensor overtakings(const at::Tensor& values, const at::Tensor& rates, const at::Tensor& winner_values,
+                       const at::Tensor& winner_rates, double margin) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("igfast::overtakings", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         double)>();
+  return op.call(values, rates, winner_values, winner_rates, margin);
+}
+
+// overtakings against ATen: per window, the nearest step ahead and behind at which an
+// element overtakes the window's winner, and 0 where one is level with it.
+void test_overtakings() {
+  const double margin = 1e-12, inf = std::numeric_limits<double>::infinity();
+  const at::Tensor values = at::randn({5, 4, 9}, at::kDouble), rates = at::randn({5, 4, 9}, at::kDouble);
+  const at::Tensor winner = values.argmax(0, true);
+  const at::Tensor winner_values = values.gather(0, winner).squeeze(0), winner_rates = rates.gather(0, winner).squeeze(0);
+  const at::Tensor result = overtakings(values, rates, winner_values, winner_rates, margin);
+  const at::Tensor rate = rates - winner_rates, step = (winner_values - values) / rate;
+  const at::Tensor ahead = at::where((rate > 0) & (step > margin), step, inf).amin(0);
+  const at::Tensor behind = at::where((rate < 0) & (step < -margin), step, -inf).amax(0);
+  expect(result.sizes() == at::IntArrayRef({4, 9, 3}), "overtakings: shape");
+  expect(at::equal(result.select(-1, 0), ahead), "overtakings: ahead");
+  expect(at::equal(result.select(-1, 1), at::where(at::isfinite(behind), behind, inf)), "overtakings: behind");
+  expect(at::equal(result.select(-1, 2), at::full({4, 9}, inf, at::kDouble)), "overtakings: no ties");
+  expect(at::isfinite(result.select(-1, 0)).any().item<bool>(), "overtakings: some ahead");
+  expect_throws([&] { overtakings(values.to(at::kFloat), rates, winner_values, winner_rates, margin); }, "float64",
+                "overtakings: float32 values");
+}
+
 void test_interpolate(at::ScalarType dtype, double tolerance, bool broadcast) {
   const auto options = at::TensorOptions().dtype(dtype);
   const at::Tensor x = at::randn({5, 3, 7}, options);
@@ -159,6 +188,7 @@ int main() {
   test_errors();
   test_scalar_kinks(at::kFloat);
   test_scalar_kinks(at::kDouble);
+  test_overtakings();
   std::printf(failures ? "%d checks failed\n" : "all kernel checks passed\n", failures);
   return failures ? 1 : 0;
 }
