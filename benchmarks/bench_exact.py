@@ -16,7 +16,8 @@ example within tol:
   on mixed networks gausslegendre_pieces instead.
 
 Evaluations are path points (forward+backward rows) per example, mean over the batch.
-Times: float32, one thread, medians of interleaved runs. A plot of the worst error
+Times: float32, one thread, medians of interleaved runs; method="exact" also without
+the compiled kernels (the walk's reading of ReLUs and max-pools is one of them). A plot of the worst error
 against evaluations for every rule (GL, trapezoid, auto, exact) goes to --plot.
 
 Workloads: the MLP of igfast.bench (batch 64), the same MLP with a softmax of the
@@ -44,6 +45,7 @@ import torch
 import torch.nn as nn
 
 import igfast
+from igfast import ops
 from igfast.bench.timing import interleaved_medians
 import igfast.exact
 from igfast.bench.workloads import WORKLOADS, SmallEncoder, minilm_available
@@ -196,6 +198,11 @@ def time_rules(key: str, batch: int, rows: List[Dict[str, Any]], repeats: int, w
     per tolerance), interleaved, into rows."""
     _, attribute32 = problem(key, batch, torch.float32)
     variants = {"exact": lambda: attribute32(method="exact")} if with_exact else {}
+    if with_exact:  # the same walk without the compiled kernels (ops.scalar_kinks, ops.overtakings, ...)
+        def exact_pure():
+            with ops.kernels_disabled():
+                return attribute32(method="exact")
+        variants["exact_pure"] = exact_pure
     for row in rows:
         if row.get("piece_steps", -1) > 0:
             variants[f"pieces{row['piece_steps']}"] = (lambda n: lambda: attribute32(
@@ -210,6 +217,7 @@ def time_rules(key: str, batch: int, rows: List[Dict[str, Any]], repeats: int, w
         row["gl_seconds"] = seconds.get(f"gl{row['gl_steps']}")
         row["auto_seconds"] = seconds[f"auto{row['auto']['tolerance']:.1e}"]
         row["exact_seconds"] = seconds.get("exact", seconds.get(f"pieces{row.get('piece_steps')}"))
+        row["exact_pure_seconds"] = seconds.get("exact_pure")
 
 
 def run_workload(key: str, batch: int, tolerances, repeats: int) -> Dict[str, Any]:
@@ -236,6 +244,9 @@ def run_workload(key: str, batch: int, tolerances, repeats: int) -> Dict[str, An
     auto_sweep: List[Dict[str, Any]] = []
     rows = rule_rows(attribute, reference, tolerances, limit, gl_cache, auto_sweep, f", exact {exact_evaluations:.1f}")
     time_rules(key, batch, rows, repeats, with_exact=True)
+    exact_s, pure_s = rows[0]["exact_seconds"], rows[0]["exact_pure_seconds"]
+    print(f"  exact in float32: {exact_s:.3f} s; without the compiled kernels (pure PyTorch, "
+          f"ops.kernels_disabled()) {pure_s:.3f} s: the kernels {pure_s / exact_s:.2f}x faster", flush=True)
     # The error curves of the fixed rules (float64), for the plot.
     curves = {"gausslegendre": sorted(gl_cache.items())}
     trapezoid = []

@@ -498,13 +498,6 @@ SCALAR_KINKS_BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("name, call, word", SCALAR_KINKS_BAD_CALLS, ids=[c[0] for c in SCALAR_KINKS_BAD_CALLS])
-def test_scalar_kinks_bad_arguments_raise_clear_errors(name, call, word):
-    require_kernels("cpu")
-    with pytest.raises(RuntimeError, match=word):
-        call()
-
-
 def test_scalar_kinks_opcheck():
     require_kernels("cpu")
     z, dz, margin, low, high, rows = scalar_kinks_case(torch.float64, 0.0, generator_for("kinks opcheck"))
@@ -588,8 +581,12 @@ OVERTAKINGS_BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("name, call, word", OVERTAKINGS_BAD_CALLS, ids=[c[0] for c in OVERTAKINGS_BAD_CALLS])
-def test_overtakings_bad_arguments_raise_clear_errors(name, call, word):
+WALK_BAD_CALLS = SCALAR_KINKS_BAD_CALLS + OVERTAKINGS_BAD_CALLS
+
+
+@pytest.mark.parametrize("name, call, word", WALK_BAD_CALLS, ids=[c[0] for c in WALK_BAD_CALLS])
+def test_walk_ops_bad_arguments_raise_clear_errors(name, call, word):
+    """scalar_kinks and overtakings (CPU kernels only)."""
     require_kernels("cpu")
     with pytest.raises(RuntimeError, match=word):
         call()
