@@ -14,7 +14,9 @@ def info() -> Dict[str, Any]:
     igfast._C loaded), ``kernels`` ({"cpu": bool, "cuda": bool}: built, loaded and
     not disabled), ``path`` ("kernels" or "pure-pytorch", on the CPU) and ``reason``
     (why that path runs), and ``cuda_path`` / ``cuda_reason`` likewise when a GPU is
-    visible.
+    visible; ``exact_walk_kernels`` ({"cpu": bool, "cuda": bool}): whether the walk of
+    method="exact" reads its ReLUs and max-pools with kernels (CPU only; elsewhere its
+    PyTorch code runs).
     """
     from . import __version__
 
@@ -23,6 +25,7 @@ def info() -> Dict[str, Any]:
         "torch": torch.__version__,
         "extension": _ext.extension_loaded(),
         "kernels": {device: ops.kernels_available(device) for device in ("cpu", "cuda")},
+        "exact_walk_kernels": {device: ops.walk_kernels_available(device) for device in ("cpu", "cuda")},
     }
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

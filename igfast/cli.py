@@ -211,6 +211,8 @@ def _info(args) -> int:
     print(f"extension igfast._C loaded: {state['extension']}")
     in_use = ", ".join(f"{d} {'yes' if ok else 'no'}" for d, ok in state["kernels"].items())
     print(f"kernels in use (built, loaded and not disabled): {in_use}")
+    walk = ", ".join(f"{d} {'yes' if ok else 'no'}" for d, ok in state["exact_walk_kernels"].items())
+    print(f"method='exact' walk kernels (CPU only; elsewhere its PyTorch code): {walk}")
     print(f"cpu path: {state['path']} ({state['reason']})")
     if "cuda_path" in state:
         print(f"cuda path: {state['cuda_path']} ({state['cuda_reason']})")

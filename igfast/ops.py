@@ -107,6 +107,17 @@ def scale_by_difference(accumulator, inputs, baselines) -> torch.Tensor:
     return reference.scale_by_difference(accumulator, inputs, baselines)
 
 
+# The exact walk's ops (piecewise.BreakpointMode): CPU kernels only.
+WALK_OP_NAMES = ("scalar_kinks", "overtakings")
+
+
+def walk_kernels_available(device) -> bool:
+    """Whether the exact walk's kernels run for tensors on ``device`` (else their
+    reference, the walk's PyTorch code)."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _enabled and all(_registered_op(op, device_type) for op in WALK_OP_NAMES)
+
+
 @lru_cache(maxsize=None)
 def _registered_op(op: str, device_type: str) -> bool:
     key = _DISPATCH_KEYS.get(device_type)
@@ -123,7 +134,7 @@ def scalar_kinks(primal, tangent, kink: float, margin: float, rows: int, window=
     steps, nearest ahead, nearest behind, near) of reference.window_kinks, else None.
     The kernel is CPU only: elsewhere the reference runs (the walk's own code before it)."""
     low, high = window if window is not None else (None, None)
-    if _enabled and _registered_op("scalar_kinks", primal.device.type):
+    if walk_kernels_available(primal.device):
         factor, scaled_tangent, *found = torch.ops.igfast.scalar_kinks(primal, tangent, kink, margin, rows, low, high,
                                                                        *factors)
     else:
@@ -136,7 +147,7 @@ def overtakings(values, rates, winner_values, winner_rates, margin: float):
     """Per window of a max-pool in the walk of method="exact" (values and rates float64,
     (elements, ...) with the windows' elements first; the winners' (...)): the signed
     steps of reference.overtakings, (..., 3). The kernel is CPU only."""
-    if _enabled and _registered_op("overtakings", values.device.type):
+    if walk_kernels_available(values.device):
         return torch.ops.igfast.overtakings(values, rates, winner_values, winner_rates, margin)
     return reference.overtakings(values, rates, winner_values, winner_rates, margin)[1]
 

@@ -97,6 +97,7 @@ def test_info_command(capsys):
     assert cli.main(["info"]) == 0
     printed = capsys.readouterr().out
     assert "kernels in use (built, loaded and not disabled): cpu" in printed and "cpu path:" in printed
+    assert "method='exact' walk kernels" in printed
     assert cli.main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["igfast"] == igfast.__version__
 

@@ -81,6 +81,9 @@ def test_info_says_which_path_runs():
     if not info["extension"]:
         assert info["path"] == "pure-pytorch"
     assert isinstance(info["reason"], str) and info["reason"]
+    assert info["exact_walk_kernels"] == {"cpu": info["kernels"]["cpu"], "cuda": False}
+    with igfast.ops.kernels_disabled():
+        assert igfast.info()["exact_walk_kernels"] == {"cpu": False, "cuda": False}
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "pure_pytorch"])
