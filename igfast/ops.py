@@ -30,13 +30,14 @@ _enabled = True
 
 
 @lru_cache(maxsize=None)
-def _registered(device_type: str) -> bool:
+def _registered_op(op: str, device_type: str) -> bool:
     key = _DISPATCH_KEYS.get(device_type)
-    return (
-        _ext.extension_loaded()
-        and key is not None
-        and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"igfast::{op}", key) for op in OP_NAMES)
-    )
+    return (_ext.extension_loaded() and key is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"igfast::{op}", key))
+
+
+def _registered(device_type: str) -> bool:
+    return all(_registered_op(op, device_type) for op in OP_NAMES)
 
 
 def kernels_available(device) -> bool:
@@ -116,13 +117,6 @@ def walk_kernels_available(device) -> bool:
     reference, the walk's PyTorch code)."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return _enabled and all(_registered_op(op, device_type) for op in WALK_OP_NAMES)
-
-
-@lru_cache(maxsize=None)
-def _registered_op(op: str, device_type: str) -> bool:
-    key = _DISPATCH_KEYS.get(device_type)
-    return (_ext.extension_loaded() and key is not None
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"igfast::{op}", key))
 
 
 def scalar_kinks(primal, tangent, kink: float, margin: float, rows: int, window=None,

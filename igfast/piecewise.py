@@ -325,12 +325,13 @@ class BreakpointMode(TorchFunctionMode):
         no next step wanted, straight pieces); the probe and curved walks read more."""
         return self.window is not None and not self._wants_next_step and not self.curved_kinks
 
-    def _record_scalar_kink(self, x: torch.Tensor, kink: float, factors: Tuple[float, float, float], op: str):
-        """_record_kink of an op whose units each have one kink at ``kink``, fused with
-        the op's factor per unit (``factors``: below, at or above the kink just after
-        the point) and the tangent times it (ops.scalar_kinks: one pass over the units
-        where the CPU kernel runs); returns those two, in x's dtype."""
-        primal, tangent = _parts(x)
+    def _record_scalar_kink(self, primal: torch.Tensor, tangent: torch.Tensor, kink: float,
+                            factors: Tuple[float, float, float], op: str):
+        """_record_kink of an op whose units each have one kink at ``kink`` (its input's
+        primal and tangent), fused with the op's factor per unit (``factors``: below, at
+        or above the kink just after the point) and the tangent times it
+        (ops.scalar_kinks: one pass over the units where the CPU kernel runs); returns
+        those two, in the input's dtype."""
         self.widest_row_units = max(self.widest_row_units, primal.numel() // max(1, self.rows))
         placed = self._placed_before(primal, op, line=True)
         if not placed:
@@ -653,11 +654,12 @@ def _scaled(mode: BreakpointMode, x: torch.Tensor, factor_of: Callable, kinks: S
     it; otherwise factor_of takes the side's sign from there."""
     (kink,) = kinks
     if mode.fuses_kinks():
-        factor, scaled_tangent = mode._record_scalar_kink(x, kink, factors or (-1.0, 0.0, 1.0), name)
+        primal, tangent = _parts(x)
+        factor, scaled_tangent = mode._record_scalar_kink(primal, tangent, kink, factors or (-1.0, 0.0, 1.0), name)
         if factors is None:
             factor = factor_of(factor).to(x.dtype)
-            scaled_tangent = _parts(x)[1] * factor
-        return fwAD.make_dual(_parts(x)[0] * factor, scaled_tangent)
+            scaled_tangent = tangent * factor
+        return fwAD.make_dual(primal * factor, scaled_tangent)
     z, dz = _primal_and_tangent(x)
     with torch.no_grad():
         factor = factor_of(_side(mode, z, dz))
