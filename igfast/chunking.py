@@ -26,7 +26,8 @@ import torch
 
 from .dtypes import dtype_policy
 from .errors import ArgumentError, ArgumentTypeError
-from .memory import automatic_budget, format_size, parse_memory_size, preferred_chunk_bytes, raised_for_weights
+from .memory import (automatic_budget, first_chunk_bytes, format_size, parse_memory_size, preferred_chunk_bytes,
+                     raised_for_weights)
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,7 @@ def choose_row_limit(
     batch_dependent: bool = False,
     known_row_cost: Optional[Tuple[float, int]] = None,
     accumulator_bytes: Optional[int] = None,
+    walk: bool = False,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
 
@@ -380,6 +382,9 @@ def choose_row_limit(
 
     ``accumulator_bytes``: what the call's accumulators hold, when not one tensor
     shaped like each input per target (reduced gradients, see integrate_gradients).
+
+    ``walk``: the limit of the exact walk's passes (their preferred chunk size, see
+    memory.CPU_PREFERRED_WALK_CHUNK_BYTES).
     """
     batch_size = inputs[0].shape[0]
     if internal_batch_size is not None and not (isinstance(internal_batch_size, str) and internal_batch_size == "auto"):
@@ -417,13 +422,14 @@ def choose_row_limit(
             f"{format_size(budget)} usable, at least {format_size(needed)} needed."
         )
     total_rows = n_nodes * batch_size
-    preferred = preferred_chunk_bytes(inputs[0].device)
+    preferred = preferred_chunk_bytes(inputs[0].device, walk)
     if explicit:
         # One row measures the least; a batch-dependent model (BatchNorm in training
         # mode) cannot run on one row, so it starts with one node of the batch.
         first_rows = batch_size if batch_dependent else 1
     else:
-        room = budget - reserved if preferred is None else min(budget - reserved, preferred)
+        first = first_chunk_bytes(inputs[0].device)
+        room = budget - reserved if first is None else min(budget - reserved, first)
         first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
     limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred,
                            estimated_rows=first_rows, least_rows=batch_size if batch_dependent else 1)

@@ -47,45 +47,71 @@ ESTIMATE_MARGIN = 2.25
 AUTO_SHARE_CUDA = 0.9
 AUTO_SHARE_CPU = 0.5
 # On CPU a chunk's working memory beyond this brings no speed, and costs it: fresh
-# multi-GB blocks page-fault and leave the caches. Measured here (one thread):
-# NoiseTunnel(IG) on the small CNN ran 1.43 s with 128 MiB chunks, 3.37 s with
-# 512 MiB and 3.65 s in one 0.9 GiB chunk; LayerIG on MiniLM 12.6 s with 256 MiB
-# chunks and 20.2 s in one 3.7 GiB chunk. So CPU chunks stay below this size even
-# when the budget allows more; the budget remains the hard limit.
-# The best size depends on the model, so this is a compromise: at 585a08f (one thread,
-# 5-7 interleaved runs, medians over the floor) the CNN ran 0.665x / 0.700x / 0.879x
-# the floor at 200 steps with 128 / 256 / 512 MiB, while MiniLM's LayerIG at 50 steps
-# ran 1.055x / 1.015x / 0.997x (its one-call floor is a 945 MiB batch). MiniLM's side
-# of it (its weights) is now served by raised_for_weights, below.
-CPU_PREFERRED_CHUNK_BYTES = 128 * 2**20
+# blocks page-fault and leave the caches. glibc serves a block above its mmap threshold
+# (at most 32 MiB) with fresh pages each time and returns freed memory above its trim
+# threshold, so a chunk whose tensors are tens of MiB page-faults on every chunk. The
+# budget remains the hard limit. History, one thread, medians of interleaved runs:
+# - 56af9fe: NoiseTunnel(IG) on the small CNN ran 1.43 s with 128 MiB chunks, 3.37 s
+#   with 512 MiB and 3.65 s in one 0.9 GiB chunk; LayerIG on MiniLM 12.6 s with 256 MiB
+#   chunks and 20.2 s in one 3.7 GiB chunk.
+# - d49de3f (this machine's page faults counted with getrusage), 16 / 32 / 64 / 128 MiB:
+#   igfast bench's MLP (batch 64) at 1056 Gauss-Legendre steps 139.8 / 137.7 / 170.3 /
+#   174.1 ms (0, 0, 14,753 and 21,648 page faults a call), at 200 steps 27.3 / 27.1 /
+#   35.6 / 29.4 ms, at 16 and 50 steps within 8% of each other; the CNN (batch 16) at 200
+#   steps 1076 / 1005 / 1011 / 1251 ms, at 50 steps 282 / 248 / 242 / 242 ms, at 16 steps
+#   85 / 79 / 78 / 84 ms; the encoder at 16 steps (batch 8) 7.6 s at every size. 32 MiB
+#   is at or within 2.5% of the fastest on each.
+CPU_PREFERRED_CHUNK_BYTES = 32 * 2**20
+# The exact walk's passes (method="exact", "gausslegendre_pieces", n_steps="auto" where
+# it walks) pay more per chunk: BreakpointMode reads every op of every chunk in Python
+# and the walk's kernels. On the MLP (batch 64, d49de3f) 32 MiB split its two large
+# rounds into five chunks, and method="exact" took 59.7 ms against 49.5 ms with 128 MiB
+# (auto at 1e-3, which walks: 71.1 against 60.2 ms). Walk passes keep 128 MiB.
+CPU_PREFERRED_WALK_CHUNK_BYTES = 128 * 2**20
+# The first chunk under the automatic budget is sized before anything is measured, from
+# the path's row bytes (chunking.FIRST_CHUNK_ROW_FACTOR): on CPU within this many times
+# CPU_PREFERRED_CHUNK_BYTES, 128 MiB, what it was before that fell from 128 to 32 MiB. A
+# model whose weights raise its chunks (below) is known to have them only once the first
+# chunk ran: within 32 MiB MiniLM's LayerIG at 6 steps split its 12 rows into two
+# chunks; within 128 MiB they are one, as before (and as in Captum).
+FIRST_CHUNK_PREFERENCE_FACTOR = 4
 # Every chunk reads the model's weights again, once in its forward and once in its
 # backward: a cost per chunk, whatever its rows, that larger chunks spread thinner. For
 # a model whose weights are large beside a row's activations, the preferred size is
 # raised to this many times the weight bytes a chunk's graph saved, up to
-# WEIGHTS_PREFERENCE_CAP times CPU_PREFERRED_CHUNK_BYTES. Measured here (one thread,
-# medians of interleaved runs): MiniLM's LayerIG path, 41 MiB of saved weights and
-# 10 MiB estimated per row, costs about 11 ms per chunk beyond its rows (0.7 rows of
-# work); a plain chunked forward and backward of its 200 rows took 3.45 s in 8-row
-# chunks (82 MiB, what 128 MiB gave), 3.24 s in 20, 3.21 s in 40 and 3.35 s in 100
-# (1 GiB). With this rule (28-row chunks) igfast's LayerIG at 50 and 16 steps took
-# 0.947x and 0.940x the time of 8-row chunks; on a random GPT-2-small (471 MiB of
-# weights, 32 tokens, 5-6 rows instead of 4) 0.968x. The small CNN and MLP (0.1 MiB
-# of weights) and the encoder workload (12 MiB) keep 128 MiB, where they are fastest.
+# WEIGHTS_RAISED_CHUNK_CAP. Measured here (one thread, medians of interleaved runs):
+# MiniLM's LayerIG path, 41 MiB of saved weights and 10 MiB estimated per row, costs
+# about 11 ms per chunk beyond its rows (0.7 rows of work); a plain chunked forward and
+# backward of its 200 rows took 3.45 s in 8-row chunks (82 MiB, what 128 MiB gave),
+# 3.24 s in 20, 3.21 s in 40 and 3.35 s in 100 (1 GiB). With this rule (28-row chunks)
+# igfast's LayerIG at 50 and 16 steps took 0.947x and 0.940x the time of 8-row chunks;
+# on a random GPT-2-small (471 MiB of weights, 32 tokens, 5-6 rows instead of 4) 0.968x.
+# The small CNN and MLP (0.1 MiB of weights) and the encoder workload (12 MiB) keep the
+# preferred size, where they are fastest.
 CHUNK_BYTES_PER_WEIGHT_BYTE = 8
-WEIGHTS_PREFERENCE_CAP = 4
+WEIGHTS_RAISED_CHUNK_CAP = 512 * 2**20
 
 
-def preferred_chunk_bytes(device: torch.device) -> Optional[int]:
+def preferred_chunk_bytes(device: torch.device, walk: bool = False) -> Optional[int]:
     """The chunk working memory that runs fastest on the device, before the model's
     weights are known (see raised_for_weights); None: no limit besides the budget (GPUs
-    are fastest with the largest chunks that fit)."""
-    return CPU_PREFERRED_CHUNK_BYTES if device.type == "cpu" else None
+    are fastest with the largest chunks that fit). ``walk``: for the passes of the exact
+    walk (see CPU_PREFERRED_WALK_CHUNK_BYTES)."""
+    if device.type != "cpu":
+        return None
+    return CPU_PREFERRED_WALK_CHUNK_BYTES if walk else CPU_PREFERRED_CHUNK_BYTES
+
+
+def first_chunk_bytes(device: torch.device) -> Optional[int]:
+    """The working memory of a first chunk under the automatic budget (see
+    FIRST_CHUNK_PREFERENCE_FACTOR); None: no limit besides the budget (GPUs)."""
+    return FIRST_CHUNK_PREFERENCE_FACTOR * CPU_PREFERRED_CHUNK_BYTES if device.type == "cpu" else None
 
 
 def raised_for_weights(preferred: int, weight_bytes: int) -> int:
     """``preferred`` chunk bytes, raised for chunks that re-read ``weight_bytes`` of
-    weights (see CHUNK_BYTES_PER_WEIGHT_BYTE)."""
-    return min(WEIGHTS_PREFERENCE_CAP * preferred, max(preferred, CHUNK_BYTES_PER_WEIGHT_BYTE * weight_bytes))
+    weights (see CHUNK_BYTES_PER_WEIGHT_BYTE), to WEIGHTS_RAISED_CHUNK_CAP at most."""
+    return max(preferred, min(WEIGHTS_RAISED_CHUNK_CAP, CHUNK_BYTES_PER_WEIGHT_BYTE * weight_bytes))
 
 
 def parse_memory_size(value: Union[int, float, str], argument: str = "memory_budget") -> int:

@@ -335,6 +335,7 @@ def test_cpu_chunks_stay_below_the_preferred_size(monkeypatch):
     x, baseline = _inputs()
     expected = igfast.IntegratedGradients(model).attribute(x, baseline, target=0, n_steps=40)
     monkeypatch.setattr(memory, "CPU_PREFERRED_CHUNK_BYTES", 64 * 2**10)
+    monkeypatch.setattr(memory, "WEIGHTS_RAISED_CHUNK_CAP", 64 * 2**10)  # (its weights would raise it)
     for budget in (None, "1GB"):
         ig = igfast.IntegratedGradients(model)
         with AllocationPeak("cpu") as peak:
@@ -400,7 +401,7 @@ def test_frozen_weights_count_in_an_explicit_budget():
 def test_preferred_chunk_rises_for_models_with_large_weights(monkeypatch):
     """Each chunk reads the weights again: where they are large beside a row's
     activations, CPU chunks are sized to CHUNK_BYTES_PER_WEIGHT_BYTE times the weight
-    bytes, at most WEIGHTS_PREFERENCE_CAP times the preferred size; a later call of the
+    bytes, at most WEIGHTS_RAISED_CHUNK_CAP; a later call of the
     same shapes sizes its chunks the same way without a probe; results do not change."""
     from igfast.chunking import BudgetRowLimit
 
@@ -408,8 +409,14 @@ def test_preferred_chunk_rises_for_models_with_large_weights(monkeypatch):
     assert memory.raised_for_weights(mib, 0) == mib
     assert memory.raised_for_weights(mib, mib // 16) == mib  # 8 x 64 KiB is below 1 MiB
     assert memory.raised_for_weights(mib, mib // 4) == 2 * mib
-    assert memory.raised_for_weights(mib, 10 * mib) == memory.WEIGHTS_PREFERENCE_CAP * mib
+    assert memory.raised_for_weights(mib, 10 * mib) == 8 * 10 * mib
+    assert memory.raised_for_weights(mib, 2**30) == memory.WEIGHTS_RAISED_CHUNK_CAP
+    assert memory.raised_for_weights(2**30, mib) == 2**30  # never below the preferred size
     assert memory.preferred_chunk_bytes(torch.device("meta")) is None  # only CPU chunks have a preference
+    assert memory.preferred_chunk_bytes(torch.device("meta"), walk=True) is None
+    cpu = torch.device("cpu")
+    assert memory.preferred_chunk_bytes(cpu, walk=True) == memory.CPU_PREFERRED_WALK_CHUNK_BYTES
+    assert memory.preferred_chunk_bytes(cpu) == memory.CPU_PREFERRED_CHUNK_BYTES
 
     limit = BudgetRowLimit(budget=2**30, reserved=0, first_rows=1, argument="memory_budget",
                            preferred_chunk_bytes=mib)
@@ -423,6 +430,7 @@ def test_preferred_chunk_rises_for_models_with_large_weights(monkeypatch):
     model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 4))
     x, baseline = torch.randn(4, 64), torch.zeros(1, 64)
     monkeypatch.setattr(memory, "CPU_PREFERRED_CHUNK_BYTES", 256 * 2**10)
+    monkeypatch.setattr(memory, "WEIGHTS_RAISED_CHUNK_CAP", 2**20)  # (below the whole path's rows)
     results, chunks = {}, {}
     for factor in (0, memory.CHUNK_BYTES_PER_WEIGHT_BYTE):
         monkeypatch.setattr(memory, "CHUNK_BYTES_PER_WEIGHT_BYTE", factor)
@@ -434,7 +442,8 @@ def test_preferred_chunk_rises_for_models_with_large_weights(monkeypatch):
             again = [c.rows for c in ig.last_integral.chunks]
     old, new = chunks[0], chunks[memory.CHUNK_BYTES_PER_WEIGHT_BYTE]
     assert len(new) < len(old) / 2 and max(new) > 2 * max(old)
-    assert max(again) == max(new) and len(again) <= len(new)
+    # the same row limit at once: no probe chunk, no more chunks (balanced, so at most as large)
+    assert len(again) <= len(new) and max(again) <= max(new) and min(again) > min(new)
     torch.testing.assert_close(results[0], results[memory.CHUNK_BYTES_PER_WEIGHT_BYTE], rtol=1e-5, atol=1e-6)
 
 
@@ -447,7 +456,8 @@ def test_forward_rows_take_the_first_chunk_estimate_until_measured():
     x = torch.randn(2, 256)  # 1 KiB per row
     limit = choose_row_limit(None, None, (x,), 1)
     assert limit.rows == 2 and limit.forward_rows == limit.estimated_rows > 2
-    assert limit.estimated_rows <= memory.CPU_PREFERRED_CHUNK_BYTES // (256 * 1024)
+    assert limit.estimated_rows <= memory.first_chunk_bytes(x.device) // (256 * 1024)
+    assert memory.first_chunk_bytes(torch.device("meta")) is None
     limit.observe(2, 2 * 2**20)
     assert limit.forward_rows == limit.rows
     unmeasured = BudgetRowLimit(2**30, 0, 2, "memory_budget", estimated_rows=100)

@@ -333,7 +333,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         batch_size = inputs[0].shape[0]
         # One limit for every round: measured in the first (a walk round, the costliest
         # rows), then settled. The driver holds the sums, the directions and the points.
-        row_limit = choose_row_limit(internal_batch_size, memory_budget, inputs, 1, target_count=3,
+        row_limit = choose_row_limit(internal_batch_size, memory_budget, inputs, 1, target_count=3, walk=True,
                                      batch_dependent=batch_dependent_call())
 
         def run_round(examples: torch.Tensor, points, wrap) -> PathIntegral:

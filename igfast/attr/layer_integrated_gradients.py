@@ -248,7 +248,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
             sub_batch = examples.numel()
             # One limit for every round (see IntegratedGradients._exact_parts).
-            row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_ends, 1, target_count=3,
+            row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_ends, 1, target_count=3, walk=True,
                                          batch_dependent=batch_dependent_call())
 
             def run_point_round(rows: torch.Tensor, points, wrap) -> PathIntegral:
