@@ -22,7 +22,7 @@ extern "C" PyObject* PyInit__C(void) {
 namespace igfast {
 
 // Bumped whenever an op schema changes, so Python can refuse a stale build.
-int64_t abi_version() { return 5; }
+int64_t abi_version() { return 6; }
 
 namespace {
 
@@ -207,6 +207,38 @@ OvertakingsPlan plan_overtakings(const at::Tensor& values, const at::Tensor& rat
   return plan;
 }
 
+CutPlan plan_cut_at_kinks(const at::Tensor& low, const at::Tensor& high, const at::Tensor& middle,
+                          const at::Tensor& piece_start, const at::Tensor& piece_end, const at::Tensor& kink_rows,
+                          const at::Tensor& kink_steps) {
+  const std::pair<const at::Tensor*, const char*> per_segment[] = {
+      {&low, "low"}, {&high, "high"}, {&middle, "middle"}, {&piece_start, "piece_start"}, {&piece_end, "piece_end"}};
+  for (const auto& [t, name] : per_segment) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble, "igfast: `", name, "` must be float64; got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == low.numel(), "igfast: `", name,
+                "` must be 1-D with one value per segment (", low.numel(), "); got shape ", t->sizes());
+    check_same_device(*t, name, low, "low");
+  }
+  TORCH_CHECK(kink_rows.scalar_type() == at::kLong, "igfast: `kink_rows` must be int64; got ", kink_rows.scalar_type());
+  TORCH_CHECK(kink_steps.scalar_type() == at::kDouble, "igfast: `kink_steps` must be float64; got ",
+              kink_steps.scalar_type());
+  TORCH_CHECK(kink_rows.dim() == 1 && kink_steps.dim() == 1 && kink_rows.numel() == kink_steps.numel(),
+              "igfast: `kink_rows` and `kink_steps` must be 1-D of one length (one per kink); got shapes ",
+              kink_rows.sizes(), " and ", kink_steps.sizes());
+  check_same_device(kink_rows, "kink_rows", low, "low");
+  check_same_device(kink_steps, "kink_steps", low, "low");
+  CutPlan plan;
+  plan.low = low.contiguous();
+  plan.high = high.contiguous();
+  plan.middle = middle.contiguous();
+  plan.piece_start = piece_start.contiguous();
+  plan.piece_end = piece_end.contiguous();
+  plan.kink_rows = kink_rows.contiguous();
+  plan.kink_steps = kink_steps.contiguous();
+  plan.segments = low.numel();
+  plan.kinks = kink_rows.numel();
+  return plan;
+}
+
 ScalarKinksPlan plan_scalar_kinks(const at::Tensor& primal, const at::Tensor& tangent, int64_t rows,
                                   const std::optional<at::Tensor>& low, const std::optional<at::Tensor>& high) {
   check_scalar_kinks(primal, tangent, rows, low, high);
@@ -243,6 +275,10 @@ TORCH_LIBRARY(igfast, m) {
   // steps (nearest overtaking ahead, behind, 0 for a tie) from (elements, ...) float64
   // values and rates with the windows' elements first, and the winners' (...).
   m.def("overtakings(Tensor values, Tensor rates, Tensor winner_values, Tensor winner_rates, float margin) -> Tensor");
+  // The walk's segments cut at the piece around their middle and at their kinks
+  // (igfast/reference.py: cut_at_kinks): (segment, part_low, part_high, holds_point).
+  m.def("cut_at_kinks(Tensor low, Tensor high, Tensor middle, Tensor piece_start, Tensor piece_end, "
+        "Tensor kink_rows, Tensor kink_steps, float margin) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace igfast

@@ -86,6 +86,24 @@ struct OvertakingsPlan {
 OvertakingsPlan plan_overtakings(const at::Tensor& values, const at::Tensor& rates, const at::Tensor& winner_values,
                                  const at::Tensor& winner_rates);
 
+// The arguments of cut_at_kinks after the checks, contiguous: (segments) float64 of
+// low, high, middle, piece_start and piece_end, (kinks) of kink_rows (int64) and
+// kink_steps (float64).
+struct CutPlan {
+  at::Tensor low;
+  at::Tensor high;
+  at::Tensor middle;
+  at::Tensor piece_start;
+  at::Tensor piece_end;
+  at::Tensor kink_rows;
+  at::Tensor kink_steps;
+  int64_t segments;
+  int64_t kinks;
+};
+CutPlan plan_cut_at_kinks(const at::Tensor& low, const at::Tensor& high, const at::Tensor& middle,
+                          const at::Tensor& piece_start, const at::Tensor& piece_end, const at::Tensor& kink_rows,
+                          const at::Tensor& kink_steps);
+
 // Number of feature elements per example (product of all but the first dimension).
 inline int64_t features_per_example(const at::Tensor& t) {
   return t.dim() == 0 ? 1 : (t.size(0) == 0 ? t.numel() : t.numel() / t.size(0));

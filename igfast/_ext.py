@@ -9,7 +9,7 @@ from typing import Optional
 
 DISABLE_VARIABLE = "IGFAST_DISABLE_EXTENSION"
 # Must equal abi_version() in csrc/igfast.cpp: a build with other op schemas is stale.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _loaded = False
 _why_not: Optional[str] = None

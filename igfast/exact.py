@@ -50,6 +50,7 @@ from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .completeness import completeness_scale, relative_completeness
 from .engine import GradientsAt, PathIntegral
+from . import ops
 from .memory import add_to_estimate
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .piecewise import BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin
@@ -862,28 +863,17 @@ def _cut_at_kinks(low: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, w
     """Cut each segment [low, high] (evaluated at ``middle``, with ``window`` its steps
     to the ends) at the kinks in ``record``; the piece around the middle is a part.
     (BreakpointMode keeps kinks further than ``margin`` from the segment's ends.)"""
-    count = low.numel()
-    segment = torch.arange(count, device=low.device)
     piece_low, piece_high = record.window
     # Where the piece reaches the segment's end the end itself, not middle + step, so
     # rounding cannot leave a sliver of a part.
     piece_start = torch.where(piece_low <= window[0], low, middle + piece_low)
     piece_end = torch.where(piece_high >= window[1], high, middle + piece_high)
-    kink_rows = torch.cat(record.kink_rows) if record.kink_rows else segment[:0]
+    kink_rows = torch.cat(record.kink_rows) if record.kink_rows else torch.empty(0, dtype=torch.long, device=low.device)
     kink_steps = torch.cat(record.kink_steps) if record.kink_steps else low[:0]
-    owner = torch.cat([segment, segment, segment, segment, kink_rows])
-    t = torch.cat([low, high, piece_start, piece_end, middle[kink_rows] + kink_steps])
-    order = torch.argsort(t, stable=True)
-    order = order[torch.argsort(owner[order], stable=True)]
-    owner, t = owner[order], t[order]
     # Kinks within the margin of each other are one (units that cross together, as
     # duplicated units do, are placed a rounding apart): no sliver of a piece between.
-    distinct = torch.ones_like(owner, dtype=torch.bool)
-    distinct[1:] = (owner[1:] != owner[:-1]) | (t[1:] - t[:-1] > margin)
-    owner, t = owner[distinct], t[distinct]
-    within = owner[1:] == owner[:-1]
-    part_segment, part_low, part_high = owner[:-1][within], t[:-1][within], t[1:][within]
-    holds = (part_low <= middle[part_segment]) & (middle[part_segment] < part_high)
+    part_segment, part_low, part_high, holds = ops.cut_at_kinks(low, high, middle, piece_start, piece_end,
+                                                                kink_rows, kink_steps, margin)
     return _Cut(part_segment, part_low, part_high, holds)
 
 

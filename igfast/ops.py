@@ -7,9 +7,9 @@ and ``interpolate_path_into`` write in place and are not differentiable (the fir
 ends the pipeline, the second fills a buffer that becomes a leaf of the graph).
 
 ``scalar_kinks`` and ``overtakings`` serve the walk of method="exact"
-(piecewise.BreakpointMode) at ReLU-like ops and max-pools; they have CPU kernels
-only, and scalar_kinks's data-dependent output (the kinks found) a fake with a
-dynamic size.
+(piecewise.BreakpointMode) at ReLU-like ops and max-pools, ``cut_at_kinks`` its cut of
+segments into parts (exact._cut_at_kinks); they have CPU kernels only, and the
+data-dependent outputs (the kinks found, the parts) fakes with a dynamic size.
 
 ``kernels_available(device)`` and ``why_not_kernels(device)`` say which path runs;
 ``kernels_disabled()`` forces the reference path (tests, benchmarks).
@@ -109,7 +109,7 @@ def scale_by_difference(accumulator, inputs, baselines) -> torch.Tensor:
 
 
 # The exact walk's ops (piecewise.BreakpointMode): CPU kernels only.
-WALK_OP_NAMES = ("scalar_kinks", "overtakings")
+WALK_OP_NAMES = ("scalar_kinks", "overtakings", "cut_at_kinks")
 
 
 def walk_kernels_available(device) -> bool:
@@ -146,6 +146,14 @@ def overtakings(values, rates, winner_values, winner_rates, margin: float):
     return reference.overtakings(values, rates, winner_values, winner_rates, margin)[1]
 
 
+def cut_at_kinks(low, high, middle, piece_start, piece_end, kink_rows, kink_steps, margin: float):
+    """The parts of the exact walk's segments cut at their kinks (reference.cut_at_kinks):
+    (segment, part_low, part_high, holds_point). The kernel is CPU only."""
+    if walk_kernels_available(low.device):
+        return torch.ops.igfast.cut_at_kinks(low, high, middle, piece_start, piece_end, kink_rows, kink_steps, margin)
+    return reference.cut_at_kinks(low, high, middle, piece_start, piece_end, kink_rows, kink_steps, margin)
+
+
 def _sum_to_baseline(grad: torch.Tensor, baselines: torch.Tensor) -> torch.Tensor:
     """Reduce a (B, ...) gradient to the baseline's (B or 1, ...) shape and dtype."""
     if baselines.shape[0] == 1 and grad.shape[0] != 1:
@@ -174,6 +182,12 @@ def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("igfast::overtakings")
     def _(values, rates, winner_values, winner_rates, margin):
         return values.new_empty((*winner_values.shape, 3))
+
+    @torch.library.register_fake("igfast::cut_at_kinks")
+    def _(low, high, middle, piece_start, piece_end, kink_rows, kink_steps, margin):
+        parts = torch.library.get_ctx().new_dynamic_size()
+        return (kink_rows.new_empty(parts), low.new_empty(parts), low.new_empty(parts),
+                low.new_empty(parts, dtype=torch.bool))
 
     @torch.library.register_fake("igfast::scalar_kinks")
     def _(primal, tangent, kink, margin, rows, low, high, below, at, above):

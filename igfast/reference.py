@@ -191,3 +191,27 @@ def overtakings(values: torch.Tensor, rates: torch.Tensor, winner_values: torch.
     signed = torch.stack([ahead.amin(dim), torch.where(torch.isfinite(before), before, math.inf),
                           torch.where(tied, 0.0, math.inf).to(before.dtype)], -1)
     return ahead, signed
+
+
+def cut_at_kinks(low: torch.Tensor, high: torch.Tensor, middle: torch.Tensor, piece_start: torch.Tensor,
+                 piece_end: torch.Tensor, kink_rows: torch.Tensor, kink_steps: torch.Tensor, margin: float):
+    """The parts of the walk's segments [low, high] (float64, one per row; evaluated at
+    ``middle``) cut at the ends of the piece around the middle (piece_start, piece_end)
+    and at the kinks ``middle[kink_rows] + kink_steps``: (segment, part_low, part_high,
+    holds_point), ordered by segment, then along the path. Cuts within ``margin`` of the
+    cut before them (in that order) are one: no sliver of a piece between units that
+    cross a rounding apart."""
+    count = low.numel()
+    segment = torch.arange(count, device=low.device)
+    owner = torch.cat([segment, segment, segment, segment, kink_rows])
+    t = torch.cat([low, high, piece_start, piece_end, middle[kink_rows] + kink_steps])
+    order = torch.argsort(t, stable=True)
+    order = order[torch.argsort(owner[order], stable=True)]
+    owner, t = owner[order], t[order]
+    distinct = torch.ones_like(owner, dtype=torch.bool)
+    distinct[1:] = (owner[1:] != owner[:-1]) | (t[1:] - t[:-1] > margin)
+    owner, t = owner[distinct], t[distinct]
+    within = owner[1:] == owner[:-1]
+    part_segment, part_low, part_high = owner[:-1][within], t[:-1][within], t[1:][within]
+    holds = (part_low <= middle[part_segment]) & (middle[part_segment] < part_high)
+    return part_segment, part_low, part_high, holds

@@ -581,12 +581,65 @@ OVERTAKINGS_BAD_CALLS = [
 ]
 
 
-WALK_BAD_CALLS = SCALAR_KINKS_BAD_CALLS + OVERTAKINGS_BAD_CALLS
+def cut_case(g, segments=7, kinks=60, margin=1e-12):
+    """The walk's segments (middles evaluated, the piece around each, kinks listed in no
+    order): kinks at one place twice, a chain of kinks each within the margin of the
+    one before, kinks on a segment's end and on its piece's ends, a piece that is the
+    whole segment, segments without kinks, and one with more than 32 cuts."""
+    low = torch.rand(segments, generator=g, dtype=torch.float64) * 0.5
+    high = low + torch.rand(segments, generator=g, dtype=torch.float64) * 0.5 + 1e-3
+    middle = 0.5 * (low + high)
+    piece_start = middle - torch.rand(segments, generator=g, dtype=torch.float64) * (middle - low)
+    piece_end = middle + torch.rand(segments, generator=g, dtype=torch.float64) * (high - middle)
+    rows = torch.randint(0, max(1, segments - 2), (kinks,), generator=g)  # the last two have none
+    steps = (torch.rand(kinks, generator=g, dtype=torch.float64) - 0.5) * (high - low)[rows]
+    if segments >= 3 and kinks >= 8:
+        piece_start[1], piece_end[1] = low[1], high[1]
+        rows[:8] = 0
+        steps[1] = steps[0]
+        steps[3], steps[4] = steps[2] + 0.6 * margin, steps[2] + 1.2 * margin
+        steps[5] = low[0] - middle[0]
+        steps[6] = piece_end[0] - middle[0]
+        rows[8:48] = segments - 3
+    return low, high, middle, piece_start, piece_end, rows, steps, margin
+
+
+@pytest.mark.parametrize("segments, kinks", [(7, 60), (2000, 9000), (3, 0), (0, 0)])
+def test_cut_at_kinks_equals_the_reference(segments, kinks):
+    require_kernels("cpu")
+    case = cut_case(generator_for("cut", segments, kinks), segments, kinks)
+    kernel = torch.ops.igfast.cut_at_kinks(*case)
+    pure = reference.cut_at_kinks(*case)
+    for k, p, dtype in zip(kernel, pure, (torch.long, torch.float64, torch.float64, torch.bool)):
+        assert k.dtype == p.dtype == dtype and torch.equal(k, p)
+    part_segment, part_low, part_high, holds = kernel
+    if segments:  # every segment has parts that tile it, one of them around its middle
+        assert torch.equal(torch.bincount(part_segment[holds], minlength=segments), torch.ones(segments, dtype=torch.long))
+        assert bool((part_high > part_low).all())
+    if kinks:  # the kinks a rounding apart made no sliver: fewer parts than cuts
+        assert part_segment.numel() < 3 * segments + kinks
+
+
+CUT_BAD_CALLS = [
+    ("cut_dtype", lambda: torch.ops.igfast.cut_at_kinks(*(torch.rand(3) for _ in range(5)), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64), 1e-9), "float64"),
+    ("cut_rows_dtype", lambda: torch.ops.igfast.cut_at_kinks(*(torch.rand(3, dtype=torch.float64) for _ in range(5)), torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.float64), 1e-9), "kink_rows"),
+    ("cut_lengths", lambda: torch.ops.igfast.cut_at_kinks(*(torch.rand(3, dtype=torch.float64) for _ in range(4)), torch.rand(2, dtype=torch.float64), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64), 1e-9), "piece_end"),
+    ("cut_kinks", lambda: torch.ops.igfast.cut_at_kinks(*(torch.rand(3, dtype=torch.float64) for _ in range(5)), torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.float64), 1e-9), "kink_steps"),
+    ("cut_row_range", lambda: torch.ops.igfast.cut_at_kinks(*(torch.rand(3, dtype=torch.float64) for _ in range(5)), torch.tensor([0, 3]), torch.zeros(2, dtype=torch.float64), 1e-9), "kink_rows"),
+]
+
+
+def test_cut_at_kinks_opcheck():
+    require_kernels("cpu")
+    torch.library.opcheck(torch.ops.igfast.cut_at_kinks.default, cut_case(generator_for("cut opcheck")))
+
+
+WALK_BAD_CALLS = SCALAR_KINKS_BAD_CALLS + OVERTAKINGS_BAD_CALLS + CUT_BAD_CALLS
 
 
 @pytest.mark.parametrize("name, call, word", WALK_BAD_CALLS, ids=[c[0] for c in WALK_BAD_CALLS])
 def test_walk_ops_bad_arguments_raise_clear_errors(name, call, word):
-    """scalar_kinks and overtakings (CPU kernels only)."""
+    """scalar_kinks, overtakings and cut_at_kinks (CPU kernels only)."""
     require_kernels("cpu")
     with pytest.raises(RuntimeError, match=word):
         call()

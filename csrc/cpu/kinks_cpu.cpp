@@ -1,5 +1,6 @@
-// CPU kernels of igfast::scalar_kinks and igfast::overtakings (a max-pool's windows,
-// at the end of this file). scalar_kinks: the walk of method="exact" at an op whose
+// CPU kernels of igfast::scalar_kinks, igfast::overtakings (a max-pool's windows) and
+// igfast::cut_at_kinks (the walk's cut of segments into parts), the last two at the end
+// of this file. scalar_kinks: the walk of method="exact" at an op whose
 // units each have one kink at a fixed value (ReLU, LeakyReLU, PReLU, abs), in one
 // pass over the units where the pure-PyTorch path (igfast/reference.py) makes
 // about fifteen over float64 copies of them (on igfast bench's MLP those passes
@@ -21,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -222,11 +224,106 @@ at::Tensor overtakings_cpu(const at::Tensor& values_in, const at::Tensor& rates_
   return signed_steps;
 }
 
+// cut_at_kinks: the reference concatenates every cut (each segment's ends, its piece's
+// ends, then the kinks) and sorts them twice over, stably by place then by segment. A
+// segment holds a few cuts, so here they are bucketed by segment in that concatenated
+// order (a counting sort) and each bucket is sorted by place on its own (stably: a tie
+// keeps the concatenated order, as in the reference).
+
+// a before b in PyTorch's ascending sort of floats: NaN after everything.
+inline bool sorts_before(double a, double b) { return a < b || (!std::isnan(a) && std::isnan(b)); }
+
+void stable_sort_places(double* begin, double* end) {
+  if (end - begin <= 32) {  // insertion sort: most buckets hold 4 to 8 cuts
+    for (double* i = begin + 1; i < end; ++i) {
+      const double value = *i;
+      double* j = i;
+      for (; j > begin && sorts_before(value, *(j - 1)); --j) *j = *(j - 1);
+      *j = value;
+    }
+  } else {
+    std::stable_sort(begin, end, sorts_before);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cut_at_kinks_cpu(
+    const at::Tensor& low_in, const at::Tensor& high_in, const at::Tensor& middle_in, const at::Tensor& piece_start_in,
+    const at::Tensor& piece_end_in, const at::Tensor& kink_rows_in, const at::Tensor& kink_steps_in, double margin) {
+  const CutPlan plan =
+      plan_cut_at_kinks(low_in, high_in, middle_in, piece_start_in, piece_end_in, kink_rows_in, kink_steps_in);
+  const int64_t segments = plan.segments, kinks = plan.kinks;
+  const double* low = plan.low.const_data_ptr<double>();
+  const double* high = plan.high.const_data_ptr<double>();
+  const double* middle = plan.middle.const_data_ptr<double>();
+  const double* piece_start = plan.piece_start.const_data_ptr<double>();
+  const double* piece_end = plan.piece_end.const_data_ptr<double>();
+  const int64_t* kink_rows = plan.kink_rows.const_data_ptr<int64_t>();
+  const double* kink_steps = plan.kink_steps.const_data_ptr<double>();
+  constexpr int64_t kEnds = 4;  // low, high, piece_start, piece_end
+  // bucket[i] .. bucket[i + 1]: segment i's cuts.
+  std::vector<int64_t> bucket(segments + 1, 0);
+  for (int64_t k = 0; k < kinks; ++k) {
+    const int64_t row = kink_rows[k];
+    TORCH_CHECK(row >= 0 && row < segments, "igfast: `kink_rows` must index the segments [0, ", segments, "); got ",
+                row);
+    ++bucket[row + 1];
+  }
+  for (int64_t i = 0; i < segments; ++i) bucket[i + 1] += bucket[i] + kEnds;
+  std::vector<double> place(bucket[segments]);
+  std::vector<int64_t> filled(segments);
+  for (int64_t i = 0; i < segments; ++i) {
+    double* cuts = place.data() + bucket[i];
+    cuts[0] = low[i];
+    cuts[1] = high[i];
+    cuts[2] = piece_start[i];
+    cuts[3] = piece_end[i];
+    filled[i] = bucket[i] + kEnds;
+  }
+  for (int64_t k = 0; k < kinks; ++k) {
+    const int64_t row = kink_rows[k];
+    place[filled[row]++] = middle[row] + kink_steps[k];
+  }
+  // A cut within the margin of the one before it (sorted) is the same cut; a part lies
+  // between consecutive distinct cuts of a segment. Counted first, then written.
+  int64_t parts = 0;
+  for (int64_t i = 0; i < segments; ++i) {
+    double* cuts = place.data() + bucket[i];
+    const int64_t count = bucket[i + 1] - bucket[i];
+    stable_sort_places(cuts, cuts + count);
+    for (int64_t j = 1; j < count; ++j) parts += (cuts[j] - cuts[j - 1] > margin);
+  }
+  at::Tensor part_segment = at::empty({parts}, plan.kink_rows.options());
+  at::Tensor part_low = at::empty({parts}, plan.low.options());
+  at::Tensor part_high = at::empty({parts}, plan.low.options());
+  at::Tensor holds = at::empty({parts}, plan.low.options().dtype(at::kBool));
+  int64_t* out_segment = part_segment.mutable_data_ptr<int64_t>();
+  double* out_low = part_low.mutable_data_ptr<double>();
+  double* out_high = part_high.mutable_data_ptr<double>();
+  bool* out_holds = holds.mutable_data_ptr<bool>();
+  int64_t part = 0;
+  for (int64_t i = 0; i < segments; ++i) {
+    const double* cuts = place.data() + bucket[i];
+    const int64_t count = bucket[i + 1] - bucket[i];
+    double start = cuts[0];
+    for (int64_t j = 1; j < count; ++j) {
+      if (!(cuts[j] - cuts[j - 1] > margin)) continue;
+      out_segment[part] = i;
+      out_low[part] = start;
+      out_high[part] = cuts[j];
+      out_holds[part] = start <= middle[i] && middle[i] < cuts[j];
+      start = cuts[j];
+      ++part;
+    }
+  }
+  return {part_segment, part_low, part_high, holds};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(igfast, CPU, m) {
   m.impl("scalar_kinks", &scalar_kinks_cpu);
   m.impl("overtakings", &overtakings_cpu);
+  m.impl("cut_at_kinks", &cut_at_kinks_cpu);
 }
 
 }  // namespace igfast::cpu

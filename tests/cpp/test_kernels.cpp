@@ -133,6 +133,44 @@ void test_overtakings() {
                 "overtakings: float32 values");
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cut_at_kinks(
+    const at::Tensor& low, const at::Tensor& high, const at::Tensor& middle, const at::Tensor& piece_start,
+    const at::Tensor& piece_end, const at::Tensor& kink_rows, const at::Tensor& kink_steps, double margin) {
+  using Parts = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("igfast::cut_at_kinks", "")
+                       .typed<Parts(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(low, high, middle, piece_start, piece_end, kink_rows, kink_steps, margin);
+}
+
+// cut_at_kinks on two segments written out by hand: [0, 1] around 0.5 with its piece
+// [0.25, 0.75], kinks at 0.125, 0.625, 0.625 and 0.625 + margin / 2 (one cut), listed
+// out of order; [2, 4] around 3, its piece the whole segment, no kink. (Dyadic places:
+// middle + step is exact.)
+void test_cut_at_kinks() {
+  const double margin = 1e-9;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor low = at::tensor({0.0, 2.0}, f64), high = at::tensor({1.0, 4.0}, f64);
+  const at::Tensor middle = at::tensor({0.5, 3.0}, f64);
+  const at::Tensor piece_start = at::tensor({0.25, 2.0}, f64), piece_end = at::tensor({0.75, 4.0}, f64);
+  const at::Tensor rows = at::zeros({4}, at::kLong);
+  const at::Tensor steps = at::tensor({0.125, -0.375, 0.125 + margin / 2, 0.125}, f64);
+  const auto [segment, part_low, part_high, holds] =
+      cut_at_kinks(low, high, middle, piece_start, piece_end, rows, steps, margin);
+  expect(at::equal(segment, at::tensor(at::ArrayRef<int64_t>({0, 0, 0, 0, 0, 1}), at::kLong)), "cut_at_kinks: segments");
+  const double cuts[] = {0.0, 0.125, 0.25, 0.625, 0.75, 1.0};
+  for (int j = 0; j < 5; ++j) {
+    expect(part_low[j].item<double>() == cuts[j] && part_high[j].item<double>() == cuts[j + 1],
+           "cut_at_kinks: part " + std::to_string(j));
+  }
+  expect(part_low[5].item<double>() == 2.0 && part_high[5].item<double>() == 4.0, "cut_at_kinks: whole segment");
+  expect(at::equal(holds, at::tensor(at::ArrayRef<uint8_t>({0, 0, 1, 0, 0, 1}), at::kByte).to(at::kBool)),
+         "cut_at_kinks: holds");
+  expect_throws([&] { cut_at_kinks(low, high, middle, piece_start, piece_end, rows + 2, steps, margin); },
+                "kink_rows", "cut_at_kinks: a row out of range");
+}
+
 void test_interpolate(at::ScalarType dtype, double tolerance, bool broadcast) {
   const auto options = at::TensorOptions().dtype(dtype);
   const at::Tensor x = at::randn({5, 3, 7}, options);
@@ -189,6 +227,7 @@ int main() {
   test_scalar_kinks(at::kFloat);
   test_scalar_kinks(at::kDouble);
   test_overtakings();
+  test_cut_at_kinks();
   std::printf(failures ? "%d checks failed\n" : "all kernel checks passed\n", failures);
   return failures ? 1 : 0;
 }
