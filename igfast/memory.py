@@ -56,11 +56,12 @@ AUTO_SHARE_CPU = 0.5
 #   chunks and 20.2 s in one 3.7 GiB chunk.
 # - d49de3f (this machine's page faults counted with getrusage), 16 / 32 / 64 / 128 MiB:
 #   igfast bench's MLP (batch 64) at 1056 Gauss-Legendre steps 139.8 / 137.7 / 170.3 /
-#   174.1 ms (0, 0, 14,753 and 21,648 page faults a call), at 200 steps 27.3 / 27.1 /
+#   174.1 ms (1, 0, 14,753 and 21,648 page faults a call), at 200 steps 27.3 / 27.1 /
 #   35.6 / 29.4 ms, at 16 and 50 steps within 8% of each other; the CNN (batch 16) at 200
 #   steps 1076 / 1005 / 1011 / 1251 ms, at 50 steps 282 / 248 / 242 / 242 ms, at 16 steps
-#   85 / 79 / 78 / 84 ms; the encoder at 16 steps (batch 8) 7.6 s at every size. 32 MiB
-#   is at or within 2.5% of the fastest on each.
+#   85 / 79 / 78 / 84 ms. 32 MiB is at or within 2.5% of the fastest on each. (The
+#   encoder at 16 steps, batch 8, medians of 3: 7.6 / 8.4 / 7.6 / 7.5 s; its weights raise
+#   its chunks to 64-128 MiB at every one of these settings, see raised_for_weights.)
 CPU_PREFERRED_CHUNK_BYTES = 32 * 2**20
 # The exact walk's passes (method="exact", "gausslegendre_pieces", n_steps="auto" where
 # it walks) pay more per chunk: BreakpointMode reads every op of every chunk in Python
