@@ -15,8 +15,8 @@ def info() -> Dict[str, Any]:
     not disabled), ``path`` ("kernels" or "pure-pytorch", on the CPU) and ``reason``
     (why that path runs), and ``cuda_path`` / ``cuda_reason`` likewise when a GPU is
     visible; ``exact_walk_kernels`` ({"cpu": bool, "cuda": bool}): whether the walk of
-    method="exact" reads its ReLUs and max-pools with kernels (CPU only; elsewhere its
-    PyTorch code runs).
+    method="exact" runs its kernels (ops.WALK_OP_NAMES: ReLU-like ops, max-pools and the
+    cut into pieces; CPU only, elsewhere its PyTorch code runs).
     """
     from . import __version__
 
