@@ -117,6 +117,11 @@ class RowLimit:
     measures = False
     # Captum's internal_batch_size: whole chunks of the limit, then the remainder.
     balanced = False
+    # Whether later passes reuse the limit (the exact walk's rounds), so that a pass's
+    # last chunk is measured too: otherwise the walk's first round (one row per
+    # example, a single chunk) measured nothing, and the next round's first chunk was
+    # held to those few rows (bench's MLP: 64 rows, then 3971, in every call).
+    reused_by_later_passes = False
     weight_bytes = 0  # nothing measured
 
     def __init__(self, rows: int, least_rows: int = 1) -> None:
@@ -433,6 +438,7 @@ def choose_row_limit(
         first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
     limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred,
                            estimated_rows=first_rows, least_rows=batch_size if batch_dependent else 1)
+    limit.reused_by_later_passes = walk
     if known_row_cost is not None:
         limit.adopt(*known_row_cost)
     return limit

@@ -176,8 +176,9 @@ def integrate_gradients(
         buffers = _PathBuffers(inputs)
         while not schedule.done:
             chunk = schedule.next_chunk(row_limit.rows, balanced=row_limit.balanced)
-            # The last chunk's peak sizes nothing, so it is not measured.
-            measure = row_limit.measures and chunk.rows < schedule.remaining_rows
+            # The last chunk's peak sizes nothing in this pass, so it is not measured,
+            # unless later passes reuse the limit.
+            measure = row_limit.measures and (chunk.rows < schedule.remaining_rows or row_limit.reused_by_later_passes)
             try:
                 buffers.reserve(chunk.rows)
             except Exception as error:  # the path rows alone may not fit either

@@ -286,6 +286,24 @@ def test_exact_equals_independent_partition_float64(name, device):
                                    rtol=0, atol=1e-9)
 
 
+def test_each_walk_round_is_one_chunk_without_a_budget(device):
+    # The walk's rounds share one row limit: its first round (one row per example) is
+    # measured, so the second (hundreds of segments) runs whole, not as a first chunk of
+    # the first round's rows and then the rest.
+    torch.manual_seed(0)
+    model = relu_mlp().double().to(device)
+    rows = []
+    model.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    inputs = torch.randn(16, 6, dtype=torch.float64, device=device)
+    baselines = 0.3 * torch.randn(16, 6, dtype=torch.float64, device=device)
+    _, info = igfast.IntegratedGradients(model).attribute(inputs, baselines, target=1, method="exact",
+                                                          return_adaptive_info=True)
+    assert rows[1] > 16 * 4, "the second round must have many segments to show the chunking"
+    # The walk's rounds, then the forwards at the baselines and at the inputs.
+    assert len(rows) == info.walk_rounds + 2 and rows[-2:] == [16, 16]
+    assert sum(rows[:-2]) == int(info.evaluations.sum())
+
+
 @pytest.mark.parametrize("name", ["relu_mlp", "mixed_mlp", "max_pool_cnn"])
 def test_exact_float32_matches_float64_and_is_complete(name, device):
     model, shape = make(name, device)
