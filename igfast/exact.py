@@ -595,8 +595,8 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             owners, low, high = segment_examples[part], segment_low[part], segment_high[part]
             middle = 0.5 * (low + high)
             window = (low - middle, high - middle)
-            points = _points(starts, directions, owners, middle)
             owner_directions = tuple(d[owners] for d in directions)
+            points = _points(starts, directions, owners, middle, owner_directions)
             with_gradients = "smooth_op" not in found
             piece_window = tuple(w.clone() for w in window)  # the record shrinks it to each piece
             # After the first round (one segment: the whole path) every kink of a first op
@@ -616,9 +616,14 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             held_segments = cut.segment[held]
             lengths = cut.high[held] - cut.low[held]
             if with_gradients and "smooth_op" not in found:
-                _add(sums, owners[held_segments], tuple(g[held_segments] for g in gradients), lengths)
+                # Each segment's middle is in one piece, so the pieces' gradients are
+                # usually the rows as they are, in order: no copy.
+                in_order = held_segments.numel() == owners.numel() and bool(
+                    torch.equal(held_segments, torch.arange(owners.numel(), device=device)))
+                piece_gradients = gradients if in_order else tuple(g[held_segments] for g in gradients)
+                _add(sums, owners[held_segments], piece_gradients, lengths)
                 if gap_fill is not None:
-                    gap_fill.keep(owners[held_segments], cut.low[held], tuple(g[held_segments] for g in gradients))
+                    gap_fill.keep(owners[held_segments], cut.low[held], piece_gradients)
             elif gap_fill is not None:  # a smooth head: its Gauss nodes come after the whole walk
                 gap_fill = None
             kept = gap_fill.nbytes if gap_fill is not None else 0
@@ -718,7 +723,7 @@ class _GapFill:
         """Pieces reached: their examples, starts and gradients (one per input)."""
         if not self.active:
             return
-        flat = torch.cat([g.flatten(1) for g in gradients], 1)
+        flat = gradients[0].flatten(1) if len(gradients) == 1 else torch.cat([g.flatten(1) for g in gradients], 1)
         if self.nbytes + flat.numel() * flat.element_size() > self.most_kept:
             self.active, self.nbytes = False, 0
             self.owners, self.lows, self.gradients = [], [], []
@@ -1048,8 +1053,10 @@ def _follow_curved_pieces(forward_at: ForwardAt, starts, directions, first: "_Wa
         # One forward: the trials, then the new rows' starts (compared with the rows they split).
         evaluated = torch.cat([active, splitting])
         examples = owner[evaluated]
-        record = _walk(forward_at, examples, _points(starts, directions, examples, torch.cat([trial, cut])),
-                       tuple(d[examples] for d in directions), margin, found, row_limit, curved_kinks=True,
+        example_directions = tuple(d[examples] for d in directions)
+        record = _walk(forward_at, examples, _points(starts, directions, examples, torch.cat([trial, cut]),
+                                                     example_directions),
+                       example_directions, margin, found, row_limit, curved_kinks=True,
                        reference=at_low.rows(evaluated), reference_step=torch.cat([step, cut - low[splitting]]))
         walk_rows.index_add_(0, examples, torch.ones_like(examples))
         walk_forwards += examples.numel()
@@ -1575,11 +1582,15 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
     return record
 
 
-def _points(starts, directions, active: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """x' + t (x - x') for the active examples, each at its own t."""
+def _points(starts, directions, active: torch.Tensor, t: torch.Tensor,
+            active_directions: Optional[Tuple[torch.Tensor, ...]] = None) -> Tuple[torch.Tensor, ...]:
+    """x' + t (x - x') for the active examples, each at its own t; ``active_directions``:
+    the directions of the active examples where the caller has gathered them already."""
+    if active_directions is None:
+        active_directions = tuple(d[active] for d in directions)
     return tuple(
-        torch.addcmul(s[active], t.to(d.dtype).view((-1,) + (1,) * (d.dim() - 1)), d[active])
-        for s, d in zip(starts, directions)
+        torch.addcmul(s[active], t.to(d.dtype).view((-1,) + (1,) * (d.dim() - 1)), d)
+        for s, d in zip(starts, active_directions)
     )
 
 
@@ -1607,7 +1618,10 @@ def _run_and_keep_record(rounds: List[PathIntegral], integral: PathIntegral) -> 
 def _add(sums, active: torch.Tensor, gradient_sums, factor: torch.Tensor) -> None:
     for total, gradient in zip(sums, gradient_sums):
         scale = factor.to(total.dtype).view((-1,) + (1,) * (total.dim() - 1))
-        total.index_add_(0, active, gradient.to(total.dtype) * scale)
+        weighted = gradient.to(total.dtype)
+        # Scaled in place where the conversion made a copy (the caller's gradients stay).
+        weighted = weighted.mul_(scale) if weighted is not gradient else weighted * scale
+        total.index_add_(0, active, weighted)
 
 
 @contextlib.contextmanager
