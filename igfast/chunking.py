@@ -111,6 +111,10 @@ def _balanced_share(total: int, most: int) -> int:
     return -(-total // parts)
 
 
+# Why a chunk holds whole path steps of the batch (RowLimit.least_rows), for the budget's error.
+BATCH_DEPENDENT = "the model's output depends on how rows are batched (BatchNorm in training mode, say)"
+
+
 class RowLimit:
     """A fixed number of path rows per chunk, halved after out-of-memory errors."""
 
@@ -183,8 +187,9 @@ class BudgetRowLimit(RowLimit):
 
     def __init__(self, budget: int, reserved: int, first_rows: int, argument: str,
                  preferred_chunk_bytes: Optional[int] = None, estimated_rows: int = 1,
-                 least_rows: int = 1) -> None:
+                 least_rows: int = 1, whole_steps_reason: str = BATCH_DEPENDENT) -> None:
         super().__init__(first_rows, least_rows)
+        self.whole_steps_reason = whole_steps_reason  # why least_rows (above one) is the batch
         # The rows the first-chunk estimate allows, where the call's first pass held fewer.
         self.estimated_rows = max(1, estimated_rows)
         self.budget = budget
@@ -279,7 +284,8 @@ class BudgetRowLimit(RowLimit):
         """The rows a chunk may have at ``row_bytes`` per row (at least one)."""
         preferred = int(self.SAFETY * self.chunk_target / row_bytes)
         within_budget = int(self.SAFETY * self.available / row_bytes)
-        return max(1, preferred, min(within_budget, self.MIN_ROWS))
+        # Chunks of whole steps (least_rows) may pass the preferred size too.
+        return max(1, preferred, min(within_budget, max(self.MIN_ROWS, self.least_rows)))
 
     @property
     def chunk_target(self) -> int:
@@ -293,8 +299,8 @@ class BudgetRowLimit(RowLimit):
             raise budget_too_small(
                 self.argument, self.budget, self.reserved + int(self.least_rows * row_bytes / self.SAFETY) + 1,
                 measured=True, beside_rows=False,
-                what=f"one path step of all {self.least_rows} examples per chunk (measured): the model's output "
-                     "depends on how rows are batched (BatchNorm in training mode, say), so the batch is not split")
+                what=f"one path step of all {self.least_rows} examples per chunk (measured): "
+                     f"{self.whole_steps_reason}, so the batch is not split")
 
     def _read_weights(self, weight_bytes: int) -> None:
         self.weight_bytes = max(self.weight_bytes, weight_bytes)
@@ -354,6 +360,19 @@ def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
     )
 
 
+def shared_argument(args: Optional[Tuple[Any, ...]], batch_size: int) -> Optional[str]:
+    """Why chunks must hold whole path steps of the batch for these additional forward
+    arguments, or None: a tensor argument without one row per example (a lookup table,
+    say) is not split by example; as in Captum, every chunk passes it whole, once for
+    each of its steps, which only chunks of whole steps can do."""
+    for index, arg in enumerate(args or ()):
+        if isinstance(arg, torch.Tensor) and arg.dim() and arg.shape[0] != batch_size:
+            return (f"`additional_forward_args[{index}]` of shape {tuple(arg.shape)} has no row per example "
+                    f"(the batch has {batch_size}), so, as in Captum, each chunk passes it whole for each of "
+                    "its path steps")
+    return None
+
+
 # Before anything is measured, a first chunk under the automatic budget assumes a
 # path row costs at most this many times its own bytes (activations, gradients);
 # later chunks are sized from the measured peak.
@@ -370,6 +389,7 @@ def choose_row_limit(
     known_row_cost: Optional[Tuple[float, int]] = None,
     accumulator_bytes: Optional[int] = None,
     walk: bool = False,
+    whole_steps: Optional[str] = None,
 ) -> RowLimit:
     """The RowLimit for attribute's chunking arguments.
 
@@ -390,6 +410,9 @@ def choose_row_limit(
 
     ``walk``: the limit of the exact walk's passes (their preferred chunk size, see
     memory.CPU_PREFERRED_WALK_CHUNK_BYTES).
+
+    ``whole_steps``: why every chunk must hold whole path steps of the batch beside a
+    batch-dependent model (see shared_argument); chunks are then never narrower.
     """
     batch_size = inputs[0].shape[0]
     if internal_batch_size is not None and not (isinstance(internal_batch_size, str) and internal_batch_size == "auto"):
@@ -407,7 +430,7 @@ def choose_row_limit(
                 stacklevel=4,
             )
         steps = max(1, internal_batch_size // max(batch_size, 1))
-        return RowLimit(steps * batch_size, least_rows=batch_size if batch_dependent else 1)
+        return RowLimit(steps * batch_size, least_rows=batch_size if batch_dependent or whole_steps else 1)
 
     if batch_dependent and internal_batch_size is None and memory_budget is None:
         return RowLimit(n_nodes * batch_size, least_rows=batch_size)
@@ -428,16 +451,19 @@ def choose_row_limit(
         )
     total_rows = n_nodes * batch_size
     preferred = preferred_chunk_bytes(inputs[0].device, walk)
+    # A batch-dependent model (BatchNorm in training mode) cannot run on a part of the
+    # batch, nor can a shared argument be passed with one: chunks hold whole steps.
+    least_rows = batch_size if batch_dependent or whole_steps else 1
     if explicit:
-        # One row measures the least; a batch-dependent model (BatchNorm in training
-        # mode) cannot run on one row, so it starts with one node of the batch.
-        first_rows = batch_size if batch_dependent else 1
+        # One row measures the least, or one node of the batch where chunks hold whole steps.
+        first_rows = least_rows
     else:
         first = first_chunk_bytes(inputs[0].device)
         room = budget - reserved if first is None else min(budget - reserved, first)
-        first_rows = room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes)
+        first_rows = max(least_rows, room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes))
     limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred,
-                           estimated_rows=first_rows, least_rows=batch_size if batch_dependent else 1)
+                           estimated_rows=first_rows, least_rows=least_rows,
+                           whole_steps_reason=BATCH_DEPENDENT if batch_dependent or not whole_steps else whole_steps)
     limit.reused_by_later_passes = walk
     if known_row_cost is not None:
         limit.adopt(*known_row_cost)

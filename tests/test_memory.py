@@ -592,6 +592,77 @@ def test_a_batch_dependent_model_is_never_split_below_the_batch():
         torch.testing.assert_close(value, state[key])
 
 
+def _shared_table_model():
+    weight = torch.randn(64, 3, dtype=torch.float64) / 8
+
+    def forward(x, table, k):  # a table indexed by a constant: no row per example
+        return torch.tanh(x @ weight) + table[k]
+    return forward
+
+
+class _TableModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 64)  # one step of its activations is above the preferred chunk
+
+    def forward(self, x, table, k):
+        return torch.tanh(self.linear(x))[:, :3] + table[k]
+
+
+def test_a_shared_additional_argument_keeps_whole_steps_of_the_batch(monkeypatch):
+    """A tensor in additional_forward_args without one row per example (a lookup table)
+    is passed whole, once per path step, as Captum repeats it: where one step of the
+    batch is above the preferred chunk size, chunks still hold whole steps (igfast
+    raised that the argument needed one row per example), and a budget below one step
+    says why the batch is not split."""
+    torch.manual_seed(14)
+    monkeypatch.setattr(memory, "CPU_PREFERRED_CHUNK_BYTES", 2 * 2**10)  # below one step of the batch
+    monkeypatch.setattr(memory, "WEIGHTS_RAISED_CHUNK_CAP", 2 * 2**10)
+    forward = _shared_table_model()
+    x = torch.randn(40, 64, dtype=torch.float64)
+    table = torch.randn(10, 3, dtype=torch.float64)
+    expected = captum_attr.IntegratedGradients(forward).attribute(
+        x, target=1, n_steps=12, additional_forward_args=(table, 2))
+    for options in ({}, {"internal_batch_size": "auto"}, {"memory_budget": "1MB"}):
+        ig = igfast.IntegratedGradients(forward)
+        ours = ig.attribute(x, target=1, n_steps=12, additional_forward_args=(table, 2), **options)
+        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
+        chunks = ig.last_integral.chunks
+        assert len(chunks) > 1 and all(c.examples == 40 for c in chunks), options
+    # The same in LayerIntegratedGradients.
+    model = _TableModel().double()
+    expected = captum_attr.LayerIntegratedGradients(model, model.linear).attribute(
+        x, target=1, n_steps=12, additional_forward_args=(table, 2))
+    lig = igfast.LayerIntegratedGradients(model, model.linear)
+    torch.testing.assert_close(lig.attribute(x, target=1, n_steps=12, additional_forward_args=(table, 2)), expected,
+                               rtol=1e-9, atol=1e-12)
+    assert len(lig.last_integral.chunks) > 1 and all(c.examples == 40 for c in lig.last_integral.chunks)
+    # A per-example argument still lets chunks split the batch.
+    ig = igfast.IntegratedGradients(lambda x, rows: forward(x, table, 2) + rows)
+    ig.attribute(x, target=1, n_steps=12, additional_forward_args=torch.randn(40, 1, dtype=torch.float64))
+    assert any(c.examples < 40 for c in ig.last_integral.chunks)
+    with pytest.raises(ArgumentError, match=r"memory_budget.*additional_forward_args\[0\]. of shape \(10, 3\)"):
+        igfast.IntegratedGradients(forward).attribute(x, target=1, n_steps=12, additional_forward_args=(table, 2),
+                                                      memory_budget="40KB")
+
+
+def test_a_batch_dependent_batch_may_pass_the_preferred_chunk_size(monkeypatch):
+    """Under the automatic budget (internal_batch_size='auto'), whole steps of a
+    batch-dependent model's batch run even where one is above the preferred chunk size:
+    that size is for speed, the budget is the limit (this was refused as a budget too small)."""
+    torch.manual_seed(15)
+    monkeypatch.setattr(memory, "CPU_PREFERRED_CHUNK_BYTES", 2 * 2**10)
+    monkeypatch.setattr(memory, "WEIGHTS_RAISED_CHUNK_CAP", 2 * 2**10)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3)).double().train()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time batch-dependence warning
+        ig = igfast.IntegratedGradients(model)
+        ig.attribute(x, target=1, n_steps=12, internal_batch_size="auto")
+    chunks = ig.last_integral.chunks
+    assert len(chunks) > 1 and all(c.examples == 40 for c in chunks)
+
+
 def test_out_of_memory_never_splits_a_batch_dependent_batch():
     """The out-of-memory back-off of a batch-dependent model halves whole steps of the
     batch, and where one step of the batch fails the error stands (no one-row chunks)."""

@@ -8,7 +8,7 @@ from ..adaptive import (
     AdaptiveIntegral, AdaptiveSettings, adaptive_settings, integrate_adaptively, refuse_several_targets,
     round_row_limit, warn_if_not_converged,
 )
-from ..chunking import Chunk, RowCosts, choose_row_limit
+from ..chunking import Chunk, RowCosts, choose_row_limit, shared_argument
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
 from ..errors import ArgumentError, ArgumentTypeError
 from ..exact import (
@@ -255,6 +255,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
             row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs,
                                          nodes.count, target_count=target_count,
                                          batch_dependent=batch_dependent_call(),
+                                         whole_steps=shared_argument(args, formatted_inputs[0].shape[0]),
                                          known_row_cost=self._row_costs.get(cost_key))
             integral = integrate_gradients(
                 formatted_inputs, formatted_baselines, nodes,

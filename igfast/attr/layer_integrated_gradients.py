@@ -22,7 +22,7 @@ from ..adaptive import (
     AdaptiveIntegral, adaptive_settings, integrate_adaptively, refuse_several_targets, round_row_limit,
     warn_if_not_converged,
 )
-from ..chunking import Chunk, RowCosts, choose_row_limit
+from ..chunking import Chunk, RowCosts, choose_row_limit, shared_argument
 from ..engine import PathIntegral, integrate_gradients
 from ..exact import (
     POINT_NODES, ExactIntegral, ExactParts, ExactRoute, check_completeness, exact_settings,
@@ -300,6 +300,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             cost_key = RowCosts.key(ends, model_inputs + (args or ()), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
                                          target_count=target_count, batch_dependent=batch_dependent_call(),
+                                         whole_steps=shared_argument(args, ends[0].shape[0]),
                                          known_row_cost=self._row_costs.get(cost_key))
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
                                            row_limit, target_count=len(many) if many is not None else None)
