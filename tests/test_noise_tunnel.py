@@ -211,6 +211,9 @@ def test_bad_arguments():
         tunnel.attribute(x, nt_samples=5, target=torch.tensor([0, 1, 0]))
     with pytest.raises(AssertionError, match=r"the input's shape \(2, 6\).*got \(3, 6\)"):
         tunnel.attribute(x, nt_samples=5, target=0, baselines=torch.zeros(3, 6))
+    # Rows to draw baselines from: the error names their shape, not the drawn rows' (10, 4).
+    with pytest.raises(AssertionError, match=r"a row of the input, \(6,\); got rows of shape \(4,\).*\(3, 4\)"):
+        tunnel.attribute(x, nt_samples=5, target=0, baselines=torch.zeros(3, 4), draw_baseline_from_distrib=True)
 
 
 class _TrainingNet(nn.Module):

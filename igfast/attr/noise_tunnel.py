@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import ArgumentError, ArgumentTypeError, RangeError
+from ..errors import ArgumentError, ArgumentTypeError, RangeError, ShapeError
 from ._captum_protocol import CaptumMembers, captum_bases
 from ._forms import format_additional_forward_args, format_baselines, format_inputs
 from ._target import normalize_target
@@ -144,6 +144,8 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
         normalize_target(kwargs.get("target"), batch_size, formatted[0].device)
         if not draw_baseline_from_distrib and kwargs.get("baselines") is not None:
             format_baselines(kwargs["baselines"], formatted)
+        elif kwargs.get("baselines") is not None:
+            _check_distribution_rows(kwargs["baselines"], formatted)
 
         drawn = self._draw(formatted, group, nt_samples, stdev_per_input, draw_baseline_from_distrib, kwargs)
         if self._streams_all_samples():
@@ -335,6 +337,20 @@ def _expand_args(args: Any, partitions: List[_Partition]) -> Any:
         if isinstance(a, torch.Tensor) and a.dim() > 0 else a
         for a in formatted
     )
+
+
+def _check_distribution_rows(baselines: Any, inputs: Tuple[torch.Tensor, ...]) -> None:
+    """Baselines to draw from (draw_baseline_from_distrib) are rows, each shaped like a
+    row of its input: checked here, so that an error names the shapes the caller gave,
+    not those of the noisy rows drawn from them."""
+    given = baselines if isinstance(baselines, tuple) else (baselines,)
+    for index, (baseline, x) in enumerate(zip(given, inputs)):
+        if isinstance(baseline, torch.Tensor) and baseline.dim() > 0 and baseline.shape[1:] != x.shape[1:]:
+            name = f"baselines[{index}]" if len(inputs) > 1 else "baselines"
+            raise ShapeError(
+                f"`{name}` with draw_baseline_from_distrib=True is a set of rows to draw from, each "
+                f"shaped like a row of the input, {tuple(x.shape[1:])}; got rows of shape "
+                f"{tuple(baseline.shape[1:])} (`{name}` of shape {tuple(baseline.shape)}).")
 
 
 def _expand_baselines(baselines: Any, partitions: List[_Partition], batch_size: int) -> Any:
