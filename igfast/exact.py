@@ -44,6 +44,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import torch.autograd.forward_ad as fwAD
 
 from .dtypes import dtype_policy
@@ -1635,6 +1636,15 @@ def _along_the_path():
     try:
         with fwAD.dual_level(), _compiled_code_eagerly():
             yield
+    except torch.utils.checkpoint.CheckpointError as error:
+        # Its backward runs the checkpointed part again, without the walk's tangents: the
+        # part then saves other tensors than the forward did, and the checkpoint refuses.
+        raise NotPiecewiseLinearError(
+            "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to follow the path's pieces) "
+            "cannot run a model that uses torch.utils.checkpoint(use_reentrant=False): its backward "
+            "recomputes the checkpointed part without the forward-mode tangents the walk runs it with "
+            f"({type(error).__name__}). Use a fixed n_steps or n_steps='auto' (it goes on with its rule), "
+            "or run the model without checkpointing for attribution.") from error
     except NotImplementedError as error:
         # PyTorch names its own ops "aten::..." (an op without a forward-derivative formula,
         # such as silu's backward inside a gradient row); anything else is a custom Function.

@@ -81,11 +81,22 @@ AFFINE_OPS = frozenset("""
     to float double half bfloat16 type clone identity pixel_shuffle pixel_unshuffle
     matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__
     div __truediv__ div_ __itruediv__ masked_fill interpolate upsample zero_pad2d
+    addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ addcmul addcmul_ addcdiv addcdiv_
 """.split())
 # Products and quotients are affine only while at most one factor depends on the path
 # (and never in a divisor).
 PRODUCT_OPS = frozenset("matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__ bilinear".split())
 QUOTIENT_OPS = frozenset("div __truediv__ div_ __itruediv__".split())
+# An added term times beta plus a product times alpha (addmm(input, mat1, mat2): Hugging
+# Face's Conv1D in GPT-2; addcmul; addcdiv divides): the added term may depend on the
+# path, the product is affine while at most one of its factors (these positions) does,
+# and addcdiv's divisor must not.
+PRODUCT_WITH_TERM_OPS = {
+    **{name: (1, 2) for name in "addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ "
+                                "addcmul addcmul_".split()},
+}
+FACTOR_NAMES = ("mat1", "mat2", "batch1", "batch2", "mat", "vec", "vec1", "vec2", "tensor1", "tensor2")
+DIVISOR_OPS = frozenset("addcdiv addcdiv_".split())
 # Ops affine only outside training (in training they mix the rows of a batch).
 EVAL_ONLY_OPS = frozenset("batch_norm dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout".split())
 # Smooth ops: allowed after the last piecewise-linear op (a smooth head), where each
@@ -118,6 +129,8 @@ NEUTRAL_OPS = frozenset("""
     detach dim size numel ones_like zeros_like empty_like full_like rand_like randn_like
     new_zeros new_ones new_empty new_full new_tensor requires_grad_ retain_grad register_hook
     __len__ __get__ __set__ is_floating_point is_complex element_size data_ptr grad backward
+    _is_zerotensor untyped_storage storage_offset stride is_contiguous nbytes itemsize get_device
+    is_conj is_neg is_sparse is_inference dim_order
 """.split())
 
 
@@ -599,6 +612,13 @@ def _nonlinear_use(name: str, args, kwargs, moving: Sequence[torch.Tensor]) -> b
     """A product of two path-dependent factors, or a division by one, is not affine."""
     if name in PRODUCT_OPS:
         return len(moving) > 1
+    if name in PRODUCT_WITH_TERM_OPS or name in DIVISOR_OPS:
+        factors = list(args[1:3]) + [kwargs[k] for k in FACTOR_NAMES if k in kwargs]
+        moving_factors = [f for f in factors if isinstance(f, torch.Tensor) and _tangent(f) is not None]
+        if name in DIVISOR_OPS:  # addcdiv(input, tensor1, tensor2): input + value * tensor1 / tensor2
+            divisor = args[2] if len(args) > 2 else kwargs.get("tensor2")
+            return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
+        return len(moving_factors) > 1
     if name in QUOTIENT_OPS:
         divisor = args[1] if len(args) > 1 else kwargs.get("other")
         return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
@@ -704,6 +724,10 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
     x = args[0]
     if name.startswith("relu6"):
         low, high = 0.0, 6.0
+    elif name.startswith("clamp_min"):
+        low, high = kwargs.get("min", args[1] if len(args) > 1 else None), None
+    elif name.startswith("clamp_max"):
+        low, high = None, kwargs.get("max", args[1] if len(args) > 1 else None)
     elif name.startswith("hardtanh"):
         low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
         high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
@@ -1144,7 +1168,8 @@ PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _relu for n in ("relu", "relu_")},
     **{n: _leaky_relu for n in ("leaky_relu", "leaky_relu_")},
     "prelu": _prelu,
-    **{n: _clamp for n in ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_")},
+    **{n: _clamp for n in ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_",
+                           "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
     **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},
     **{n: _max_over_dim for n in ("max", "min", "amax", "amin")},

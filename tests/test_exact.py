@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 import igfast
@@ -72,6 +73,40 @@ class Maxout(nn.Module):
         return torch.cat([groups.argmax(-1), self.b(groups.amax(-1)).unflatten(-1, (8, 2)).argmin(-1)], dim=-1)
 
 
+class ClampMinMax(nn.Module):
+    def forward(self, x):
+        return torch.clamp_max(torch.clamp_min(x, -0.4), 0.6)
+
+    def region(self, x):
+        return (x > -0.4).to(torch.int8) + (x > 0.6).to(torch.int8)
+
+
+class Addmm(nn.Module):
+    """Hugging Face's Conv1D (GPT-2): bias + x @ weight by torch.addmm, scaled."""
+
+    def __init__(self, inputs, outputs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inputs, outputs) / inputs ** 0.5)
+        self.bias = nn.Parameter(0.3 * torch.randn(outputs))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight, beta=0.5, alpha=1.5)
+
+
+class FusedProducts(nn.Module):
+    """baddbmm with a moving added term, then addcmul and addcdiv with one moving factor."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width) / width ** 0.5)
+        self.scale = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x):
+        rows = x.unsqueeze(1)
+        mixed = torch.baddbmm(rows, rows, self.weight.expand(x.shape[0], -1, -1), alpha=0.7).squeeze(1)
+        return torch.addcdiv(torch.addcmul(mixed, x, self.scale, value=0.5), mixed, self.scale)
+
+
 class Softmax(nn.Module):
     def forward(self, x):
         return torch.softmax(x, dim=-1)
@@ -101,7 +136,7 @@ def _region_of(module, x):
 
 
 PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
-                     nn.AdaptiveMaxPool2d, Abs, Clamp, Maximum, Maxout)
+                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, Maximum, Maxout)
 
 
 def relu_mlp():
@@ -142,6 +177,10 @@ def maxout_net():
     return nn.Sequential(Maxout(), nn.Linear(8, 3))
 
 
+def fused_affine_net():
+    return nn.Sequential(Addmm(6, 16), ClampMinMax(), FusedProducts(16), nn.ReLU(), Addmm(16, 3))
+
+
 def softmax_head_mlp():
     return nn.Sequential(*relu_mlp(), Softmax())
 
@@ -155,6 +194,7 @@ MODELS = {
     "pool3d_net": (pool3d_net, (1, 4, 4, 4)),
     "adaptive_pool_net": (adaptive_pool_net, (1, 9, 8)),
     "maxout_net": (maxout_net, (6,)),
+    "fused_affine_net": (fused_affine_net, (6,)),
 }
 
 
@@ -540,12 +580,56 @@ class ProductOfBranches(GeluThenRelu):
         return self.b(torch.relu(h * h))
 
 
+class SquareByAddmm(GeluThenRelu):
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.relu(torch.addmm(h, h, torch.ones(6, 6, dtype=h.dtype) + h[:1].T)))
+
+
+class DivisionByAddcdiv(GeluThenRelu):
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.relu(torch.addcdiv(h, torch.ones_like(h), h.abs() + 1)))
+
+
 @pytest.mark.parametrize("model, op", [(GeluThenRelu, "gelu"), (SineThenRelu, "sin"),
-                                       (ProductOfBranches, "mul")])
+                                       (ProductOfBranches, "mul"), (SquareByAddmm, "addmm"),
+                                       (DivisionByAddcdiv, "addcdiv")])
 def test_networks_that_are_not_piecewise_linear_are_refused_naming_the_op(model, op):
     with pytest.raises(NotPiecewiseLinearError, match=op):
         igfast.IntegratedGradients(model().double()).attribute(torch.randn(2, 4, dtype=torch.float64),
                                                                target=0, method="exact")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12))
+        self.b = nn.Linear(12, 3)
+
+    def forward(self, x):
+        # Metadata queries are no ops along the path; the checkpoint is refused.
+        assert x.is_contiguous() and x.stride()[-1] == 1 and x.storage_offset() >= 0
+        return self.b(torch.relu(torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=False)))
+
+
+def test_a_non_reentrant_checkpoint_is_refused_by_name():
+    """torch.utils.checkpoint(use_reentrant=False) recomputes its part in the backward
+    without the walk's tangents (the checkpoint then refused, after igfast's own memory
+    meter had been taken for a model op); auto says why it cannot walk and goes on."""
+    torch.manual_seed(3)
+    model = Checkpointed().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for method in ("exact", "gausslegendre_pieces"):
+        with pytest.raises(NotPiecewiseLinearError, match=r"checkpoint\(use_reentrant=False\)"):
+            igfast.IntegratedGradients(model).attribute(x, target=0, method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tolerance it may not reach without the walk
+        _, info = igfast.IntegratedGradients(model).attribute(x, target=0, n_steps="auto", return_adaptive_info=True)
+    assert "checkpoint" in info.exact_unavailable
+    # Without the checkpoint the same weights walk.
+    plain = nn.Sequential(model.a, nn.ReLU(), model.b)
+    igfast.IntegratedGradients(plain).attribute(x, target=0, method="exact")
 
 
 @pytest.mark.parametrize("kwargs, match", [
