@@ -52,6 +52,8 @@ CASES = [
     ("inputs_list", [X], dict(target=0), ["inputs", "list"], True),
     ("inputs_tuple_holding_a_number", (X, 3), dict(target=0), ["inputs[1]", "int"], True),
     ("inputs_0_dim", torch.tensor(1.0), dict(target=0), ["inputs", "0-dim"], True),
+    # Captum: TypeError, from calling the model without an input.
+    ("inputs_empty_tuple", (), dict(target=0), ["inputs", "empty tuple"], True),
 ]
 
 

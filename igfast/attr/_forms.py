@@ -24,7 +24,8 @@ def format_inputs(inputs: Any, floating: bool = True) -> Tuple[Tuple[torch.Tenso
     is_tuple = isinstance(inputs, tuple)
     formatted = inputs if is_tuple else (inputs,)
     if not formatted:
-        raise ArgumentError("`inputs` must hold at least one tensor; got an empty tuple.")
+        # Captum: TypeError, from calling the model without an input.
+        raise ArgumentTypeError("`inputs` must hold at least one tensor; got an empty tuple.")
     checked = []
     for index, tensor in enumerate(formatted):
         name = f"inputs[{index}]" if is_tuple else "inputs"
