@@ -82,6 +82,7 @@ AFFINE_OPS = frozenset("""
     matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__
     div __truediv__ div_ __itruediv__ masked_fill interpolate upsample zero_pad2d
     addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ addcmul addcmul_ addcdiv addcdiv_
+    where
 """.split())
 # Products and quotients are affine only while at most one factor depends on the path
 # (and never in a divisor).
@@ -802,6 +803,34 @@ def _maximum(mode: BreakpointMode, func, name, args, kwargs):
     return fwAD.make_dual(pa * weight_a + pb * (1 - weight_a), ta * weight_a + tb * (1 - weight_a))
 
 
+# Ordering comparisons: a mask that flips where a - b crosses 0 (``x * (x > 0)``, or
+# torch.where on it, is a ReLU written by hand). The mask is the side the path moves
+# into, as for every kink; it carries no tangent, so what it selects is affine.
+GREATER_COMPARISONS = frozenset("gt __gt__ greater ge __ge__ greater_equal".split())
+STRICT_COMPARISONS = frozenset("gt __gt__ greater lt __lt__ less".split())
+
+
+def _comparison(mode: BreakpointMode, func, name, args, kwargs):
+    a = args[0]
+    b = args[1] if len(args) > 1 else kwargs["other"]
+    if not isinstance(b, torch.Tensor):
+        b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    (pa, ta), (pb, tb) = _parts(a), _parts(b)
+    with torch.no_grad():
+        d, dd = (pa - pb).double(), (ta - tb).double()
+        ahead = _side(mode, d, dd)
+        strict = name in STRICT_COMPARISONS
+        if name in GREATER_COMPARISONS:
+            result = ahead > 0 if strict else ahead >= 0
+        else:
+            result = ahead < 0 if strict else ahead <= 0
+    mode._record_kink(d, dd, 0.0, name)
+    if mode.curved_kinks:
+        side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
+        mode._record_choice(result, lambda reference: mode._back_to(d, dd, 0.0), side * d, side * dd, name)
+    return result
+
+
 def _affine_with_bias(mode: BreakpointMode, func, name, args, kwargs):
     """linear / conv: the value from the primal, the tangent from the same map without
     its bias (forward-mode AD would run the bias's zero tangent through a slow path)."""
@@ -1172,6 +1201,8 @@ PIECEWISE_OPS: Dict[str, Callable] = {
                            "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
     **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},
+    **{n: _comparison for n in ("gt", "__gt__", "greater", "ge", "__ge__", "greater_equal",
+                                "lt", "__lt__", "less", "le", "__le__", "less_equal")},
     **{n: _max_over_dim for n in ("max", "min", "amax", "amin")},
     **{n: _max_pool for n in ("max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d",
                               "_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",

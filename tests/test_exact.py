@@ -107,6 +107,21 @@ class FusedProducts(nn.Module):
         return torch.addcdiv(torch.addcmul(mixed, x, self.scale, value=0.5), mixed, self.scale)
 
 
+class HandMasks(nn.Module):
+    """ReLUs written with comparisons: x * (x > 0), torch.where on a threshold, and a
+    reflected comparison (0.1 < g)."""
+
+    def forward(self, x):
+        h = x * (x > 0)
+        g = torch.where(h > 0.3, h, 0.3 + 0.2 * (h - 0.3))
+        return g * (0.1 < g).to(g.dtype) + 0.1 * (g <= 0.1)
+
+    def region(self, x):
+        h = x * (x > 0)
+        g = torch.where(h > 0.3, h, 0.3 + 0.2 * (h - 0.3))
+        return torch.cat([x > 0, h > 0.3, g > 0.1], dim=-1)
+
+
 class Softmax(nn.Module):
     def forward(self, x):
         return torch.softmax(x, dim=-1)
@@ -136,7 +151,7 @@ def _region_of(module, x):
 
 
 PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
-                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, Maximum, Maxout)
+                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout)
 
 
 def relu_mlp():
@@ -181,6 +196,10 @@ def fused_affine_net():
     return nn.Sequential(Addmm(6, 16), ClampMinMax(), FusedProducts(16), nn.ReLU(), Addmm(16, 3))
 
 
+def hand_masks_net():
+    return nn.Sequential(nn.Linear(6, 16), HandMasks(), nn.Linear(16, 12), HandMasks(), nn.Linear(12, 3))
+
+
 def softmax_head_mlp():
     return nn.Sequential(*relu_mlp(), Softmax())
 
@@ -195,6 +214,7 @@ MODELS = {
     "adaptive_pool_net": (adaptive_pool_net, (1, 9, 8)),
     "maxout_net": (maxout_net, (6,)),
     "fused_affine_net": (fused_affine_net, (6,)),
+    "hand_masks_net": (hand_masks_net, (6,)),
 }
 
 
@@ -611,6 +631,17 @@ class Checkpointed(nn.Module):
         # Metadata queries are no ops along the path; the checkpoint is refused.
         assert x.is_contiguous() and x.stride()[-1] == 1 and x.storage_offset() >= 0
         return self.b(torch.relu(torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=False)))
+
+
+def test_a_step_written_with_a_comparison_is_refused_by_completeness():
+    """A comparison is read as a kink (hand-written ReLUs walk, see hand_masks_net), but
+    a mask used as a value jumps: the walk's sum misses completeness, and says so."""
+    torch.manual_seed(4)
+    linear = nn.Linear(6, 4).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with pytest.raises(NotPiecewiseLinearError, match="miss completeness.*jumps"):
+        igfast.IntegratedGradients(lambda t: (torch.where(linear(t) > 0, 1.0, 0.0) + linear(t)).sum(1, keepdim=True)
+                                   ).attribute(x, target=0, method="exact")
 
 
 def test_a_non_reentrant_checkpoint_is_refused_by_name():
