@@ -717,6 +717,26 @@ def _prelu(mode: BreakpointMode, func, name, args, kwargs):
                    (0.0,), name)
 
 
+def _threshold(mode: BreakpointMode, func, name, args, kwargs):
+    """threshold(x, t, value): x above t, else the constant ``value`` (continuous, a
+    ReLU moved to t, where value is t: nn.Threshold(0, 0) is a ReLU; a jump otherwise,
+    which the walk's completeness check reports)."""
+    x = args[0]
+    threshold = float(kwargs.get("threshold", args[1] if len(args) > 1 else 0.0))
+    value = float(kwargs.get("value", args[2] if len(args) > 2 else 0.0))
+    z, dz = _primal_and_tangent(x)
+    with torch.no_grad():
+        above = _side(mode, z, dz) > threshold
+    mode._record_kink(z, dz, threshold, name)
+    if mode.curved_kinks:
+        side = torch.where(above, 1.0, -1.0).to(z.dtype)
+        mode._record_choice(above, lambda reference: mode._back_to(z, dz, threshold), side * (z - threshold),
+                            side * dz, name)
+    primal, tangent = _parts(x)
+    factor = above.to(x.dtype)
+    return fwAD.make_dual(primal * factor + value * (1 - factor), tangent * factor)
+
+
 def _abs(mode: BreakpointMode, func, name, args, kwargs):
     return _scaled(mode, args[0], torch.sign, (0.0,), name, factors=(-1.0, 0.0, 1.0))
 
@@ -1200,6 +1220,7 @@ PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _clamp for n in ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_",
                            "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
+    **{n: _threshold for n in ("threshold", "threshold_", "_threshold")},  # (F.threshold is named _threshold)
     **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},
     **{n: _comparison for n in ("gt", "__gt__", "greater", "ge", "__ge__", "greater_equal",
                                 "lt", "__lt__", "less", "le", "__le__", "less_equal")},

@@ -130,6 +130,8 @@ class Softmax(nn.Module):
 def _region_of(module, x):
     if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
         return x > 0
+    if isinstance(module, nn.Threshold):
+        return x > module.threshold
     if isinstance(module, nn.Hardtanh):
         return (x > module.min_val).to(torch.int8) + (x > module.max_val).to(torch.int8)
     if isinstance(module, nn.MaxPool2d):
@@ -150,7 +152,7 @@ def _region_of(module, x):
     return module.region(x)
 
 
-PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
+PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
                      nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout)
 
 
@@ -197,7 +199,8 @@ def fused_affine_net():
 
 
 def hand_masks_net():
-    return nn.Sequential(nn.Linear(6, 16), HandMasks(), nn.Linear(16, 12), HandMasks(), nn.Linear(12, 3))
+    return nn.Sequential(nn.Linear(6, 16), HandMasks(), nn.Linear(16, 12), HandMasks(), nn.Linear(12, 10),
+                         nn.Threshold(0.1, 0.1), nn.Linear(10, 3))
 
 
 def softmax_head_mlp():
