@@ -116,7 +116,9 @@ class AdaptiveSettings:
 class AdaptiveInfo:
     """What n_steps="auto" did, per example."""
 
-    evaluations: torch.Tensor  # (B,) int64: path points evaluated (model forward+backward rows)
+    # (B,) int64: path points evaluated (model forward+backward rows), with the probe's
+    # forward (one, for each example it read: a rule may end at max_steps + 1)
+    evaluations: torch.Tensor
     error_estimate: torch.Tensor  # (B,): the relative error estimate of the returned attributions
     completeness_error: torch.Tensor  # (B,): |sum(attributions) - (F(x) - F(x'))| / scale, exact
     converged: torch.Tensor  # (B,) bool: error_estimate <= tolerance (else max_steps was reached)
@@ -163,11 +165,12 @@ def adaptive_settings(n_steps, method: str, tolerance, max_steps,
         for name, value in (("tolerance", tolerance), ("max_steps", max_steps)):
             if value is not None:
                 raise ArgumentError(
-                    f"`{name}` applies to n_steps='auto' only; got {name}={value!r} with "
-                    f"n_steps={n_steps!r}."
+                    f"`{name}` applies to n_steps='auto', method='exact' and method='gausslegendre_pieces' "
+                    f"only; got {name}={value!r} with n_steps={n_steps!r} and method={method!r}."
                 )
         if return_adaptive_info:
-            raise ArgumentError("`return_adaptive_info` needs n_steps='auto'.")
+            raise ArgumentError("`return_adaptive_info` needs n_steps='auto', method='exact' or "
+                                "method='gausslegendre_pieces'.")
         return None
     if method not in ("gausslegendre", "clenshaw_curtis"):
         raise ArgumentError(

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-steps", type=int, default=50, help="quadrature nodes (default 50)")
     demo.add_argument("--retrain", action="store_true", help="train the model again, ignoring the cache")
     demo.add_argument("--no-text", action="store_true", help="skip the MiniLM token view")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads (default 1: training and the timings stay steady on a busy machine)")
 
     llm = commands.add_parser("llm", help="attribute a language model's continuation: token map PNG and HTML")
     llm.add_argument("--out", default=".", help="folder for llm-token-map.png/.html (default: here)")
@@ -123,12 +125,20 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(args) -> int:
     from .demo import run_demo
 
+    import torch
+
     out = _writable_dir(args.out)
+    # As `igfast bench`: on a shared 2-core machine, torch's two threads made the
+    # model's training take 24-46 s (1.5 s on one) and put igfast and Captum level.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         run_demo(out_dir=out, images=args.images, n_steps=args.n_steps, retrain=args.retrain,
                  text=not args.no_text)
     except (ImportError, ArgumentError) as error:
         raise UserError(str(error)) from None
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -676,9 +676,9 @@ def test_noise_tunnel_over_auto_refines_every_noisy_copy(device):
     (dict(n_steps="auto", max_steps=64.0), "`max_steps` must be an integer"),
     (dict(n_steps="auto", method="riemann_trapezoid"), "method='riemann_trapezoid' cannot be refined"),
     (dict(n_steps="fast"), "`n_steps` must be an integer or 'auto'"),
-    (dict(n_steps=20, tolerance=1e-3), "`tolerance` applies to n_steps='auto' only"),
-    (dict(n_steps=20, max_steps=65), "`max_steps` applies to n_steps='auto' only"),
-    (dict(n_steps=20, return_adaptive_info=True), "`return_adaptive_info` needs n_steps='auto'"),
+    (dict(n_steps=20, tolerance=1e-3), "`tolerance` applies to n_steps='auto', method='exact' and method='gausslegendre_pieces' only"),
+    (dict(n_steps=20, max_steps=65), "`max_steps` applies to n_steps='auto', method='exact'"),
+    (dict(n_steps=20, return_adaptive_info=True), "`return_adaptive_info` needs n_steps='auto', method='exact' or method='gausslegendre_pieces'"),
     (dict(n_steps="auto", target=None, targets=[0, 1]), "n_steps='auto' refines one target per example"),
 ])
 @pytest.mark.parametrize("layer", [False, True])

@@ -50,9 +50,21 @@ def test_demo_writes_picture_and_tokens(tmp_path, monkeypatch, capsys):
     assert_png(out / "igfast-demo-digits.png")
     page = (out / "igfast-demo-tokens.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<span") > 10 and "guitar" in page
-    # The second run loads the cached model instead of training again.
-    assert cli.main(["demo", "--out", str(out), "--images", "1", "--n-steps", "4", "--no-text"]) == 0
+    # The second run loads the cached model instead of training again; the demo's
+    # threads are the caller's again afterwards.
+    threads = torch.get_num_threads()
+    assert cli.main(["demo", "--out", str(out), "--images", "1", "--n-steps", "4", "--no-text",
+                     "--threads", "2"]) == 0
     assert "loaded from" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads
+
+
+def test_bench_table_without_captum_leaves_the_speedup_empty():
+    from igfast.bench.report import format_table
+    row = {"workload": "mlp", "n_steps": 50, "method": "gausslegendre", "igfast_s": 0.01}
+    cells = [c.strip() for c in format_table({"rows": [row, {**row, "speedup_over_captum": 3.2}]}).splitlines()[2].split("|")]
+    assert "-x" not in cells and cells[11] == "-"
+    assert "3.20x" in format_table({"rows": [{**row, "speedup_over_captum": 3.2}]})
 
 
 def test_demo_model_is_accurate_and_complete(tmp_path, monkeypatch):

@@ -182,7 +182,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                 1% of max(|F(inputs)|, |F(baselines)|) and at the attributions' L2
                 norm) and the relative L2 change of
                 the attributions at the last doubling of the rule. Nested
-                Clenshaw-Curtis rules of 9, 17, 33, ... nodes; every evaluation is
+                Clenshaw-Curtis rules of 5, 9, 17, 33, ... nodes; every evaluation is
                 reused and a converged example stops costing. One forward with
                 derivatives along the path classifies the network: a smooth one
                 starts from 3 and 5 nodes and, where the changes fall geometrically,
@@ -194,14 +194,18 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                 integrated by Gauss pairs bisected until their estimate is within
                 tolerance. Default: 1e-3.
             max_steps (int, optional; n_steps="auto" or method="exact"): with "auto",
-                the most path points per example (the largest rule 2^k + 1 <=
-                max_steps; at least 9); examples that reach it are returned with
-                ``converged`` False. Default: 257. With "exact", the most linear pieces
+                the most path points per example of its rules (the largest rule
+                2^k + 1 <= max_steps; at least 9); examples that reach it are returned
+                with ``converged`` False. The forward that classifies the network
+                counts as one evaluation more for the examples it reads (so
+                ``evaluations`` may show max_steps + 1), and the walk of an example that
+                switched to method="exact" is predicted within max_steps, not bounded by
+                it. Default: 257. With "exact", the most linear pieces
                 per path; more raise ArgumentError. Default: 65536.
             return_adaptive_info (bool, optional; n_steps="auto" or method="exact"):
                 also return, with "auto", an ``AdaptiveInfo`` with, per example,
-                ``evaluations`` (path points evaluated, and the walk's forwards of
-                examples that switched to exact), ``error_estimate``,
+                ``evaluations`` (path points evaluated, the classifying forward, and
+                the walk's forwards of examples that switched to exact), ``error_estimate``,
                 ``completeness_error``, ``converged`` and ``exact`` (switched), and
                 ``exact_unavailable`` (why none could switch); with "exact", an
                 ``ExactInfo`` with per example ``pieces``, ``evaluations`` and

@@ -134,9 +134,9 @@ def run_bench(settings: Settings, progress_stream=None) -> Dict[str, Any]:
 
 
 def format_table(report: Dict[str, Any]) -> str:
-    def cell(row, key, fmt):
+    def cell(row, key, fmt, unit=""):
         value = row.get(key)
-        return format(value, fmt) if value is not None else "-"
+        return format(value, fmt) + unit if value is not None else "-"
 
     def size(value):
         return format_size(value) if value is not None else "-"
@@ -151,7 +151,7 @@ def format_table(report: Dict[str, Any]) -> str:
             f"{cell(row, 'plain_s', '.4f')} | {cell(row, 'igfast_s', '.4f')} | {cell(row, 'captum_s', '.4f')} | "
             f"{cell(row, 'igfast_over_floor', '.2f')} | {cell(row, 'plain_over_floor', '.2f')} | "
             f"{cell(row, 'captum_over_floor', '.2f')} | "
-            f"{cell(row, 'speedup_over_captum', '.2f')}x | {size(row.get('igfast_peak_bytes'))} | "
+            f"{cell(row, 'speedup_over_captum', '.2f', 'x')} | {size(row.get('igfast_peak_bytes'))} | "
             f"{size(row.get('captum_peak_bytes'))} | {cell(row, 'igfast_delta_max', '.1e')} | "
             f"{cell(row, 'captum_delta_max', '.1e')} |"
         )
