@@ -461,8 +461,9 @@ class BreakpointMode(TorchFunctionMode):
             raise NotPiecewiseLinearError(
                 f"method={self._method!r} cannot tell whether {name} is piecewise linear along the path: "
                 "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
-                "BatchNorm, shape ops), ReLU, LeakyReLU, PReLU, hardtanh/ReLU6/clamp, abs, "
-                "maximum/minimum, max-pool and max/min over a dimension, followed by an optional "
+                "BatchNorm, shape ops, addmm and its kin), ReLU, LeakyReLU, PReLU, threshold, "
+                "hardtanh/ReLU6/clamp, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
+                "max-pool and max/min over a dimension, followed by an optional "
                 "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
                 "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
         if name in EVAL_ONLY_OPS and _training_flag(name, args, kwargs):
