@@ -463,7 +463,7 @@ def choose_row_limit(
         first_rows = max(least_rows, room // max(1, FIRST_CHUNK_ROW_FACTOR * row_bytes))
     limit = BudgetRowLimit(budget, reserved, max(1, min(total_rows, first_rows)), "memory_budget", preferred,
                            estimated_rows=first_rows, least_rows=least_rows,
-                           whole_steps_reason=BATCH_DEPENDENT if batch_dependent or not whole_steps else whole_steps)
+                           whole_steps_reason=whole_steps if whole_steps and not batch_dependent else BATCH_DEPENDENT)
     limit.reused_by_later_passes = walk
     if known_row_cost is not None:
         limit.adopt(*known_row_cost)

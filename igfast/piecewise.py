@@ -90,12 +90,10 @@ PRODUCT_OPS = frozenset("matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__
 QUOTIENT_OPS = frozenset("div __truediv__ div_ __itruediv__".split())
 # An added term times beta plus a product times alpha (addmm(input, mat1, mat2): Hugging
 # Face's Conv1D in GPT-2; addcmul; addcdiv divides): the added term may depend on the
-# path, the product is affine while at most one of its factors (these positions) does,
-# and addcdiv's divisor must not.
-PRODUCT_WITH_TERM_OPS = {
-    **{name: (1, 2) for name in "addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ "
-                                "addcmul addcmul_".split()},
-}
+# path, the product is affine while at most one of its factors (arguments 1 and 2, or
+# these keywords) does, and addcdiv's divisor must not.
+PRODUCT_WITH_TERM_OPS = frozenset("addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ "
+                                  "addcmul addcmul_".split())
 FACTOR_NAMES = ("mat1", "mat2", "batch1", "batch2", "mat", "vec", "vec1", "vec2", "tensor1", "tensor2")
 DIVISOR_OPS = frozenset("addcdiv addcdiv_".split())
 # Ops affine only outside training (in training they mix the rows of a batch).
@@ -614,13 +612,12 @@ def _nonlinear_use(name: str, args, kwargs, moving: Sequence[torch.Tensor]) -> b
     """A product of two path-dependent factors, or a division by one, is not affine."""
     if name in PRODUCT_OPS:
         return len(moving) > 1
-    if name in PRODUCT_WITH_TERM_OPS or name in DIVISOR_OPS:
+    if name in DIVISOR_OPS:  # addcdiv(input, tensor1, tensor2): input + value * tensor1 / tensor2
+        divisor = args[2] if len(args) > 2 else kwargs.get("tensor2")
+        return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
+    if name in PRODUCT_WITH_TERM_OPS:
         factors = list(args[1:3]) + [kwargs[k] for k in FACTOR_NAMES if k in kwargs]
-        moving_factors = [f for f in factors if isinstance(f, torch.Tensor) and _tangent(f) is not None]
-        if name in DIVISOR_OPS:  # addcdiv(input, tensor1, tensor2): input + value * tensor1 / tensor2
-            divisor = args[2] if len(args) > 2 else kwargs.get("tensor2")
-            return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
-        return len(moving_factors) > 1
+        return sum(isinstance(f, torch.Tensor) and _tangent(f) is not None for f in factors) > 1
     if name in QUOTIENT_OPS:
         divisor = args[1] if len(args) > 1 else kwargs.get("other")
         return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
@@ -801,26 +798,45 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
     return fwAD.make_dual(primal * inside + clamped * (1 - inside), tangent * inside)
 
 
-def _maximum(mode: BreakpointMode, func, name, args, kwargs):
+def _operands(args, kwargs) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """(primal, tangent) of a binary op's two operands (a number as a constant tensor)."""
     a = args[0]
     b = args[1] if len(args) > 1 else kwargs["other"]
     if not isinstance(b, torch.Tensor):
         b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
-    larger = name in ("maximum", "max", "fmax")
-    (pa, ta), (pb, tb) = _parts(a), _parts(b)
+    return _parts(a), _parts(b)
+
+
+def _read_difference(mode: BreakpointMode, a, b, name: str, negate: bool = False):
+    """d = a - b (or b - a) in float64 with its derivative, for ops whose kink is where
+    it crosses 0 (maximum, comparisons): records the kink; returns d, dd and d just
+    after the point."""
+    (pa, ta), (pb, tb) = a, b
     with torch.no_grad():
         d, dd = (pa - pb).double(), (ta - tb).double()
-        if not larger:
+        if negate:
             d, dd = -d, -dd
         ahead = _side(mode, d, dd)
+    mode._record_kink(d, dd, 0.0, name)
+    return d, dd, ahead
+
+
+def _record_difference_choice(mode: BreakpointMode, choice: torch.Tensor, d, dd, ahead, name: str) -> None:
+    if mode.curved_kinks:
+        side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
+        mode._record_choice(choice, lambda reference: mode._back_to(d, dd, 0.0), side * d, side * dd, name)
+
+
+def _maximum(mode: BreakpointMode, func, name, args, kwargs):
+    (pa, ta), (pb, tb) = _operands(args, kwargs)
+    larger = name in ("maximum", "max", "fmax")
+    d, dd, ahead = _read_difference(mode, (pa, ta), (pb, tb), name, negate=not larger)
+    with torch.no_grad():
         # Equal along the whole piece: PyTorch splits the gradient between the two
         # (maximum, minimum), or gives it to the first (fmax, fmin).
         tie = 1.0 if name in ("fmax", "fmin") else 0.5
         weight_a = ((ahead > 0).double() + tie * (ahead == 0).double()).to(pa.dtype)
-    mode._record_kink(d, dd, 0.0, name)
-    if mode.curved_kinks:
-        side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
-        mode._record_choice(weight_a, lambda reference: mode._back_to(d, dd, 0.0), side * d, side * dd, name)
+    _record_difference_choice(mode, weight_a, d, dd, ahead, name)
     return fwAD.make_dual(pa * weight_a + pb * (1 - weight_a), ta * weight_a + tb * (1 - weight_a))
 
 
@@ -832,23 +848,13 @@ STRICT_COMPARISONS = frozenset("gt __gt__ greater lt __lt__ less".split())
 
 
 def _comparison(mode: BreakpointMode, func, name, args, kwargs):
-    a = args[0]
-    b = args[1] if len(args) > 1 else kwargs["other"]
-    if not isinstance(b, torch.Tensor):
-        b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
-    (pa, ta), (pb, tb) = _parts(a), _parts(b)
-    with torch.no_grad():
-        d, dd = (pa - pb).double(), (ta - tb).double()
-        ahead = _side(mode, d, dd)
-        strict = name in STRICT_COMPARISONS
-        if name in GREATER_COMPARISONS:
-            result = ahead > 0 if strict else ahead >= 0
-        else:
-            result = ahead < 0 if strict else ahead <= 0
-    mode._record_kink(d, dd, 0.0, name)
-    if mode.curved_kinks:
-        side = torch.where(ahead >= 0, 1.0, -1.0).to(d.dtype)
-        mode._record_choice(result, lambda reference: mode._back_to(d, dd, 0.0), side * d, side * dd, name)
+    d, dd, ahead = _read_difference(mode, *_operands(args, kwargs), name)
+    strict = name in STRICT_COMPARISONS
+    if name in GREATER_COMPARISONS:
+        result = ahead > 0 if strict else ahead >= 0
+    else:
+        result = ahead < 0 if strict else ahead <= 0
+    _record_difference_choice(mode, result, d, dd, ahead, name)
     return result
 
 
