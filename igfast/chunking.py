@@ -327,11 +327,12 @@ def integral_batch_size(value: Any) -> int:
     """``internal_batch_size`` as an int: a Python or numpy number or a one-element
     tensor. Captum divides it by the number of examples with ``//`` and runs at least
     one step per batch, so a real number counts as its floor, and 0 and negative
-    values run one step of the batch per chunk, after Captum's warning. (Captum itself
-    fails on a float whose quotient is 2 or more, slicing with it; igfast takes it.)"""
+    values run one step of the batch per chunk, after Captum's warning; a bool counts as
+    the int it is, as there. (Captum itself fails on a float whose quotient is 2 or
+    more, slicing with it; igfast takes it.)"""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not isinstance(value, numbers.Real):
         raise ArgumentTypeError(  # Captum: TypeError, where it computes with it
             "`internal_batch_size` must be None, 'auto' or a number >= 0 (int, float, numpy "
             f"number or one-element tensor); got {value!r}."

@@ -41,10 +41,11 @@ class TargetError(ArgumentError, IndexError, RuntimeError, TypeError):
     tuples)."""
 
 
-class LayerError(ArgumentError, RuntimeError, KeyError, AttributeError):
+class LayerError(ArgumentError, RuntimeError, KeyError, AttributeError, IndexError):
     """``layer`` cannot be attributed to: not a module (Captum: AttributeError), listed
     twice, its activation not batch-first or not floating (RuntimeError), one of a list
-    never called (KeyError)."""
+    never called (KeyError), its input empty because it takes keyword arguments only
+    (IndexError: Captum reads the first positional one)."""
 
     __str__ = ArgumentError.__str__  # KeyError's would quote the message
 

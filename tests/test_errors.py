@@ -87,6 +87,8 @@ def test_bad_input(inputs, kwargs, words, captum_raises):
     (X, dict(target=0, internal_batch_size=2.5)),  # Captum: max(1, 2.5 // 5) steps per batch
     (X, dict(target=0, internal_batch_size=7.0)),
     (X, dict(target=0, internal_batch_size=torch.tensor(9.5))),
+    (X, dict(target=0, internal_batch_size=True)),  # a bool is an int (Captum: a step per chunk)
+    (X, dict(target=0, internal_batch_size=False)),
     (X, dict(target=0, baselines=torch.full((1, 1), 0.3))),  # one row broadcasts
     (X, dict(target=0, baselines=torch.tensor([0.3]))),
     (X, dict(target=0, baselines=torch.linspace(-1, 1, 4).view(1, 4))),

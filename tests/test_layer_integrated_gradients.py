@@ -313,6 +313,32 @@ def test_activations_that_cannot_be_a_path():
         igfast.LayerIntegratedGradients(seq_first, seq_first.inner).attribute(torch.randn(2, 5, 4))
 
 
+def test_a_layer_called_with_keyword_arguments_only_has_no_input_to_replace():
+    """Hugging Face's BertEmbeddings is called as embeddings(input_ids=...): its
+    positional input is empty. Captum fails reading it (IndexError); igfast says why, in
+    an error of that class too."""
+
+    class KeywordCalled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.inner, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(self.inner(input=x))
+
+    model = KeywordCalled()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(6))
+    with pytest.raises(IndexError):
+        captum_attr.LayerIntegratedGradients(model, model.inner).attribute(x, target=1, attribute_to_layer_input=True)
+    with pytest.raises(IndexError, match="keyword arguments"):
+        igfast.LayerIntegratedGradients(model, model.inner).attribute(x, target=1, attribute_to_layer_input=True)
+    # Its output can be attributed to, as in Captum.
+    torch.testing.assert_close(
+        igfast.LayerIntegratedGradients(model, model.inner).attribute(x, target=1),
+        captum_attr.LayerIntegratedGradients(model, model.inner).attribute(x, target=1), rtol=1e-5, atol=1e-6)
+
+
 def test_target_and_method_errors_as_in_integrated_gradients():
     model = TokenClassifier()
     ids, mask = token_batch(1)

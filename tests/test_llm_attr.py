@@ -273,6 +273,11 @@ def test_errors(tokenizer):
         captum_explainer.attribute(inp, target=torch.tensor(5))
     with pytest.raises(TypeError, match="1-D token ids"):
         explainer.attribute(inp, target=torch.tensor(5))
+    # Captum: IndexError for floating ids (it indexes the log-probabilities with them).
+    with pytest.raises(IndexError):
+        captum_explainer.attribute(inp, target=torch.tensor([5.0, 6.0]))
+    with pytest.raises(IndexError, match="1-D token ids"):
+        explainer.attribute(inp, target=torch.tensor([5.0, 6.0]))
 
 
 def test_a_one_tensor_tuple_of_baselines_as_in_captum(tokenizer):

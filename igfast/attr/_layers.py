@@ -94,7 +94,7 @@ def _as_tuple(value: Any, layer: nn.Module, what: str) -> Tuple[Tuple[torch.Tens
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
         return tuple(value), type(value)
     if isinstance(value, (tuple, list)) and not value and what == "input":
-        raise ArgumentError(
+        raise LayerError(
             f"The {what} of layer {type(layer).__name__} is empty: it receives its inputs "
             "as keyword arguments, which attribute_to_layer_input cannot replace; "
             "attribute to the layer's output, or to the layer that computes the input."

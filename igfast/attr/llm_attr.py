@@ -141,8 +141,10 @@ class LLMGradientAttribution(CaptumMembers):
             targets = torch.tensor(self.tokenizer.encode(target, add_special_tokens=False), dtype=torch.long)
         elif isinstance(target, torch.Tensor):
             if target.dtype.is_floating_point or target.dtype == torch.bool or target.dim() != 1:
-                # Captum: TypeError for a 0-dim tensor (it iterates over it)
-                error = ArgumentTypeError if target.dim() == 0 else ArgumentError
+                # Captum: TypeError for a 0-dim tensor (it iterates over it), IndexError for
+                # floating ids (it indexes the log-probabilities with them)
+                error = (ArgumentTypeError if target.dim() == 0
+                         else TargetError if target.dtype.is_floating_point else ArgumentError)
                 raise error(f"A tensor `target` must be 1-D token ids; got {target.dtype} {tuple(target.shape)}.")
             targets = target.long()
         else:
