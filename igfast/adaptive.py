@@ -490,12 +490,10 @@ class _ExactSwitch:
         # A mixed network: the rule's predicted error at the last level, per example.
         self.previous_predicted = torch.zeros(batch_size, dtype=torch.float64, device=evaluations.device)
         self.unavailable: Optional[str] = None
-        # Seconds of one forward+backward row (from the latest rule round) and of one walk
-        # round (the probe over the most examples: the first probe, on one example, also
-        # pays the first call's setup, up to seconds): the walk's rounds wait on each
-        # other, a latency the rule's evaluations do not have (see take).
-        self.row_seconds, self.walk_round_seconds = 0.0, 0.0
-        self._timed_probe_size = 0
+        # Seconds of one forward+backward row, from the latest rule round, and the probes'
+        # times, which predict the walk's (see take).
+        self.row_seconds = 0.0
+        self.probe_clock = ProbeClock()
 
     def probe(self, examples: torch.Tensor) -> None:
         """Predict the exact cost of the examples not probed yet (one forward each), or
@@ -507,9 +505,9 @@ class _ExactSwitch:
             self.pieces = torch.zeros_like(self.evaluations)
             self.walk_rows = torch.zeros_like(self.evaluations)
         unprobed = examples[self.exact_cost[examples] < 0]
+        first = bool(self.exact_cost.max() < 0)
         try:
-            # The first probe takes one example: a network that cannot be walked costs one row.
-            for group in ((unprobed[:1], unprobed[1:]) if self.exact_cost.max() < 0 else (unprobed,)):
+            for group in self.probe_clock.groups(unprobed, first):
                 if group.numel():
                     self.evaluations[group] += 1  # the model ran, whatever the probe finds
                     started, curved = _seconds(group.device), self.route.curved
@@ -518,9 +516,8 @@ class _ExactSwitch:
                     finally:
                         if self.route.curved != curved:  # the walk of exact refused: walked again, curved
                             self.evaluations[group] += 1
-                    if group.numel() >= self._timed_probe_size:
-                        self.walk_round_seconds = _seconds(group.device) - started
-                        self._timed_probe_size = group.numel()
+                    self.probe_clock.add(group.numel(), _seconds(group.device) - started, first)
+                    first = False
                     self.exact_cost[group] = estimate.evaluations
                     self.pieces[group] = estimate.pieces
                     self.walk_rows[group] = estimate.walk_rows
@@ -629,8 +626,7 @@ class _ExactSwitch:
         walk_rounds = self.route.walk_rounds(int(self.pieces[chosen].max()))
         walk_rows = float(self.walk_rows[chosen].sum())
         walk_seconds = predicted_walk_seconds(walk_rounds, walk_rows, float(exact_cost[cheaper].sum()) - walk_rows,
-                                              self.row_seconds, self.walk_round_seconds / max(1, self._timed_probe_size),
-                                              self.walk_round_seconds)
+                                              self.row_seconds, self.probe_clock, self.route.curved)
         if walk_seconds > float(to_go[cheaper & ~forced].sum()) * self.row_seconds:
             if not bool(forced.any()):
                 return taken
@@ -720,21 +716,89 @@ class _ExactSwitch:
         self.walked[chosen] = True
 
 
+class ProbeClock:
+    """The probes' times (rows, seconds), which predict a walk's: a walk round is a probe
+    over its rows (a forward with tangents), so one probe's time is a round's latency
+    plus its rows' cost. Two probes of different sizes tell the two apart; one cannot.
+
+    The first probe of a call (one example: a network that cannot be walked costs one
+    row) also pays the call's setup, up to seconds: it counts only where no other probe
+    ran (a batch of one). The next one, over the examples the rule may still refine, is
+    split in two when they are at least SPLIT_AT: one more forward's latency (1.5 ms on
+    igfast bench's MLP, in calls of 40 to 200 ms) for a reading of the rows' cost."""
+
+    SPLIT_AT = 8
+    # The second size is at least this many times the first, so that the rows' cost is
+    # read across a span of rows larger than the two probes' noise (on the MLP 0.1 to
+    # 0.3 ms a probe, of 16 and 47 rows).
+    SPAN = 2
+
+    def __init__(self) -> None:
+        self.times: List[Tuple[int, float]] = []
+        self.first: Optional[Tuple[int, float]] = None
+
+    def groups(self, unprobed: torch.Tensor, first: bool) -> Tuple[torch.Tensor, ...]:
+        """The probes to run over the examples not probed yet."""
+        if first:
+            return unprobed[:1], unprobed[1:]
+        if not self.times and unprobed.numel() >= self.SPLIT_AT:
+            quarter = unprobed.numel() // 4
+            return unprobed[:quarter], unprobed[quarter:]
+        return (unprobed,)
+
+    def add(self, rows: int, seconds: float, first: bool = False) -> None:
+        if first:
+            self.first = (rows, seconds)
+        else:
+            self.times.append((rows, seconds))
+
+    def largest(self) -> Tuple[int, float]:
+        """(rows, seconds) of the probe over the most rows, the first only where it is
+        the only one; (0, 0.0) before any."""
+        return max(self.times, default=self.first or (0, 0.0))
+
+    def latency_and_row_cost(self, least_row_seconds: float) -> Optional[Tuple[float, float]]:
+        """(seconds of a probe over no rows, seconds per row) from the smallest and the
+        largest probe, the cost at least ``least_row_seconds``; None without two probes
+        SPAN apart in size. Where the rows cost less than the probes' noise the larger
+        probe may take less time (on the MLP, 48 rows in 0.95 to 1.47 ms after 15 in 1.07
+        to 1.91: the first probe of the two pays for warming up): the cost is then the
+        least."""
+        if len(self.times) < 2:
+            return None
+        (small_rows, small), (large_rows, large) = min(self.times), max(self.times)
+        if large_rows < self.SPAN * small_rows:
+            return None
+        row_cost = max((large - small) / (large_rows - small_rows), least_row_seconds)
+        return max(0.0, small - row_cost * small_rows), row_cost
+
+
 def predicted_walk_seconds(rounds: float, walk_rows: float, plain_rows: float, row_seconds: float,
-                           probe_row_seconds: float, round_seconds: float) -> float:
+                           probes: ProbeClock, curved: bool) -> float:
     """The predicted time of walking some examples' pieces (ExactRoute.integrate).
 
     The walk's rows run with tangents through BreakpointMode: each costs a probe's row
-    on top of a rule's (igfast bench's CNN at dd8df99: 1.7 ms against 0.5 ms). The
-    Gauss nodes of a smooth head or of a mixed network's pieces are plain rule rows.
-    The walk's rounds wait on each other. One probe's time is latency (which a few
-    examples of a small model do not fill) plus its rows' cost, in a split one probe
-    cannot tell; whatever the split, the walk's tangents take no longer than the dearer
-    reading: every round a whole probe's time, or every walk row a probe's time per
-    example (``probe_row_seconds``). Charging both, as before, predicted bench_exact's
-    tanh-then-ReLU MLP's walk at 0.41 s where it took about 0.25 s, and kept a rule that
-    took 0.48 s."""
-    tangents = max(rounds * round_seconds, walk_rows * probe_row_seconds)
+    (a forward with tangents) on top of a rule's row (forward and backward; igfast
+    bench's CNN at dd8df99: 1.7 ms against 0.5 ms). The Gauss nodes of a smooth head or
+    of a mixed network's pieces are plain rule rows. The walk's rounds wait on each
+    other: each pays a probe's latency, twice for method="exact"'s rounds (a forward
+    with tangents, then a backward of the same rows; a curved walk's rounds are forwards).
+
+    Where two probes tell a probe's latency from its rows' cost (ProbeClock), each is
+    charged where it is paid; a row's tangents cost at least half a rule row (the work
+    of a forward, whose backward costs about as much). On igfast bench's MLP at
+    tolerance 3e-3 (64 examples, 7400 walk rows in 4 rounds) this predicts 44 to 58 ms
+    for walks that took 43 to 56 ms, where the rule took 110 ms. Without them
+    (batches under ProbeClock.SPLIT_AT), whatever the split, the tangents take no longer
+    than the dearer reading of the largest probe: every round its whole time, or every
+    walk row its time per example; on that MLP 0.25 to 0.30 s, which kept the rule."""
+    fit = probes.latency_and_row_cost(row_seconds / 2)
+    if fit is None:
+        probe_rows, probe_seconds = probes.largest()
+        tangents = max(rounds * probe_seconds, walk_rows * probe_seconds / max(1, probe_rows))
+    else:
+        latency, row_cost = fit
+        tangents = rounds * latency * (1 if curved else 2) + walk_rows * row_cost
     return tangents + (walk_rows + plain_rows) * row_seconds
 
 

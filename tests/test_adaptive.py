@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import igfast
-from igfast.adaptive import predicted_walk_seconds
+from igfast.adaptive import ProbeClock, predicted_walk_seconds
 from igfast.completeness import SCALE_FLOOR
 from igfast.errors import ArgumentError
 from igfast.exact import CURVED_WALK_ROWS_PER_PIECE, GAUSS_NODES_PER_PIECE, PieceEstimate
@@ -705,11 +705,51 @@ def test_the_switch_charges_the_walks_tangents_to_its_walk_rows_only():
     assert torch.equal(head.evaluations, pieces * (1 + GAUSS_NODES_PER_PIECE))
     assert torch.equal(curved.walk_rows, pieces * CURVED_WALK_ROWS_PER_PIECE)
     assert bool((curved.walk_rows < curved.evaluations).all())
-    # A probe of 20 ms over 4 examples (5 ms each); 100 walk rows and 300 Gauss rows at a
+    # One probe of 20 ms over 4 examples (5 ms each); 100 walk rows and 300 Gauss rows at a
     # rule row (1 ms) each, and the walk's tangents at the dearer reading of the probe:
     # 100 probe rows (0.5 s) over 6 rounds (0.12 s), but 60 rounds (1.2 s) over 100 rows.
-    assert predicted_walk_seconds(6, 100, 300, 1e-3, 5e-3, 2e-2) == pytest.approx(0.5 + 0.4)
-    assert predicted_walk_seconds(60, 100, 300, 1e-3, 5e-3, 2e-2) == pytest.approx(1.2 + 0.4)
+    one_probe = ProbeClock()
+    one_probe.add(4, 2e-2)
+    for curved in (False, True):
+        assert predicted_walk_seconds(6, 100, 300, 1e-3, one_probe, curved) == pytest.approx(0.5 + 0.4)
+        assert predicted_walk_seconds(60, 100, 300, 1e-3, one_probe, curved) == pytest.approx(1.2 + 0.4)
+
+
+def test_two_probes_tell_a_walk_rounds_latency_from_its_rows_cost():
+    """One probe's time per example charged every walk row a share of the probe's latency:
+    on bench_exact's MLP at 3e-3 (probes of about 1.5 ms over 15 and 48 examples, 7400
+    walk rows in 4 rounds) 0.25 to 0.30 s predicted for a walk of 65 to 77 ms, and the
+    rule ran (110 ms)."""
+    clock = ProbeClock()
+    examples = torch.arange(64)
+    first = clock.groups(examples[:1], first=True)
+    assert [g.tolist() for g in first] == [[0], []]  # one example: a network that cannot be walked costs one row
+    split = clock.groups(examples[1:], first=False)  # the next probe is split, a quarter first
+    assert [g.numel() for g in split] == [15, 48] and torch.equal(torch.cat(split), examples[1:])
+    assert clock.latency_and_row_cost(0.0) is None and clock.largest() == (0, 0.0)
+    clock.add(1, 0.5, first=True)  # the first probe also paid the call's setup
+    assert clock.largest() == (1, 0.5)  # counted only while it is the only one
+    clock.add(4, 12e-3)
+    clock.add(16, 18e-3)
+    assert [g.numel() for g in clock.groups(examples[:20], first=False)] == [20]  # timed: not split again
+    assert clock.latency_and_row_cost(1e-4) == pytest.approx((10e-3, 0.5e-3))
+    # method="exact": each of 6 rounds pays the latency twice (a forward with tangents, then a
+    # backward); 100 walk rows their tangents (0.5 ms) and a rule row (1 ms); 300 Gauss rows a
+    # rule row. A curved walk's rounds are forwards.
+    assert predicted_walk_seconds(6, 100, 300, 1e-3, clock, False) == pytest.approx(0.12 + 0.05 + 0.4)
+    assert predicted_walk_seconds(6, 100, 300, 1e-3, clock, True) == pytest.approx(0.06 + 0.05 + 0.4)
+    # Rows cheaper than the probes' noise: the larger probe took less. A row's tangents cost
+    # at least half a rule row, and the latency is what is left of the smaller probe.
+    noisy = ProbeClock()
+    noisy.add(15, 1.9e-3)
+    noisy.add(48, 1.5e-3)
+    latency, row_cost = noisy.latency_and_row_cost(3e-6)
+    assert row_cost == 3e-6 and latency == pytest.approx(1.9e-3 - 15 * 3e-6)
+    # Probes too close in size (less than ProbeClock.SPAN apart) read nothing.
+    close = ProbeClock()
+    close.add(10, 1e-3)
+    close.add(16, 2e-3)
+    assert close.latency_and_row_cost(0.0) is None
 
 
 def test_examples_left_unconverged_warn_unless_the_info_is_asked_for():
