@@ -269,7 +269,8 @@ def integrate_adaptively(
         # The time of a rule row, from the latest round: round 0 of a fresh process's first
         # call also pays its setup (bench_exact's MLP, float64: 6.1e-4 s a row against
         # 1.3e-5 in round 1 and 7e-6 warm), which makes the rule look dearer than the walk.
-        # (The switch after round 0 still has only round 0's time.)
+        # (The switch after round 0 has only round 0's time: in a call that paid the setup it
+        # waits for round 1's, see _ExactSwitch.take.)
         row_seconds = (_seconds(device) - started) / max(1, nodes.count * active.numel())
         first_level = levels.first_level_of_round(round_index)
         if sums is None:
@@ -289,7 +290,7 @@ def integrate_adaptively(
                                             end_values[active] - start_values[active])
         relative_completeness = complete / torch.maximum(scale[active], norm)
         if switch is not None:
-            switch.row_seconds = row_seconds
+            switch.row_seconds, switch.timed_round = row_seconds, round_index
             # Probe whether the network is piecewise linear (one forward per example that
             # may still refine) before judging the examples: its estimate is stricter.
             could_refine = torch.maximum(change * PRE_ASYMPTOTIC_FACTOR, relative_completeness) > settings.tolerance
@@ -492,7 +493,7 @@ class _ExactSwitch:
         self.unavailable: Optional[str] = None
         # Seconds of one forward+backward row, from the latest rule round, and the probes'
         # times, which predict the walk's (see take).
-        self.row_seconds = 0.0
+        self.row_seconds, self.timed_round = 0.0, 0
         self.probe_clock = ProbeClock()
 
     def probe(self, examples: torch.Tensor) -> None:
@@ -627,7 +628,12 @@ class _ExactSwitch:
         walk_rows = float(self.walk_rows[chosen].sum())
         walk_seconds = predicted_walk_seconds(walk_rounds, walk_rows, float(exact_cost[cheaper].sum()) - walk_rows,
                                               self.row_seconds, self.probe_clock, self.route.curved)
-        if walk_seconds > float(to_go[cheaper & ~forced].sum()) * self.row_seconds:
+        # A call that paid the process's setup (the first probe took COLD_FACTOR times a
+        # later one) paid it in round 0 too: its rows' time does not judge the rule until
+        # a later round's does (igfast bench's CNN, batch 2, at 1e-4: round 0's rows took
+        # 40 times a warm row, and the walk taken then took 22 s where the rule took 8 s).
+        cold = self.timed_round == 0 and self.probe_clock.cold()
+        if cold or walk_seconds > float(to_go[cheaper & ~forced].sum()) * self.row_seconds:
             if not bool(forced.any()):
                 return taken
             cheaper = forced
@@ -751,6 +757,15 @@ class ProbeClock:
             self.first = (rows, seconds)
         else:
             self.times.append((rows, seconds))
+
+    # The first probe of a warm call took 0.8 to 1.6 times the next one on igfast bench's
+    # MLP and CNN; of a process's first call, 85 times (the CNN: 257 ms against 3 ms).
+    COLD_FACTOR = 4.0
+
+    def cold(self) -> bool:
+        """Whether the first probe took COLD_FACTOR times any later one: the call paid
+        the process's setup (the first call of a process, a new model's first)."""
+        return self.first is not None and any(self.first[1] > self.COLD_FACTOR * seconds for _, seconds in self.times)
 
     def largest(self) -> Tuple[int, float]:
         """(rows, seconds) of the probe over the most rows, the first only where it is

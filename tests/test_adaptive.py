@@ -752,6 +752,33 @@ def test_two_probes_tell_a_walk_rounds_latency_from_its_rows_cost():
     assert close.latency_and_row_cost(0.0) is None
 
 
+def test_a_call_that_paid_the_process_setup_judges_the_rule_from_a_warm_round(monkeypatch):
+    """Round 0 of a process's first call also pays its setup: on igfast bench's CNN
+    (batch 2, 1e-4) its rows took 40 times a warm row, the rule looked dear, and the
+    walk taken then took 22 s where the rule took 8 s. A call whose first probe took
+    ProbeClock.COLD_FACTOR times a later one waits for round 1's time."""
+    clock = ProbeClock()
+    clock.add(1, 1.3e-3, first=True)
+    clock.add(15, 1.1e-3)
+    assert not clock.cold()
+    clock.add(1, 0.26, first=True)
+    assert clock.cold()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).double()
+    x, baseline = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    monkeypatch.setattr(igfast.adaptive, "predicted_walk_seconds", lambda *args: 0.0)  # the walk always wins
+    runs = {}
+    for cold in (False, True):
+        monkeypatch.setattr(ProbeClock, "cold", lambda self, cold=cold: cold)
+        runs[cold] = ig.attribute(x, baseline, target=1, n_steps="auto", tolerance=1e-3, return_adaptive_info=True)
+    (warm, warm_info), (after_setup, cold_info) = runs[False], runs[True]
+    assert bool(warm_info.exact.all()) and bool(cold_info.exact.all())
+    # Walked after round 1 (8 more nodes each) instead of round 0, to the same result.
+    assert torch.equal(cold_info.evaluations, warm_info.evaluations + 8)
+    torch.testing.assert_close(after_setup, warm, rtol=1e-9, atol=1e-12)
+
+
 def test_examples_left_unconverged_warn_unless_the_info_is_asked_for():
     """They came back silently (only AdaptiveInfo.converged said so)."""
     torch.manual_seed(0)
