@@ -1,7 +1,7 @@
 """Breakpoints of a piecewise-linear network along a straight path, read while it runs.
 
 On the path p(t) = x' + t (x - x'), a network built from affine maps and
-piecewise-linear functions (ReLU, LeakyReLU, hardtanh/clamp, abs, maximum/minimum,
+piecewise-linear functions (ReLU, LeakyReLU, hardtanh/clamp, softshrink, abs, maximum/minimum,
 max-pool, max over a dimension) is affine in t between breakpoints (Sotoudeh and
 Thakur, ExactLine, NeurIPS 2019). Inside one such piece, every pre-activation z is
 affine in t: z(t + s) = z + s dz, where dz is its derivative along the path. The
@@ -460,7 +460,7 @@ class BreakpointMode(TorchFunctionMode):
                 f"method={self._method!r} cannot tell whether {name} is piecewise linear along the path: "
                 "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
                 "BatchNorm, shape ops, addmm and its kin), ReLU, LeakyReLU, PReLU, threshold, "
-                "hardtanh/ReLU6/clamp, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
+                "hardtanh/ReLU6/clamp, softshrink, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
                 "max-pool and max/min over a dimension, followed by an optional "
                 "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
                 "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
@@ -756,10 +756,25 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
     for bound in (low, high):
         if isinstance(bound, torch.Tensor) and _tangent(bound) is not None:
             raise NotPiecewiseLinearError(f"method='exact': {name} with path-dependent bounds is not supported.")
-    z, dz = _primal_and_tangent(x)
     # A unit that stays on a bound along the piece is inside for clamp (PyTorch's gradient
     # passes at min <= x <= max) and outside for hardtanh (min < x < max).
-    inclusive = not name.startswith(("hardtanh", "relu6"))
+    return _clamped(mode, x, low, high, not name.startswith(("hardtanh", "relu6")), name)
+
+
+def _softshrink(mode: BreakpointMode, func, name, args, kwargs):
+    """softshrink(x, l) = x - clamp(x, -l, l): x - l above l, x + l below -l, 0 between
+    (PyTorch's gradient is 1 where |x| > l: inside includes the bounds, as clamp's)."""
+    x = args[0]
+    limit = float(kwargs.get("lambd", args[1] if len(args) > 1 else 0.5))
+    clamped_primal, clamped_tangent = _parts(_clamped(mode, x, -limit, limit, True, name))
+    primal, tangent = _parts(x)
+    return fwAD.make_dual(primal - clamped_primal, tangent - clamped_tangent)
+
+
+def _clamped(mode: BreakpointMode, x, low, high, inclusive: bool, name: str):
+    """x clamped to [low, high] (either may be None); ``inclusive``: a unit on a bound
+    along the piece counts as inside."""
+    z, dz = _primal_and_tangent(x)
     with torch.no_grad():
         ahead = _side(mode, z, dz)
         below = torch.zeros_like(z, dtype=torch.bool)
@@ -1227,6 +1242,7 @@ PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _clamp for n in ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_",
                            "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
+    "softshrink": _softshrink,
     **{n: _threshold for n in ("threshold", "threshold_", "_threshold")},  # (F.threshold is named _threshold)
     **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},
     **{n: _comparison for n in ("gt", "__gt__", "greater", "ge", "__ge__", "greater_equal",

@@ -134,6 +134,8 @@ def _region_of(module, x):
         return x > module.threshold
     if isinstance(module, nn.Hardtanh):
         return (x > module.min_val).to(torch.int8) + (x > module.max_val).to(torch.int8)
+    if isinstance(module, nn.Softshrink):
+        return (x > -module.lambd).to(torch.int8) + (x > module.lambd).to(torch.int8)
     if isinstance(module, nn.MaxPool2d):
         _, indices = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
                                   ceil_mode=module.ceil_mode, return_indices=True)
@@ -152,7 +154,7 @@ def _region_of(module, x):
     return module.region(x)
 
 
-PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
+PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.Softshrink, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
                      nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout)
 
 
@@ -203,6 +205,10 @@ def hand_masks_net():
                          nn.Threshold(0.1, 0.1), nn.Linear(10, 3))
 
 
+def shrink_net():
+    return nn.Sequential(nn.Linear(6, 16), nn.Softshrink(0.3), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
 def softmax_head_mlp():
     return nn.Sequential(*relu_mlp(), Softmax())
 
@@ -218,6 +224,7 @@ MODELS = {
     "maxout_net": (maxout_net, (6,)),
     "fused_affine_net": (fused_affine_net, (6,)),
     "hand_masks_net": (hand_masks_net, (6,)),
+    "shrink_net": (shrink_net, (6,)),
 }
 
 
