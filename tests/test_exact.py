@@ -374,6 +374,26 @@ def test_each_walk_round_is_one_chunk_without_a_budget(device):
     assert sum(rows[:-2]) == int(info.evaluations.sum())
 
 
+def test_a_unit_that_stays_on_its_kink_cuts_no_piece(device):
+    """A ReLU's dead units go into a second ReLU at 0 with no rate (step 0 / 0): counted
+    as on a kink at every point, they had each piece behind a point halved down to the
+    margin (353 pieces where the path has 10). relu(relu(z)) is relu(z): the same pieces.
+    So for units pruned to 0 (zero weights and bias) before a ReLU."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 16), nn.Linear(16, 4)
+    with torch.no_grad():
+        first.weight[:4], first.bias[:4] = 0.0, 0.0
+    once = nn.Sequential(first, nn.ReLU(), second).to(device, torch.float64)
+    twice = nn.Sequential(first, nn.ReLU(), nn.ReLU(), second).to(device, torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64, device=device)
+    results = [igfast.IntegratedGradients(m).attribute(x, target=0, method="exact", return_adaptive_info=True)
+               for m in (once, twice)]
+    (ours_once, info_once), (ours_twice, info_twice) = results
+    expected, pieces = oracle(once, x, torch.zeros_like(x), 0)
+    _close(ours_twice, expected, 1e-10)
+    assert info_once.pieces.tolist() == info_twice.pieces.tolist() == pieces.tolist()
+
+
 @pytest.mark.parametrize("name", ["relu_mlp", "mixed_mlp", "max_pool_cnn"])
 def test_exact_float32_matches_float64_and_is_complete(name, device):
     model, shape = make(name, device)

@@ -69,12 +69,13 @@ inline int64_t inside(double step, double margin, double from, double to) {
          static_cast<int64_t>(step < to);
 }
 
-// The row's kinks inside (from, to); *on_kink: how many units are on their kink.
+// The row's kinks inside (from, to); *on_kink: how many units are on their kink (|step| <=
+// margin; nan is not: a unit at its kink with no rate stays on it, which cuts nothing).
 IGFAST_ROW_LOOP int64_t count_row(const double* __restrict steps, double margin, double from, double to, int64_t n,
                                   int64_t* __restrict on_kink) {
   int64_t found = 0, on = 0;
   for (int64_t j = 0; j < n; ++j) {
-    on += 1 - static_cast<int64_t>(std::fabs(steps[j]) > margin);
+    on += static_cast<int64_t>(std::fabs(steps[j]) <= margin);
     found += inside(steps[j], margin, from, to);
   }
   *on_kink = on;
