@@ -2,7 +2,7 @@
 
 On the path p(t) = x' + t (x - x'), a network built from affine maps and
 piecewise-linear functions (ReLU, LeakyReLU, hardtanh/clamp, softshrink, abs, maximum/minimum,
-max-pool, max over a dimension) is affine in t between breakpoints (Sotoudeh and
+max-pool, max, sort and topk over a dimension) is affine in t between breakpoints (Sotoudeh and
 Thakur, ExactLine, NeurIPS 2019). Inside one such piece, every pre-activation z is
 affine in t: z(t + s) = z + s dz, where dz is its derivative along the path. The
 next breakpoint is therefore the smallest positive s at which any unit reaches a
@@ -461,7 +461,7 @@ class BreakpointMode(TorchFunctionMode):
                 "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
                 "BatchNorm, shape ops, addmm and its kin), ReLU, LeakyReLU, PReLU, threshold, "
                 "hardtanh/ReLU6/clamp, softshrink, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
-                "max-pool and max/min over a dimension, followed by an optional "
+                "max-pool, max/min, sort and topk over a dimension, followed by an optional "
                 "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
                 "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
         if name in EVAL_ONLY_OPS and _training_flag(name, args, kwargs):
@@ -989,6 +989,47 @@ def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     return torch.return_types.max((values, index)) if name == "max" else torch.return_types.min((values, index))
 
 
+def _sort(mode: BreakpointMode, func, name, args, kwargs):
+    """sort (and topk, msort) along a dimension: the values in the order they have just
+    after the point, with a kink wherever two of them cross. Every crossing of two
+    elements swaps their ranks, so every pair is read, not only the neighbours of the
+    current order: a walk places all the kinks of an op along a segment at once, and
+    after a swap the neighbours are others. (For topk some crossings, below the k + 1
+    first, change nothing: they cut pieces that need not be cut, which costs rows, not
+    accuracy.) The pairs are n (n - 1) / 2 per row of n elements."""
+    x = args[0]
+    if name == "topk":
+        given = dict(zip(("input", "k", "dim", "largest", "sorted"), args), **kwargs)
+        dim, descending, keep = given.get("dim", -1), given.get("largest", True), int(given["k"])
+        if not given.get("sorted", True):
+            raise NotPiecewiseLinearError(
+                "method='exact': topk with sorted=False returns its values in an order PyTorch does not "
+                "define; give sorted=True.")
+    else:
+        given = dict(zip(("input", "dim", "descending"), args), **kwargs)
+        dim, descending, keep = given.get("dim", 0 if name == "msort" else -1), given.get("descending", False), None
+    dim = dim % x.dim()
+    if dim == 0:
+        raise NotPiecewiseLinearError(f"method='exact': {name} over dim 0 mixes the examples of the batch.")
+    v, dv = _primal_and_tangent(x.movedim(dim, -1))
+    with torch.no_grad():
+        order = torch.sort(_side(mode, v, dv), dim=-1, descending=descending, stable=True).indices
+        if keep is not None:
+            order = order[..., :keep]
+        first, second = torch.triu_indices(v.shape[-1], v.shape[-1], 1, device=v.device)
+        gap, gap_rate = v[..., first] - v[..., second], dv[..., first] - dv[..., second]
+        ahead = _side(mode, gap, gap_rate)
+    mode._record_kink(gap, gap_rate, 0.0, name)
+    # (On a curved walk each pair is a comparison: which of the two is ahead.)
+    _record_difference_choice(mode, ahead > 0, gap, gap_rate, ahead, name)
+    primal, tangent = _parts(x.movedim(dim, -1))
+    values = fwAD.make_dual(primal.gather(-1, order), tangent.gather(-1, order)).movedim(-1, dim)
+    indices = order.movedim(-1, dim)
+    if name == "msort":
+        return values
+    return (torch.return_types.topk if name == "topk" else torch.return_types.sort)((values, indices))
+
+
 def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     spatial = 1 if "1d" in name else 2 if "2d" in name else 3
     names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
@@ -1248,6 +1289,7 @@ PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _comparison for n in ("gt", "__gt__", "greater", "ge", "__ge__", "greater_equal",
                                 "lt", "__lt__", "less", "le", "__le__", "less_equal")},
     **{n: _max_over_dim for n in ("max", "min", "amax", "amin")},
+    **{n: _sort for n in ("sort", "msort", "topk")},
     **{n: _max_pool for n in ("max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d",
                               "_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
                               "max_pool3d_with_indices")},

@@ -122,6 +122,30 @@ class HandMasks(nn.Module):
         return torch.cat([x > 0, h > 0.3, g > 0.1], dim=-1)
 
 
+class Sorts(nn.Module):
+    """GroupSort (sort within pairs: a MaxMin activation), topk of groups of 6, then a
+    descending sort of all that is left."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x).unflatten(-1, (8, 2)).sort(-1).values.flatten(-2)
+        g = self.b(h).unflatten(-1, (2, 6)).topk(4, dim=-1).values.flatten(-2)
+        return self.c(torch.sort(g, dim=-1, descending=True).values)
+
+    def region(self, x):
+        pairs = self.a(x).unflatten(-1, (8, 2))
+        h = pairs.sort(-1).values.flatten(-2)
+        groups = self.b(h).unflatten(-1, (2, 6))
+        g = groups.topk(4, dim=-1).values.flatten(-2)
+        # (The walk cuts topk's pieces at every crossing in a group, those below its k + 1
+        # first too: the full order of each group, see piecewise._sort.)
+        return torch.cat([pairs.argsort(-1).flatten(-2), groups.argsort(-1).flatten(-2),
+                          g.argsort(-1, descending=True)], dim=-1)
+
+
 class Softmax(nn.Module):
     def forward(self, x):
         return torch.softmax(x, dim=-1)
@@ -155,7 +179,7 @@ def _region_of(module, x):
 
 
 PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.Softshrink, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
-                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout)
+                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout, Sorts)
 
 
 def relu_mlp():
@@ -225,6 +249,7 @@ MODELS = {
     "fused_affine_net": (fused_affine_net, (6,)),
     "hand_masks_net": (hand_masks_net, (6,)),
     "shrink_net": (shrink_net, (6,)),
+    "sorts": (Sorts, (6,)),
 }
 
 
@@ -647,6 +672,25 @@ class DivisionByAddcdiv(GeluThenRelu):
                                        (DivisionByAddcdiv, "addcdiv")])
 def test_networks_that_are_not_piecewise_linear_are_refused_naming_the_op(model, op):
     with pytest.raises(NotPiecewiseLinearError, match=op):
+        igfast.IntegratedGradients(model().double()).attribute(torch.randn(2, 4, dtype=torch.float64),
+                                                               target=0, method="exact")
+
+
+class UnsortedTopk(GeluThenRelu):
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).topk(4, dim=-1, sorted=False).values.repeat(1, 2)[:, :6])
+
+
+class SortAcrossTheBatch(GeluThenRelu):
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).sort(0).values)
+
+
+@pytest.mark.parametrize("model, words", [(UnsortedTopk, "sorted=False"), (SortAcrossTheBatch, "sort over dim 0")])
+def test_sorts_that_cannot_be_walked_are_refused_saying_why(model, words):
+    """topk with sorted=False returns its values in an order PyTorch does not define; a
+    sort over dim 0 mixes the batch's examples."""
+    with pytest.raises(NotPiecewiseLinearError, match=words):
         igfast.IntegratedGradients(model().double()).attribute(torch.randn(2, 4, dtype=torch.float64),
                                                                target=0, method="exact")
 
