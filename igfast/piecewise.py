@@ -295,7 +295,7 @@ class BreakpointMode(TorchFunctionMode):
     def _count_kink_op(self, steps: torch.Tensor, op: str) -> None:
         if steps.dim() == 0 or steps.shape[0] % self.rows:
             raise NotPiecewiseLinearError(
-                f"method='exact': {op} sees a tensor of shape {tuple(steps.shape)} whose first "
+                f"method={self._method!r}: {op} sees a tensor of shape {tuple(steps.shape)} whose first "
                 f"dimension does not hold the {self.rows} path rows; exact IG needs every "
                 "piecewise-linear op to keep examples along dim 0.")
         self.kink_ops += 1
@@ -755,7 +755,8 @@ def _clamp(mode: BreakpointMode, func, name, args, kwargs):
         high = kwargs.get("max", args[2] if len(args) > 2 else None)
     for bound in (low, high):
         if isinstance(bound, torch.Tensor) and _tangent(bound) is not None:
-            raise NotPiecewiseLinearError(f"method='exact': {name} with path-dependent bounds is not supported.")
+            raise NotPiecewiseLinearError(
+                f"method={mode._method!r}: {name} with path-dependent bounds is not supported.")
     # A unit that stays on a bound along the piece is inside for clamp (PyTorch's gradient
     # passes at min <= x <= max) and outside for hardtanh (min < x < max).
     return _clamped(mode, x, low, high, not name.startswith(("hardtanh", "relu6")), name)
@@ -958,18 +959,18 @@ def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if dim is None:
         raise NotPiecewiseLinearError(
-            f"method='exact': {name} over the whole tensor mixes the examples of the batch; "
+            f"method={mode._method!r}: {name} over the whole tensor mixes the examples of the batch; "
             "give a dimension.")
     if isinstance(dim, torch.Tensor):  # torch.max(a, b) with a second tensor
         return _maximum(mode, func, "maximum" if name.startswith("max") else "minimum", args, kwargs)
     if isinstance(dim, (tuple, list)):
         if len(dim) != 1:
-            raise NotPiecewiseLinearError(f"method='exact': {name} over several dimensions is not supported.")
+            raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} over several dimensions is not supported.")
         dim = dim[0]
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
     dim = dim % x.dim()
     if dim == 0:
-        raise NotPiecewiseLinearError(f"method='exact': {name} over dim 0 mixes the examples of the batch.")
+        raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} over dim 0 mixes the examples of the batch.")
     windows = x.movedim(dim, -1)
     v, dv = _primal_and_tangent(windows)
     index = _select_in_windows(mode, v, dv, name.startswith(("max", "amax")), name)
@@ -1003,14 +1004,14 @@ def _sort(mode: BreakpointMode, func, name, args, kwargs):
         dim, descending, keep = given.get("dim", -1), given.get("largest", True), int(given["k"])
         if not given.get("sorted", True):
             raise NotPiecewiseLinearError(
-                "method='exact': topk with sorted=False returns its values in an order PyTorch does not "
+                f"method={mode._method!r}: topk with sorted=False returns its values in an order PyTorch does not "
                 "define; give sorted=True.")
     else:
         given = dict(zip(("input", "dim", "descending"), args), **kwargs)
         dim, descending, keep = given.get("dim", 0 if name == "msort" else -1), given.get("descending", False), None
     dim = dim % x.dim()
     if dim == 0:
-        raise NotPiecewiseLinearError(f"method='exact': {name} over dim 0 mixes the examples of the batch.")
+        raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} over dim 0 mixes the examples of the batch.")
     v, dv = _primal_and_tangent(x.movedim(dim, -1))
     with torch.no_grad():
         order = torch.sort(_side(mode, v, dv), dim=-1, descending=descending, stable=True).indices
@@ -1036,7 +1037,7 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     given = dict(zip(names, args), **kwargs)
     x = given["input"]
     if given.get("return_indices", False) or name.endswith("with_indices"):
-        raise NotPiecewiseLinearError(f"method='exact': {name} with return_indices is not supported.")
+        raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} with return_indices is not supported.")
 
     def per_dim(value, default):
         value = default if value is None or (isinstance(value, (list, tuple)) and not value) else value
@@ -1048,7 +1049,9 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     dilation = per_dim(given.get("dilation", 1), 1)
     ceil_mode = bool(given.get("ceil_mode", False))
     unbatched = x.dim() == spatial + 1
-    batched = x.unsqueeze(0) if unbatched else x
+    # An unbatched input (C, ...) pools each channel on its own: the path rows along
+    # dim 0 are its channels, as rows of one channel each.
+    batched = x.unsqueeze(1) if unbatched else x
     sizes = batched.shape[-spatial:]
     pads = []
     for axis in reversed(range(spatial)):
@@ -1079,7 +1082,7 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
         _, index = pool(_side(mode, v, dv), kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
     values = _pooled_winners(mode, batched, v, dv, index, sv, sdv, name)
-    return values.squeeze(0) if unbatched else values
+    return values.squeeze(1) if unbatched else values
 
 
 def _pooled_winners(mode: BreakpointMode, batched: torch.Tensor, v: torch.Tensor, dv: torch.Tensor,
@@ -1119,7 +1122,7 @@ def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
     x = args[0]
     output_size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
     if kwargs.get("return_indices", args[2] if len(args) > 2 else False):
-        raise NotPiecewiseLinearError(f"method='exact': {name} with return_indices is not supported.")
+        raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} with return_indices is not supported.")
     sizes = x.shape[-spatial:]
     wanted = tuple(output_size) if isinstance(output_size, (list, tuple)) else (output_size,) * spatial
     wanted = tuple(size if out is None else out for out, size in zip(wanted, sizes))
@@ -1127,7 +1130,9 @@ def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
         kernel = tuple(size // out for size, out in zip(sizes, wanted))
         return _max_pool(mode, func, f"max_pool{spatial}d", (x, kernel, kernel), {})
     unbatched = x.dim() == spatial + 1
-    batched = x.unsqueeze(0) if unbatched else x
+    # An unbatched input (C, ...) pools each channel on its own: the path rows along
+    # dim 0 are its channels, as rows of one channel each.
+    batched = x.unsqueeze(1) if unbatched else x
     table = _adaptive_window_table(sizes, wanted).to(x.device)
     v, dv = _primal_and_tangent(batched)
     with torch.no_grad():
@@ -1143,7 +1148,7 @@ def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
 
         sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
     values = _pooled_winners(mode, batched, v, dv, index, sv, sdv, name)
-    return values.squeeze(0) if unbatched else values
+    return values.squeeze(1) if unbatched else values
 
 
 def _adaptive_window_table(sizes: Sequence[int], wanted: Sequence[int]) -> torch.Tensor:

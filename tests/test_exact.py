@@ -146,6 +146,24 @@ class Sorts(nn.Module):
                           g.argsort(-1, descending=True)], dim=-1)
 
 
+class RowPools(nn.Module):
+    """Max-pools over rows of features, the input 2-D: PyTorch takes it as unbatched (C, L)
+    and pools each row on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(F.adaptive_max_pool1d(F.max_pool1d(F.relu(self.a(x)), 2), 5))
+
+    def region(self, x):
+        h = self.a(x)
+        pooled, first = F.max_pool1d(F.relu(h).unsqueeze(1), 2, return_indices=True)
+        _, second = F.adaptive_max_pool1d(pooled, 5, return_indices=True)
+        return torch.cat([h > 0, first.squeeze(1), second.squeeze(1)], dim=-1)
+
+
 class Softmax(nn.Module):
     def forward(self, x):
         return torch.softmax(x, dim=-1)
@@ -179,7 +197,7 @@ def _region_of(module, x):
 
 
 PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.Softshrink, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
-                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout, Sorts)
+                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout, Sorts, RowPools)
 
 
 def relu_mlp():
@@ -250,6 +268,7 @@ MODELS = {
     "hand_masks_net": (hand_masks_net, (6,)),
     "shrink_net": (shrink_net, (6,)),
     "sorts": (Sorts, (6,)),
+    "row_pools": (RowPools, (6,)),
 }
 
 
