@@ -553,8 +553,8 @@ def test_a_network_the_probe_cannot_read_gets_the_strict_estimate(wrap):
     """A ReLU network behind an autograd Function (or torch.compile) cannot be walked, yet
     its integrand jumps as any ReLU network's: its estimate is the strict one, with a floor
     that does not compound (see the next test). Before, the plain change let converged
-    examples reach 4.2x their tolerance at 1e-2; now at most 1.43x here (an estimate, not
-    a bound)."""
+    examples reach 4.2x their tolerance at 1e-2, then 1.43x; judged as a mixed network's
+    where its changes fall as 1/n (adaptive.UNREAD_JUMPS_FACTOR), none here."""
     for seed in range(8):
         if wrap == "compiled" and seed % 4:  # compiling is slow: two of the models
             continue
@@ -570,7 +570,73 @@ def test_a_network_the_probe_cannot_read_gets_the_strict_estimate(wrap):
                 return_adaptive_info=True)
             assert not info.exact.any()
             errors = relative_errors(attributions, exact)[info.converged]
-            assert float(errors.max()) <= 1.5 * tolerance, (seed, tolerance, errors.max())
+            assert float(errors.max()) <= tolerance, (seed, tolerance, errors.max() / tolerance)
+
+
+class _HiddenReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return h.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return grad * (h > 0)
+
+
+UNREAD_OPS = {
+    "cummax": lambda h: torch.cummax(h, 1).values,
+    "median": lambda h: h.view(-1, 4, 4).median(dim=2).values.repeat(1, 4),
+    "selu": torch.nn.functional.selu,
+    "elu2": lambda h: torch.nn.functional.elu(h, 2.0),
+    "hidden_relu": _HiddenReLU.apply,
+}
+
+
+def dense_path_reference(forward, x, panels=25000, nodes_per_panel=4):
+    """IG from zero by a composite Gauss-Legendre rule of 100000 nodes (its error on these
+    jumping integrands: about 1e-5 relative)."""
+    nodes, weights = np.polynomial.legendre.leggauss(nodes_per_panel)
+    t = torch.tensor(((np.arange(panels)[:, None] + (nodes[None] + 1) / 2) / panels).reshape(-1))
+    w = torch.tensor(np.tile(weights / (2 * panels), panels))
+    result = torch.zeros_like(x)
+    for row in range(x.shape[0]):
+        points = (t[:, None] * x[row:row + 1]).requires_grad_(True)
+        (grad,) = torch.autograd.grad(forward(points)[:, 0].sum(), points)
+        result[row] = (grad * w[:, None]).sum(0) * x[row]
+    return result
+
+
+@pytest.mark.parametrize("op, seed, tolerance", [("median", 12, 1e-2), ("cummax", 12, 1e-3), ("selu", 4, 3e-3),
+                                                 ("elu2", 6, 1e-2), ("hidden_relu", 6, 1e-2)])
+def test_an_integrand_that_jumps_unread_is_judged_as_one_where_its_changes_fall_slowly(monkeypatch, op, seed,
+                                                                                      tolerance):
+    """Ops the probe cannot read (cummax, median, a ReLU in an autograd Function) or whose
+    slope jumps (SELU, ELU with alpha 2): beyond 33 nodes the plain change let these
+    examples converge 1.38x, 1.45x, 1.04x, 1.12x and 1.36x their tolerance off (a
+    helper's report; adaptive.UNREAD_JUMPS_FACTOR). Judged as a mixed network's where the
+    changes fall as 1/n, none."""
+    torch.manual_seed(seed)
+    x = 2 * torch.randn(6, 8, dtype=torch.float64)
+    first, second = nn.Linear(8, 16).double(), nn.Linear(16, 4).double()
+
+    def forward(inputs):
+        return second(UNREAD_OPS[op](first(inputs)))
+
+    reference = dense_path_reference(forward, x)
+
+    def worst_converged():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", igfast.ToleranceNotReachedWarning)
+            ours, info = igfast.IntegratedGradients(forward).attribute(
+                x, target=0, n_steps="auto", tolerance=tolerance, max_steps=4097, return_adaptive_info=True)
+        assert info.exact_unavailable is not None and bool(info.converged.any())
+        return float(relative_errors(ours, reference)[info.converged].max()) / tolerance
+
+    assert worst_converged() <= 1.0
+    monkeypatch.setattr(igfast.adaptive, "UNREAD_JUMPS_FACTOR", 1.0)
+    assert worst_converged() > 1.0
 
 
 @pytest.mark.parametrize("seed, tolerance", [(0, 1e-2), (1, 3e-3), (10, 3e-2)])
