@@ -990,6 +990,12 @@ def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     return torch.return_types.max((values, index)) if name == "max" else torch.return_types.min((values, index))
 
 
+# The most elements a sort or topk the walk reads may order along its dimension: each row
+# holds a float64 steps per pair (and a few copies while they are read), 4 MiB a row at
+# 1024 elements, and a topk over a vocabulary of 50000 would want 10 GB a row.
+MOST_SORTED_ELEMENTS = 1024
+
+
 def _sort(mode: BreakpointMode, func, name, args, kwargs):
     """sort (and topk, msort) along a dimension: the values in the order they have just
     after the point, with a kink wherever two of them cross. Every crossing of two
@@ -1012,6 +1018,11 @@ def _sort(mode: BreakpointMode, func, name, args, kwargs):
     dim = dim % x.dim()
     if dim == 0:
         raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} over dim 0 mixes the examples of the batch.")
+    if x.shape[dim] > MOST_SORTED_ELEMENTS:
+        raise NotPiecewiseLinearError(
+            f"method={mode._method!r}: {name} over {x.shape[dim]} elements: the walk reads every pair of them "
+            f"({x.shape[dim] * (x.shape[dim] - 1) // 2} per row), and takes at most {MOST_SORTED_ELEMENTS} "
+            "elements. Use a fixed n_steps or n_steps='auto' for this model.")
     v, dv = _primal_and_tangent(x.movedim(dim, -1))
     with torch.no_grad():
         order = torch.sort(_side(mode, v, dv), dim=-1, descending=descending, stable=True).indices

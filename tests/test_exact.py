@@ -705,10 +705,18 @@ class SortAcrossTheBatch(GeluThenRelu):
         return self.b(torch.relu(self.a(x)).sort(0).values)
 
 
-@pytest.mark.parametrize("model, words", [(UnsortedTopk, "sorted=False"), (SortAcrossTheBatch, "sort over dim 0")])
+class TopkOfMany(GeluThenRelu):
+    def forward(self, x):
+        wide = torch.relu(self.a(x)).repeat(1, 200)  # 1200 elements: 719400 pairs a row
+        return self.b(wide.topk(6, dim=-1).values)
+
+
+@pytest.mark.parametrize("model, words", [(UnsortedTopk, "sorted=False"), (SortAcrossTheBatch, "sort over dim 0"),
+                                          (TopkOfMany, "topk over 1200 elements.*719400 per row.*at most 1024")])
 def test_sorts_that_cannot_be_walked_are_refused_saying_why(model, words):
     """topk with sorted=False returns its values in an order PyTorch does not define; a
-    sort over dim 0 mixes the batch's examples."""
+    sort over dim 0 mixes the batch's examples; a sort of many elements would hold every
+    pair's step (piecewise.MOST_SORTED_ELEMENTS)."""
     with pytest.raises(NotPiecewiseLinearError, match=words):
         igfast.IntegratedGradients(model().double()).attribute(torch.randn(2, 4, dtype=torch.float64),
                                                                target=0, method="exact")
