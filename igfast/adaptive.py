@@ -759,6 +759,9 @@ class ProbeClock:
     # read across a span of rows larger than the two probes' noise (on the MLP 0.1 to
     # 0.3 ms a probe, of 16 and 47 rows).
     SPAN = 2
+    # The first probe of a warm call took 0.8 to 1.6 times the next one on igfast bench's
+    # MLP and CNN; of a process's first call, 85 times (the CNN: 257 ms against 3 ms).
+    COLD_FACTOR = 4.0
 
     def __init__(self) -> None:
         self.times: List[Tuple[int, float]] = []
@@ -778,10 +781,6 @@ class ProbeClock:
             self.first = (rows, seconds)
         else:
             self.times.append((rows, seconds))
-
-    # The first probe of a warm call took 0.8 to 1.6 times the next one on igfast bench's
-    # MLP and CNN; of a process's first call, 85 times (the CNN: 257 ms against 3 ms).
-    COLD_FACTOR = 4.0
 
     def cold(self) -> bool:
         """Whether the first probe took COLD_FACTOR times any later one: the call paid

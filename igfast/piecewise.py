@@ -1042,6 +1042,14 @@ def _sort(mode: BreakpointMode, func, name, args, kwargs):
     return (torch.return_types.topk if name == "topk" else torch.return_types.sort)((values, indices))
 
 
+def _pool_rows(x: torch.Tensor, spatial: int) -> Tuple[torch.Tensor, bool]:
+    """A pool's input as (rows, channels, *spatial), and whether it came unbatched: an
+    unbatched input (C, ...) pools each channel on its own, so the path rows along dim 0
+    are its channels, taken as rows of one channel each (squeeze(1) undoes it)."""
+    unbatched = x.dim() == spatial + 1
+    return (x.unsqueeze(1) if unbatched else x), unbatched
+
+
 def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     spatial = 1 if "1d" in name else 2 if "2d" in name else 3
     names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
@@ -1059,10 +1067,7 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     padding = per_dim(given.get("padding", 0), 0)
     dilation = per_dim(given.get("dilation", 1), 1)
     ceil_mode = bool(given.get("ceil_mode", False))
-    unbatched = x.dim() == spatial + 1
-    # An unbatched input (C, ...) pools each channel on its own: the path rows along
-    # dim 0 are its channels, as rows of one channel each.
-    batched = x.unsqueeze(1) if unbatched else x
+    batched, unbatched = _pool_rows(x, spatial)
     sizes = batched.shape[-spatial:]
     pads = []
     for axis in reversed(range(spatial)):
@@ -1140,10 +1145,7 @@ def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
     if not any(size % out for size, out in zip(sizes, wanted)):
         kernel = tuple(size // out for size, out in zip(sizes, wanted))
         return _max_pool(mode, func, f"max_pool{spatial}d", (x, kernel, kernel), {})
-    unbatched = x.dim() == spatial + 1
-    # An unbatched input (C, ...) pools each channel on its own: the path rows along
-    # dim 0 are its channels, as rows of one channel each.
-    batched = x.unsqueeze(1) if unbatched else x
+    batched, unbatched = _pool_rows(x, spatial)
     table = _adaptive_window_table(sizes, wanted).to(x.device)
     v, dv = _primal_and_tangent(batched)
     with torch.no_grad():

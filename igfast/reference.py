@@ -137,7 +137,8 @@ def window_kinks(steps: torch.Tensor, margin: float, low: torch.Tensor, high: to
     on its kink that stays there, such as a ReLU's dead output going into another ReLU)
     is on no side: never a kink, nor near one (counted near, every piece behind a point
     was halved down to the margin: 353 pieces for 10 on a ReLU after a ReLU)."""
-    clear = steps.abs() > margin
+    distance = steps.abs()
+    clear = distance > margin
     inside = clear & (steps > (low + margin).view(-1, 1)) & (steps < (high - margin).view(-1, 1))
     found = inside.nonzero()
     rows, found_steps = found[:, 0], steps[found[:, 0], found[:, 1]]
@@ -145,7 +146,7 @@ def window_kinks(steps: torch.Tensor, margin: float, low: torch.Tensor, high: to
         0, rows, torch.where(found_steps > 0, found_steps, math.inf), "amin")
     behind = torch.full_like(low, -math.inf).scatter_reduce(
         0, rows, torch.where(found_steps < 0, found_steps, -math.inf), "amax")
-    return rows, found_steps, ahead, behind, (steps.abs() <= margin).any(1)
+    return rows, found_steps, ahead, behind, (distance <= margin).any(1)
 
 
 def scalar_kinks(primal: torch.Tensor, tangent: torch.Tensor, kink: float, margin: float, rows: int,
