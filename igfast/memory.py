@@ -22,8 +22,9 @@ import math
 import numbers
 import os
 import re
+import sys
 import time
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -264,7 +265,7 @@ class PeakMeter:
             self._hidden_peak = 0
             _open_cuda_meters.append(self)
             return self
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(_outside_compiled_code(self._pack), _unpack)
         self._saved_hooks.__enter__()
         _open_estimates.append(self)
         return self
@@ -311,3 +312,18 @@ class PeakMeter:
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _outside_compiled_code(pack: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The meter's pack hook, kept out of torch.compile'd graphs (torch.compiler.disable):
+    dynamo traced it into the forward of a model compiled in place (nn.Module.compile),
+    and inductor failed on the hook's ``tensor._base`` (AttributeError: 'NoneType'
+    object has no attribute 'is_leaf'), so every measured chunk of such a model raised
+    (n_steps=4000 on 3 examples, a memory_budget that chunks, n_steps="auto", a smooth
+    head's Gauss nodes under method="exact"). Run outside, it still sees what the
+    compiled graph saves. Only where torch._dynamo is imported: without it nothing is
+    compiled, and importing it takes about a second."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    if disable is None or "torch._dynamo" not in sys.modules:
+        return pack
+    return disable(pack)
