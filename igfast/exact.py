@@ -569,6 +569,15 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
     layer has all its kinks placed by the first round, and each round places the next
     layer's inside the parts: there are about as many rounds as layers, not as pieces.
 
+    Where the kinks that cut a segment came first from the network's last
+    piecewise-linear op, and that op places all of its own, every part is a piece
+    (BreakpointMode.pieces_beyond_the_point): the next round takes its gradient at its
+    middle with a plain forward and backward, without tangents or a reading of the
+    kinks, and with a smooth head needs no row for it at all. On igfast bench's MLP that
+    is the last round's 3,465 rows of 7,564; walked, they also read again, a rounding
+    away from a part's end, 46 kinks placed from another point, whose slivers took two
+    more rounds.
+
     The first round takes gradients (the path's whole length is one segment). Without a
     smooth head every row's gradient is its piece's and is summed here (``sums``,
     float64, length times gradient); where a head is found the later rounds are
@@ -580,25 +589,49 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
     """
     batch_size = directions[0].shape[0]
     device = directions[0].device
-    segment_examples = torch.arange(batch_size, device=device)
-    segment_low = torch.zeros(batch_size, dtype=torch.float64, device=device)
-    segment_high = torch.ones_like(segment_low)
+    # The waiting segments: example, low, high, and whether it is known to be one piece.
+    segments = (torch.arange(batch_size, device=device), torch.zeros(batch_size, dtype=torch.float64, device=device),
+                torch.ones(batch_size, dtype=torch.float64, device=device),
+                torch.zeros(batch_size, dtype=torch.bool, device=device))
     walk_rows = torch.zeros(batch_size, dtype=torch.long, device=device)
     pieces = torch.zeros_like(walk_rows)
-    walk_forwards = rounds_walked = found_pieces = waiting_later = 0
+    walk_forwards = rounds_walked = found_pieces = 0
     piece_examples, piece_starts, piece_lengths = [], [], []
-    deferred = (segment_examples[:0], segment_low[:0], segment_high[:0])  # waiting beyond the next round
-    while segment_examples.numel():
+    deferred = tuple(s[:0] for s in segments)  # waiting beyond the next round
+
+    def add_pieces(owners: torch.Tensor, low: torch.Tensor, lengths: torch.Tensor) -> None:
+        piece_examples.append(owners)
+        piece_starts.append(low)
+        piece_lengths.append(lengths)
+        pieces.index_add_(0, owners, torch.ones_like(owners))
+
+    while segments[0].numel():
         rounds_walked += 1
-        later: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        later: List[Tuple[torch.Tensor, ...]] = []
         waiting_later = 0
+        with_gradients = "smooth_op" not in found
+        known = segments[3]
+        if bool(known.any()):
+            owners, low, high = (s[known] for s in segments[:3])
+            if with_gradients:  # (a smooth head's Gauss nodes come after the whole walk)
+                for part in group.parts(owners.numel()):
+                    part_owners, part_low, lengths = owners[part], low[part], high[part] - low[part]
+                    points = _points(starts, directions, part_owners, part_low + 0.5 * lengths)
+                    gradients = _run_and_keep_record(rounds, run_round(part_owners, points, None))
+                    _add(sums, part_owners, gradients, lengths)
+                    if gap_fill is not None:
+                        gap_fill.keep(part_owners, part_low, gradients)
+                walk_rows.index_add_(0, owners, torch.ones_like(owners))
+            add_pieces(owners, low, high - low)
+            found_pieces += owners.numel()
+            segments = tuple(s[~known] for s in segments)
+        segment_examples, segment_low, segment_high, _ = segments
         for part in group.parts(segment_examples.numel()):
             owners, low, high = segment_examples[part], segment_low[part], segment_high[part]
             middle = 0.5 * (low + high)
             window = (low - middle, high - middle)
             owner_directions = tuple(d[owners] for d in directions)
             points = _points(starts, directions, owners, middle, owner_directions)
-            with_gradients = "smooth_op" not in found
             piece_window = tuple(w.clone() for w in window)  # the record shrinks it to each piece
             # After the first round (one segment: the whole path) every kink of a first op
             # that is a line kink is placed: no later segment holds one.
@@ -628,36 +661,35 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             elif gap_fill is not None:  # a smooth head: its Gauss nodes come after the whole walk
                 gap_fill = None
             kept = gap_fill.nbytes if gap_fill is not None else 0
-            piece_examples.append(owners[held_segments])
-            piece_starts.append(cut.low[held])
-            piece_lengths.append(lengths)
-            pieces.index_add_(0, piece_examples[-1], torch.ones_like(piece_examples[-1]))
+            add_pieces(owners[held_segments], cut.low[held], lengths)
             rest = ~held
-            later.append((owners[cut.segment[rest]], cut.low[rest], cut.high[rest]))
-            found_pieces += piece_examples[-1].numel()
-            waiting_later += later[-1][0].numel()
+            rest_segments = cut.segment[rest]
+            later.append((owners[rest_segments], cut.low[rest], cut.high[rest],
+                          record.pieces_beyond_the_point[rest_segments]))
+            found_pieces += held_segments.numel()
+            waiting_later += rest_segments.numel()
             to_walk = segment_examples.numel() - (part.stop or 0) + waiting_later + deferred[0].numel()
             ledger.charge((found_pieces + segment_examples.numel() + waiting_later + deferred[0].numel())
                           * SEGMENT_BYTES + kept, found_pieces, to_walk)
         # The next round's segments are joined from the waiting ones (twice those), after
         # this round's are let go.
-        segment_examples = segment_low = segment_high = None
+        segments = segment_examples = segment_low = segment_high = None
         kept = gap_fill.nbytes if gap_fill is not None else 0
         waiting_later += deferred[0].numel()
         ledger.charge((found_pieces + 2 * waiting_later) * SEGMENT_BYTES + kept, found_pieces, waiting_later)
-        segment_examples, segment_low, segment_high = (torch.cat(parts) for parts in zip(*later, deferred))
+        segments = tuple(torch.cat(parts) for parts in zip(*later, deferred))
         later.clear()
-        deferred = (segment_examples[:0], segment_low[:0], segment_high[:0])
+        deferred = tuple(s[:0] for s in segments)
         # Every waiting segment holds a piece at least: if their sort into breakpoints
         # cannot fit at the end, say so now, not after the walk.
         ledger.between_chunks((found_pieces + waiting_later) * (PIECE_BYTES + BREAKPOINT_SORT_BYTES)
                               - ledger.charged, found_pieces)
-        waiting = torch.bincount(segment_examples, minlength=batch_size)
+        waiting = torch.bincount(segments[0], minlength=batch_size)
         _piece_limit(settings, pieces + waiting, waiting > 0)
-        if gap_fill is not None and gap_fill.active and segment_examples.numel():
+        if gap_fill is not None and gap_fill.active and segments[0].numel():
             ledger.between_chunks(gap_fill.temporary_bytes(), found_pieces)
-            (segment_examples, segment_low, segment_high), deferred = gap_fill.choose(
-                segment_examples, segment_low, segment_high, sums)
+            now, wait = gap_fill.choose(*segments[:3], sums)
+            segments, deferred = tuple(s[now] for s in segments), tuple(s[wait] for s in segments)
     return _Pieces(_joined(piece_examples), _joined(piece_starts), _joined(piece_lengths), pieces, walk_rows,
                    walk_forwards, rounds_walked)
 
@@ -743,7 +775,7 @@ class _GapFill:
 
     def choose(self, examples: torch.Tensor, low: torch.Tensor, high: torch.Tensor, sums):
         """Of the waiting segments, (those to reach next round, those that wait for a
-        later one), each as (examples, low, high). An example whose waiting stretches are
+        later one), each as a mask over them. An example whose waiting stretches are
         estimated within tolerance has them filled into ``sums`` and waits no more."""
         owners, lows, gradients = (torch.cat(parts) for parts in (self.owners, self.lows, self.gradients))
         self.owners, self.lows, self.gradients = [owners], [lows], [gradients]
@@ -839,7 +871,7 @@ class _GapFill:
         now, later = going & reach, going & ~reach
         if not bool(now.any()):  # (each example going on reaches its largest: never all wait)
             now, later = going, torch.zeros_like(going)
-        return ((examples[now], low[now], high[now]), (examples[later], low[later], high[later]))
+        return now, later
 
 
 def _slices(count: int, width: int, nbytes: int) -> List[slice]:
@@ -1497,6 +1529,9 @@ class _WalkRecord:
         self.window, self.placed_ops = window, placed_ops
         self.kink_rows: List[torch.Tensor] = []
         self.kink_steps: List[torch.Tensor] = []
+        # Per row, whether the parts its kinks cut are pieces (BreakpointMode.pieces_beyond_the_point).
+        self.pieces_beyond_the_point = torch.zeros(count if window is not None else 0, dtype=torch.bool,
+                                                   device=device)
         self.count = count
 
     def part(self, rows: slice) -> "_WalkRecord":
@@ -1540,6 +1575,9 @@ class _WalkRecord:
                 mine[rows] = piece
             self.kink_rows += [found_rows + rows.start for found_rows in mode.kink_rows]
             self.kink_steps += mode.kink_steps
+            pieces = mode.pieces_beyond_the_point()
+            if pieces is not None:
+                self.pieces_beyond_the_point[rows] = pieces
         if mode.state.choices:
             if self.state is None:
                 self.state = mode.state.empty(self.count)

@@ -258,6 +258,14 @@ class BreakpointMode(TorchFunctionMode):
         self.kink_steps: List[torch.Tensor] = []
         self.placed_ops = placed_ops
         self.first_op_is_line: Optional[bool] = None
+        # For pieces_beyond_the_point: the names of the piecewise-linear ops run, whether
+        # the last one is a line kink, per row the first op that found kinks in the
+        # window (-1: none yet), and whether a unit of an op before that one stood on its
+        # kink at the point.
+        self.kink_op_names: set = set()
+        self.last_op_is_line = False
+        self.first_cutting_op: Optional[torch.Tensor] = None
+        self.stood_on_kink: Optional[torch.Tensor] = None
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -299,6 +307,7 @@ class BreakpointMode(TorchFunctionMode):
                 f"dimension does not hold the {self.rows} path rows; exact IG needs every "
                 "piecewise-linear op to keep examples along dim 0.")
         self.kink_ops += 1
+        self.kink_op_names.add(op)
 
     def _record_window(self, signed: torch.Tensor, op: str) -> None:
         """With a window: fold in one op's signed steps to its kinks (float64; inf, -inf
@@ -324,12 +333,40 @@ class BreakpointMode(TorchFunctionMode):
         the point) and shrink the window to the nearest on each side."""
         self.kink_rows.append(rows)
         self.kink_steps.append(found_steps)
+        if self.first_cutting_op is None:
+            self.first_cutting_op = torch.full((self.rows,), -1, dtype=torch.long, device=near.device)
+            self.stood_on_kink = torch.zeros(self.rows, dtype=torch.bool, device=near.device)
+        if rows.numel():
+            cut = torch.zeros_like(self.stood_on_kink)
+            cut[rows] = True
+            self.first_cutting_op = torch.where(cut & (self.first_cutting_op < 0), self.kink_ops - 1,
+                                                self.first_cutting_op)
+        # (Only before the op that cuts first: a unit on its kink there moves the
+        # window's low end to the point for the ops after it.)
+        self.stood_on_kink = self.stood_on_kink | (near & (self.first_cutting_op < 0))
         low, high = self.window
         high = torch.minimum(high, ahead)
         low = torch.maximum(low, behind)
         # (Not where the segment ends within the margin behind the point: that sliver
         # joins the piece, or every evaluation would leave half of it behind.)
         self.window = (torch.where(near & (low < -self.margin), low.clamp_min(0.0), low), high)
+
+    def pieces_beyond_the_point(self) -> Optional[torch.Tensor]:
+        """With a window, per row: whether every part its kinks cut the window into is one
+        piece whose gradient a plain backward gives (else None where nothing was read).
+        So it is where the kinks came first from the network's last piecewise-linear op,
+        and that op is a line kink: every kink of it inside the window is placed (a max
+        places only the nearest overtaking on each side of the point), and no later op
+        can cut the parts again; where no unit stood on its kink at the point (which
+        narrows the window for the ops after it); and where every op is one of
+        PLAIN_GRADIENT_OPS, whose PyTorch gradient inside a piece is the walk's (a ReLU's
+        unit that sits on its kink with no rate gets 0 from both; a clamp's bound does
+        not: PyTorch's hardtanh and clamp differ there)."""
+        if self.first_cutting_op is None:
+            return None
+        if not self.last_op_is_line or not self.kink_op_names <= PLAIN_GRADIENT_OPS:
+            return torch.zeros_like(self.stood_on_kink)
+        return (self.first_cutting_op == self.kink_ops - 1) & ~self.stood_on_kink
 
     def fuses_kinks(self) -> bool:
         """Whether an op with one kink per unit at a fixed value can be read by
@@ -374,6 +411,7 @@ class BreakpointMode(TorchFunctionMode):
         counted. Notes whether the first op is a line kink."""
         if self.first_op_is_line is None:
             self.first_op_is_line = line
+        self.last_op_is_line = line
         if self.kink_ops >= self.placed_ops:
             return False
         self._count_kink_op(tensor, op)
@@ -1293,6 +1331,16 @@ TANGENT_SHORTCUTS: Dict[str, Callable] = {
 AFFINE_HANDLERS: Dict[str, Callable] = {
     n: _affine_with_bias for n in ("linear", "conv1d", "conv2d", "conv3d")
 }
+
+# Piecewise-linear ops whose PyTorch gradient anywhere inside a piece is the one the walk
+# reads there (see BreakpointMode.pieces_beyond_the_point): where a unit sits on its
+# kink with no rate (a dead ReLU's output going into another), both take the factor at
+# the kink (ReLU 0, LeakyReLU and PReLU their slope, abs 0), and where a max-pool's
+# elements stay level both take the first.
+PLAIN_GRADIENT_OPS = frozenset(
+    "relu relu_ leaky_relu leaky_relu_ prelu abs abs_ __abs__ absolute max_pool1d max_pool2d max_pool3d "
+    "_max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices "
+    "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split())
 
 PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _relu for n in ("relu", "relu_")},
