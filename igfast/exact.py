@@ -1243,6 +1243,9 @@ class PieceEstimate:
     # method="gausslegendre_pieces", integrated by ExactRoute adaptively (see
     # _refine_pieces), and the count of kinks a linear extrapolation.
     curved: bool = False
+    # (E,) int64: of the kinks, those of the last op, where its parts take plain rows
+    # (BreakpointMode.pieces_beyond_the_point): about as many pieces are not walked.
+    plain_pieces: Optional[torch.Tensor] = None
 
     @property
     def evaluations(self) -> torch.Tensor:
@@ -1251,13 +1254,19 @@ class PieceEstimate:
         piece (_refine_pieces; its bisections are few and not predicted)."""
         if self.curved:
             return self.pieces * (CURVED_WALK_ROWS_PER_PIECE + 2 * GAUSS_NODES_PER_PIECE - 1)
-        return self.pieces * (1 + (GAUSS_NODES_PER_PIECE if self.smooth_head else 0))
+        if self.smooth_head:  # Gauss nodes on every piece, and the walk's rows
+            return self.pieces * GAUSS_NODES_PER_PIECE + self.walk_rows
+        return self.pieces  # a row each, walked or plain
 
     @property
     def walk_rows(self) -> torch.Tensor:
         """Of those, the rows that run with tangents through BreakpointMode (the rest are
-        Gauss nodes: plain gradient rows)."""
-        return self.pieces * (CURVED_WALK_ROWS_PER_PIECE if self.curved else 1)
+        plain gradient rows: Gauss nodes, and the last op's parts)."""
+        if self.curved:
+            return self.pieces * CURVED_WALK_ROWS_PER_PIECE
+        if self.plain_pieces is None:
+            return self.pieces
+        return self.pieces - torch.minimum(self.plain_pieces, self.pieces - 1)
 
 
 class SmoothNetworkError(NotPiecewiseLinearError):
@@ -1384,6 +1393,7 @@ class ExactRoute:
         self.ends, self.starts, self.make_parts, self.settings = ends, starts, make_parts, settings
         self.curved = False  # the first probe found smooth ops before kinks
         self.kink_ops = 0  # the piecewise-linear ops a probe met
+        self.plain_past_the_last_op = False  # (BreakpointMode.plain_past_the_last_op)
         self.sub_paths = MAX_SUB_PATHS  # the rows a curved walk may split a path into (from a probe)
         # Bytes the caller holds while a walk runs (auto's sums of every level), which
         # the walk's memory budget must leave room for.
@@ -1395,8 +1405,11 @@ class ExactRoute:
         and one that finds the last parts whole (each round places all the kinks of the
         first op that has any in a segment: _split_into_pieces), one more for kinks that
         float32 rounding places again a margin off (measured: 4 to 5 on igfast bench's
-        MLP and CNN)."""
-        return curved_walk_rounds(pieces, self.sub_paths) if self.curved else self.kink_ops + 2
+        MLP and CNN); where the last op's parts take plain rows
+        (BreakpointMode.pieces_beyond_the_point) that round is the last (3 on the MLP)."""
+        if self.curved:
+            return curved_walk_rounds(pieces, self.sub_paths)
+        return self.kink_ops + (1 if self.plain_past_the_last_op else 2)
 
     def _rows(self, examples: torch.Tensor):
         batch_size = self.ends[0].shape[0]
@@ -1420,11 +1433,13 @@ class ExactRoute:
         self.kink_ops = max(self.kink_ops, found.get("piecewise_linear_ops", 0))
         if not found.get("piecewise_linear_ops"):
             raise smooth_network_error(found)
+        self.plain_past_the_last_op = bool(found.get("plain_past_the_last_op")) and not self.curved
         if self.curved:
             _, _, row_limit = self.make_parts(examples)
             directions = tuple(e - s for e, s in zip(*self._rows(examples)))
             self.sub_paths = min(self.sub_paths, _sub_paths(record, directions, row_limit))
-        return PieceEstimate(1 + record.crossings, found.get("smooth_op"), self.curved)
+        plain = record.last_op_crossings if self.plain_past_the_last_op else torch.zeros_like(record.crossings)
+        return PieceEstimate(1 + record.crossings, found.get("smooth_op"), self.curved, plain)
 
     def _probe(self, examples: torch.Tensor):
         ends, starts = self._rows(examples)
@@ -1519,6 +1534,7 @@ class _WalkRecord:
                  window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, placed_ops: int = 0) -> None:
         self.next_step = torch.full((count,), float("inf"), dtype=torch.float64, device=device)
         self.crossings = torch.zeros(count, dtype=torch.long, device=device)
+        self.last_op_crossings = torch.zeros_like(self.crossings)
         self.changed = torch.zeros(count, dtype=torch.bool, device=device)
         self.bent = torch.zeros(count, dtype=torch.bool, device=device)
         self.back_step = torch.zeros(count, dtype=torch.float64, device=device)
@@ -1558,8 +1574,10 @@ class _WalkRecord:
         if mode.kink_ops:
             found["piecewise_linear_ops"] = max(found.get("piecewise_linear_ops", 0), mode.kink_ops)
             found.setdefault("first_op_is_line", mode.first_op_is_line)
+            found["plain_past_the_last_op"] = found.get("plain_past_the_last_op", True) and mode.plain_past_the_last_op
         if mode.crossings is not None:
             self.crossings[rows] = mode.crossings
+            self.last_op_crossings[rows] = mode.last_op_crossings
         if mode.changed is not None:
             self.changed[rows] = mode.changed
             self.back_step[rows] = mode.back_step

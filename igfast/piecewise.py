@@ -239,6 +239,7 @@ class BreakpointMode(TorchFunctionMode):
         self.reference_step = reference_step
         self.next_step: Optional[torch.Tensor] = None
         self.crossings: Optional[torch.Tensor] = None
+        self.last_op_crossings: Optional[torch.Tensor] = None  # of those, the last op's
         self.smooth_op: Optional[str] = None
         self.non_analytic_op: Optional[str] = None  # the first of NON_ANALYTIC_SMOOTH_OPS applied to the path
         self.slope_jump_op: Optional[str] = None  # the first of those whose slope jumps
@@ -299,6 +300,7 @@ class BreakpointMode(TorchFunctionMode):
         if self.horizon is not None:
             within = (rows.double() <= self.horizon.view(-1, 1)).sum(1)
             self.crossings = within if self.crossings is None else self.crossings + within
+            self.last_op_crossings = within
 
     def _count_kink_op(self, steps: torch.Tensor, op: str) -> None:
         if steps.dim() == 0 or steps.shape[0] % self.rows:
@@ -364,9 +366,16 @@ class BreakpointMode(TorchFunctionMode):
         not: PyTorch's hardtanh and clamp differ there)."""
         if self.first_cutting_op is None:
             return None
-        if not self.last_op_is_line or not self.kink_op_names <= PLAIN_GRADIENT_OPS:
+        if not self.plain_past_the_last_op:
             return torch.zeros_like(self.stood_on_kink)
         return (self.first_cutting_op == self.kink_ops - 1) & ~self.stood_on_kink
+
+    @property
+    def plain_past_the_last_op(self) -> bool:
+        """Whether the parts that the last op's kinks cut can be pieces with a plain
+        gradient (see pieces_beyond_the_point): it is a line kink, and every op is one of
+        PLAIN_GRADIENT_OPS."""
+        return self.last_op_is_line and self.kink_op_names <= PLAIN_GRADIENT_OPS
 
     def fuses_kinks(self) -> bool:
         """Whether an op with one kink per unit at a fixed value can be read by
