@@ -13,7 +13,8 @@ tangents along the path (piecewise.BreakpointMode), which gives in the same forw
 and backward the gradient there, the piece that holds the point, and every kink that
 point can place exactly; the segment is cut at those kinks, and the parts other than
 the piece are the next round's segments. Each piece costs the one row that found it,
-and the rounds are about as many as the network's piecewise-linear layers.
+and the rounds are about as many as the network's piecewise-linear layers; the parts
+cut by the last op's kinks are pieces already, and take one plain row each.
 
 Each round is one pass of the streaming engine per group of segments (one path node
 per segment, at alpha 0 of a path that starts at the segment's middle), so rounds
