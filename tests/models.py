@@ -188,6 +188,22 @@ def counted(model):
     return forward, calls
 
 
+def count_walked_rows(monkeypatch) -> list:
+    """The rows each BreakpointMode of method="exact"'s walk reads (forwards with
+    tangents), appended per mode, from now on in the test."""
+    import igfast.exact
+
+    walked = []
+
+    class Counting(igfast.exact.BreakpointMode):
+        def __init__(self, rows, *args, **kwargs):
+            super().__init__(rows, *args, **kwargs)
+            walked.append(rows)
+
+    monkeypatch.setattr(igfast.exact, "BreakpointMode", Counting)
+    return walked
+
+
 class IdentityFunction(torch.autograd.Function):
     """x * 1 as a custom autograd.Function with a backward and no jvp: what
     straight-through estimators and fake quantization look like to autograd."""

@@ -16,7 +16,7 @@ from igfast.completeness import SCALE_FLOOR
 from igfast.errors import ArgumentError
 from igfast.exact import CURVED_WALK_ROWS_PER_PIECE, GAUSS_NODES_PER_PIECE, PieceEstimate
 from igfast.quadrature import FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, nested_levels
-from models import MLP, counted, on
+from models import MLP, count_walked_rows, counted, on
 from test_exact import oracle
 from test_layer_integrated_gradients import TokenClassifier, token_batch
 from test_pieces import tanh_then_relu
@@ -796,14 +796,7 @@ def test_the_probe_predicts_the_rows_the_walk_reads(activation, plain, monkeypat
     monkeypatch.setattr(igfast.exact.ExactRoute, "estimate_pieces", capture)
     explainer = igfast.IntegratedGradients(model)
     explainer.attribute(x, baseline, target=1, n_steps="auto", tolerance=1e-9, max_steps=65)  # probes every example
-    walked = []
-
-    class Counting(igfast.exact.BreakpointMode):
-        def __init__(self, rows, *args, **kwargs):
-            super().__init__(rows, *args, **kwargs)
-            walked.append(rows)
-
-    monkeypatch.setattr(igfast.exact, "BreakpointMode", Counting)
+    walked = count_walked_rows(monkeypatch)
     _, info = explainer.attribute(x, baseline, target=1, method="exact", return_adaptive_info=True)
     predicted_walk = sum(int(e.walk_rows.sum()) for e in estimates)
     predicted_pieces = sum(int(e.pieces.sum()) for e in estimates)

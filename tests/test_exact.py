@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import igfast
 from igfast import ArgumentError, NotPiecewiseLinearError
-from models import IdentityFunction
+from models import IdentityFunction, count_walked_rows
 
 # ---------------------------------------------------------------------------- models
 
@@ -418,19 +418,6 @@ def test_each_walk_round_is_one_chunk_without_a_budget(device):
     assert sum(rows[:-2]) == int(info.evaluations.sum())
 
 
-def _count_walked_rows(monkeypatch) -> list:
-    """The rows each BreakpointMode of the walk reads (forwards with tangents)."""
-    walked = []
-
-    class Counting(igfast.exact.BreakpointMode):
-        def __init__(self, rows, *args, **kwargs):
-            super().__init__(rows, *args, **kwargs)
-            walked.append(rows)
-
-    monkeypatch.setattr(igfast.exact, "BreakpointMode", Counting)
-    return walked
-
-
 @pytest.mark.parametrize("name, plain", [("relu_mlp", True), ("leaky_mlp", True), ("mixed_mlp", False)])
 def test_parts_cut_by_the_last_ops_kinks_take_a_plain_row(name, plain, device, monkeypatch):
     """Where a segment's kinks come first from the network's last piecewise-linear op,
@@ -441,7 +428,7 @@ def test_parts_cut_by_the_last_ops_kinks_take_a_plain_row(name, plain, device, m
     model, shape = make(name, device)
     inputs = 3 * torch.randn(5, *shape, dtype=torch.float64, device=device)
     baselines = 0.3 * torch.randn(5, *shape, dtype=torch.float64, device=device)
-    walked = _count_walked_rows(monkeypatch)
+    walked = count_walked_rows(monkeypatch)
     ours, info = igfast.IntegratedGradients(model).attribute(inputs, baselines, target=1, method="exact",
                                                              return_adaptive_info=True)
     expected, pieces = oracle(model, inputs, baselines, 1)
