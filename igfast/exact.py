@@ -1691,6 +1691,7 @@ def _along_the_path():
     PyTorch, or blamed a custom Function); and a part of the model without forward-mode
     AD (a custom autograd.Function without jvp) raises NotPiecewiseLinearError, not
     NotImplementedError."""
+    _quiet_first_dual()
     try:
         with fwAD.dual_level(), _compiled_code_eagerly():
             yield
@@ -1712,6 +1713,27 @@ def _along_the_path():
             "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to find the path's pieces) run "
             "the model with forward-mode AD along the path, which a part of it "
             f"does not support ({error}). {remedy} a fixed n_steps or n_steps='auto'.") from error
+
+
+# The first dual tensor of a process loads PyTorch's forward-mode decompositions, which
+# script functions with torch.jit.script and so warn (DeprecationWarning, 18 times in
+# torch 2.13) from PyTorch's own code. Under -W error or pytest's filterwarnings = error
+# the first warning aborted that import, and every call with tangents raised it.
+_TORCH_JIT_DEPRECATION = r"`torch\.jit\.script` is deprecated"
+_first_dual_made = False
+
+
+def _quiet_first_dual() -> None:
+    """Make one dual tensor with PyTorch's own torch.jit.script deprecation warnings
+    ignored (once per process): the model's warnings still reach the user as set."""
+    global _first_dual_made
+    if _first_dual_made:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCH_JIT_DEPRECATION, category=DeprecationWarning)
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+    _first_dual_made = True
 
 
 def _compiled_code_eagerly():

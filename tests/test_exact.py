@@ -9,8 +9,12 @@ has one gradient per piece). For a smooth head after the last kink the midpoint 
 replaced by 16 Gauss-Legendre nodes per piece.
 """
 
-import numpy as np
+import json
+import subprocess
+import sys
 import warnings
+
+import numpy as np
 
 import pytest
 import torch
@@ -927,6 +931,43 @@ def test_compiled_code_inside_the_model_runs_eagerly_in_the_walk():
         layer_attributions = igfast.LayerIntegratedGradients(compiled, compiled[1]).attribute(
             inputs, target=1, method="exact")
         torch.testing.assert_close(layer_attributions, expected_layer, rtol=1e-12, atol=1e-14)
+
+
+STRICT_WARNINGS_SCRIPT = """
+import json, sys, warnings, torch, igfast
+warnings.simplefilter("error")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double()
+inputs = torch.randn(4, 6, dtype=torch.float64)
+ig = igfast.IntegratedGradients(model)
+runs = {}
+for repeat in range(2):  # (a first call that fails can leave a half-imported module behind)
+    for name, kwargs in (("exact", {"method": "exact"}), ("auto", {"n_steps": "auto", "tolerance": 1e-4}),
+                         ("pieces", {"method": "gausslegendre_pieces", "n_steps": 2})):
+        runs[name] = ig.attribute(inputs, target=1, **kwargs).tolist()
+print(json.dumps(runs))
+"""
+
+
+def test_forward_mode_runs_with_warnings_as_errors():
+    """The first dual tensor of a process made PyTorch warn (its own torch.jit.script
+    deprecation) while loading its forward-mode decompositions: under -W error or
+    pytest's filterwarnings = error, exact, auto and gausslegendre_pieces raised it."""
+    completed = subprocess.run([sys.executable, "-W", "error", "-c", STRICT_WARNINGS_SCRIPT],
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    runs = json.loads(completed.stdout.strip().splitlines()[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    inputs = torch.randn(4, 6, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    expected = {"exact": ig.attribute(inputs, target=1, method="exact"),
+                "auto": ig.attribute(inputs, target=1, n_steps="auto", tolerance=1e-4),
+                "pieces": ig.attribute(inputs, target=1, method="gausslegendre_pieces", n_steps=2)}
+    assert set(runs) == set(expected)
+    for name, attributions in runs.items():
+        torch.testing.assert_close(torch.tensor(attributions, dtype=torch.float64), expected[name],
+                                   rtol=1e-12, atol=1e-14, msg=name)
 
 
 def test_tuple_inputs_and_half_precision():
