@@ -88,7 +88,7 @@ import torch
 from .chunking import choose_row_limit
 from .completeness import completeness_scale, relative_completeness
 from .dtypes import dtype_policy
-from .engine import PathIntegral
+from .engine import PathIntegral, outside_inference_mode
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks
 from .quadrature import (
@@ -216,6 +216,7 @@ class AdaptiveIntegral:
         return sum(r.forward_calls for r in self.rounds)
 
 
+@outside_inference_mode
 def integrate_adaptively(
     ends: Tuple[torch.Tensor, ...],
     starts: Tuple[torch.Tensor, ...],

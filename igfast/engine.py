@@ -13,6 +13,7 @@ is kept.
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -130,6 +131,22 @@ def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
         _device_copies.pop(next(iter(_device_copies)))  # the oldest
     _device_copies[key] = (table, copy)
     return copy
+
+
+def outside_inference_mode(integrate: Callable) -> Callable:
+    """Run ``integrate`` with inference mode off, whatever the caller's. Under
+    torch.inference_mode() forward-mode AD carries no tangents, so the exact walk and
+    auto's probe saw no piecewise-linear op (auto took a ReLU network for smooth and
+    missed its tolerance), and the walk's records, made before an engine pass, were
+    inference tensors that the pass (which leaves inference mode for its gradients)
+    could not write."""
+
+    @functools.wraps(integrate)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False):
+            return integrate(*args, **kwargs)
+
+    return run
 
 
 def integrate_gradients(

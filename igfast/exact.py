@@ -51,7 +51,7 @@ import torch.autograd.forward_ad as fwAD
 from .dtypes import dtype_policy
 from .chunking import RowLimit
 from .completeness import completeness_scale, relative_completeness
-from .engine import GradientsAt, PathIntegral
+from .engine import GradientsAt, PathIntegral, outside_inference_mode
 from . import ops
 from .memory import add_to_estimate
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
@@ -260,6 +260,7 @@ def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[lis
         raise ArgumentError(f"method={settings.method!r} follows one target's path pieces; give one `target`.")
 
 
+@outside_inference_mode
 def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
                       settings: ExactSettings, run_round: RunRound, forward_at: ForwardAt,
                       row_limit: RowLimit) -> ExactIntegral:

@@ -970,6 +970,31 @@ def test_forward_mode_runs_with_warnings_as_errors():
                                    rtol=1e-12, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("made_inside", [False, True])
+def test_exact_auto_and_pieces_under_inference_mode(made_inside):
+    """Under torch.inference_mode() forward-mode AD carries no tangents: auto's probe took
+    a ReLU MLP for smooth (257 nodes, tolerance missed, where it walks otherwise), and
+    exact and gausslegendre_pieces failed writing the walk's records (inference tensors).
+    The same results as outside it, for IG and LayerIG, inputs made inside or outside."""
+    model, shape = make("relu_mlp", "cpu")
+    curved = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    inputs = torch.randn(3, *shape, dtype=torch.float64)
+    calls = {"exact": (model, {"method": "exact"}),
+             "auto": (model, {"n_steps": "auto", "tolerance": 1e-4, "return_adaptive_info": True}),
+             "pieces": (curved, {"method": "gausslegendre_pieces", "n_steps": 2})}
+    for name, (network, kwargs) in calls.items():
+        for explainer in (igfast.IntegratedGradients(network), igfast.LayerIntegratedGradients(network, network[1])):
+            expected = explainer.attribute(inputs, target=1, **kwargs)
+            with torch.inference_mode():
+                given = inputs.clone() if made_inside else inputs
+                got = explainer.attribute(given, target=1, **kwargs)
+            if name == "auto":
+                (expected, expected_info), (got, got_info) = expected, got
+                assert bool(got_info.converged.all()) and float(got_info.exact.double().mean()) > 0
+                assert torch.equal(got_info.evaluations, expected_info.evaluations), name
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_tuple_inputs_and_half_precision():
     class TwoInputs(nn.Module):
         def __init__(self):
