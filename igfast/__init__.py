@@ -9,6 +9,7 @@ from .attr import (
     IntegratedGradients, LayerIntegratedGradients, LLMAttributionResult, LLMGradientAttribution, NoiseTunnel,
     TextTemplateInput, TextTokenInput,
 )
+from .attr._train_mode import BatchDependenceWarning
 from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import (
@@ -32,6 +33,7 @@ __all__ = [
     "open_attributions",
     "info",
     "ToleranceNotReachedWarning",
+    "BatchDependenceWarning",
     "ArgumentError",
     "ArgumentTypeError",
     "GradientError",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import igfast
-from igfast.attr._train_mode import BatchDependenceWarning
+from igfast import BatchDependenceWarning
 from igfast.memory import PeakMeter
 from models import MLP, IdentityFunction, MultiInputModel
 from test_layer_integrated_gradients import TokenClassifier, token_batch
