@@ -232,7 +232,7 @@ def integrate_gradients(
                 continue
             schedule.complete(chunk)
             done.append(chunk)
-            if measure:
+            if measure and meter.measured:
                 # The buffer was reserved before the meter started: add its rows.
                 row_limit.observe(chunk.rows, meter.peak + (buffers.bytes_for(chunk.rows) if meter.exact else 0),
                                   meter.weight_bytes)

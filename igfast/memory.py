@@ -12,9 +12,10 @@ activations for them, their gradients). Chunks are sized from measured peaks:
   plus the path and its gradient, times ``ESTIMATE_MARGIN``. Saved tensors are most of
   a forward+backward's peak; the margin covers the backward's temporaries.
 
-Only public APIs are used, so the meter composes with anything else a model does:
+Only public APIs change state, so the meter composes with anything else a model does:
 ``torch.autograd.Function``, compiled graphs (their saved tensors pass the same
-hooks), custom ops, a running profiler. The out-of-memory back-off of the engine is
+hooks), custom ops, a running profiler, the caller's own saved-tensor hooks (read with
+PyTorch's private reader, and kept: see PeakMeter.__enter__). The out-of-memory back-off of the engine is
 the safety net for a model whose peak the estimate misses.
 """
 
@@ -235,7 +236,8 @@ class PeakMeter:
     """Peak bytes allocated inside a ``with`` block, above the memory at its start.
 
     ``peak`` is set on exit; ``exact`` says whether it was measured (CUDA) or is the
-    saved-tensor estimate (CPU and other devices). The estimating meter also sets
+    saved-tensor estimate (CPU and other devices), ``measured`` whether there is one (a
+    caller who disabled saved-tensor hooks leaves the CPU meter blind). The estimating meter also sets
     ``weight_bytes``: the bytes of the parameters (``nn.Parameter``) the block's graph
     saved, which every chunk reads again (0 where not estimated, and for weights that
     no backward needs, such as an embedding table's). CUDA meters nest (the engine's
@@ -251,6 +253,7 @@ class PeakMeter:
         self._weights = {}
         self._unseen_bytes = 0
         self.weight_bytes = 0
+        self.measured = True  # False: nothing was measured, peak says nothing
 
     def __enter__(self) -> "PeakMeter":
         if self.exact:
@@ -265,8 +268,21 @@ class PeakMeter:
             self._hidden_peak = 0
             _open_cuda_meters.append(self)
             return self
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(_outside_compiled_code(self._pack), _unpack)
-        self._saved_hooks.__enter__()
+        # A caller's own hooks (saved_tensors_hooks or save_on_cpu around attribute()) still
+        # pack and unpack every saved tensor: PyTorch applies only the innermost pair, so
+        # the meter's hands each tensor on to theirs (before, theirs were skipped in every
+        # chunk the engine measured: a lossy pack gave other results than in the others).
+        outer = _callers_saved_tensor_hooks()
+        pack, unpack = (self._pack, _unpack) if outer is None else (_chained(self._pack, outer[0]), outer[1])
+        hooks = torch.autograd.graph.saved_tensors_hooks(_outside_compiled_code(pack), unpack)
+        try:
+            hooks.__enter__()
+        except RuntimeError:
+            # The caller disabled saved-tensor hooks (disable_saved_tensors_hooks, which
+            # raises its message at any push): this chunk runs unmeasured, as Captum runs.
+            self.measured = False
+            return self
+        self._saved_hooks = hooks
         _open_estimates.append(self)
         return self
 
@@ -301,6 +317,8 @@ class PeakMeter:
             _open_cuda_meters.remove(self)
             self.peak = max(self._hidden_peak, cuda_allocator_counts(self.device.index)[1]) - self._start
             return
+        if not self.measured:
+            return
         _open_estimates.remove(self)
         self._saved_hooks.__exit__(*exc)
         saved = sum(self._saved.values()) + self._unseen_bytes
@@ -312,6 +330,28 @@ class PeakMeter:
 
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _callers_saved_tensor_hooks() -> Optional[Tuple[Callable, Callable]]:
+    """The (pack, unpack) saved-tensor hooks in force where the meter starts, or None.
+    PyTorch has no public reader of them; without its private one (renamed in some
+    later version) the meter's hooks replace the caller's in measured chunks, as they
+    did before."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return None
+    try:
+        return top(False)
+    except Exception:  # (another signature): as without the reader
+        return None
+
+
+def _chained(pack: Callable, outer_pack: Callable) -> Callable:
+    def both(tensor: torch.Tensor):
+        pack(tensor)
+        return outer_pack(tensor)
+
+    return both
 
 
 def _outside_compiled_code(pack: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -708,3 +708,49 @@ def test_a_model_compiled_by_inductor_runs_in_measured_chunks():
     with memory.PeakMeter(torch.device("cpu")) as meter:
         torch.autograd.grad(measured(x).sum(), x)
     assert meter.peak >= 64 * (256 + 256 + 256) * 4
+
+
+def test_a_callers_saved_tensor_hooks_pack_every_chunk():
+    """The CPU meter's hooks replaced a caller's own (saved_tensors_hooks around
+    attribute()) in every chunk the engine measured: a lossy pack (float64 saved as
+    float32) applied to some chunks only. Chunked, the result is the one-chunk result
+    under the same hooks, and the hooks did apply (it is not the result without them)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    inputs = torch.randn(32, 6, dtype=torch.float64)
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.shape[0])
+        return tensor.dtype, tensor.to(torch.float32)
+
+    def unpack(saved):
+        return saved[1].to(saved[0])
+
+    ig = igfast.IntegratedGradients(model)
+    plain = ig.attribute(inputs, target=1, n_steps=64)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        whole = ig.attribute(inputs, target=1, n_steps=64)
+        packed_whole = len(packed)
+        chunked = ig.attribute(inputs, target=1, n_steps=64, memory_budget="256KB")
+        chunks = len(ig.last_integral.chunks)
+    assert chunks >= 4 and len(packed) - packed_whole == chunks * packed_whole
+    assert float((whole - plain).abs().max()) > 1e-12  # (the lossy pack shows)
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-15)
+
+
+def test_runs_where_the_caller_disabled_saved_tensor_hooks():
+    """Under torch.autograd.graph.disable_saved_tensors_hooks the CPU meter's hooks
+    raised the caller's message in every measured chunk (a memory_budget, auto, exact),
+    where Captum runs: those chunks run unmeasured, with the same results."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
+    inputs = torch.randn(32, 6, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    calls = (dict(n_steps=64, memory_budget="256KB"), dict(n_steps="auto", tolerance=1e-4), dict(method="exact"))
+    expected = [ig.attribute(inputs, target=1, **kwargs) for kwargs in calls]
+    with torch.autograd.graph.disable_saved_tensors_hooks("the caller's: no saved-tensor hooks"):
+        for kwargs, plain in zip(calls, expected):
+            torch.testing.assert_close(ig.attribute(inputs, target=1, **kwargs), plain, rtol=1e-13, atol=1e-15)
+            if "memory_budget" in kwargs:
+                assert len(ig.last_integral.chunks) >= 4  # (chunked without a measurement)
