@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -1694,7 +1695,7 @@ def _along_the_path():
     NotImplementedError."""
     _quiet_first_dual()
     try:
-        with fwAD.dual_level(), _compiled_code_eagerly():
+        with _forward_ad_level(), _compiled_code_eagerly():
             yield
     except torch.utils.checkpoint.CheckpointError as error:
         # Its backward runs the checkpointed part again, without the walk's tangents: the
@@ -1732,9 +1733,36 @@ def _quiet_first_dual() -> None:
         return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TORCH_JIT_DEPRECATION, category=DeprecationWarning)
-        with fwAD.dual_level():
+        with _forward_ad_level():
             fwAD.make_dual(torch.zeros(()), torch.zeros(()))
     _first_dual_made = True
+
+
+# PyTorch has one forward-AD level per process, and refuses a second ("Nested forward
+# mode AD is not supported"): walks in several threads at once raised it (68 of 80 calls
+# of two threads), so they take turns; a walk inside a level its caller entered
+# (fwAD.dual_level() around attribute()) raised it too, and now runs in that level. Its
+# tangents are the walk's own: a caller's tensors carry none into the walk unless the
+# model's parameters are duals of that level, which no attribution asks for.
+_FORWARD_AD_TURN = threading.RLock()
+
+
+@contextlib.contextmanager
+def _forward_ad_level():
+    """A forward-AD level for the walk: a new one, or the caller's (see above)."""
+    with _FORWARD_AD_TURN:
+        try:
+            fwAD.enter_dual_level()
+            entered = True
+        except RuntimeError as error:
+            if "Nested forward mode AD" not in str(error):
+                raise
+            entered = False
+        try:
+            yield
+        finally:
+            if entered:
+                fwAD.exit_dual_level()
 
 
 def _compiled_code_eagerly():

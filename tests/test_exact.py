@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import igfast
@@ -993,6 +994,48 @@ def test_exact_auto_and_pieces_under_inference_mode(made_inside):
                 assert bool(got_info.converged.all()) and float(got_info.exact.double().mean()) > 0
                 assert torch.equal(got_info.evaluations, expected_info.evaluations), name
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_walks_inside_a_callers_forward_ad_level_and_in_threads():
+    """PyTorch has one forward-AD level per process: inside a caller's dual_level(), and
+    in two threads at once, exact, auto and gausslegendre_pieces raised "Nested forward
+    mode AD is not supported". They run in the caller's level, and take turns."""
+    import threading
+
+    model, shape = make("relu_mlp", "cpu")
+    curved = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    inputs = torch.randn(3, *shape, dtype=torch.float64)
+    calls = {"exact": (model, {"method": "exact"}), "auto": (model, {"n_steps": "auto", "tolerance": 1e-4}),
+             "pieces": (curved, {"method": "gausslegendre_pieces", "n_steps": 2})}
+    expected = {name: igfast.IntegratedGradients(network).attribute(inputs, target=1, **kwargs)
+                for name, (network, kwargs) in calls.items()}
+    layer_expected = igfast.LayerIntegratedGradients(model, model[1]).attribute(inputs, target=1, method="exact")
+    with fwAD.dual_level():
+        for name, (network, kwargs) in calls.items():
+            torch.testing.assert_close(igfast.IntegratedGradients(network).attribute(inputs, target=1, **kwargs),
+                                       expected[name], rtol=1e-12, atol=1e-14, msg=name)
+        torch.testing.assert_close(igfast.LayerIntegratedGradients(model, model[1]).attribute(
+            inputs, target=1, method="exact"), layer_expected, rtol=1e-12, atol=1e-14)
+    failures = []
+
+    def work(names):
+        for _ in range(4):
+            for name in names:
+                network, kwargs = calls[name]
+                try:
+                    got = igfast.IntegratedGradients(network).attribute(inputs, target=1, **kwargs)
+                    if not torch.allclose(got, expected[name], rtol=1e-12, atol=1e-14):
+                        failures.append((name, "differs"))
+                except Exception as error:  # (collected: a thread's exception fails nothing)
+                    failures.append((name, repr(error)))
+
+    threads = [threading.Thread(target=work, args=(order,)) for order in (("exact", "pieces", "auto"),
+                                                                         ("auto", "exact", "pieces"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
 
 
 def test_tuple_inputs_and_half_precision():
