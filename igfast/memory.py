@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 import time
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -220,16 +221,24 @@ def automatic_budget(device: torch.device) -> int:
 # The CUDA meters open now, outermost first: a meter that resets the device's peak
 # statistics first hands the peak so far to the meters around it.
 _open_cuda_meters: List["PeakMeter"] = []
-# The estimating (CPU) meters open now, outermost first (see add_to_estimate).
-_open_estimates: List["PeakMeter"] = []
+# The estimating (CPU) meters open now in this thread, outermost first (see
+# add_to_estimate): per thread, as the saved-tensor hooks they count through are (a walk
+# in one thread charged its bytes to a chunk another thread was measuring).
+class _OpenEstimates(threading.local):
+    def __init__(self) -> None:
+        self.meters: List["PeakMeter"] = []
+
+
+_open_estimates = _OpenEstimates()
 
 
 def add_to_estimate(nbytes: int) -> None:
     """Bytes a chunk's own code holds at its peak that autograd does not save (method=
     "exact"'s walk keeps float64 copies of every unit along the path): added to the
-    innermost open estimating meter, if any. Measured meters (CUDA) see them anyway."""
-    if _open_estimates:
-        _open_estimates[-1].add_estimate(nbytes)
+    innermost open estimating meter of this thread, if any. Measured meters (CUDA) see
+    them anyway."""
+    if _open_estimates.meters:
+        _open_estimates.meters[-1].add_estimate(nbytes)
 
 
 class PeakMeter:
@@ -283,7 +292,7 @@ class PeakMeter:
             self.measured = False
             return self
         self._saved_hooks = hooks
-        _open_estimates.append(self)
+        _open_estimates.meters.append(self)
         return self
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -319,7 +328,7 @@ class PeakMeter:
             return
         if not self.measured:
             return
-        _open_estimates.remove(self)
+        _open_estimates.meters.remove(self)
         self._saved_hooks.__exit__(*exc)
         saved = sum(self._saved.values()) + self._unseen_bytes
         self.weight_bytes = sum(self._weights.values())

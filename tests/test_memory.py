@@ -754,3 +754,26 @@ def test_runs_where_the_caller_disabled_saved_tensor_hooks():
             torch.testing.assert_close(ig.attribute(inputs, target=1, **kwargs), plain, rtol=1e-13, atol=1e-15)
             if "memory_budget" in kwargs:
                 assert len(ig.last_integral.chunks) >= 4  # (chunked without a measurement)
+
+
+def test_bytes_added_in_one_thread_stay_out_of_anothers_meter():
+    """The CPU meters open were one list for the process: a walk's add_to_estimate in one
+    thread charged a chunk that another thread was measuring."""
+    import threading
+
+    opened, added, seen = threading.Event(), threading.Event(), {}
+
+    def measure():
+        with memory.PeakMeter(torch.device("cpu")) as meter:
+            opened.set()
+            added.wait(10)
+            memory.add_to_estimate(1000)
+        seen["peak"] = meter.peak
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    assert opened.wait(10)
+    memory.add_to_estimate(10**9)  # (this thread has no meter open: nothing to charge)
+    added.set()
+    thread.join()
+    assert seen["peak"] == int(memory.ESTIMATE_MARGIN * 1000)
