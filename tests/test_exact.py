@@ -972,23 +972,27 @@ def test_forward_mode_runs_with_warnings_as_errors():
 
 
 @pytest.mark.parametrize("made_inside", [False, True])
-def test_exact_auto_and_pieces_under_inference_mode(made_inside):
+@pytest.mark.parametrize("target", [1, "list"])
+def test_exact_auto_and_pieces_under_inference_mode(made_inside, target):
     """Under torch.inference_mode() forward-mode AD carries no tangents: auto's probe took
     a ReLU MLP for smooth (257 nodes, tolerance missed, where it walks otherwise), and
-    exact and gausslegendre_pieces failed writing the walk's records (inference tensors).
+    exact and gausslegendre_pieces failed writing the walk's records (inference tensors);
+    a list target (per example) made an inference tensor that gather saved for backward.
     The same results as outside it, for IG and LayerIG, inputs made inside or outside."""
     model, shape = make("relu_mlp", "cpu")
     curved = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
     inputs = torch.randn(3, *shape, dtype=torch.float64)
+    target = [1, 0, 2] if target == "list" else target
     calls = {"exact": (model, {"method": "exact"}),
              "auto": (model, {"n_steps": "auto", "tolerance": 1e-4, "return_adaptive_info": True}),
-             "pieces": (curved, {"method": "gausslegendre_pieces", "n_steps": 2})}
+             "pieces": (curved, {"method": "gausslegendre_pieces", "n_steps": 2}),
+             "chunked": (model, {"n_steps": 8, "memory_budget": "4KB"})}
     for name, (network, kwargs) in calls.items():
         for explainer in (igfast.IntegratedGradients(network), igfast.LayerIntegratedGradients(network, network[1])):
-            expected = explainer.attribute(inputs, target=1, **kwargs)
+            expected = explainer.attribute(inputs, target=target, **kwargs)
             with torch.inference_mode():
                 given = inputs.clone() if made_inside else inputs
-                got = explainer.attribute(given, target=1, **kwargs)
+                got = explainer.attribute(given, target=target, **kwargs)
             if name == "auto":
                 (expected, expected_info), (got, got_info) = expected, got
                 assert bool(got_info.converged.all()) and float(got_info.exact.double().mean()) > 0

@@ -142,6 +142,10 @@ def select_targets(output: torch.Tensor, target: Any, check_range: bool = True) 
                 f"forward output has shape {tuple(output.shape)} (use tuple targets)."
             )
         target = target.to(output.device)
+        if target.is_inference() and not torch.is_inference_mode_enabled():
+            # Made under the caller's torch.inference_mode(): gather saves its index for
+            # backward, which an inference tensor refuses outside that mode.
+            target = target.clone()
         # gather accepts no negative indices, as in Captum.
         if check_range:
             _check_indices(target, 0, output.shape[1], 1, output.shape)
