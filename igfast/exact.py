@@ -1724,6 +1724,8 @@ def _along_the_path():
             f"({type(error).__name__}). Use a fixed n_steps or n_steps='auto' (it goes on with its rule), "
             "or run the model without checkpointing for attribution.") from error
     except NotImplementedError as error:
+        if not _lacks_forward_mode(error):
+            raise  # the model's own (n_steps="auto" took it for a missing jvp, and went on)
         # PyTorch names its own ops "aten::..." (an op without a forward-derivative formula,
         # such as silu's backward inside a gradient row); anything else is a custom Function.
         remedy = ("PyTorch has no forward-mode formula for that op, so use" if "aten::" in str(error) else
@@ -1780,6 +1782,15 @@ def _forward_ad_level():
         finally:
             if entered:
                 fwAD.exit_dual_level()
+
+
+def _lacks_forward_mode(error: NotImplementedError) -> bool:
+    """Whether PyTorch raised ``error`` for a part without forward-mode AD: an op without
+    a forward-derivative formula ("Trying to use forward AD with aten::... that does not
+    support it") or a custom autograd.Function without jvp ("You must implement the jvp
+    function ... forward mode AD"), as opposed to the model's own NotImplementedError."""
+    text = str(error)
+    return "forward AD" in text or "forward mode AD" in text or "forward-mode AD" in text
 
 
 def _compiled_code_eagerly():

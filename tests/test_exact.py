@@ -1059,6 +1059,27 @@ def test_exact_under_autocast_checks_completeness_at_its_precision(low):
     assert float(delta.abs().max()) > 10 * torch.finfo(torch.float32).eps  # (it did compute in the lower dtype)
 
 
+def test_the_models_own_not_implemented_error_reaches_the_caller():
+    """The walk turns PyTorch's NotImplementedError for a part without forward-mode AD
+    into NotPiecewiseLinearError (and auto then keeps its rule); a model's own
+    NotImplementedError was turned too: exact blamed forward mode, and auto swallowed it
+    and returned a result."""
+
+    class Unfinished(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+        def forward(self, x):
+            raise NotImplementedError("the model's own: no backend for this input")
+
+    inputs = torch.randn(3, 6, dtype=torch.float64)
+    for kwargs in ({"method": "exact"}, {"n_steps": "auto"}, {"method": "gausslegendre_pieces", "n_steps": 2}):
+        with pytest.raises(NotImplementedError, match="the model's own") as raised:
+            igfast.IntegratedGradients(Unfinished()).attribute(inputs, target=1, **kwargs)
+        assert raised.type is NotImplementedError
+
+
 def test_tuple_inputs_and_half_precision():
     class TwoInputs(nn.Module):
         def __init__(self):
