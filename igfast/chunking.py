@@ -404,7 +404,8 @@ def choose_row_limit(
       whole path in one chunk, as Captum batches it (see attr/_train_mode.py).
 
     Under a budget, ``known_row_cost`` (what an earlier call of the same shapes
-    measured, see ``RowCosts``) sizes the chunks at once, without a probe.
+    measured, see ``RowCosts``) sizes the chunks at once, without a probe, unless the
+    model is ``batch_dependent``.
 
     ``accumulator_bytes``: what the call's accumulators hold, when not one tensor
     shaped like each input per target (reduced gradients, see integrate_gradients).
@@ -466,7 +467,10 @@ def choose_row_limit(
                            estimated_rows=first_rows, least_rows=least_rows,
                            whole_steps_reason=whole_steps if whole_steps and not batch_dependent else BATCH_DEPENDENT)
     limit.reused_by_later_passes = walk
-    if known_row_cost is not None:
+    # Not for a batch-dependent model: its chunks are part of its result (batch
+    # statistics), which would then depend on the explainer's earlier calls (0.38 between
+    # two calls of one explainer; attribute_dataset resumed with other shards).
+    if known_row_cost is not None and not batch_dependent:
         limit.adopt(*known_row_cost)
     return limit
 

@@ -76,6 +76,25 @@ def test_train_mode_batchnorm_is_batched_as_captum_batches_it():
         _close(ours, theirs)
 
 
+def test_train_mode_batchnorm_under_a_budget_ignores_earlier_calls():
+    """Under a memory_budget the explainer sized later calls' chunks from what earlier
+    ones measured; with BatchNorm in training mode the chunks are part of the result, so
+    a second call differed from the first (by 0.38), and attribute_dataset resumed with
+    other shards than a run that was not stopped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).double().train()
+    x = torch.randn(6, 6, dtype=torch.float64)
+    kwargs = dict(target=[0, 1, 2, 1, 0, 2], n_steps=6, memory_budget="16KB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BatchDependenceWarning)
+        explainer = igfast.IntegratedGradients(model)
+        first = explainer.attribute(x, **kwargs)
+        assert len(explainer.last_integral.chunks) > 1
+        second = explainer.attribute(x, **kwargs)
+        fresh = igfast.IntegratedGradients(model).attribute(x, **kwargs)
+    assert torch.equal(second, first) and torch.equal(fresh, first)
+
+
 def test_eval_mode_is_quiet_and_batch_statistics_in_eval_mode_warn():
     x = torch.randn(4, 6)
     with warnings.catch_warnings():
