@@ -306,15 +306,19 @@ class PeakMeter:
         # buffer) are also kept apart as weight_bytes: each chunk reads them again.
         # A forward-mode zero tangent (a ZeroTensor, which BatchNorm's forward AD saves
         # when run along a path) has no storage and holds no memory.
-        if tensor._is_zerotensor() or tensor.device != self.device:
-            return tensor
-        base = tensor._base if tensor._base is not None else tensor
-        if isinstance(base, torch.nn.Parameter):
-            self._weights[base.data_ptr()] = base.numel() * base.element_size()
-        if not (base.is_leaf and base.requires_grad):
-            storage = tensor.untyped_storage()
-            self._saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        if not tensor._is_zerotensor() and tensor.device == self.device:
+            base = tensor._base if tensor._base is not None else tensor
+            if isinstance(base, torch.nn.Parameter):
+                self._weights[base.data_ptr()] = base.numel() * base.element_size()
+            if not (base.is_leaf and base.requires_grad):
+                storage = tensor.untyped_storage()
+                self._saved[storage.data_ptr()] = storage.nbytes()
+        # Detached: the tensor itself, where an op saves its own output (ReLU, tanh), made
+        # a cycle through C++ (output, its grad_fn, the saved variable, the output) that
+        # no gc frees when that graph never runs backward, as a layer output that
+        # LayerIG replaces: 4 tensors and the meter leaked per call. Autograd gives the
+        # unpacked tensor its grad_fn back, so nothing is lost.
+        return tensor.detach()
 
     def add_estimate(self, nbytes: int) -> None:
         """Tensors the estimate cannot see (the path and its gradient)."""
