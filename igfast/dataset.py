@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, default_collate
 
 from .attr import IntegratedGradients, LayerIntegratedGradients
 from .attr._train_mode import root_modules, running_state_kept
@@ -44,9 +44,10 @@ def _explainer(model_or_method: Any):
     )
 
 
-def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, int, Callable]:
-    """The data set, the examples per attribute() call and how a list of items becomes a
-    batch (a DataLoader's collate_fn: it may normalise or pad; else default_collate)."""
+def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, int, Callable, Optional[dict]]:
+    """The data set, the examples per attribute() call, how a list of items becomes a
+    batch (a DataLoader's collate_fn: it may normalise or pad; else default_collate) and
+    the DataLoader's worker settings where it loads in worker processes (else None)."""
     if isinstance(data, IterableDataset) or isinstance(getattr(data, "dataset", None), IterableDataset):
         raise ArgumentError(
             "`data` is (or reads) an iterable-style Dataset: attribute_dataset needs a map-style one "
@@ -64,13 +65,19 @@ def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, i
                 "custom sampler): attribute_dataset needs the examples' order; pass the Dataset "
                 "or a DataLoader with shuffle=False."
             )
-        return data.dataset, (data.batch_size or 32) if batch_size is None else batch_size, data.collate_fn
+        workers = None
+        if data.num_workers:
+            workers = {"num_workers": data.num_workers, "worker_init_fn": data.worker_init_fn,
+                       "multiprocessing_context": data.multiprocessing_context, "generator": data.generator,
+                       "prefetch_factor": data.prefetch_factor, "timeout": data.timeout}
+        return (data.dataset, (data.batch_size or 32) if batch_size is None else batch_size, data.collate_fn,
+                workers)
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise ArgumentError(
             "`data` must be a map-style torch Dataset (with __len__ and __getitem__) or a "
             f"DataLoader over one; got {type(data).__name__}."
         )
-    return data, 32 if batch_size is None else batch_size, default_collate
+    return data, 32 if batch_size is None else batch_size, default_collate, None
 
 
 def _positive(value: Any, name: str) -> int:
@@ -252,7 +259,8 @@ def attribute_dataset(
         model_or_method: a model (IntegratedGradients is used) or an igfast
             IntegratedGradients / LayerIntegratedGradients object.
         data: a map-style Dataset, or a DataLoader over one that keeps its order
-            (its collate_fn forms the batches; the shards decide which items).
+            (its collate_fn forms the batches, its num_workers load them; the shards
+            decide which items).
             Items: a tensor (the input), a pair (input, label), or a dict with
             ``inputs`` (tensor or tuple) and optionally ``label``,
             ``additional_forward_args`` (per-example tensors) and ``baselines``.
@@ -279,7 +287,7 @@ def attribute_dataset(
     model (weights, train/eval mode, a function's code) or argument is refused.
     """
     explainer = _explainer(model_or_method)
-    dataset, batch_size, collate = _dataset_and_batch(data, batch_size)
+    dataset, batch_size, collate, workers = _dataset_and_batch(data, batch_size)
     batch_size = _positive(batch_size, "batch_size")
     shard_size = _positive(shard_size, "shard_size")
     if method not in PIECE_METHODS and n_steps != "auto":  # attribute() checks the others' arguments
@@ -351,7 +359,7 @@ def attribute_dataset(
         bar = _Progress(num_examples, group.world, progress and group.rank == 0)
         for shard in mine:
             begin, end = ranges[shard]
-            fields, digest = _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device,
+            fields, digest = _attribute_shard(explainer, dataset, collate, workers, begin, end, batch_size, device,
                                               target, baselines, attribute_options)
             _check_like_written_shards(output_dir, fields, begin)
             write_shard(output_dir, shard, fields, tag=f"r{group.rank}", notes={INPUT_DIGEST: digest})
@@ -395,8 +403,16 @@ def _check_config(output_dir: str, config: dict) -> None:
     )
 
 
-def _batches(dataset, collate, begin: int, end: int, batch_size: int):
-    """(first example, the collated batch split into its parts) for examples [begin, end)."""
+def _batches(dataset, collate, begin: int, end: int, batch_size: int, workers: Optional[dict] = None):
+    """(first example, the collated batch split into its parts) for examples [begin, end);
+    loaded in worker processes with ``workers`` (a DataLoader's settings), as the
+    caller's DataLoader would load them (it was read in this process alone)."""
+    if workers:
+        loader = DataLoader(Subset(dataset, range(begin, end)), batch_size=batch_size, shuffle=False,
+                            collate_fn=collate, **workers)
+        for index, batch in enumerate(loader):
+            yield begin + index * batch_size, _split_item(batch)
+        return
     for first in range(begin, end, batch_size):
         yield first, _split_item(collate([dataset[i] for i in range(first, min(first + batch_size, end))]))
 
@@ -423,13 +439,13 @@ def _batch_digest(batch: Dict[str, Any]) -> str:
 BATCH_PARTS = ("inputs", "label", "additional_forward_args", "baselines")
 
 
-def _attribute_shard(explainer, dataset, collate, begin, end, batch_size, device, target, baselines,
+def _attribute_shard(explainer, dataset, collate, workers, begin, end, batch_size, device, target, baselines,
                      attribute_options) -> Tuple[Dict[str, np.ndarray], str]:
     """The shard's fields and the digests of the batches they were attributed from
     (one line each)."""
     collected: Dict[str, List[np.ndarray]] = {}
     digests = []
-    for first, batch in _batches(dataset, collate, begin, end, batch_size):
+    for first, batch in _batches(dataset, collate, begin, end, batch_size, workers):
         digests.append(_batch_digest(batch))
         inputs = _to(batch["inputs"], device)
         args = _to(batch["additional_forward_args"], device)

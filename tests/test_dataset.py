@@ -260,6 +260,41 @@ def test_a_loaders_collate_fn_forms_the_batches(tmp_path):
     torch.testing.assert_close(store.attributions[:], expected, rtol=1e-6, atol=1e-7)
 
 
+class ReadingProcesses(torch.utils.data.Dataset):
+    """Items of a TensorDataset that leave a file named by the process that read them."""
+
+    def __init__(self, data, directory):
+        self.data, self.directory = data, directory
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        open(os.path.join(self.directory, str(os.getpid())), "a").close()
+        return self.data[index]
+
+
+def test_a_loaders_workers_load_the_batches(tmp_path):
+    """A DataLoader with num_workers was read in the calling process alone (its
+    dataset and collate_fn taken, its workers not): the batches are now loaded in
+    worker processes, and the attributions are those of a loader without workers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    raw = TensorDataset(torch.randn(20, 6), torch.arange(20) % 3)
+    readers = tmp_path / "readers"
+    readers.mkdir()
+    stores = {}
+    for workers in (0, 2):
+        loader = DataLoader(ReadingProcesses(raw, str(readers)), batch_size=4, num_workers=workers)
+        stores[workers] = str(tmp_path / f"workers{workers}")
+        igfast.attribute_dataset(model, loader, stores[workers], target="label", n_steps=8, shard_size=8,
+                                 progress=False)
+        if workers:
+            assert set(os.listdir(readers)) - {str(os.getpid())}, "no worker read an item"
+    torch.testing.assert_close(igfast.open_attributions(stores[2]).attributions[:],
+                               igfast.open_attributions(stores[0]).attributions[:], rtol=0, atol=0)
+
+
 def test_tuple_inputs_with_tuple_baselines(tmp_path):
     """Per-example baselines as a tuple in dict items (default_collate makes it a list),
     and call-wide baselines mixing a tensor and a number (its hash crashed)."""
