@@ -41,6 +41,12 @@ class TargetError(ArgumentError, IndexError, RuntimeError, TypeError):
     tuples)."""
 
 
+class TokenIdError(TargetError, OverflowError):
+    """A target token id outside the model's vocabulary (LLM attribution). Captum fails
+    with IndexError for one too large (indexing the logits) and OverflowError for a
+    negative one (decoding it with the tokenizer)."""
+
+
 class LayerError(ArgumentError, RuntimeError, KeyError, AttributeError, IndexError):
     """``layer`` cannot be attributed to: not a module (Captum: AttributeError), listed
     twice, its activation not batch-first or not floating (RuntimeError), one of a list

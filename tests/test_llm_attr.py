@@ -280,6 +280,50 @@ def test_errors(tokenizer):
         explainer.attribute(inp, target=torch.tensor([5.0, 6.0]))
 
 
+def test_argument_forms_captum_takes(tokenizer):
+    """Forms Captum runs or refuses that igfast handled otherwise: its default
+    return_convergence_delta=False given explicitly, n_steps as a one-element tensor (both
+    refused), a negative target id (Captum: OverflowError, decoding it), n_steps="auto"
+    (Captum: TypeError) and exact methods (refused with a message listing them as valid)."""
+    model = model_of("gpt2", tokenizer)
+    inp = captum_attr.TextTokenInput(PROMPT, tokenizer)
+    for kwargs in ({"n_steps": 6, "return_convergence_delta": False}, {"n_steps": torch.tensor(6)},
+                   {"n_steps": torch.tensor([6])}):
+        ours, theirs = both(model, tokenizer, inp, target=TARGET, **kwargs)
+        assert_same_result(ours, theirs)
+    explainer = igfast.LLMGradientAttribution(igfast.LayerIntegratedGradients(model, model.get_input_embeddings()),
+                                              tokenizer)
+    captum_explainer = captum_attr.LLMGradientAttribution(
+        captum_attr.LayerIntegratedGradients(model, model.get_input_embeddings()), tokenizer)
+    for call, error in ((lambda e: e.attribute(inp, target=torch.tensor([5, -1]), n_steps=4), OverflowError),
+                        (lambda e: e.attribute(inp, target=TARGET, n_steps="auto"), TypeError)):
+        with pytest.raises(error):
+            call(captum_explainer)
+        with pytest.raises(error):
+            call(explainer)
+    for method in ("exact", "gausslegendre_pieces"):
+        with pytest.raises(ValueError, match=f"method='{method}' is not available for LLM attribution"):
+            explainer.attribute(inp, target=TARGET, method=method)
+
+
+def test_under_inference_mode(tokenizer):
+    """Ids made under torch.inference_mode() (the prompt's, the target's) were inference
+    tensors that the embedding and the target's gather saved for backward: igfast raised
+    (as Captum does) where its README says calls work."""
+    model = model_of("gpt2", tokenizer)
+    explainer = igfast.LLMGradientAttribution(igfast.LayerIntegratedGradients(model, model.get_input_embeddings()),
+                                              tokenizer)
+    inp = captum_attr.TextTokenInput(PROMPT, tokenizer)
+    expected = explainer.attribute(inp, target=TARGET, n_steps=6)
+    with torch.inference_mode():
+        inside = captum_attr.TextTokenInput(PROMPT, tokenizer)
+        got = explainer.attribute(inside, target=TARGET, n_steps=6)
+        got_ids = explainer.attribute(inside, target=torch.tensor(tokenizer.encode(TARGET, add_special_tokens=False)),
+                                      n_steps=6)
+    for result in (got, got_ids):
+        torch.testing.assert_close(result.token_attr, expected.token_attr, rtol=1e-6, atol=1e-7)
+
+
 def test_a_one_tensor_tuple_of_baselines_as_in_captum(tokenizer):
     """Captum passes baselines=(tensor,) on to LayerIG; igfast refused it."""
     model = model_of("gpt2", tokenizer)

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from ..chunking import Chunk, choose_row_limit
-from ..dtypes import dtype_policy
-from ..engine import PathIntegral, integrate_gradients
-from ..errors import ArgumentError, ArgumentTypeError, InputTypeError, LayerError, TargetError
-from ..quadrature import path_nodes
+from ..dtypes import dtype_policy, integer_item
+from ..engine import PathIntegral, integrate_gradients, outside_inference_mode
+from ..errors import ArgumentError, ArgumentTypeError, InputTypeError, LayerError, TargetError, TokenIdError
+from ..quadrature import PIECE_METHODS, path_nodes
 from ._captum_protocol import CaptumMembers
 from ._forms import repeat_rows
 from ._layers import activations_replaced, record_activations
@@ -154,7 +154,7 @@ class LLMGradientAttribution(CaptumMembers):
             raise ArgumentError("`target` has no tokens: there is nothing to attribute.")
         vocabulary = _vocabulary_size(self.model)
         if vocabulary is not None and bool(((targets < 0) | (targets >= vocabulary)).any()):
-            raise TargetError(  # Captum: IndexError, from indexing the logits
+            raise TokenIdError(  # Captum: IndexError (indexing the logits), OverflowError (decoding)
                 f"`target` token ids must be in [0, {vocabulary}) (the model's vocabulary); got "
                 f"{targets[(targets < 0) | (targets >= vocabulary)].tolist()}.")
         return targets
@@ -200,6 +200,8 @@ def _layer_integrated_gradients(attr_method: Any) -> LayerIntegratedGradients:
 
 def _path_arguments(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Split the path integral's arguments from ``kwargs``; refuse those that cannot apply."""
+    if kwargs.get("return_convergence_delta") is False:  # (Captum's default, given explicitly)
+        del kwargs["return_convergence_delta"]
     refused = {
         "additional_forward_args": "the wrapper gives the model its inputs",
         "target": "the target tokens are the wrapper's `target`",
@@ -214,8 +216,15 @@ def _path_arguments(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if unknown:  # Captum: TypeError (unexpected keyword argument)
         raise ArgumentTypeError(
             f"Unknown keyword argument(s) {unknown}; accepted: {list(PATH_ARGUMENTS) + ['baselines']}.")
-    if kwargs.get("n_steps") == "auto":
-        raise ArgumentError("n_steps='auto' is not available for LLM attribution; give an integer n_steps.")
+    if "n_steps" in kwargs:
+        kwargs["n_steps"] = integer_item(kwargs["n_steps"], any_shape=True)  # Captum takes a one-element tensor
+    if isinstance(kwargs.get("n_steps"), str) and kwargs["n_steps"] == "auto":
+        # Captum: TypeError (it compares the string with a number)
+        raise ArgumentTypeError("n_steps='auto' is not available for LLM attribution; give an integer n_steps.")
+    if kwargs.get("method") in PIECE_METHODS:
+        raise ArgumentError(
+            f"method={kwargs['method']!r} is not available for LLM attribution (a language model is not "
+            "piecewise linear); give a fixed rule such as 'gausslegendre' with an integer n_steps.")
     return {name: kwargs.pop(name) for name in PATH_ARGUMENTS if name in kwargs}
 
 
@@ -265,6 +274,7 @@ def _other_token(model: nn.Module, token: int) -> int:
     return (token + 1) % vocabulary if vocabulary else (token - 1 if token > 0 else token + 1)
 
 
+@outside_inference_mode
 def attribute_prompt_to_targets(
     model: nn.Module,
     layer: nn.Module,
@@ -303,6 +313,12 @@ def attribute_prompt_to_targets(
     if prompt_ids.shape != baseline_ids.shape or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
         raise ArgumentError(f"`prompt_ids` and `baseline_ids` must both be (1, P); got "
                             f"{tuple(prompt_ids.shape)} and {tuple(baseline_ids.shape)}.")
+    # Ids made under the caller's torch.inference_mode() are inference tensors, which the
+    # embedding and the target's gather refuse to save for backward: plain copies.
+    prompt_ids, baseline_ids, targets = (t.clone() if t.is_inference() else t
+                                         for t in (prompt_ids, baseline_ids, targets))
+    if context is not None and context.is_inference():
+        context = context.clone()
     prompt_length, count = prompt_ids.shape[1], targets.shape[0]
     follow = (targets[:-1] if context is None else context).reshape(1, -1).to(prompt_ids)  # (the last target predicts nothing)
     ids = torch.cat([prompt_ids, follow], dim=1)
