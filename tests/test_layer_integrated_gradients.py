@@ -359,6 +359,40 @@ def test_data_parallel_on_several_devices_is_refused():
         lig.attribute(ids, additional_forward_args=(mask,), target=0)
 
 
+def test_a_layer_the_model_runs_under_no_grad():
+    """A frozen backbone run under torch.no_grad() in the model's forward, its features
+    taken by a trained head: Captum attributes to the backbone's output (its hook returns
+    the path tensor); igfast's clone of the path, made under no_grad, cut the gradient
+    (UnusedLayerError). Also under a memory_budget and n_steps="auto"."""
+
+    class FrozenBackbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                features = self.backbone(x)
+            return self.head(torch.tanh(features))
+
+    torch.manual_seed(0)
+    model = FrozenBackbone().double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    theirs = captum_attr.LayerIntegratedGradients(model, model.backbone).attribute(x, target=1, n_steps=10)
+    ours = igfast.LayerIntegratedGradients(model, model.backbone)
+    torch.testing.assert_close(ours.attribute(x, target=1, n_steps=10, method="riemann_trapezoid"),
+                               captum_attr.LayerIntegratedGradients(model, model.backbone).attribute(
+                                   x, target=1, n_steps=10, method="riemann_trapezoid"), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours.attribute(x, target=1, n_steps=10), theirs, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours.attribute(x, target=1, n_steps=10, memory_budget="16KB"), theirs,
+                               rtol=1e-12, atol=1e-14)
+    reference = captum_attr.LayerIntegratedGradients(model, model.backbone).attribute(x, target=1, n_steps=200)
+    auto = ours.attribute(x, target=1, n_steps="auto", tolerance=1e-6)
+    assert float(((auto - reference).norm(dim=1) / reference.norm(dim=1)).max()) < 1e-5
+    assert float(theirs.abs().max()) > 0
+
+
 def test_in_place_ops_after_the_layer_and_inference_mode():
     """The path reaches the model as a copy, so in-place ops after the layer work
     (Captum's leaf raises there); calls under inference_mode or no_grad work."""

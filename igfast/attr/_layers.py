@@ -181,7 +181,10 @@ def activations_replaced(
 
     def replace(index: int, module: nn.Module, value: Any) -> Any:
         called[index] = True
-        replacement = tuple(t.clone() for t in per_layer[index])
+        # With grad on: a model may run the layer under torch.no_grad() (a frozen backbone
+        # whose features its head takes), where a clone would cut the path's gradient.
+        with torch.enable_grad():
+            replacement = tuple(t.clone() for t in per_layer[index])
         if to_layer_input:
             return replacement  # a pre-hook returns the new positional arguments
         return slots.repack(index, replacement)

@@ -358,8 +358,10 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         return UnusedLayerError(
             f"The {what} of `{name}` ({type(self._layers[layer_index]).__name__}) does not reach the "
             "model's output: another layer of the list computes its activation from it (and that "
-            "activation is replaced by its own path), the model discards it, or the layer runs "
-            "inside a torch.compile'd submodule (whose graph ignores hooks added after compiling). "
+            "activation is replaced by its own path), the model discards it or uses it under "
+            "torch.no_grad(), or the layer runs inside a torch.compile'd submodule (whose graph ignores "
+            "hooks added after compiling) or inside torch.utils.checkpoint(use_reentrant=True) (whose "
+            "recomputation runs without the path). "
             "Its attributions would be zeros that mean nothing (Captum raises here too). List layers "
             "that do not feed one another, or pass grad_kwargs={'materialize_grads': True} to "
             "accept zeros."
