@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ArgumentError
-from .demo import TEST_EXAMPLES
+from .demo import TEST_EXAMPLES, TEXT_STEPS_AT_MOST
 from .quadrature import SUPPORTED_METHODS
 
 
@@ -49,12 +49,14 @@ def _names(choices):
         if not values or unknown:
             raise argparse.ArgumentTypeError(
                 f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(choices)}")
-        return values
+        return list(dict.fromkeys(values))  # (a name given twice runs once)
     return parse
 
 
 def _writable_dir(path: str) -> str:
     """Create the output folder if needed; a UserError when it cannot be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"the output folder {path!r} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
@@ -85,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="attribute a digits CNN (and MiniLM) and write pictures")
     demo.add_argument("--out", default=".", help="folder for the PNG and HTML (default: here)")
     demo.add_argument("--images", type=int, default=4, help="test images to attribute (default 4)")
-    demo.add_argument("--n-steps", type=int, default=50, help="quadrature nodes (default 50)")
+    demo.add_argument("--n-steps", type=int, default=50,
+                      help=f"quadrature nodes (default 50; the MiniLM part takes at most {TEXT_STEPS_AT_MOST})")
     demo.add_argument("--retrain", action="store_true", help="train the model again, ignoring the cache")
     demo.add_argument("--no-text", action="store_true", help="skip the MiniLM token view")
     demo.add_argument("--threads", type=int, default=1,
@@ -110,10 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--n-steps", type=_positive_ints, default=None, help="default 16,50,200")
     bench.add_argument("--methods", type=_names(SUPPORTED_METHODS), default=None,
                        help="default gausslegendre,riemann_trapezoid")
-    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     bench.add_argument("--repeats", type=int, default=None,
                        help="timed rounds (default: 3 to 101, by cost: about 2 s per case, 0.5 s quick)")
-    bench.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU timings stable)")
+    bench.add_argument("--threads", type=int, default=1,
+                       help="torch threads (default 1: it keeps CPU timings stable)")
     bench.add_argument("--out", default=".", help="folder for the JSON and PNG (default: here)")
     bench.add_argument("--no-captum", action="store_true", help="igfast and the floor only")
 
@@ -191,6 +195,14 @@ def _bench(args) -> int:
         seconds_per_case=0.5 if args.quick else 2.0, captum=not args.no_captum, notes=notes,
     )
     report = run_bench(settings)
+    # The files first: a reader that stops early (`igfast bench | head`) loses no results.
+    json_path, plot_path = os.path.join(out, "igfast-bench.json"), os.path.join(out, "igfast-bench.png")
+    write_json(report, json_path)
+    try:
+        write_plot(report, plot_path)
+        plotted = f"wrote {plot_path}"
+    except ImportError as error:
+        plotted = f"no plot: {error}"
     print(f"igfast {report['igfast']} ({report['path']}), torch {report['torch']}, device {settings.device}, "
           f"{settings.threads} thread(s), medians of interleaved timed rounds "
           f"({', '.join(str(r['repeats']) for r in report['rows'])})")
@@ -199,14 +211,8 @@ def _bench(args) -> int:
     for note in notes:
         print(f"  note: {note}")
     print(format_table(report))
-    json_path, plot_path = os.path.join(out, "igfast-bench.json"), os.path.join(out, "igfast-bench.png")
-    write_json(report, json_path)
     print(f"wrote {json_path}")
-    try:
-        write_plot(report, plot_path)
-        print(f"wrote {plot_path}")
-    except ImportError as error:
-        print(f"no plot: {error}")
+    print(plotted)
     return 0
 
 
@@ -242,11 +248,47 @@ def main(argv: Optional[List[str]] = None) -> int:
         command_parser.error("--prompt is empty (leave it out for the default prompt)")
     if args.command == "demo" and args.images > TEST_EXAMPLES:
         command_parser.error(f"--images must be at most {TEST_EXAMPLES} (the digits test set)")
+    stdout = sys.stdout
+    sys.stdout = _ReaderMayLeave(stdout)
     try:
         return {"demo": _demo, "llm": _llm, "bench": _bench, "info": _info}[args.command](args)
     except UserError as error:
         print(f"igfast {args.command}: {error}", file=sys.stderr)
         return 1
+    finally:
+        left = sys.stdout.reader_left
+        sys.stdout = stdout
+        if left:  # (so that the interpreter's last flush of stdout does not fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+
+
+class _ReaderMayLeave:
+    """stdout for a reader that may stop reading (`igfast bench | head -1`): once the pipe
+    is closed, the rest of the output is dropped and the command goes on to write its
+    files and exit as it would (it raised BrokenPipeError from the first print after,
+    with a traceback, before the demo's and bench's files were written)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.reader_left = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_left:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self.reader_left = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_left:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.reader_left = True
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 if __name__ == "__main__":

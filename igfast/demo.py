@@ -9,6 +9,7 @@ token-highlight view of a sentence-similarity attribution (HTML).
 """
 
 import os
+import pickle
 import statistics
 import time
 from dataclasses import dataclass
@@ -96,8 +97,8 @@ def trained_digits_cnn(digits: Digits, retrain: bool = False) -> Tuple[DigitsCNN
         try:
             model.load_state_dict(torch.load(path, weights_only=True))
             return model.eval(), f"loaded from {path}"
-        except (RuntimeError, OSError, EOFError):
-            pass  # a damaged cache file is replaced below
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+            pass  # a damaged cache file is replaced below (garbage fails to unpickle)
     started = time.perf_counter()
     model = train_digits_cnn(digits)
     seconds = time.perf_counter() - started
@@ -105,9 +106,14 @@ def trained_digits_cnn(digits: Digits, retrain: bool = False) -> Tuple[DigitsCNN
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(model.state_dict(), path)
         where = f"trained in {seconds:.1f} s, cached at {path}"
-    except OSError as error:
-        where = f"trained in {seconds:.1f} s (not cached: {error.strerror})"
+    except (OSError, RuntimeError) as error:  # (torch.save raises RuntimeError where it cannot write)
+        where = f"trained in {seconds:.1f} s (not cached: {getattr(error, 'strerror', None) or error})"
     return model, where
+
+
+def _speed(ratio: float) -> str:
+    """Captum's time over igfast's, in words that fit either side of 1."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
 def _median_seconds(run: Callable[[], object], repeats: int = 5) -> float:
@@ -183,7 +189,8 @@ def run_demo(out_dir: str = ".", images: int = 4, n_steps: int = 50, retrain: bo
                                          return_convergence_delta=True)
     ours_seconds = _median_seconds(lambda: ours.attribute(x, baselines=0.0, target=predicted,
                                                           n_steps=n_steps))
-    print(f"\nIntegratedGradients, {images} test images, n_steps {n_steps}, black baseline:")
+    print(f"\nIntegratedGradients, {images} test image{'s' if images > 1 else ''}, n_steps {n_steps}, "
+          "black baseline:")
     titles = []
     for i in range(images):
         p = float(probabilities[i, predicted[i]])
@@ -203,7 +210,7 @@ def run_demo(out_dir: str = ".", images: int = 4, n_steps: int = 50, retrain: bo
                                                                   n_steps=n_steps))
         difference = float((attributions - reference.detach()).abs().max())
         print(f"  igfast {1e3 * ours_seconds:.2f} ms, Captum {1e3 * theirs_seconds:.2f} ms "
-              f"(medians of 5): igfast {theirs_seconds / ours_seconds:.2f}x faster; "
+              f"(medians of 5): igfast {_speed(theirs_seconds / ours_seconds)}; "
               f"max |igfast - Captum| = {difference:.1e}")
         summary.update(captum_seconds=theirs_seconds, max_difference=difference)
 

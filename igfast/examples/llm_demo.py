@@ -10,6 +10,7 @@ import os
 from typing import Dict, Optional
 
 from .. import viz
+from ..errors import ArgumentError
 from ..attr import LLMGradientAttribution, LayerIntegratedGradients, TextTokenInput
 from .hf_causal_lm import byte_level_tokenizer, random_causal_lm, smollm2, smollm2_available
 
@@ -38,6 +39,14 @@ def run_llm_demo(out_dir: str = ".", prompt: str = DEFAULT_PROMPT, max_new_token
     "continuation": text}."""
     model, tokenizer, description = load_model(model_name)
     inp = TextTokenInput(prompt, tokenizer, skip_tokens=[tokenizer.bos_token] if tokenizer.bos_token else None)
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    prompt_tokens = inp.to_tensor().shape[1] if hasattr(inp, "to_tensor") else len(tokenizer.encode(prompt))
+    if isinstance(context, int) and prompt_tokens + max_new_tokens > context:
+        # (generate() failed inside the model with an IndexError)
+        raise ArgumentError(
+            f"the prompt ({prompt_tokens} tokens) and {max_new_tokens} new tokens exceed the model's "
+            f"{context}-token context: give a shorter prompt or fewer new tokens.")
     explainer = LLMGradientAttribution(LayerIntegratedGradients(model, model.get_input_embeddings()), tokenizer)
     result = explainer.attribute(inp, gen_args={"max_new_tokens": max_new_tokens, "do_sample": False},
                                  n_steps=n_steps, memory_budget=memory_budget)
