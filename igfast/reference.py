@@ -33,13 +33,11 @@ def _path_points(inputs, baselines, alphas, step_begin, step_end, out=None) -> t
     steps = step_end - step_begin
     difference = (inputs - baselines).to(policy.compute)
     chunk_alphas = alphas[step_begin:step_end].to(policy.compute)
-    # One fused pass: baseline + alpha * difference, broadcast to (k, b, ...).
-    return torch.addcmul(
-        baselines.to(policy.compute).unsqueeze(0),
-        chunk_alphas.view(_steps_view(steps, inputs)),
-        difference.unsqueeze(0),
-        out=out,
-    )
+    # Rounded as Captum's baseline + alpha * (input - baseline), two ops: the product to
+    # the input dtype, then the sum. A fused addcmul rounds once, and put a point that
+    # Captum rounds to exactly 0 (or to a clamp's bound) 1 ulp off it.
+    product = (chunk_alphas.view(_steps_view(steps, inputs)) * difference.unsqueeze(0)).to(inputs.dtype)
+    return torch.add(baselines.to(policy.compute).unsqueeze(0), product.to(policy.compute), out=out)
 
 
 def interpolate_path(

@@ -82,6 +82,10 @@ def test_interpolate_path(device, dtype, broadcast, shape, chunk):
     a = alphas[chunk[0]:chunk[1]].view((steps,) + (1,) * x.dim())
     oracle = (b.double() + a * (x.double() - b.double())).reshape(ref.shape)
     assert_matches_reference(kernel, ref, oracle, dtype)
+    # Bit for bit Captum's points, baseline + alpha * (input - baseline) as two rounded ops
+    # (a fused multiply-add put a point Captum rounds to 0, or to a clamp's bound, 1 ulp off).
+    captums = torch.cat([b + alpha * (x - b) for alpha in alphas[chunk[0]:chunk[1]].tolist()]) if steps else ref
+    assert torch.equal(ref, captums) and torch.equal(kernel, captums)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,6 +8,21 @@
 namespace igfast::cuda {
 namespace {
 
+// b + a * d rounded as PyTorch rounds Captum's baseline + alpha * (input - baseline): the
+// product to the input dtype, then the sum. nvcc contracts a * d + b into one fused
+// multiply-add by default; the _rn intrinsics are never contracted (see the CPU loop,
+// cpu/row_loops.h, for what one rounding less changed).
+__device__ __forceinline__ float multiply_rounded(float a, float d) { return __fmul_rn(a, d); }
+__device__ __forceinline__ double multiply_rounded(double a, double d) { return __dmul_rn(a, d); }
+__device__ __forceinline__ float add_rounded(float a, float d) { return __fadd_rn(a, d); }
+__device__ __forceinline__ double add_rounded(double a, double d) { return __dadd_rn(a, d); }
+
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ scalar_t captum_path_point(opmath_t b, opmath_t a, opmath_t d) {
+  const opmath_t product = static_cast<opmath_t>(static_cast<scalar_t>(multiply_rounded(a, d)));
+  return static_cast<scalar_t>(add_rounded(b, product));
+}
+
 template <typename scalar_t, typename opmath_t, int N>
 __global__ void interpolate_path_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b,
                                         const opmath_t* __restrict__ alphas, scalar_t* __restrict__ out,
@@ -36,7 +51,7 @@ __global__ void interpolate_path_kernel(const scalar_t* __restrict__ x, const sc
       const opmath_t a = alphas[s];
       PackT result;
 #pragma unroll
-      for (int v = 0; v < N; ++v) result.v[v] = static_cast<scalar_t>(base[v] + a * difference[v]);
+      for (int v = 0; v < N; ++v) result.v[v] = captum_path_point<scalar_t>(base[v], a, difference[v]);
       *reinterpret_cast<PackT*>(row + s * step_stride) = result;
     }
   }
