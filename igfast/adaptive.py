@@ -89,7 +89,7 @@ from .chunking import choose_row_limit
 from .completeness import completeness_scale, relative_completeness
 from .dtypes import dtype_policy
 from .engine import PathIntegral, outside_inference_mode
-from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
+from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError, ToleranceNotReachedWarning
 from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks
 from .quadrature import (
     DEFAULT_MAX_STEPS, FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels,
@@ -131,11 +131,6 @@ class AdaptiveInfo:
     # Why no example could switch to the exact rule (the network is not piecewise
     # linear, ...); None when the switch was open or never needed.
     exact_unavailable: Optional[str] = None
-
-
-class ToleranceNotReachedWarning(UserWarning):
-    """n_steps="auto" returned examples whose error estimate is above the tolerance
-    (they reached max_steps), to a caller that did not ask for the AdaptiveInfo."""
 
 
 def warn_if_not_converged(info: AdaptiveInfo) -> None:

@@ -84,3 +84,10 @@ class GradientError(ArgumentError, RuntimeError):
 class NotPiecewiseLinearError(ArgumentError):
     """method="exact" met an op that is not piecewise linear where the network must be
     (before its last piecewise-linear op), or one it cannot classify."""
+
+
+class ToleranceNotReachedWarning(UserWarning):
+    """Attributions come back less accurate than asked: n_steps="auto" returned examples
+    whose error estimate is above the tolerance (they reached max_steps), or
+    method="gausslegendre_pieces" examples that miss completeness by more than their
+    estimate says."""

@@ -482,3 +482,25 @@ def test_predicted_rounds_follow_the_rows_a_path_may_split_into():
     assert curved_walk_rounds(364, 1) == CURVED_WALK_ROWS_PER_PIECE * 364  # no room: one row walks it all
     assert curved_walk_rounds(364, 64) < curved_walk_rounds(364, 4) < curved_walk_rounds(364, 1)
     assert curved_walk_rounds(10, 64) == CURVED_WALK_ROWS_PER_PIECE * 10
+
+
+def test_sums_that_miss_completeness_or_an_infinite_end_warn():
+    """gausslegendre_pieces returned without a word attributions summing to 0 where F
+    changed by 0.31 (a tanh MLP at inputs of 1e4, tolerance 1e-3: its estimate said
+    converged), and finite attributions for a path whose F(baseline) is -inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    torch.manual_seed(2)
+    x = torch.randn(3, 4) * 1e4
+    with pytest.warns(igfast.ToleranceNotReachedWarning, match="1 of 3 examples miss completeness"):
+        attributions = igfast.IntegratedGradients(model).attribute(x, target=1, method="gausslegendre_pieces",
+                                                                   tolerance=1e-3)
+    with torch.no_grad():
+        change = model(x)[:, 1] - model(torch.zeros_like(x))[:, 1]
+    assert float((attributions.sum(1) - change).abs().max()) > 0.1  # (the miss is real)
+    weights = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    x = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    for kwargs in ({}, {"tolerance": 1e-3}):
+        with pytest.warns(UserWarning, match="not finite for 1 of 1 examples"):
+            igfast.IntegratedGradients(lambda v: torch.log(torch.relu(v @ weights))).attribute(
+                x, baselines=-0.5 * x, target=0, method="gausslegendre_pieces", **kwargs)
