@@ -90,7 +90,7 @@ from .completeness import completeness_scale, relative_completeness
 from .dtypes import dtype_policy
 from .engine import PathIntegral, outside_inference_mode
 from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError, ToleranceNotReachedWarning
-from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks
+from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks, warn_of_non_finite_ends
 from .quadrature import (
     DEFAULT_MAX_STEPS, FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels,
     validate_max_steps, validate_method_and_steps,
@@ -232,6 +232,7 @@ def integrate_adaptively(
     """
     levels = settings.levels
     batch_size = ends[0].shape[0]
+    warn_of_non_finite_ends(ends, starts, "n_steps='auto'")
     device = ends[0].device
     differences = tuple(e - s for e, s in zip(ends, starts))
     results = [torch.empty_like(d, dtype=dtype_policy(d.dtype).accumulate) for d in differences]

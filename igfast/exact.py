@@ -256,6 +256,24 @@ def exact_settings(n_steps, tolerance, max_steps, method: str = "exact") -> Exac
     return ExactSettings(int(max_steps), curved, spread, tolerance)
 
 
+def warn_of_non_finite_ends(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...], method: str) -> None:
+    """A path with an infinite or NaN end has no Integrated Gradients: the fixed rules
+    give what Captum gives (NaN and inf where they fall), but exact, auto and
+    gausslegendre_pieces gave three different answers (NaN, zeros, finite numbers) and
+    only auto warned, of a tolerance not reached."""
+    batch = ends[0].shape[0]
+    bad = torch.zeros(batch, dtype=torch.bool, device=ends[0].device)
+    for tensor in ends + starts:
+        if tensor.is_floating_point() and tensor.numel():
+            rows = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(1)
+            bad |= rows.expand(batch) if rows.shape[0] != batch else rows
+    if bool(bad.any()):
+        warnings.warn(
+            f"igfast: {method}: the inputs or baselines of {int(bad.sum())} of {batch} examples are not finite "
+            "(inf or NaN): their path has no Integrated Gradients, and their attributions mean nothing.",
+            UserWarning, stacklevel=5)
+
+
 def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[list]) -> None:
     if settings is not None and many is not None:
         raise ArgumentError(f"method={settings.method!r} follows one target's path pieces; give one `target`.")
@@ -274,6 +292,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     """
     batch_size = ends[0].shape[0]
     device = ends[0].device
+    warn_of_non_finite_ends(ends, starts, f"method={settings.method!r}")
     if batch_size == 0:  # no path to walk: empty attributions, as the fixed rules give
         none = torch.zeros(0, dtype=torch.long, device=device)
         info = ExactInfo(none, none.clone(), 0, 0, [], None, 1, curved_kinks=settings.curved_kinks)

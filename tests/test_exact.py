@@ -10,6 +10,7 @@ replaced by 16 Gauss-Legendre nodes per piece.
 """
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -1096,6 +1097,30 @@ def test_an_explainer_pickles_in_size_linear_in_the_batch_after_exact():
         for ours, theirs in zip(explainer.last_integral.info.breakpoints, copy.last_integral.info.breakpoints):
             assert torch.equal(ours, theirs)
     assert sizes[256] < 2 * 8 * sizes[32]  # (8 times the examples; squared would be 64 times)
+
+
+def test_non_finite_inputs_or_baselines_warn():
+    """An inf or NaN end has no Integrated Gradients: exact, auto and gausslegendre_pieces
+    gave NaN, zeros or finite numbers without saying so (auto warned of a tolerance).
+    The fixed rules stay Captum's: no warning, NaN and inf where they fall."""
+    model, shape = make("relu_mlp", "cpu")
+    curved = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    inputs = torch.randn(3, *shape, dtype=torch.float64)
+    inputs[1, 2] = math.inf
+    nan_baseline = torch.zeros(1, *shape, dtype=torch.float64)
+    nan_baseline[0, 0] = math.nan
+    calls = ((model, {"method": "exact"}), (model, {"n_steps": "auto"}),
+             (curved, {"method": "gausslegendre_pieces", "n_steps": 2}))
+    for network, kwargs in calls:
+        for x, baselines, count in ((inputs, None, "1 of 3"), (inputs.nan_to_num(posinf=1.0), nan_baseline, "3 of 3")):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                igfast.IntegratedGradients(network).attribute(x, baselines, target=1, **kwargs)
+            assert any(f"baselines of {count} examples are not finite" in str(w.message) for w in seen), kwargs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed = igfast.IntegratedGradients(model).attribute(inputs, target=1, n_steps=20)
+    assert torch.isinf(fixed[1, 2]) and bool(torch.isfinite(fixed[0]).all())
 
 
 def test_tuple_inputs_and_half_precision():
