@@ -1323,21 +1323,27 @@ def smooth_network_error(found: dict) -> SmoothNetworkError:
 HIDDEN_KINK_EPSILONS = 2000
 
 
-def _computed_epsilon(dtype: torch.dtype, device: torch.device) -> float:
-    """The epsilon of the precision the model computes a path of ``dtype`` in: under
-    torch.autocast, float32 paths run matmuls and convolutions in its lower dtype (in
-    bfloat16 exact pieces missed completeness by 7.8e-3, and the check blamed a hidden
-    kink)."""
-    epsilon = torch.finfo(dtype).eps
+# Under torch.autocast a float32 path's matmuls run in autocast's lower dtype: exact
+# pieces missed completeness by 1 epsilon of bfloat16 (7.8e-3) and 2.6 of float16 on a
+# small MLP. The allowance is then this many of that dtype's epsilons: 0.125 in bfloat16,
+# 1.6e-2 in float16 (2000 of them, as for the path's own dtype, let any hidden kink pass).
+AUTOCAST_EPSILONS = 16
+
+
+def _rounding_allowance(dtype: torch.dtype, device: torch.device) -> float:
+    """How far from completeness exact pieces may land on rounding alone: HIDDEN_KINK_EPSILONS
+    of the path dtype, or AUTOCAST_EPSILONS of autocast's lower dtype where the model
+    computes in it."""
+    allowance = HIDDEN_KINK_EPSILONS * torch.finfo(dtype).eps
     is_enabled, autocast_dtype = (getattr(torch, name, None) for name in ("is_autocast_enabled", "get_autocast_dtype"))
     if dtype == torch.float64 or is_enabled is None or autocast_dtype is None:
-        return epsilon
+        return allowance
     try:
         if is_enabled(device.type):
-            return max(epsilon, torch.finfo(autocast_dtype(device.type)).eps)
+            return max(allowance, AUTOCAST_EPSILONS * torch.finfo(autocast_dtype(device.type)).eps)
     except (RuntimeError, TypeError):  # (a device type autocast does not know)
         pass
-    return epsilon
+    return allowance
 
 
 def check_completeness(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
@@ -1383,7 +1389,7 @@ def _warn_of_gauss_sums_off_completeness(integral: "ExactIntegral", ends, starts
     starts = tuple(s.expand_as(e) if s.shape[0] != batch else s for s, e in zip(starts, ends))
     differences = tuple(e - s for e, s in zip(ends, starts))
     gap = relative_completeness(integral.gradient_sums, differences, value_change, scale)
-    rounding = HIDDEN_KINK_EPSILONS * _computed_epsilon(differences[0].dtype, differences[0].device)
+    rounding = _rounding_allowance(differences[0].dtype, differences[0].device)
     allowed = torch.clamp(GAUSS_COMPLETENESS_FACTOR * estimate.to(gap), min=rounding)
     missed = (gap > allowed) & finite.to(gap.device)
     if not bool(missed.any()):
@@ -1425,7 +1431,7 @@ def hidden_kinks(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], star
             squared = squared + (gradient.double() * point.double()).flatten(1).square().sum(1)
     terms = torch.as_tensor(squared).sqrt()
     gap = relative_completeness(integral.gradient_sums, differences, value_change, torch.maximum(scale, terms))
-    rounding = HIDDEN_KINK_EPSILONS * _computed_epsilon(differences[0].dtype, differences[0].device)
+    rounding = _rounding_allowance(differences[0].dtype, differences[0].device)
     missed = gap > rounding
     if info.gap_error_estimate is not None:
         missed &= info.gap_error_estimate.to(gap.device) == 0
@@ -1817,38 +1823,43 @@ def _quiet_first_dual() -> None:
     global _first_dual_made
     if _first_dual_made:
         return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TORCH_JIT_DEPRECATION, category=DeprecationWarning)
-        with _forward_ad_level():
-            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
-    _first_dual_made = True
+    with _FORWARD_AD_TURN:  # (warnings' filters are process-wide: one thread at a time sets them)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TORCH_JIT_DEPRECATION, category=DeprecationWarning)
+            with _forward_ad_level():
+                fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+        _first_dual_made = True
 
 
 # PyTorch has one forward-AD level per process, and refuses a second ("Nested forward
 # mode AD is not supported"): walks in several threads at once raised it (68 of 80 calls
-# of two threads), so they take turns; a walk inside a level its caller entered
-# (fwAD.dual_level() around attribute()) raised it too, and now runs in that level. Its
-# tangents are the walk's own: a caller's tensors carry none into the walk unless the
-# model's parameters are duals of that level, which no attribution asks for.
+# of two threads), so igfast's walks take turns. A level opened by other code (a caller's
+# fwAD.dual_level() around attribute(), or torch.func.jvp in another thread) cannot be
+# shared safely: whoever opened it may close it mid-walk (a segfault, when the walk
+# joined another thread's level), so the walk refuses it with a clear error, and
+# n_steps="auto" goes on with its rule.
 _FORWARD_AD_TURN = threading.RLock()
 
 
 @contextlib.contextmanager
 def _forward_ad_level():
-    """A forward-AD level for the walk: a new one, or the caller's (see above)."""
+    """A forward-AD level of the walk's own (see above)."""
     with _FORWARD_AD_TURN:
         try:
             fwAD.enter_dual_level()
-            entered = True
         except RuntimeError as error:
             if "Nested forward mode AD" not in str(error):
                 raise
-            entered = False
+            raise NotPiecewiseLinearError(
+                "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to find the path's pieces) run "
+                "the model with forward-mode AD, but a forward-AD level is already open in this process (a "
+                "torch.autograd.forward_ad.dual_level() around attribute(), or torch.func.jvp in another "
+                "thread), and PyTorch allows one. Call attribute() outside it, or use a fixed n_steps "
+                "(n_steps='auto' goes on with its rule).") from error
         try:
             yield
         finally:
-            if entered:
-                fwAD.exit_dual_level()
+            fwAD.exit_dual_level()
 
 
 def _lacks_forward_mode(error: NotImplementedError) -> bool:
