@@ -256,6 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"igfast {args.command}: {error}", file=sys.stderr)
         return 1
     finally:
+        sys.stdout.flush()  # (what is still buffered meets a reader that left here, not at exit)
         left = sys.stdout.reader_left
         sys.stdout = stdout
         if left:  # (so that the interpreter's last flush of stdout does not fail again)

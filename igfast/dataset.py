@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
 from .attr import IntegratedGradients, LayerIntegratedGradients
 from .attr._train_mode import root_modules, running_state_kept
@@ -408,8 +408,10 @@ def _batches(dataset, collate, begin: int, end: int, batch_size: int, workers: O
     loaded in worker processes with ``workers`` (a DataLoader's settings), as the
     caller's DataLoader would load them (it was read in this process alone)."""
     if workers:
-        loader = DataLoader(Subset(dataset, range(begin, end)), batch_size=batch_size, shuffle=False,
-                            collate_fn=collate, **workers)
+        # The data set itself with the shard's indices (not a Subset): a worker_init_fn
+        # that opens a file per worker finds its own dataset in get_worker_info().dataset.
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=range(begin, end), collate_fn=collate,
+                            **workers)
         for index, batch in enumerate(loader):
             yield begin + index * batch_size, _split_item(batch)
         return

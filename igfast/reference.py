@@ -36,7 +36,10 @@ def _path_points(inputs, baselines, alphas, step_begin, step_end, out=None) -> t
     # Rounded as Captum's baseline + alpha * (input - baseline), two ops: the product to
     # the input dtype, then the sum. A fused addcmul rounds once, and put a point that
     # Captum rounds to exactly 0 (or to a clamp's bound) 1 ulp off it.
-    product = (chunk_alphas.view(_steps_view(steps, inputs)) * difference.unsqueeze(0)).to(inputs.dtype)
+    alphas_view = chunk_alphas.view(_steps_view(steps, inputs))
+    if policy.compute == inputs.dtype:  # (in ``out`` when given: no second buffer of the chunk's size)
+        return torch.mul(alphas_view, difference.unsqueeze(0), out=out).add_(baselines.unsqueeze(0))
+    product = (alphas_view * difference.unsqueeze(0)).to(inputs.dtype)
     return torch.add(baselines.to(policy.compute).unsqueeze(0), product.to(policy.compute), out=out)
 
 

@@ -273,11 +273,19 @@ class ReadingProcesses(torch.utils.data.Dataset):
         open(os.path.join(self.directory, str(os.getpid())), "a").close()
         return self.data[index]
 
+    def open(self):  # what a worker_init_fn opens per worker (an h5py file, say)
+        self.opened_in = os.getpid()
+
+
+def open_in_each_worker(worker_id):
+    torch.utils.data.get_worker_info().dataset.open()
+
 
 def test_a_loaders_workers_load_the_batches(tmp_path):
     """A DataLoader with num_workers was read in the calling process alone (its
     dataset and collate_fn taken, its workers not): the batches are now loaded in
-    worker processes, and the attributions are those of a loader without workers."""
+    worker processes, whose worker_init_fn finds the caller's dataset (a Subset of it
+    broke that pattern), and the attributions are those of a loader without workers."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
     raw = TensorDataset(torch.randn(20, 6), torch.arange(20) % 3)
@@ -285,7 +293,8 @@ def test_a_loaders_workers_load_the_batches(tmp_path):
     readers.mkdir()
     stores = {}
     for workers in (0, 2):
-        loader = DataLoader(ReadingProcesses(raw, str(readers)), batch_size=4, num_workers=workers)
+        loader = DataLoader(ReadingProcesses(raw, str(readers)), batch_size=4, num_workers=workers,
+                            worker_init_fn=open_in_each_worker if workers else None)
         stores[workers] = str(tmp_path / f"workers{workers}")
         igfast.attribute_dataset(model, loader, stores[workers], target="label", n_steps=8, shard_size=8,
                                  progress=False)
