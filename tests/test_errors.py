@@ -292,3 +292,14 @@ def test_a_model_without_autograd_through_it_is_an_error_not_zeros():
             with pytest.raises(igfast.GradientError, match="does not reach any input") as ours:
                 call()
             assert isinstance(ours.value, RuntimeError)
+
+
+def test_target_errors_name_the_output_shape_per_row():
+    """Per-example int targets on a model with one output per row: the message quoted the
+    shape of one chunk of path rows, (50,) for fixed n_steps and (45,) for auto, numbers
+    the caller never gave. It names the rows N, the same for every method."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(5, 4)
+    for kwargs in ({"n_steps": 10}, {"n_steps": "auto"}, {"method": "exact"}):
+        with pytest.raises(igfast.TargetError, match=r"forward output has shape \(N,\)"):
+            igfast.IntegratedGradients(lambda v: model(v).squeeze(1)).attribute(x, target=[0, 1, 0, 1, 0], **kwargs)

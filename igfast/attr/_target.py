@@ -113,6 +113,12 @@ def _select_columns(output: torch.Tensor, indices: Tuple) -> torch.Tensor:
     return output[(slice(None), *indices)]
 
 
+def _rows_shape(output: torch.Tensor) -> str:
+    """The output's shape with its rows as N: the rows of one chunk of path points (or of
+    n_steps="auto"'s round), not a number the caller knows (auto's said (45,))."""
+    return "(" + ", ".join(["N"] + [str(size) for size in output.shape[1:]]) + (",)" if output.dim() == 1 else ")")
+
+
 def select_targets(output: torch.Tensor, target: Any, check_range: bool = True) -> torch.Tensor:
     """The output values the target designates, one row per output row.
 
@@ -134,12 +140,12 @@ def select_targets(output: torch.Tensor, target: Any, check_range: bool = True) 
         if target.dim() != 1 or target.numel() != rows:
             raise TargetError(
                 f"A tensor `target` must have one entry per example; got shape "
-                f"{tuple(target.shape)} for an output of shape {tuple(output.shape)}."
+                f"{tuple(target.shape)} for an output of shape {_rows_shape(output)}."
             )
         if output.dim() != 2:
             raise TargetError(
                 "Per-example int targets need a 2-D (batch, classes) output; the "
-                f"forward output has shape {tuple(output.shape)} (use tuple targets)."
+                f"forward output has shape {_rows_shape(output)} (use tuple targets)."
             )
         target = target.to(output.device)
         if target.is_inference() and not torch.is_inference_mode_enabled():
@@ -160,7 +166,7 @@ def select_targets(output: torch.Tensor, target: Any, check_range: bool = True) 
         if index.shape[1] > output.dim() - 1:
             raise TargetError(
                 f"`target` tuples of length {index.shape[1]} do not fit the forward "
-                f"output of shape {tuple(output.shape)}."
+                f"output of shape {_rows_shape(output)}."
             )
         for dim in range(index.shape[1] if check_range else 0):
             size = output.shape[dim + 1]
