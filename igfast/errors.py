@@ -7,6 +7,10 @@ TypeError for bad arguments. Each class below is therefore both: the idiomatic P
 type first, then the type Captum raises in the same situation.
 """
 
+import os
+import sys
+import warnings
+
 
 class ArgumentError(ValueError, AssertionError):
     """An argument of an igfast call has the wrong form or value."""
@@ -91,3 +95,16 @@ class ToleranceNotReachedWarning(UserWarning):
     whose error estimate is above the tolerance (they reached max_steps), or
     method="gausslegendre_pieces" examples that miss completeness by more than their
     estimate says."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_to_caller(message: str, category: type) -> None:
+    """warnings.warn attributed to the first frame outside igfast, the caller's line:
+    igfast's wrappers put a varying number of frames between, so a fixed stacklevel
+    named igfast's own files (_train_mode.py, integrated_gradients.py)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -55,7 +55,9 @@ from .completeness import completeness_scale, relative_completeness
 from .engine import GradientsAt, PathIntegral, outside_inference_mode
 from . import ops
 from .memory import add_to_estimate
-from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError, ToleranceNotReachedWarning
+from .errors import (
+    ArgumentError, ArgumentTypeError, NotPiecewiseLinearError, ToleranceNotReachedWarning, warn_to_caller,
+)
 from .piecewise import BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin
 from .quadrature import PIECE_METHODS, PathNodes
 
@@ -256,11 +258,12 @@ def exact_settings(n_steps, tolerance, max_steps, method: str = "exact") -> Exac
     return ExactSettings(int(max_steps), curved, spread, tolerance)
 
 
-def warn_of_non_finite_ends(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...], method: str) -> None:
+def warn_of_non_finite_ends(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
+                            method: str) -> torch.Tensor:
     """A path with an infinite or NaN end has no Integrated Gradients: the fixed rules
     give what Captum gives (NaN and inf where they fall), but exact, auto and
     gausslegendre_pieces gave three different answers (NaN, zeros, finite numbers) and
-    only auto warned, of a tolerance not reached."""
+    only auto warned, of a tolerance not reached. Returns which examples (B,) have one."""
     batch = ends[0].shape[0]
     bad = torch.zeros(batch, dtype=torch.bool, device=ends[0].device)
     for tensor in ends + starts:
@@ -268,10 +271,11 @@ def warn_of_non_finite_ends(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.
             rows = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(1)
             bad |= rows.expand(batch) if rows.shape[0] != batch else rows
     if bool(bad.any()):
-        warnings.warn(
+        warn_to_caller(
             f"igfast: {method}: the inputs or baselines of {int(bad.sum())} of {batch} examples are not finite "
             "(inf or NaN): their path has no Integrated Gradients, and their attributions mean nothing.",
-            UserWarning, stacklevel=5)
+            UserWarning)
+    return bad
 
 
 def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[list]) -> None:
@@ -292,7 +296,6 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     """
     batch_size = ends[0].shape[0]
     device = ends[0].device
-    warn_of_non_finite_ends(ends, starts, f"method={settings.method!r}")
     if batch_size == 0:  # no path to walk: empty attributions, as the fixed rules give
         none = torch.zeros(0, dtype=torch.long, device=device)
         info = ExactInfo(none, none.clone(), 0, 0, [], None, 1, curved_kinks=settings.curved_kinks)
@@ -1352,15 +1355,18 @@ def check_completeness(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...]
     completeness by more than rounding (see hidden_kinks)."""
     # (one value per example: a model giving (N, 1) without a target gives them as a column)
     start_values, end_values = (v.reshape(ends[0].shape[0]) for v in (start_values, end_values))
+    # (Here, not in integrate_exactly: n_steps="auto" switching examples to the walk warns once, itself.)
+    non_finite_ends = warn_of_non_finite_ends(ends, starts, f"method={_method_of(integral)!r}")
     unbounded = ~(torch.isfinite(start_values) & torch.isfinite(end_values))
-    if bool(unbounded.any()):
+    told = unbounded & ~non_finite_ends.to(unbounded.device)  # (an infinite end was named above)
+    if bool(told.any()):
         # F is infinite (or NaN) at an end of the path: the integral of the gradient
         # diverges there, whatever the pieces' sums came to (gausslegendre_pieces
         # returned finite numbers without a word).
-        warnings.warn(
+        warn_to_caller(
             f"igfast: method={_method_of(integral)!r}: F(inputs) or F(baselines) is not finite for "
-            f"{int(unbounded.sum())} of {unbounded.numel()} examples: their path integral diverges and their "
-            "attributions are not Integrated Gradients.", UserWarning, stacklevel=4)
+            f"{int(told.sum())} of {told.numel()} examples: their path integral diverges and their "
+            "attributions are not Integrated Gradients.", UserWarning)
     scale = completeness_scale(start_values, end_values)
     why = hidden_kinks(integral, ends, starts, end_values - start_values, scale)
     if why is not None:
@@ -1394,13 +1400,13 @@ def _warn_of_gauss_sums_off_completeness(integral: "ExactIntegral", ends, starts
     missed = (gap > allowed) & finite.to(gap.device)
     if not bool(missed.any()):
         return
-    warnings.warn(
+    warn_to_caller(
         f"igfast: method={_method_of(integral)!r}: the attributions of {int(missed.sum())} of {gap.numel()} "
         f"examples miss completeness (sum of attributions = F(inputs) - F(baselines)) by up to "
         f"{float(gap[missed].max()):.2e} relative, more than {GAUSS_COMPLETENESS_FACTOR:g} times their error "
         "estimate: the Gauss sums on the pieces missed part of the integrand (a stretch that saturates or "
         "turns sharply). Use n_steps='auto', or a fixed n_steps with a check of the convergence delta.",
-        ToleranceNotReachedWarning, stacklevel=4)
+        ToleranceNotReachedWarning)
 
 
 def hidden_kinks(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
