@@ -1374,6 +1374,13 @@ def check_completeness(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...]
     _warn_of_gauss_sums_off_completeness(integral, ends, starts, end_values - start_values, scale, ~unbounded)
 
 
+def _path_ends_and_differences(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...]):
+    """(starts with a row per example, ends - starts): the completeness checks' inputs."""
+    batch = ends[0].shape[0]
+    starts = tuple(s.expand_as(e) if s.shape[0] != batch else s for s, e in zip(starts, ends))
+    return starts, tuple(e - s for e, s in zip(ends, starts))
+
+
 def _method_of(integral: "ExactIntegral") -> str:
     return "gausslegendre_pieces" if integral.info.curved_kinks else "exact"
 
@@ -1391,9 +1398,7 @@ def _warn_of_gauss_sums_off_completeness(integral: "ExactIntegral", ends, starts
     estimate = info.head_error_estimate
     if (info.nodes_per_piece == 1 and not info.curved_kinks) or not ends[0].shape[0] or estimate is None:
         return  # (no Gauss sums, or no estimate of theirs to hold them to)
-    batch = ends[0].shape[0]
-    starts = tuple(s.expand_as(e) if s.shape[0] != batch else s for s, e in zip(starts, ends))
-    differences = tuple(e - s for e, s in zip(ends, starts))
+    _, differences = _path_ends_and_differences(ends, starts)
     gap = relative_completeness(integral.gradient_sums, differences, value_change, scale)
     rounding = _rounding_allowance(differences[0].dtype, differences[0].device)
     allowed = torch.clamp(GAUSS_COMPLETENESS_FACTOR * estimate.to(gap), min=rounding)
@@ -1428,9 +1433,7 @@ def hidden_kinks(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], star
     info = integral.info
     if info.nodes_per_piece != 1 or info.curved_kinks or not ends[0].shape[0]:
         return None
-    batch = ends[0].shape[0]
-    starts = tuple(s.expand_as(e) if s.shape[0] != batch else s for s, e in zip(starts, ends))
-    differences = tuple(e - s for e, s in zip(ends, starts))
+    starts, differences = _path_ends_and_differences(ends, starts)
     squared = 0.0
     for gradient, end, start in zip(integral.gradient_sums, ends, starts):
         for point in (end, start):

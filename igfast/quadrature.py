@@ -99,15 +99,18 @@ class Rule:
     name: str
     min_steps: int
     nodes_and_weights: Callable[..., Tuple[np.ndarray, np.ndarray]]
+    # Whether its nodes come from torch.linspace, in the default dtype as Captum's do
+    # (nodes_and_weights then takes linspace_dtype).
+    uses_default_dtype: bool = False
 
 
 RULES: Dict[str, Rule] = {
     rule.name: rule
     for rule in (
-        Rule("riemann_left", 2, _riemann("left")),
-        Rule("riemann_right", 2, _riemann("right")),
-        Rule("riemann_middle", 2, _riemann("middle")),
-        Rule("riemann_trapezoid", 2, _riemann("trapezoid")),
+        Rule("riemann_left", 2, _riemann("left"), uses_default_dtype=True),
+        Rule("riemann_right", 2, _riemann("right"), uses_default_dtype=True),
+        Rule("riemann_middle", 2, _riemann("middle"), uses_default_dtype=True),
+        Rule("riemann_trapezoid", 2, _riemann("trapezoid"), uses_default_dtype=True),
         Rule("gausslegendre", 1, _gauss_legendre),
     )
 }
@@ -142,9 +145,9 @@ def validate_method_and_steps(method: str, n_steps: int) -> Rule:
 
 @lru_cache(maxsize=64)
 def _table(method: str, n_steps: int, default_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    nodes_and_weights = RULES[method].nodes_and_weights
-    alphas, weights = (nodes_and_weights(n_steps, linspace_dtype=default_dtype) if method.startswith("riemann")
-                       else nodes_and_weights(n_steps))
+    rule = RULES[method]
+    alphas, weights = (rule.nodes_and_weights(n_steps, linspace_dtype=default_dtype) if rule.uses_default_dtype
+                       else rule.nodes_and_weights(n_steps))
     alphas_t = torch.tensor(alphas, dtype=torch.float64)
     weights_t = torch.tensor(weights, dtype=torch.float32).double()
     return alphas_t, weights_t
