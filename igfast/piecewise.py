@@ -2,7 +2,7 @@
 
 On the path p(t) = x' + t (x - x'), a network built from affine maps and
 piecewise-linear functions (ReLU, LeakyReLU, hardtanh/clamp, softshrink, abs, maximum/minimum,
-max-pool, max, sort and topk over a dimension) is affine in t between breakpoints (Sotoudeh and
+max-pool, max, sort, topk, median and cummax over a dimension) is affine in t between breakpoints (Sotoudeh and
 Thakur, ExactLine, NeurIPS 2019). Inside one such piece, every pre-activation z is
 affine in t: z(t + s) = z + s dz, where dz is its derivative along the path. The
 next breakpoint is therefore the smallest positive s at which any unit reaches a
@@ -508,7 +508,7 @@ class BreakpointMode(TorchFunctionMode):
                 "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
                 "BatchNorm, shape ops, addmm and its kin), ReLU, LeakyReLU, PReLU, threshold, "
                 "hardtanh/ReLU6/clamp, softshrink, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
-                "max-pool, max/min, sort and topk over a dimension, followed by an optional "
+                "max-pool, max/min, sort, topk, kthvalue, median, cummax and cummin over a dimension, followed by an optional "
                 "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
                 "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
         if name in EVAL_ONLY_OPS and _training_flag(name, args, kwargs):
@@ -1037,20 +1037,16 @@ def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     return torch.return_types.max((values, index)) if name == "max" else torch.return_types.min((values, index))
 
 
-# The most elements a sort or topk the walk reads may order along its dimension: each row
-# holds a float64 steps per pair (and a few copies while they are read), 4 MiB a row at
-# 1024 elements, and a topk over a vocabulary of 50000 would want 10 GB a row.
+# The most elements an ordering op (sort, topk, kthvalue, median, cummax, ...) the walk
+# reads may order along its dimension: each row holds a float64 steps per pair (and a
+# few copies while they are read), 4 MiB a row at 1024 elements, and a topk over a
+# vocabulary of 50000 would want 10 GB a row.
 MOST_SORTED_ELEMENTS = 1024
 
 
 def _sort(mode: BreakpointMode, func, name, args, kwargs):
     """sort (and topk, msort) along a dimension: the values in the order they have just
-    after the point, with a kink wherever two of them cross. Every crossing of two
-    elements swaps their ranks, so every pair is read, not only the neighbours of the
-    current order: a walk places all the kinks of an op along a segment at once, and
-    after a swap the neighbours are others. (For topk some crossings, below the k + 1
-    first, change nothing: they cut pieces that need not be cut, which costs rows, not
-    accuracy.) The pairs are n (n - 1) / 2 per row of n elements."""
+    after the point, with a kink wherever two of them cross (_ordered_along)."""
     x = args[0]
     if name == "topk":
         given = dict(zip(("input", "k", "dim", "largest", "sorted"), args), **kwargs)
@@ -1062,6 +1058,50 @@ def _sort(mode: BreakpointMode, func, name, args, kwargs):
     else:
         given = dict(zip(("input", "dim", "descending"), args), **kwargs)
         dim, descending, keep = given.get("dim", 0 if name == "msort" else -1), given.get("descending", False), None
+    dim = _ordered_dim(mode, x, dim, name)
+    order = _ordered_along(mode, x, dim, name, lambda ahead: torch.sort(
+        ahead, dim=-1, descending=descending, stable=True).indices)
+    if keep is not None:
+        order = order[..., :keep]
+    values = _gathered(x, dim, order)
+    if name == "msort":
+        return values
+    return (torch.return_types.topk if name == "topk" else torch.return_types.sort)((values, order.movedim(-1, dim)))
+
+
+def _order_statistic(mode: BreakpointMode, func, name, args, kwargs):
+    """kthvalue and median over a dimension (the k-th smallest element, the lower median)
+    and cummax / cummin (the largest / smallest so far): each output is one element of
+    its row, which one changing wherever two elements cross (_ordered_along)."""
+    x = args[0]
+    names = {"kthvalue": ("input", "k", "dim", "keepdim")}.get(name, ("input", "dim", "keepdim"))
+    given = dict(zip(names, args), **kwargs)
+    if "dim" not in given and name != "kthvalue":
+        if name.startswith("cum"):
+            return func(*args, **kwargs)  # PyTorch's own message: cummax and cummin need a dim
+        raise NotPiecewiseLinearError(
+            f"method={mode._method!r}: median over the whole tensor mixes the examples of the batch; "
+            "give a dimension.")
+    dim = _ordered_dim(mode, x, given.get("dim", -1), name)
+    if name.startswith("cum"):
+        running = torch.cummax if name == "cummax" else torch.cummin
+        # (cummax / cummin give every position an index of its own: no keepdim)
+        index = _ordered_along(mode, x, dim, name, lambda ahead: running(ahead, dim=-1).indices)
+        return getattr(torch.return_types, name)((_gathered(x, dim, index), index.movedim(-1, dim)))
+    position = int(given["k"]) - 1 if name == "kthvalue" else (x.shape[dim] - 1) // 2
+    if not 0 <= position < x.shape[dim]:
+        return func(*args, **kwargs)  # PyTorch's own message for an out-of-range k
+    index = _ordered_along(mode, x, dim, name, lambda ahead: torch.sort(
+        ahead, dim=-1, stable=True).indices[..., position:position + 1])
+    values, index = _gathered(x, dim, index), index.movedim(-1, dim)
+    if not given.get("keepdim", False):
+        values, index = values.squeeze(dim), index.squeeze(dim)
+    return getattr(torch.return_types, name)((values, index))
+
+
+def _ordered_dim(mode: BreakpointMode, x: torch.Tensor, dim: int, name: str) -> int:
+    """The dimension an ordering op works along, checked: not the batch's, and not so
+    long that reading its pairs would take more memory than a model's rows."""
     dim = dim % x.dim()
     if dim == 0:
         raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} over dim 0 mixes the examples of the batch.")
@@ -1070,23 +1110,34 @@ def _sort(mode: BreakpointMode, func, name, args, kwargs):
             f"method={mode._method!r}: {name} over {x.shape[dim]} elements: the walk reads every pair of them "
             f"({x.shape[dim] * (x.shape[dim] - 1) // 2} per row), and takes at most {MOST_SORTED_ELEMENTS} "
             "elements. Use a fixed n_steps or n_steps='auto' for this model.")
+    return dim
+
+
+def _ordered_along(mode: BreakpointMode, x: torch.Tensor, dim: int, name: str,
+                   choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The positions (along the last dim, x's ``dim`` moved there) an ordering op picks
+    just after the point: ``choose`` of every element's value there. Every crossing of
+    two elements may change the pick, so every pair is read, not only the neighbours of
+    the current order: a walk places all the kinks of an op along a segment at once, and
+    after a swap the neighbours are others. (Crossings that change nothing, below topk's
+    k + 1 first or away from a median, cut pieces that need not be cut: that costs rows,
+    not accuracy.) The pairs are n (n - 1) / 2 per row of n elements."""
     v, dv = _primal_and_tangent(x.movedim(dim, -1))
     with torch.no_grad():
-        order = torch.sort(_side(mode, v, dv), dim=-1, descending=descending, stable=True).indices
-        if keep is not None:
-            order = order[..., :keep]
+        picked = choose(_side(mode, v, dv))
         first, second = torch.triu_indices(v.shape[-1], v.shape[-1], 1, device=v.device)
         gap, gap_rate = v[..., first] - v[..., second], dv[..., first] - dv[..., second]
         ahead = _side(mode, gap, gap_rate)
     mode._record_kink(gap, gap_rate, 0.0, name)
     # (On a curved walk each pair is a comparison: which of the two is ahead.)
     _record_difference_choice(mode, ahead > 0, gap, gap_rate, ahead, name)
+    return picked
+
+
+def _gathered(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """x's elements at ``index`` along ``dim`` (index along the last dim), with their tangents."""
     primal, tangent = _parts(x.movedim(dim, -1))
-    values = fwAD.make_dual(primal.gather(-1, order), tangent.gather(-1, order)).movedim(-1, dim)
-    indices = order.movedim(-1, dim)
-    if name == "msort":
-        return values
-    return (torch.return_types.topk if name == "topk" else torch.return_types.sort)((values, indices))
+    return fwAD.make_dual(primal.gather(-1, index), tangent.gather(-1, index)).movedim(-1, dim)
 
 
 def _pool_rows(x: torch.Tensor, spatial: int) -> Tuple[torch.Tensor, bool]:
@@ -1365,6 +1416,7 @@ PIECEWISE_OPS: Dict[str, Callable] = {
                                 "lt", "__lt__", "less", "le", "__le__", "less_equal")},
     **{n: _max_over_dim for n in ("max", "min", "amax", "amin")},
     **{n: _sort for n in ("sort", "msort", "topk")},
+    **{n: _order_statistic for n in ("kthvalue", "median", "cummax", "cummin")},
     **{n: _max_pool for n in ("max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d",
                               "_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
                               "max_pool3d_with_indices")},

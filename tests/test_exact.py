@@ -152,6 +152,27 @@ class Sorts(nn.Module):
                           g.argsort(-1, descending=True)], dim=-1)
 
 
+class OrderStatistics(nn.Module):
+    """The median and 2nd smallest of groups of 4, and running maxima and minima along
+    them: each picks one element of its group, which one changing where two cross."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(24, 3)
+
+    def forward(self, x):
+        groups = self.a(x).unflatten(-1, (4, 4))
+        medians = torch.median(groups, dim=-1).values
+        second = groups.kthvalue(2, -1, keepdim=True).values.squeeze(-1)
+        running_max = torch.cummax(groups, -1).values.flatten(1)[:, :8]
+        running_min = groups.cummin(dim=2)[0].flatten(1)[:, 8:]
+        return self.b(torch.cat([medians, second, running_max, running_min], dim=1))
+
+    def region(self, x):
+        # (The walk cuts at every crossing in a group: see piecewise._ordered_along.)
+        return self.a(x).unflatten(-1, (4, 4)).argsort(-1).flatten(-2)
+
+
 class RowPools(nn.Module):
     """Max-pools over rows of features, the input 2-D: PyTorch takes it as unbatched (C, L)
     and pools each row on its own."""
@@ -203,7 +224,7 @@ def _region_of(module, x):
 
 
 PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.Softshrink, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
-                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout, Sorts, RowPools)
+                     nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout, Sorts, OrderStatistics, RowPools)
 
 
 def relu_mlp():
@@ -274,6 +295,7 @@ MODELS = {
     "hand_masks_net": (hand_masks_net, (6,)),
     "shrink_net": (shrink_net, (6,)),
     "sorts": (Sorts, (6,)),
+    "order_statistics": (OrderStatistics, (6,)),
     "row_pools": (RowPools, (6,)),
 }
 
@@ -744,12 +766,32 @@ class TopkOfMany(GeluThenRelu):
         return self.b(wide.topk(6, dim=-1).values)
 
 
+class MedianOfAll(GeluThenRelu):
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) - torch.median(x))
+
+
+class CummaxAcrossTheBatch(GeluThenRelu):
+    def forward(self, x):
+        return self.b(torch.cummax(torch.relu(self.a(x)), 0).values)
+
+
+class KthOfMany(GeluThenRelu):
+    def forward(self, x):
+        wide = torch.relu(self.a(x)).repeat(1, 200)
+        return self.b(wide.kthvalue(3, dim=-1, keepdim=True).values.expand(-1, 6))
+
+
 @pytest.mark.parametrize("model, words", [(UnsortedTopk, "sorted=False"), (SortAcrossTheBatch, "sort over dim 0"),
-                                          (TopkOfMany, "topk over 1200 elements.*719400 per row.*at most 1024")])
+                                          (TopkOfMany, "topk over 1200 elements.*719400 per row.*at most 1024"),
+                                          (MedianOfAll, "median over the whole tensor mixes the examples"),
+                                          (CummaxAcrossTheBatch, "cummax over dim 0"),
+                                          (KthOfMany, "kthvalue over 1200 elements")])
 def test_sorts_that_cannot_be_walked_are_refused_saying_why(model, words):
     """topk with sorted=False returns its values in an order PyTorch does not define; a
-    sort over dim 0 mixes the batch's examples; a sort of many elements would hold every
-    pair's step (piecewise.MOST_SORTED_ELEMENTS)."""
+    sort, median or cummax over dim 0 (or a median over everything) mixes the batch's
+    examples; a sort of many elements would hold every pair's step
+    (piecewise.MOST_SORTED_ELEMENTS)."""
     with pytest.raises(NotPiecewiseLinearError, match=words):
         igfast.IntegratedGradients(model().double()).attribute(torch.randn(2, 4, dtype=torch.float64),
                                                                target=0, method="exact")

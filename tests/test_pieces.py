@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import igfast
 from igfast import ArgumentError, NotPiecewiseLinearError
-from test_exact import Sorts, _close, _completeness, make, oracle, oracle_pieces
+from test_exact import OrderStatistics, Sorts, _close, _completeness, make, oracle, oracle_pieces
 
 
 class Sigmoid(nn.Module):
@@ -42,11 +42,16 @@ def tanh_then_sorts():
     return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), Sorts())
 
 
+def tanh_then_order_statistics():
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), OrderStatistics())
+
+
 MIXED = {
     "tanh_then_relu": (tanh_then_relu, (6,)),
     "gelu_layer_norm_then_leaky_and_clamp": (gelu_layer_norm_then_leaky_and_clamp, (6,)),
     "conv_softplus_then_max_pool": (conv_softplus_then_max_pool, (1, 12, 12)),
     "tanh_then_sorts": (tanh_then_sorts, (6,)),
+    "tanh_then_order_statistics": (tanh_then_order_statistics, (6,)),
 }
 
 
