@@ -490,9 +490,10 @@ class BreakpointMode(TorchFunctionMode):
                     f"{name}. Use method='gausslegendre_pieces', a fixed n_steps or n_steps='auto' "
                 "for this model.")
             result = handler(self, func, name, args, kwargs)
-            if name.endswith("_") and not name.startswith("__"):
-                # In place (relu_): the model goes on with its own tensor, which must hold
-                # the result (its kinks were hidden: an in-place ReLU was taken for affine).
+            if (name.endswith("_") and not name.startswith("__")) or kwargs.get("inplace") is True:
+                # In place (relu_, or F.relu(h, inplace=True) as nn.ReLU(inplace=True) calls
+                # it): the model may go on with its own tensor, which must hold the result
+                # (its kinks were hidden: an in-place ReLU was taken for affine).
                 args[0].copy_(result)
                 return args[0]
             return result
