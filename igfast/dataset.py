@@ -9,8 +9,10 @@ those of a one-process run. Each shard is written whole and renamed into place
 exist, so a killed run resumes where it stopped.
 """
 
+import atexit
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +25,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 
 from .attr import IntegratedGradients, LayerIntegratedGradients
 from .attr._train_mode import root_modules, running_state_kept
-from .errors import ArgumentError
+from .dtypes import integer_item
+from .errors import ArgumentError, OutputTypeError, TargetError
+from .adaptive import DEFAULT_TOLERANCE
 from .quadrature import PIECE_METHODS, validate_method_and_steps
 from .shards import (
     CONFIG, FORMAT_VERSION, INPUT_DIGEST, MANIFEST, complete_shards, read_json, read_shard_note,
@@ -55,6 +59,11 @@ def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, i
         )
     if isinstance(data, DataLoader):
         if data.batch_size is None:
+            if data.batch_sampler is not None:
+                raise ArgumentError(
+                    "`data` is a DataLoader with a batch_sampler of its own: attribute_dataset forms the "
+                    "batches itself (the shards decide which items). Pass a DataLoader with batch_size and "
+                    "shuffle=False (its collate_fn and workers are used), or the Dataset.")
             raise ArgumentError(
                 "`data` is a DataLoader with batch_size=None (items are not batched): give it a "
                 "batch_size, or pass the Dataset and attribute_dataset's batch_size."
@@ -80,6 +89,16 @@ def _dataset_and_batch(data: Any, batch_size: Optional[int]) -> Tuple[Dataset, i
     return data, 32 if batch_size is None else batch_size, default_collate, None
 
 
+def _plain_int(value: Any) -> Any:
+    """A numpy integer as the int it is; anything else as given."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def _plain_float(value: Any) -> Any:
+    """A numpy number as the Python number it is; anything else as given."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ArgumentError(f"`{name}` must be an integer >= 1; got {value!r}.")
@@ -101,7 +120,11 @@ def _model_identity(forward_func: Any) -> str:
     (for a function: those it names, see _train_mode.root_modules) and a function's
     code: a resumed run with another model, mode or wrapper is refused, not mixed in."""
     modules = root_modules(forward_func)
-    weights = _digest_tensors(t for m in modules for t in m.state_dict().values())
+    state = [value for m in modules for value in m.state_dict().values()]
+    # (A sparse buffer as its dense values; a module's extra state, any object, as its repr.)
+    weights = _digest_tensors(t.to_dense() if t.layout != torch.strided else t
+                              for t in state if isinstance(t, torch.Tensor))
+    weights += hashlib.sha256(repr([v for v in state if not isinstance(v, torch.Tensor)]).encode()).hexdigest()[:8]
     modes = "".join("t" if m.training else "e" for root in modules for m in root.modules())
     name = type(forward_func).__name__ if isinstance(forward_func, nn.Module) else getattr(
         forward_func, "__qualname__", type(forward_func).__name__)
@@ -133,19 +156,21 @@ def _baseline_identity(baselines: Any) -> str:
 
 
 class _Distributed:
-    """rank and world size from torch.distributed; initialised here (and torn down)
-    when torchrun set the environment but the caller did not."""
+    """rank and world size from torch.distributed; initialised here when torchrun set
+    the environment but the caller did not."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
 
         self.dist = dist
-        self.owned = False
         if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Only barriers go through the group, so gloo serves every device; nccl
             # would need one GPU per rank and a device for each barrier.
             dist.init_process_group(backend="gloo")
-            self.owned = True
+            # Kept for the rest of the process, as a torchrun script keeps its group: made
+            # and torn down per call, a second call in one script failed to connect in 3 of
+            # 9 runs (the new group read the old one's addresses from torchrun's store).
+            atexit.register(_destroy_process_group, dist)
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
@@ -158,13 +183,17 @@ class _Distributed:
         """Whether ``flag`` holds on any rank (every rank calls it)."""
         if not self.active:
             return flag
-        value = torch.tensor([1 if flag else 0])
+        # (A caller's nccl-only group reduces device tensors only.)
+        backend = str(self.dist.get_backend())
+        on_gpu = "nccl" in backend and "cpu" not in backend and "gloo" not in backend
+        value = torch.tensor([1 if flag else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
         self.dist.all_reduce(value, op=self.dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
+
+def _destroy_process_group(dist) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _split_item(batch: Any) -> Dict[str, Any]:
@@ -282,17 +311,24 @@ def attribute_dataset(
     manifest. Returns the summary: examples, seconds, examples per second, mean
     and max |delta|, the output directory.
 
-    Resuming re-reads the first and last batch of each shard already written (no
-    model call) and refuses to go on if they or the collate_fn changed; a changed
-    model (weights, train/eval mode, a function's code) or argument is refused.
+    Resuming re-reads the first and last batch of each shard already written and
+    refuses to go on if they or the collate_fn changed; a changed model (weights,
+    train/eval mode, a function's code) or argument is refused, and one batch is
+    attributed again and compared with what was written (a model held where its
+    weights cannot be read, another layer of the same kind).
     """
     explainer = _explainer(model_or_method)
+    # attribute() takes numpy integers and a one-element integer tensor for n_steps (as
+    # Captum does); the run's config is JSON, so they are recorded as the ints they are.
+    n_steps, max_steps = _plain_int(integer_item(n_steps, any_shape=True)), _plain_int(max_steps)
+    target, tolerance = _plain_int(integer_item(target)), _plain_float(tolerance)
     dataset, batch_size, collate, workers = _dataset_and_batch(data, batch_size)
     batch_size = _positive(batch_size, "batch_size")
     shard_size = _positive(shard_size, "shard_size")
     if method not in PIECE_METHODS and n_steps != "auto":  # attribute() checks the others' arguments
         validate_method_and_steps(method, n_steps)
-    if not (target is None or target in TARGET_FORMS or (isinstance(target, int) and not isinstance(target, bool))):
+    if not (target is None or (isinstance(target, str) and target in TARGET_FORMS)
+            or (isinstance(target, int) and not isinstance(target, bool))):
         raise ArgumentError(f"`target` must be 'predicted', 'label', an int or None; got {target!r}.")
     forward = explainer.forward_func
     if device is None:
@@ -322,12 +358,14 @@ def attribute_dataset(
     }
 
     group = _Distributed()
+    os.makedirs(output_dir, exist_ok=True)
+    _check_config(output_dir, config)
+    config_path = os.path.join(output_dir, CONFIG)
+    made_config = group.rank == 0 and read_json(config_path) is None
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        _check_config(output_dir, config)
         if group.rank == 0:
-            if read_json(os.path.join(output_dir, CONFIG)) is None:
-                write_json_atomically(os.path.join(output_dir, CONFIG), config)
+            if made_config:
+                write_json_atomically(config_path, config)
             remove_partial_shards(output_dir)
         group.barrier()
         _check_config(output_dir, config)
@@ -335,10 +373,20 @@ def attribute_dataset(
         started = time.perf_counter()
         finished = set(complete_shards(output_dir))
         refused: Optional[ArgumentError] = None
+        attribute_options = dict(n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
+                                 memory_budget=memory_budget)
+        if tolerance is not None or max_steps is not None:  # (attribute() refuses them without "auto")
+            attribute_options.update(tolerance=tolerance, max_steps=max_steps)
+        work = _ShardWork(explainer, dataset, collate, workers, batch_size, device, target, baselines,
+                          attribute_options)
+        checked_results = False
         for shard in sorted(finished):
             if shard % group.world == group.rank:
                 try:
-                    _check_shard_data(output_dir, shard, dataset, collate, *ranges[shard], batch_size)
+                    _check_shard_data(output_dir, shard, work, *ranges[shard])
+                    if not checked_results:  # one batch, recomputed: a changed model or layer shows there
+                        _check_shard_results(output_dir, shard, work, *ranges[shard])
+                        checked_results = True
                 except ArgumentError as error:
                     refused = error
                     break
@@ -350,19 +398,15 @@ def attribute_dataset(
                 "found the changed examples). Nothing was written: use another directory, or the same "
                 "data to resume that run.")
         mine = [k for k in range(len(ranges)) if k % group.world == group.rank and k not in finished]
-        attribute_options = dict(n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
-                                 memory_budget=memory_budget)
-        if tolerance is not None or max_steps is not None:  # (attribute() refuses them without "auto")
-            attribute_options.update(tolerance=tolerance, max_steps=max_steps)
         left_overall = sum(e - b for k, (b, e) in enumerate(ranges) if k not in finished)
         computed = left_overall  # by all ranks in this run (a resumed run skips the rest)
         bar = _Progress(num_examples, group.world, progress and group.rank == 0)
         for shard in mine:
             begin, end = ranges[shard]
-            fields, digest = _attribute_shard(explainer, dataset, collate, workers, begin, end, batch_size, device,
-                                              target, baselines, attribute_options)
+            fields, digest = work.attribute(begin, end)
             _check_like_written_shards(output_dir, fields, begin)
-            write_shard(output_dir, shard, fields, tag=f"r{group.rank}", notes={INPUT_DIGEST: digest})
+            # (The process in the tag: two runs not in one group may write the same shard.)
+            write_shard(output_dir, shard, fields, tag=f"r{group.rank}-{os.getpid()}", notes={INPUT_DIGEST: digest})
             left_overall -= (end - begin) * group.world
             bar.add(end - begin, max(left_overall, 0))
         bar.finish()
@@ -377,8 +421,13 @@ def attribute_dataset(
                   f"{group.world} process(es)); |delta| mean "
                   f"{summary['delta_mean']:.2e}, max {summary['delta_max']:.2e}; written to {output_dir}")
         return summary
-    finally:
-        group.close()
+    except BaseException:
+        # A run refused before it wrote anything leaves no config behind: the corrected
+        # call in the same directory would be refused as "a run with other arguments".
+        # (One process only: another rank may be writing shards under this config.)
+        if made_config and group.world == 1 and not complete_shards(output_dir):
+            os.remove(config_path)
+        raise
 
 
 def _check_config(output_dir: str, config: dict) -> None:
@@ -441,24 +490,52 @@ def _batch_digest(batch: Dict[str, Any]) -> str:
 BATCH_PARTS = ("inputs", "label", "additional_forward_args", "baselines")
 
 
-def _attribute_shard(explainer, dataset, collate, workers, begin, end, batch_size, device, target, baselines,
-                     attribute_options) -> Tuple[Dict[str, np.ndarray], str]:
-    """The shard's fields and the digests of the batches they were attributed from
-    (one line each)."""
-    collected: Dict[str, List[np.ndarray]] = {}
-    digests = []
-    for first, batch in _batches(dataset, collate, begin, end, batch_size, workers):
-        digests.append(_batch_digest(batch))
-        inputs = _to(batch["inputs"], device)
-        args = _to(batch["additional_forward_args"], device)
+class _ShardWork:
+    """What every shard of a run is attributed with: the explainer, the data and how it
+    is batched and loaded, and attribute()'s arguments."""
+
+    def __init__(self, explainer, dataset, collate, workers, batch_size: int, device: torch.device, target,
+                 baselines, attribute_options: Dict[str, Any]) -> None:
+        self.explainer, self.dataset, self.collate, self.workers = explainer, dataset, collate, workers
+        self.batch_size, self.device, self.target, self.baselines = batch_size, device, target, baselines
+        self.attribute_options = attribute_options
+
+    def batches(self, begin: int, end: int):
+        return _batches(self.dataset, self.collate, begin, end, self.batch_size, self.workers)
+
+    def attribute(self, begin: int, end: int) -> Tuple[Dict[str, np.ndarray], str]:
+        """The fields of examples [begin, end) and the digests of the batches they were
+        attributed from (one line each)."""
+        collected: Dict[str, List[np.ndarray]] = {}
+        digests = []
+        for first, batch in self.batches(begin, end):
+            digests.append(_batch_digest(batch))
+            for name, tensor in self._attribute_batch(batch).items():
+                tensor = tensor.detach().to("cpu")
+                if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+                    tensor = tensor.float()
+                earlier = collected.get(name)
+                if earlier and earlier[0].shape[1:] != tuple(tensor.shape[1:]):
+                    raise _shape_error(name, first, tuple(tensor.shape[1:]), earlier[0].shape[1:])
+                collected.setdefault(name, []).append(tensor.numpy())
+        return {name: np.concatenate(parts) for name, parts in collected.items()}, "\n".join(digests)
+
+    def _attribute_batch(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        explainer = self.explainer
+        inputs = _to(batch["inputs"], self.device)
+        args = _to(batch["additional_forward_args"], self.device)
         # (a training-mode BatchNorm would update its running statistics here)
         with torch.no_grad(), running_state_kept(explainer.forward_func):
             outputs = explainer.forward_func(*inputs, *(args or ()))
-        targets = _targets(target, outputs, batch["label"], device)
-        batch_baselines = _to(batch["baselines"], device) if batch["baselines"] is not None else baselines
+        targets = _targets(self.target, outputs, batch["label"], self.device)
+        if batch["baselines"] is not None and self.baselines is not None:
+            raise ArgumentError(
+                "Baselines are given twice: as `baselines` and in the data-set items' 'baselines'. Give "
+                "them one way: per item, or for all examples.")
+        batch_baselines = _to(batch["baselines"], self.device) if batch["baselines"] is not None else self.baselines
         attributions, delta = explainer.attribute(
             inputs if len(inputs) > 1 else inputs[0], baselines=batch_baselines,
-            target=targets, additional_forward_args=args, return_convergence_delta=True, **attribute_options,
+            target=targets, additional_forward_args=args, return_convergence_delta=True, **self.attribute_options,
         )
         if isinstance(attributions, torch.Tensor):
             named = {"attributions": attributions}
@@ -468,15 +545,7 @@ def _attribute_shard(explainer, dataset, collate, workers, begin, end, batch_siz
         if targets is not None:
             named["targets"] = targets if isinstance(targets, torch.Tensor) else torch.full(
                 (outputs.shape[0],), targets, dtype=torch.long)
-        for name, tensor in named.items():
-            tensor = tensor.detach().to("cpu")
-            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-                tensor = tensor.float()
-            earlier = collected.get(name)
-            if earlier and earlier[0].shape[1:] != tuple(tensor.shape[1:]):
-                raise _shape_error(name, first, tuple(tensor.shape[1:]), earlier[0].shape[1:])
-            collected.setdefault(name, []).append(tensor.numpy())
-    return {name: np.concatenate(parts) for name, parts in collected.items()}, "\n".join(digests)
+        return named
 
 
 def _shape_error(name: str, first: int, shape: tuple, before: tuple) -> ArgumentError:
@@ -500,19 +569,20 @@ def _check_like_written_shards(output_dir: str, fields: Dict[str, np.ndarray], f
             raise _shape_error(name, first, array.shape[1:], before)
 
 
-def _check_shard_data(output_dir: str, shard: int, dataset, collate, begin: int, end: int,
-                      batch_size: int) -> None:
+def _check_shard_data(output_dir: str, shard: int, work: _ShardWork, begin: int, end: int) -> None:
     """The first and last batches of a written shard are what they were: changed data
     or a changed collate_fn would otherwise mix two data sets in one store. (Two
-    batches, not all: resuming a large run should not read the whole data set again.)"""
+    batches, not all: resuming a large run should not read the whole data set again.)
+    They are loaded as the run loads them, in its workers where it has them (a data set
+    may open its file in a worker_init_fn)."""
     written_from = read_shard_note(output_dir, shard, INPUT_DIGEST)
     if written_from is None:  # (a shard of an older igfast)
         return
     recorded = written_from.split("\n")
-    firsts = list(range(begin, end, batch_size))
+    firsts = list(range(begin, end, work.batch_size))
     for position in sorted({0, len(firsts) - 1}):
         first = firsts[position]
-        batch = next(_batches(dataset, collate, first, min(first + batch_size, end), batch_size))[1]
+        batch = next(work.batches(first, min(first + work.batch_size, end)))[1]
         if position >= len(recorded) or _batch_digest(batch) != recorded[position]:
             raise ArgumentError(
                 f"`data` differs from the data the run in {output_dir!r} attributed: the examples "
@@ -521,8 +591,48 @@ def _check_shard_data(output_dir: str, shard: int, dataset, collate, begin: int,
             )
 
 
-def _targets(target, outputs: torch.Tensor, label: Any, device: torch.device):
+# A resumed run recomputes the first batch of a written shard and compares it with what
+# was written, relative to its size (per field, over the batch): the same batch and
+# arguments give the same numbers up to the order of sums in chunks (a first call under
+# a memory budget sizes its chunks before later ones can: 7.5e-9 apart in float32), and
+# n_steps="auto" up to its tolerance on each side. A changed model or layer moves them
+# by far more (another layer of the same kind: 0.5 and more).
+RESUMED_RESULTS_RTOL = 1e-4
+RESUMED_AUTO_TOLERANCES = 4
+
+
+def _check_shard_results(output_dir: str, shard: int, work: _ShardWork, begin: int, end: int) -> None:
+    """The first batch of a written shard, attributed again, gives what was written: a
+    model whose weights igfast cannot see (held in a plain object a function calls), or
+    another layer of the same kind, would otherwise mix two runs' results in one store."""
+    fields, _ = work.attribute(begin, min(begin + work.batch_size, end))
+    options = work.attribute_options
+    allowed = RESUMED_RESULTS_RTOL
+    if options["n_steps"] == "auto" or options.get("tolerance") is not None:
+        allowed += RESUMED_AUTO_TOLERANCES * (options.get("tolerance") or DEFAULT_TOLERANCE)
+    for name, array in fields.items():
+        path = os.path.join(output_dir, shard_name(shard), f"{name}.npy")
+        if name == "deltas" or not os.path.exists(path):  # (deltas: a difference of near-equal numbers)
+            continue
+        written = np.load(path, mmap_mode="r")[:len(array)].astype(np.float64)
+        again = array.astype(np.float64)
+        scale = max(float(np.linalg.norm(written)), np.finfo(np.float64).tiny)
+        moved = float(np.linalg.norm(again - written)) / scale if written.shape == again.shape else math.inf
+        if not moved <= allowed:
+            raise ArgumentError(
+                f"The model or its arguments differ from the run's in {output_dir!r}: its first examples "
+                f"({shard_name(shard)}), attributed again, give {name} {moved:.2g} relative from those "
+                "written (a model held where igfast cannot read its weights, or another layer, changed). "
+                "Nothing was overwritten: use another directory, or the same model and arguments to resume "
+                "that run.")
+
+
+def _targets(target, outputs: Any, label: Any, device: torch.device):
     if target == "predicted":
+        if not isinstance(outputs, torch.Tensor):
+            raise OutputTypeError(
+                f"target='predicted' needs the model to return a (batch, classes) tensor; it returns a "
+                f"{type(outputs).__name__}. Wrap the model so that it returns the tensor to attribute.")
         if outputs.dim() != 2:
             raise ArgumentError(
                 f"target='predicted' needs (batch, classes) outputs; the model gives shape "
@@ -533,8 +643,24 @@ def _targets(target, outputs: torch.Tensor, label: Any, device: torch.device):
         if label is None:
             raise ArgumentError("target='label' needs data-set items with labels: (input, label) "
                                 "pairs or dicts with a 'label'.")
-        return torch.as_tensor(label, device=device).long()
+        return _label_targets(label, device)
     return target
+
+
+def _label_targets(label: Any, device: torch.device) -> torch.Tensor:
+    """The items' labels as class indices: a float label that is not a whole number
+    (a regression target) is refused, not cut to an index."""
+    try:
+        labels = torch.as_tensor(label, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TargetError(f"target='label' needs integer class labels; the items' labels are {label!r:.80} "
+                          f"({error}).") from None
+    whole = not labels.is_floating_point() or bool((labels == labels.round()).all())
+    if labels.dtype == torch.bool or labels.is_complex() or not whole:
+        raise TargetError(
+            f"target='label' needs integer class labels; the items' labels are {labels.dtype} "
+            f"(e.g. {labels.reshape(-1)[:3].tolist()}). Give an int target, or items whose label is the class.")
+    return labels.long()
 
 
 def _write_manifest(output_dir: str, config: dict, ranges) -> None:

@@ -71,6 +71,9 @@ def remove_partial_shards(directory: str) -> int:
         if entry.startswith(".shard-") and ".tmp" in entry:
             shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
             removed += 1
+        elif ".json.tmp-" in entry:  # write_json_atomically's, of a process killed while writing
+            os.remove(os.path.join(directory, entry))
+            removed += 1
     return removed
 
 
@@ -90,7 +93,15 @@ def write_shard(directory: str, index: int, fields: Dict[str, np.ndarray], tag: 
             np.save(handle, array)
             handle.flush()
             os.fsync(handle.fileno())
-    os.rename(temporary, os.path.join(directory, shard_name(index)))
+    final = os.path.join(directory, shard_name(index))
+    try:
+        os.rename(temporary, final)
+    except OSError:
+        # Another process not in this run's group wrote the same shard first (two
+        # launches on one directory): its shard stands, as it would on a resume.
+        if not os.path.exists(os.path.join(final, ALWAYS_WRITTEN)):
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def write_json_atomically(path: str, content: dict) -> None:

@@ -71,4 +71,8 @@ def refuse_changed_data(rank: int, world: int, init_file: str, out_dir: str) -> 
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+    if sys.argv[2:] == ["--twice"]:  # two runs in one script: the group made for the first serves both
+        run(sys.argv[1])
+        run(sys.argv[1] + "-second")
+    else:
+        run(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
