@@ -1462,3 +1462,28 @@ def test_one_output_column_without_a_target():
     for explainer in (igfast.IntegratedGradients(model), igfast.LayerIntegratedGradients(model, model[0])):
         exact, delta = explainer.attribute(x, method="exact", return_convergence_delta=True)
         assert float(delta.abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("form", ["trace", "script", "scripted_submodule"])
+def test_torchscript_models_are_refused_by_the_walk_and_keep_autos_rule(form):
+    """A traced model failed n_steps='auto' and method='exact' with PyTorch's internal
+    assert from the TorchScript interpreter (_fw_primal); a scripted one was refused by
+    completeness, blamed on autograd Functions. The walk cannot read TorchScript's ops."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (PyTorch deprecates TorchScript)
+        scripted = {"trace": lambda: torch.jit.trace(model, x), "script": lambda: torch.jit.script(model),
+                    "scripted_submodule": lambda: nn.Sequential(torch.jit.script(model), nn.Identity())}[form]()
+    explainer = igfast.IntegratedGradients(scripted)
+    with pytest.raises(NotPiecewiseLinearError, match="cannot walk a TorchScript model"):
+        explainer.attribute(x, target=1, method="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", igfast.ToleranceNotReachedWarning)
+        attributions, info = explainer.attribute(x, target=1, n_steps="auto", tolerance=1e-2,
+                                                 return_adaptive_info=True)
+    assert "TorchScript" in info.exact_unavailable and not bool(info.exact.any())
+    reference = igfast.IntegratedGradients(model).attribute(x, target=1, method="exact")
+    error = (attributions - reference).norm(dim=1) / reference.norm(dim=1)
+    assert bool((error[info.converged] <= 1e-2).all()), error

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError, LayerError
+from ._train_mode import root_modules
 
 ModuleOrList = Union[nn.Module, List[nn.Module]]
 
@@ -45,6 +46,20 @@ def compiled_original(forward_func: Callable) -> Optional[Callable]:
     """The eager module (or function) of a torch.compile'd one; None for any other."""
     return getattr(forward_func, "_orig_mod", None) if isinstance(forward_func, nn.Module) else \
         getattr(forward_func, "_torchdynamo_orig_callable", None)
+
+
+def torchscript_part(forward_func: Callable) -> Optional[str]:
+    """The name of the TorchScript module or function the model is or holds (traced or
+    scripted), None where it has none: TorchScript runs its graph in its interpreter,
+    where neither forward-mode AD's tangents nor a torch function mode reach its ops, so
+    the walk of method="exact" cannot read them."""
+    if isinstance(forward_func, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        return type(forward_func).__name__
+    for root in root_modules(forward_func):
+        for name, module in root.named_modules():
+            if isinstance(module, torch.jit.ScriptModule):
+                return f"{type(root).__name__}.{name}" if name else type(module).__name__
+    return None
 
 
 def layer_list(layer: Any, forward_func: Callable) -> List[nn.Module]:

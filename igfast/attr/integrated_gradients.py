@@ -10,7 +10,7 @@ from ..adaptive import (
 )
 from ..chunking import Chunk, RowCosts, choose_row_limit, shared_argument
 from ..engine import PathIntegral, integrate_gradients, is_out_of_memory
-from ..errors import ArgumentError, ArgumentTypeError
+from ..errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError
 from ..exact import (
     POINT_NODES, ExactIntegral, ExactParts, ExactRoute, ExactSettings, check_completeness,
     exact_settings, integrate_exactly,
@@ -31,7 +31,7 @@ from ._forms import (
     select_additional_forward_args,
     select_examples,
 )
-from ._layers import compiled_original, eager_original
+from ._layers import compiled_original, eager_original, torchscript_part
 from ._gradients import (
     compute_gradients, forward_output, gradients_and_outputs, gradients_and_outputs_per_target,
     run_forward, values_per_target,
@@ -322,6 +322,12 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                            internal_batch_size, memory_budget) -> ExactIntegral:
         # The walk runs a compiled model's eager original: forward-mode AD and the
         # breakpoint mode run eagerly. The gradient rounds run it as given.
+        scripted = torchscript_part(self.forward_func)
+        if scripted is not None:
+            raise NotPiecewiseLinearError(
+                f"method={settings.method!r} cannot walk a TorchScript model ({scripted}): its interpreter runs "
+                "the ops without forward-mode tangents or the walk's reading of them. Pass the eager model, "
+                "or use a fixed n_steps or n_steps='auto' (its rule) for this one.")
         eager = eager_original(self.forward_func, WALK_NEEDS_EAGER)
         parts = self._exact_parts(inputs, target, args, eager, internal_batch_size, memory_budget)
         integral = integrate_exactly(inputs, baselines, settings, *parts)
@@ -380,6 +386,11 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         if compiled_original(self.forward_func) is not None:
             return integrate_adaptively(inputs, baselines, settings, run_round,
                                         no_route_because=AUTO_KEEPS_RULE_WHEN_COMPILED)
+        scripted = torchscript_part(self.forward_func)
+        if scripted is not None:  # (its probe failed inside the TorchScript interpreter)
+            return integrate_adaptively(inputs, baselines, settings, run_round,
+                                        no_route_because=f"a TorchScript model ({scripted}) keeps n_steps='auto''s "
+                                        "rule: the walk cannot read the ops its interpreter runs")
         return integrate_adaptively(inputs, baselines, settings, run_round,
                                     exact_route=ExactRoute(inputs, baselines, exact_parts))
 
