@@ -81,7 +81,7 @@ def warn_once_without_kernels(reason: str) -> None:
     if _warned or os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0"):
         return
     _warned = True
-    import warnings
+    from .errors import warn_to_caller
 
-    warnings.warn(f"igfast runs without its compiled kernels (same results, slower): {reason}. "
-                  f"Set {DISABLE_VARIABLE}=1 to run this way without this warning.", RuntimeWarning, stacklevel=3)
+    warn_to_caller(f"igfast runs without its compiled kernels (same results, slower): {reason}. "
+                   f"Set {DISABLE_VARIABLE}=1 to run this way without this warning.", RuntimeWarning)

@@ -79,7 +79,6 @@ to 33 nodes), and a compounding floor held that for many levels (4097 evaluation
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -89,7 +88,9 @@ from .chunking import choose_row_limit
 from .completeness import completeness_scale, relative_completeness
 from .dtypes import dtype_policy
 from .engine import PathIntegral, outside_inference_mode
-from .errors import ArgumentError, ArgumentTypeError, NotPiecewiseLinearError, ToleranceNotReachedWarning
+from .errors import (
+    ArgumentError, ArgumentTypeError, NotPiecewiseLinearError, ToleranceNotReachedWarning, warn_to_caller,
+)
 from .exact import GAP_COMPLETENESS_ALLOWANCE, ExactRoute, SmoothNetworkError, hidden_kinks, warn_of_non_finite_ends
 from .quadrature import (
     DEFAULT_MAX_STEPS, FIRST_ROUND_STEPS, SMOOTH_SMALLEST_LEVEL_STEPS, NestedLevels, PathNodes, nested_levels,
@@ -141,13 +142,13 @@ def warn_if_not_converged(info: AdaptiveInfo) -> None:
         return
     # (An estimate within tolerance unconverged: round 0's alone, on a network auto can walk.)
     unjudged = bool((info.error_estimate[missed] <= info.tolerance).any())
-    warnings.warn(
+    warn_to_caller(
         f"n_steps='auto': {int(missed.sum())} of {missed.numel()} examples did not reach tolerance "
         f"{info.tolerance:g} within max_steps (error estimate up to {float(info.error_estimate.max()):.2e}); "
         + ("on a piecewise-linear network the first round's estimate is not trusted, and a max_steps of at "
            f"least {2 * FIRST_ROUND_STEPS - 1} lets auto check it; " if unjudged else "")
         + "raise max_steps or the tolerance, or pass return_adaptive_info=True to see which examples "
-        "(AdaptiveInfo.converged).", ToleranceNotReachedWarning, stacklevel=3)
+        "(AdaptiveInfo.converged).", ToleranceNotReachedWarning)
 
 
 def adaptive_settings(n_steps, method: str, tolerance, max_steps,

@@ -18,14 +18,13 @@ shows the same sizes again.
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .dtypes import dtype_policy
-from .errors import ArgumentError, ArgumentTypeError
+from .errors import ArgumentError, ArgumentTypeError, warn_to_caller
 from .memory import (automatic_budget, first_chunk_bytes, format_size, parse_memory_size, preferred_chunk_bytes,
                      raised_for_weights)
 
@@ -425,12 +424,10 @@ def choose_row_limit(
             )
         internal_batch_size = integral_batch_size(internal_batch_size)
         if internal_batch_size < batch_size:
-            warnings.warn(
+            warn_to_caller(
                 "Internal batch size cannot be less than the number of input examples. "
                 f"Defaulting to internal batch size of {batch_size} equal to the number "
-                "of examples.",
-                stacklevel=4,
-            )
+                "of examples.", UserWarning)
         steps = max(1, internal_batch_size // max(batch_size, 1))
         return RowLimit(steps * batch_size, least_rows=batch_size if batch_dependent or whole_steps else 1)
 

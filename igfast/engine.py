@@ -14,7 +14,6 @@ is kept.
 import contextlib
 import dataclasses
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +22,7 @@ import torch
 from . import ops
 from .chunking import Chunk, ChunkSchedule, RowLimit
 from .dtypes import dtype_policy
+from .errors import warn_to_caller
 from .memory import PeakMeter
 from .quadrature import PathNodes
 
@@ -245,12 +245,11 @@ def _retry_smaller(failed_rows: int, row_limit: RowLimit, buffers: _PathBuffers,
     """After a chunk ran out of memory (the limit is already lowered): say so, and free
     what the failed chunk held, its larger path buffer too."""
     buffers.release()
-    warnings.warn(
+    warn_to_caller(
         f"igfast: out of memory on a chunk of {failed_rows} path rows; retrying with "
         f"{row_limit.rows} rows (what was accumulated is kept). Give `memory_budget` "
         "(or a smaller `internal_batch_size`) to size chunks in advance.",
         RuntimeWarning,
-        stacklevel=5,
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()

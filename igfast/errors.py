@@ -7,6 +7,7 @@ TypeError for bad arguments. Each class below is therefore both: the idiomatic P
 type first, then the type Captum raises in the same situation.
 """
 
+import contextlib
 import os
 import sys
 import warnings
@@ -103,8 +104,17 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 def warn_to_caller(message: str, category: type) -> None:
     """warnings.warn attributed to the first frame outside igfast, the caller's line:
     igfast's wrappers put a varying number of frames between, so a fixed stacklevel
-    named igfast's own files (_train_mode.py, integrated_gradients.py)."""
+    named igfast's own files (_train_mode.py, integrated_gradients.py). Frames of
+    contextlib, through which igfast's context managers are entered, are passed too."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and _inside_igfast(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def _inside_igfast(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE) or path == _CONTEXTLIB
+
+
+_CONTEXTLIB = os.path.abspath(contextlib.__file__)

@@ -1468,12 +1468,12 @@ def _warn_of_a_coarse_head(estimate: Optional[torch.Tensor], smooth_head: Option
         return
     worst = float(estimate.max())
     if worst > HEAD_ESTIMATE_WARNING:
-        warnings.warn(
+        warn_to_caller(
             f"igfast: method='exact' integrated the smooth part after the last piecewise-linear op "
             f"(from {smooth_head}) with {GAUSS_NODES_PER_PIECE} Gauss nodes per piece, and the midpoint "
             f"rule on the same pieces differs from them by up to {worst:.1e} (relative): the Gauss sums are "
             "closer than that, by an unknown factor. Give `tolerance` to refine them to a relative error.",
-            UserWarning, stacklevel=4)
+            UserWarning)
 
 
 class ExactRoute:

@@ -292,3 +292,25 @@ def test_empty_batches_give_empty_results_everywhere(method, with_delta):
     assert attributions.shape[0 if method != "ig_all_targets" else 1] == 0
     if with_delta:
         assert delta.numel() == 0
+
+
+def test_igfasts_warnings_name_the_callers_line():
+    """Warnings with a fixed stacklevel named igfast's own files (_train_mode.py,
+    _captum_protocol.py) when a call went through its wrappers: each is attributed to
+    the first frame outside igfast."""
+    torch.manual_seed(0)
+    relu = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    train_mode = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double().train()
+    calls = {
+        "tolerance": lambda: igfast.IntegratedGradients(relu).attribute(x, target=0, n_steps="auto", max_steps=17),
+        "internal batch": lambda: igfast.IntegratedGradients(relu).attribute(x, target=0, internal_batch_size=2),
+        "batch statistics": lambda: igfast.IntegratedGradients(train_mode).attribute(x, target=0, n_steps=4),
+        "several layers": lambda: igfast.LayerIntegratedGradients(relu, [relu[0], relu[2]]),
+    }
+    for what, call in calls.items():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        assert seen, what
+        assert {w.filename for w in seen} == {__file__}, (what, [(w.filename, str(w.message)[:60]) for w in seen])

@@ -10,14 +10,13 @@ whether the layer gave a tuple, to rebuild Captum's result forms.
 
 import contextlib
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, LayerError
+from ..errors import ArgumentError, LayerError, warn_to_caller
 from ._train_mode import root_modules
 
 ModuleOrList = Union[nn.Module, List[nn.Module]]
@@ -38,7 +37,7 @@ def eager_original(forward_func: Callable, why: str = LAYER_HOOKS_NEED_EAGER) ->
     original = compiled_original(forward_func)
     if original is None:
         return forward_func
-    warnings.warn(why, UserWarning, stacklevel=3)
+    warn_to_caller(why, UserWarning)
     return original
 
 

@@ -26,12 +26,13 @@ them once per forward call it makes).
 import contextlib
 import contextvars
 import functools
-import warnings
 from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+from ..errors import warn_to_caller
 
 _BATCH_DEPENDENT = contextvars.ContextVar("igfast_batch_dependent_call", default=False)
 
@@ -165,7 +166,7 @@ def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
         if _draws_random_masks(module):
             random_masks.append(f"{name} ({type(module).__name__})")
     if batch_statistics:
-        warnings.warn(
+        warn_to_caller(
             f"igfast: {_listed(batch_statistics)} normalise (or quantize) each forward call's rows with "
             "statistics of those rows (training mode, no running statistics, or an observer on), so "
             "the attributions depend "
@@ -173,13 +174,13 @@ def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
             "in one call, or Captum's chunks with internal_batch_size), and a memory_budget changes "
             "them. Call model.eval() (and disable observers) for attributions that do not depend on "
             "batching. Running statistics and observed ranges are restored after the call.",
-            BatchDependenceWarning, stacklevel=5,
+            BatchDependenceWarning,
         )
     if random_masks:
-        warnings.warn(
+        warn_to_caller(
             f"igfast: {_listed(random_masks)} in training mode draw a random mask in every forward "
             "call, so the attributions are random. Call model.eval() for deterministic ones.",
-            BatchDependenceWarning, stacklevel=5,
+            BatchDependenceWarning,
         )
     token = _BATCH_DEPENDENT.set(bool(batch_statistics))
     try:

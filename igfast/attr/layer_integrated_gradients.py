@@ -13,7 +13,6 @@ Captum in the work around the path, not in the result:
 """
 
 import itertools
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,7 +28,7 @@ from ..exact import (
     integrate_exactly,
 )
 from ..exact import refuse_several_targets as refuse_several_targets_exactly
-from ..errors import ArgumentError, ArgumentTypeError, LayerError, UnusedLayerError
+from ..errors import ArgumentError, ArgumentTypeError, LayerError, UnusedLayerError, warn_to_caller
 from ..dtypes import integer_item
 from ..quadrature import PIECE_METHODS, path_nodes
 from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
@@ -90,11 +89,9 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         self.layer = layer
         self.device_ids = device_ids
         if self._layers is not None and len(self._layers) > 1:
-            warnings.warn(
+            warn_to_caller(
                 "Several layers given: none of them may compute its activation from "
-                "another's, or the path of one would be overwritten by the other.",
-                stacklevel=2,
-            )
+                "another's, or the path of one would be overwritten by the other.", UserWarning)
 
     @property
     def layer(self) -> Any:
