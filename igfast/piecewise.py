@@ -1,7 +1,7 @@
 """Breakpoints of a piecewise-linear network along a straight path, read while it runs.
 
 On the path p(t) = x' + t (x - x'), a network built from affine maps and
-piecewise-linear functions (ReLU, LeakyReLU, hardtanh/clamp, softshrink, abs, maximum/minimum,
+piecewise-linear functions (ReLU, LeakyReLU, hardtanh/clamp, hardsigmoid, softshrink, abs, maximum/minimum,
 max-pool, max, sort, topk, median and cummax over a dimension) is affine in t between breakpoints (Sotoudeh and
 Thakur, ExactLine, NeurIPS 2019). Inside one such piece, every pre-activation z is
 affine in t: z(t + s) = z + s dz, where dz is its derivative along the path. The
@@ -508,7 +508,7 @@ class BreakpointMode(TorchFunctionMode):
                 f"method={self._method!r} cannot tell whether {name} is piecewise linear along the path: "
                 "exact IG supports affine maps (linear, conv, pooling by averages, eval-mode "
                 "BatchNorm, shape ops, addmm and its kin), ReLU, LeakyReLU, PReLU, threshold, "
-                "hardtanh/ReLU6/clamp, softshrink, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
+                "hardtanh/ReLU6/clamp, hardsigmoid, softshrink, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
                 "max-pool, max/min, sort, topk, kthvalue, median, cummax and cummin over a dimension, followed by an optional "
                 "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
                 "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
@@ -820,6 +820,13 @@ def _softshrink(mode: BreakpointMode, func, name, args, kwargs):
     return fwAD.make_dual(primal - clamped_primal, tangent - clamped_tangent)
 
 
+def _hardsigmoid(mode: BreakpointMode, func, name, args, kwargs):
+    """hardsigmoid(x) = clamp(x, -3, 3) / 6 + 1/2 (PyTorch's gradient is 1/6 where
+    -3 < x < 3: a unit on a bound is outside, as hardtanh's)."""
+    primal, tangent = _parts(_clamped(mode, args[0], -3.0, 3.0, False, name))
+    return fwAD.make_dual(primal / 6 + 0.5, tangent / 6)
+
+
 def _clamped(mode: BreakpointMode, x, low, high, inclusive: bool, name: str):
     """x clamped to [low, high] (either may be None); ``inclusive``: a unit on a bound
     along the piece counts as inside."""
@@ -1004,12 +1011,12 @@ def _record_overtaking(mode: BreakpointMode, sv: torch.Tensor, sdv: torch.Tensor
 
 def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     x = args[0]
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    dim = kwargs.get("dim", kwargs.get("other", args[1] if len(args) > 1 else None))
     if dim is None:
         raise NotPiecewiseLinearError(
             f"method={mode._method!r}: {name} over the whole tensor mixes the examples of the batch; "
             "give a dimension.")
-    if isinstance(dim, torch.Tensor):  # torch.max(a, b) with a second tensor
+    if isinstance(dim, torch.Tensor):  # torch.max(a, b) (or other=b) with a second tensor
         return _maximum(mode, func, "maximum" if name.startswith("max") else "minimum", args, kwargs)
     if isinstance(dim, (tuple, list)):
         if len(dim) != 1:
@@ -1411,6 +1418,7 @@ PIECEWISE_OPS: Dict[str, Callable] = {
                            "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
     "softshrink": _softshrink,
+    **{n: _hardsigmoid for n in ("hardsigmoid", "hardsigmoid_")},
     **{n: _threshold for n in ("threshold", "threshold_", "_threshold")},  # (F.threshold is named _threshold)
     **{n: _maximum for n in ("maximum", "minimum", "fmax", "fmin")},
     **{n: _comparison for n in ("gt", "__gt__", "greater", "ge", "__ge__", "greater_equal",

@@ -203,6 +203,8 @@ def _region_of(module, x):
         return x > module.threshold
     if isinstance(module, nn.Hardtanh):
         return (x > module.min_val).to(torch.int8) + (x > module.max_val).to(torch.int8)
+    if isinstance(module, nn.Hardsigmoid):
+        return (x > -3).to(torch.int8) + (x > 3).to(torch.int8)
     if isinstance(module, nn.Softshrink):
         return (x > -module.lambd).to(torch.int8) + (x > module.lambd).to(torch.int8)
     if isinstance(module, nn.MaxPool2d):
@@ -223,7 +225,7 @@ def _region_of(module, x):
     return module.region(x)
 
 
-PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.Softshrink, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
+PIECEWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Threshold, nn.Hardtanh, nn.Hardsigmoid, nn.Softshrink, nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d,
                      nn.AdaptiveMaxPool2d, Abs, Clamp, ClampMinMax, HandMasks, Maximum, Maxout, Sorts, OrderStatistics, RowPools)
 
 
@@ -278,6 +280,14 @@ def shrink_net():
     return nn.Sequential(nn.Linear(6, 16), nn.Softshrink(0.3), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
 
 
+def hardsigmoid_net():
+    # (weights scaled so that units cross both of hardsigmoid's kinks, at -3 and 3)
+    first = nn.Linear(6, 16)
+    with torch.no_grad():
+        first.weight.mul_(8)
+    return nn.Sequential(first, nn.Hardsigmoid(), nn.Linear(16, 3))
+
+
 def softmax_head_mlp():
     return nn.Sequential(*relu_mlp(), Softmax())
 
@@ -294,6 +304,7 @@ MODELS = {
     "fused_affine_net": (fused_affine_net, (6,)),
     "hand_masks_net": (hand_masks_net, (6,)),
     "shrink_net": (shrink_net, (6,)),
+    "hardsigmoid_net": (hardsigmoid_net, (6,)),
     "sorts": (Sorts, (6,)),
     "order_statistics": (OrderStatistics, (6,)),
     "row_pools": (RowPools, (6,)),
@@ -410,7 +421,9 @@ def test_exact_equals_independent_partition_float64(name, device):
     attributions, delta, info = igfast.IntegratedGradients(model).attribute(
         inputs, baselines, target=1, method="exact", return_convergence_delta=True, return_adaptive_info=True)
     expected, pieces = oracle(model, inputs, baselines, 1)
-    _close(attributions, expected, 1e-10)
+    # (PyTorch's hardsigmoid backward takes 1/6 in float32 whatever the dtype: 3e-8 off
+    # in the oracle's gradients; the walk's pieces are exact, as completeness shows.)
+    _close(attributions, expected, 1e-7 if name == "hardsigmoid_net" else 1e-10)
     _completeness(model, attributions, inputs, baselines, 1, 1e-12)
     assert delta.abs().max() < 1e-11
     assert info.pieces.cpu().tolist() == pieces.tolist()
@@ -633,7 +646,9 @@ def test_paths_that_start_and_end_on_kinks_take_the_side_they_move_into(device):
     attributions, info = igfast.IntegratedGradients(model).attribute(
         inputs, baselines, target=1, method="exact", return_adaptive_info=True)
     expected, pieces = oracle(model, inputs, baselines, 1)
-    _close(attributions, expected, 1e-10)
+    # (PyTorch's hardsigmoid backward takes 1/6 in float32 whatever the dtype: 3e-8 off
+    # in the oracle's gradients; the walk's pieces are exact, as completeness shows.)
+    _close(attributions, expected, 1e-7 if name == "hardsigmoid_net" else 1e-10)
     _completeness(model, attributions, inputs, baselines, 1, 1e-12)
     assert attributions.abs().sum() > 0
 
@@ -1487,3 +1502,13 @@ def test_torchscript_models_are_refused_by_the_walk_and_keep_autos_rule(form):
     reference = igfast.IntegratedGradients(model).attribute(x, target=1, method="exact")
     error = (attributions - reference).norm(dim=1) / reference.norm(dim=1)
     assert bool((error[info.converged] <= 1e-2).all()), error
+
+
+def test_max_with_other_given_by_keyword_is_maximum():
+    """torch.max(a, other=b) was refused as 'max over the whole tensor mixes the examples'."""
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(6, 8).double(), nn.Linear(6, 8).double(), nn.Linear(8, 3).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    keyword = igfast.IntegratedGradients(lambda v: c(torch.max(a(v), other=b(v)))).attribute(x, target=0, method="exact")
+    plain = igfast.IntegratedGradients(lambda v: c(torch.maximum(a(v), b(v)))).attribute(x, target=0, method="exact")
+    torch.testing.assert_close(keyword, plain, rtol=0, atol=0)
