@@ -1465,7 +1465,9 @@ def hidden_kinks(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], star
             f"pieces meet it to {rounding:.1e}: the network bends the path where the walk cannot see it, as a "
             "piecewise-linear op inside a custom torch.autograd.Function (its forward runs without tangents) "
             "or one run without autograd, or jumps (a step such as torch.where(x > 0, 1.0, 0.0): across a "
-            "jump the integral of the gradient is not the change of F).")
+            "jump the integral of the gradient is not the change of F), or its kinks see the path's rows "
+            "elsewhere than in their first dimension (sequence-first layers, as batch_first=False: the walk "
+            "reads the first dimension as the rows).")
 
 
 # A smooth head's error estimate (the midpoint rule's distance from the Gauss sums on
