@@ -1018,11 +1018,20 @@ def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
             "give a dimension.")
     if isinstance(dim, torch.Tensor):  # torch.max(a, b) (or other=b) with a second tensor
         return _maximum(mode, func, "maximum" if name.startswith("max") else "minimum", args, kwargs)
-    if isinstance(dim, (tuple, list)):
-        if len(dim) != 1:
-            raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} over several dimensions is not supported.")
-        dim = dim[0]
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if isinstance(dim, (tuple, list)) and len(dim) > 1:  # amax / amin (a global max-pool: dim=(2, 3))
+        dims = sorted({d % x.dim() for d in dim})
+        if 0 in dims:
+            raise NotPiecewiseLinearError(
+                f"method={mode._method!r}: {name} over dim 0 mixes the examples of the batch.")
+        # Those dimensions as one, last: the same windows, one element each.
+        windows = x.movedim(dims, list(range(x.dim() - len(dims), x.dim()))).flatten(-len(dims))
+        values = _max_over_dim(mode, func, name, (windows, -1), {})
+        for d in dims if keepdim else ():
+            values = values.unsqueeze(d)
+        return values
+    if isinstance(dim, (tuple, list)):
+        dim = dim[0]
     dim = dim % x.dim()
     if dim == 0:
         raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} over dim 0 mixes the examples of the batch.")

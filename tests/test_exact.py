@@ -1512,3 +1512,21 @@ def test_max_with_other_given_by_keyword_is_maximum():
     keyword = igfast.IntegratedGradients(lambda v: c(torch.max(a(v), other=b(v)))).attribute(x, target=0, method="exact")
     plain = igfast.IntegratedGradients(lambda v: c(torch.maximum(a(v), b(v)))).attribute(x, target=0, method="exact")
     torch.testing.assert_close(keyword, plain, rtol=0, atol=0)
+
+
+def test_amax_over_several_dimensions_is_a_global_max_pool():
+    """x.amax(dim=(2, 3)), a global max-pool, was refused ('over several dimensions is
+    not supported'); it walks as adaptive_max_pool2d(x, 1) does."""
+    torch.manual_seed(0)
+    conv, head = nn.Conv2d(2, 4, 3).double(), nn.Linear(4, 3).double()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    pooled = igfast.IntegratedGradients(lambda v: head(F.adaptive_max_pool2d(torch.relu(conv(v)), 1).flatten(1)))
+    expected, info = pooled.attribute(x, target=0, method="exact", return_adaptive_info=True)
+    assert bool((info.pieces > 3).all())
+    for keepdim in (False, True):
+        amax = igfast.IntegratedGradients(
+            lambda v: head(torch.relu(conv(v)).amax(dim=(-1, 2), keepdim=keepdim).flatten(1)))
+        torch.testing.assert_close(amax.attribute(x, target=0, method="exact"), expected, rtol=0, atol=0)
+    with pytest.raises(NotPiecewiseLinearError, match="amax over dim 0 mixes"):
+        igfast.IntegratedGradients(lambda v: head(torch.relu(conv(v)).amax(dim=(0, 2)).flatten(1)[:, :4])).attribute(
+            x, target=0, method="exact")
