@@ -83,10 +83,17 @@ AFFINE_OPS = frozenset("""
     div __truediv__ div_ __itruediv__ masked_fill interpolate upsample zero_pad2d
     addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ addcmul addcmul_ addcdiv addcdiv_
     where
+    __setitem__ unfold fold diff triu tril diagonal diag diag_embed rot90 rsub narrow_copy as_strided
+    channel_shuffle native_channel_shuffle index_add index_add_ scatter_add scatter_add_ index_put index_put_
+    index_copy index_copy_ masked_scatter select_scatter slice_scatter diagonal_scatter trapezoid lerp lerp_
+    tensordot kron inner outer dot vdot mv ger cross linalg_cross
 """.split())
 # Products and quotients are affine only while at most one factor depends on the path
 # (and never in a divisor).
-PRODUCT_OPS = frozenset("matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__ bilinear".split())
+PRODUCT_OPS = frozenset("matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__ bilinear "
+                        "tensordot kron inner outer dot vdot mv ger cross linalg_cross".split())
+# lerp(start, end, weight) = start + weight (end - start): a product where the weight moves.
+WEIGHTED_OPS = frozenset("lerp lerp_".split())
 QUOTIENT_OPS = frozenset("div __truediv__ div_ __itruediv__".split())
 # An added term times beta plus a product times alpha (addmm(input, mat1, mat2): Hugging
 # Face's Conv1D in GPT-2; addcmul; addcdiv divides): the added term may depend on the
@@ -669,6 +676,9 @@ def _nonlinear_use(name: str, args, kwargs, moving: Sequence[torch.Tensor]) -> b
     if name in QUOTIENT_OPS:
         divisor = args[1] if len(args) > 1 else kwargs.get("other")
         return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
+    if name in WEIGHTED_OPS:
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        return isinstance(weight, torch.Tensor) and _tangent(weight) is not None
     return False
 
 
@@ -748,6 +758,18 @@ def _leaky_relu(mode: BreakpointMode, func, name, args, kwargs):
     slope = float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
     return _scaled(mode, args[0], lambda ahead: torch.where(ahead > 0, torch.ones_like(ahead), torch.full_like(ahead, slope)), (0.0,), name,
                    factors=(slope, slope, 1.0))
+
+
+def _rrelu(mode: BreakpointMode, func, name, args, kwargs):
+    """rrelu outside training is leaky_relu with the mean of its two slopes (in training
+    it draws a random slope per unit in every call)."""
+    given = dict(zip(("input", "lower", "upper", "training"), args), **kwargs)
+    if given.get("training", False):
+        raise NotPiecewiseLinearError(
+            f"method={mode._method!r}: {name} runs in training mode, where it draws a random slope in every call; "
+            "call model.eval() first.")
+    slope = (float(given.get("lower", 1.0 / 8)) + float(given.get("upper", 1.0 / 3))) / 2
+    return _leaky_relu(mode, func, name, (args[0], slope), {})
 
 
 def _prelu(mode: BreakpointMode, func, name, args, kwargs):
@@ -1423,6 +1445,7 @@ PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _relu for n in ("relu", "relu_")},
     **{n: _leaky_relu for n in ("leaky_relu", "leaky_relu_")},
     "prelu": _prelu,
+    **{n: _rrelu for n in ("rrelu", "rrelu_")},
     **{n: _clamp for n in ("hardtanh", "hardtanh_", "relu6", "relu6_", "clamp", "clamp_", "clip", "clip_",
                            "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")},
     **{n: _abs for n in ("abs", "abs_", "__abs__", "absolute")},
