@@ -303,7 +303,9 @@ def test_igfasts_warnings_name_the_callers_line():
     x = torch.randn(4, 6, dtype=torch.float64)
     train_mode = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double().train()
     calls = {
-        "tolerance": lambda: igfast.IntegratedGradients(relu).attribute(x, target=0, n_steps="auto", max_steps=17),
+        # (tanh: no walk can converge it early; 1e-15 is out of reach of 9 nodes)
+        "tolerance": lambda: igfast.IntegratedGradients(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double(
+        )).attribute(x, target=0, n_steps="auto", tolerance=1e-15, max_steps=9),
         "internal batch": lambda: igfast.IntegratedGradients(relu).attribute(x, target=0, internal_batch_size=2),
         "batch statistics": lambda: igfast.IntegratedGradients(train_mode).attribute(x, target=0, n_steps=4),
         "several layers": lambda: igfast.LayerIntegratedGradients(relu, [relu[0], relu[2]]),

@@ -296,7 +296,8 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             target_count = len(many) if many else 1
             cost_key = RowCosts.key(ends, model_inputs + (args or ()), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
-                                         target_count=target_count, batch_dependent=batch_dependent_call(),
+                                         target_count=target_count, result_count=target_count,
+                                         batch_dependent=batch_dependent_call(),
                                          whole_steps=shared_argument(args, ends[0].shape[0]),
                                          known_row_cost=self._row_costs.get(cost_key))
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),

@@ -357,7 +357,8 @@ def attribute_prompt_to_targets(
     accumulate = dtype_policy(activation.dtype).accumulate
     accumulator_bytes = count * prompt_length * torch.finfo(accumulate).bits // 8
     row_limit = choose_row_limit(internal_batch_size, memory_budget, (ends,), nodes.count,
-                                 target_count=1, accumulator_bytes=accumulator_bytes)
+                                 target_count=1, accumulator_bytes=accumulator_bytes,
+                                 result_count=0)  # (the result is the reduced accumulator's size)
     options = {k: v for k, v in (grad_kwargs or {}).items() if k != "retain_graph"}
 
     def gradients_at(path: Tuple[torch.Tensor, ...], chunk: Chunk, with_outputs: bool):
