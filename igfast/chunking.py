@@ -355,10 +355,12 @@ def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
         advice = (f"for the accumulators, the attributions made from them and one path row and its gradient, "
                   f"before the model's own activations. Give `{argument}` well above {needed}: one row is "
                   "measured when it runs.")
-    return ArgumentError(
+    error = ArgumentError(
         f"`{argument}` of {format_size(budget)} is too small: at least {format_size(needed)} "
         f"({needed} bytes) is needed, {advice}"
     )
+    error.needed_bytes = needed  # (a caller that passed on part of its budget restates it: NoiseTunnel)
+    return error
 
 
 def shared_argument(args: Optional[Tuple[Any, ...]], batch_size: int) -> Optional[str]:

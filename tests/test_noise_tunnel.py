@@ -276,3 +276,31 @@ def test_a_method_that_draws_random_numbers_keeps_captums_order(batch_size):
 def _nothing():
     import contextlib
     return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_a_memory_budget_holds_every_sample_batch(nt_type):
+    """All noisy copies of every example ran as one batch whatever nt_samples_batch_size
+    said, their copies and attributions outside the budget (40 samples of 16 CIFAR images:
+    3.9x 8 MiB). Under a budget each batch of samples now runs in what is left beside the
+    sums, and is let go before the next is drawn; results stay Captum's."""
+    from igfast.bench.peak import AllocationPeak
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    x = torch.randn(32, 256)
+    target = torch.arange(32) % 5
+    kwargs = dict(nt_type=nt_type, nt_samples=20, nt_samples_batch_size=4, stdevs=0.1, target=target, n_steps=10)
+    nt = igfast.NoiseTunnel(igfast.IntegratedGradients(model))
+    torch.manual_seed(5)
+    nt.attribute(x[:2], **{**kwargs, "target": target[:2]})
+    torch.manual_seed(5)
+    with AllocationPeak("cpu") as peak:
+        ours = nt.attribute(x, memory_budget=2_000_000, **kwargs)
+    assert peak.bytes <= 2_000_000, peak.bytes
+    torch.manual_seed(5)
+    theirs = captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(model)).attribute(x, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    with pytest.raises(igfast.ArgumentError, match=r"memory_budget. of 500.00 KiB is too small.*"
+                                                   r"batch of 4 noisy copies.*smaller nt_samples_batch_size"):
+        nt.attribute(x, memory_budget=512_000, **kwargs)

@@ -3,8 +3,10 @@
 Captum's NoiseTunnel runs the wrapped method once per batch of noise samples. For
 igfast's IntegratedGradients and LayerIntegratedGradients, all noisy copies of
 all examples form one batch instead, and that batch goes through the streaming
-engine once: its chunks of (path nodes x noisy examples) are sized to the memory
-budget like any other, so there is one pass over the path, not one per sample.
+engine once: its chunks of (path nodes x noisy examples) are sized like any other,
+so there is one pass over the path, not one per sample. Under a memory budget the
+noisy copies and their attributions count too: each batch of samples then runs on
+its own, in what the budget leaves beside the running sums (NoiseTunnel._run_each).
 
 The noise is drawn exactly as Captum draws it (the same calls on the same random
 generators, in the same order, partitioned by ``nt_samples_batch_size``), so with
@@ -26,7 +28,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..chunking import budget_too_small
+from ..dtypes import dtype_policy
 from ..errors import ArgumentError, ArgumentTypeError, RangeError, ShapeError
+from ..memory import parse_memory_size
 from ._captum_protocol import CaptumMembers, captum_bases
 from ._forms import format_additional_forward_args, format_baselines, format_inputs
 from ._target import normalize_target
@@ -35,6 +40,10 @@ from .integrated_gradients import IntegratedGradients
 from .layer_integrated_gradients import LayerIntegratedGradients
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+# Drawing a batch of noisy copies holds this many tensors of its size at once: the
+# standard deviations, the repeated inputs, the noise and their sum (Captum's draw).
+NOISE_DRAW_COPIES = 4
 
 # Methods whose attribute() streams any batch through the engine with bounded
 # memory: they take all noise samples in one call.
@@ -148,23 +157,20 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
             _check_distribution_rows(kwargs["baselines"], formatted)
 
         drawn = self._draw(formatted, group, nt_samples, stdev_per_input, draw_baseline_from_distrib, kwargs)
-        if self._streams_all_samples():
+        budget = kwargs.get("memory_budget")
+        if self._streams_all_samples() and budget is None:
             partitions, parts = zip(*drawn)
             noisy = tuple(torch.cat(tensors) if len(tensors) > 1 else tensors[0] for tensors in zip(*parts))
-            results = [self._run(noisy, list(partitions), kwargs, is_tuple)]
-            row_groups = [list(partitions)]
+            runs: Iterator = iter([(self._run(noisy, list(partitions), kwargs, is_tuple), list(partitions))])
         else:
-            results, row_groups = [], []
-            for partition, part in drawn:  # each batch drawn after the last one ran, as in Captum
-                # Gradient methods of other libraries expect inputs that require grad.
-                part = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in part)
-                results.append(self._run(part, [partition], kwargs, is_tuple))
-                row_groups.append([partition])
+            runs = self._run_each(drawn, kwargs, is_tuple, budget, formatted)
 
         sums: Optional[List[torch.Tensor]] = None
         squares: Optional[List[torch.Tensor]] = None
         deltas = []
-        for result, group_partitions in zip(results, row_groups):
+        # (A generator under a budget: each batch of samples is summed, and let go, before
+        # the next is drawn.)
+        for result, group_partitions in runs:
             attributions, delta = result if with_delta else (result, None)
             flat, structure = _flatten(attributions)
             begin = 0
@@ -178,13 +184,12 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
                     part_sum, part_squares = part.sum(dim=1), torch.pow(part, 2).sum(dim=1)
                     if sums is None or squares is None:
                         sums, squares = [None] * len(flat), [None] * len(flat)
-                    sums[index] = part_sum if sums[index] is None else sums[index] + part_sum
-                    squares[index] = (
-                        part_squares if squares[index] is None else squares[index] + part_squares
-                    )
+                    sums[index] = part_sum if sums[index] is None else sums[index].add_(part_sum)
+                    squares[index] = part_squares if squares[index] is None else squares[index].add_(part_squares)
                 begin += rows
             if delta is not None:
                 deltas.append(delta)
+            del result, attributions, flat, part  # (before the next batch of samples is drawn)
         means = [total / nt_samples for total in sums]
         mean_squares = [total / nt_samples for total in squares]
         if nt_type == "smoothgrad":
@@ -197,6 +202,45 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
         if with_delta:
             return output, torch.cat(deltas, dim=0)
         return output
+
+    def _run_each(self, drawn, kwargs: Dict[str, Any], is_tuple: bool, budget: Any,
+                  inputs: Tuple[torch.Tensor, ...]) -> Iterator[Tuple[Any, List[_Partition]]]:
+        """Each batch of samples on its own, drawn after the last one ran (as in Captum).
+        Under a memory budget (which merging every sample would break: 40 samples of 16
+        CIFAR images at 3.9x 8 MiB), each call gets what the budget leaves beside the
+        running sums and this batch's noisy copies."""
+        held_sums = 2 * sum(x.numel() * dtype_policy(x.dtype).accumulate.itemsize for x in inputs)
+        for partition, part in drawn:
+            if budget is not None:
+                total = parse_memory_size(budget)
+                noisy_bytes = sum(x.numel() * x.element_size() for x in part)
+                # Drawing a batch of copies holds NOISE_DRAW_COPIES of it at once; the call
+                # runs beside the copies and, after it, their attributions' squares.
+                if held_sums + NOISE_DRAW_COPIES * noisy_bytes >= total:
+                    raise budget_too_small(
+                        "memory_budget", total, held_sums + NOISE_DRAW_COPIES * noisy_bytes, measured=False,
+                        what=f"the sums of the noisy copies' attributions and drawing a batch of {partition.samples} "
+                             "noisy copies of every example (give a smaller nt_samples_batch_size)",
+                        beside_rows=False)
+                kwargs = {**kwargs, "memory_budget": total - held_sums - 2 * noisy_bytes}
+            if not self._streams_all_samples():
+                # Gradient methods of other libraries expect inputs that require grad.
+                part = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in part)
+            try:
+                result = self._run(part, [partition], kwargs, is_tuple)
+            except ArgumentError as error:
+                needed = getattr(error, "needed_bytes", None)
+                if budget is None or needed is None:
+                    raise
+                # (The call was refused the budget left to it: the caller's is restated.)
+                raise budget_too_small(
+                    "memory_budget", total, needed + held_sums + 2 * noisy_bytes, measured=True,
+                    what=f"the attribution of a batch of {partition.samples} noisy copies of every example beside "
+                         "the copies and the sums of their attributions (give a smaller nt_samples_batch_size)",
+                    beside_rows=False) from None
+            del part
+            yield result, [partition]
+            del result
 
     def _streams_all_samples(self) -> bool:
         """Whether all samples may run as one batch (see the module docstring)."""
