@@ -200,6 +200,8 @@ class BudgetRowLimit(RowLimit):
         self._device_preference = preferred_chunk_bytes
         self._measured: Optional[Tuple[int, int]] = None  # (rows, peak) of the largest chunk
         self._set_aside: Optional[int] = None  # bytes held beside the chunks (set_aside)
+        # its (share, most, bytes held when it was taken)
+        self._set_aside_terms: Optional[Tuple[float, int, int]] = None
         self.settled = False
 
     @property
@@ -211,7 +213,7 @@ class BudgetRowLimit(RowLimit):
         shape measured: no probe, nothing measured, chunks balanced from the start."""
         self._read_weights(weight_bytes)
         if row_bytes > self.available:
-            raise budget_too_small(self.argument, self.budget, self.reserved + int(row_bytes), measured=True)
+            raise budget_too_small(self.argument, self.budget, self.needed_beside(int(row_bytes)), measured=True)
         rows = self._fitting(row_bytes)
         self._check_least_rows(rows, row_bytes)
         self._measured = (rows, max(1, int(rows * row_bytes)))
@@ -238,6 +240,22 @@ class BudgetRowLimit(RowLimit):
     def available(self) -> int:
         return self.budget - self.reserved
 
+    def needed_beside(self, nbytes: int) -> int:
+        """The least budget that leaves ``nbytes`` beside what is held. What set_aside
+        took grows with the budget (a share of the room, up to its most): counted as
+        held, the advice it gave was refused again at every retry (a CNN under exact:
+        683584, then 788944, 815284, ... bytes, more than 40 times)."""
+        if self._set_aside_terms is None:
+            return self.reserved + nbytes
+        share, most, held_then = self._set_aside_terms
+        held = self.reserved - self._set_aside
+        # A budget B sets aside share * (B - held_then), at most ``most``, and must leave
+        # nbytes beside that and what is held now.
+        proportional = math.ceil((nbytes + held - share * held_then) / (1 - share))
+        if share * (proportional - held_then) <= most:
+            return proportional
+        return held + most + nbytes
+
     def hold(self, nbytes: int, what: Optional[str] = None) -> None:
         """Count ``nbytes`` more held for the whole call, like the accumulators
         (n_steps="auto" keeps its levels' sums while examples it switched to
@@ -247,7 +265,7 @@ class BudgetRowLimit(RowLimit):
         self.reserved += max(0, int(nbytes))
         row_bytes = self.row_bytes
         if self.available <= (0 if row_bytes is None else row_bytes):
-            raise budget_too_small(self.argument, self.budget, self.reserved + int(row_bytes or 0),
+            raise budget_too_small(self.argument, self.budget, self.needed_beside(int(row_bytes or 0)) + 1,
                                    measured=row_bytes is not None, what=what)
         if row_bytes is not None:
             self.rows = min(self.rows, self._fitting(row_bytes))
@@ -259,6 +277,7 @@ class BudgetRowLimit(RowLimit):
         to what is left from then on."""
         if self._set_aside is None:
             self._set_aside = max(0, min(most, int(share * self.available)))
+            self._set_aside_terms = (share, most, self.reserved)
             self.reserved += self._set_aside
             if self._measured is not None:
                 measured_rows, measured_peak = self._measured
@@ -296,7 +315,7 @@ class BudgetRowLimit(RowLimit):
     def _check_least_rows(self, fitting: int, row_bytes: float) -> None:
         if fitting < self.least_rows:
             raise budget_too_small(
-                self.argument, self.budget, self.reserved + int(self.least_rows * row_bytes / self.SAFETY) + 1,
+                self.argument, self.budget, self.needed_beside(int(self.least_rows * row_bytes / self.SAFETY)) + 1,
                 measured=True, beside_rows=False,
                 what=f"one path step of all {self.least_rows} examples per chunk (measured): "
                      f"{self.whole_steps_reason}, so the batch is not split")
@@ -309,7 +328,7 @@ class BudgetRowLimit(RowLimit):
     def observe(self, rows: int, peak_bytes: int, weight_bytes: int = 0) -> None:
         self._read_weights(weight_bytes)
         if rows == 1 and peak_bytes > self.available:
-            raise budget_too_small(self.argument, self.budget, self.reserved + peak_bytes, measured=True)
+            raise budget_too_small(self.argument, self.budget, self.needed_beside(peak_bytes), measured=True)
         if self._measured is None or rows >= self._measured[0]:
             self._measured = (rows, max(peak_bytes, 1))
         measured_rows, measured_peak = self._measured
@@ -359,7 +378,11 @@ def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
         f"`{argument}` of {format_size(budget)} is too small: at least {format_size(needed)} "
         f"({needed} bytes) is needed, {advice}"
     )
-    error.needed_bytes = needed  # (a caller that passed on part of its budget restates it: NoiseTunnel)
+    # (A caller that passed on part of its budget restates it: NoiseTunnel.)
+    error.needed_bytes = needed
+    error.needed_for = what if what is not None else (
+        "one path row of this model (measured)" if measured else "the accumulators, the attributions made from "
+        "them and one path row and its gradient")
     return error
 
 

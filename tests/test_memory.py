@@ -835,3 +835,22 @@ def test_the_attributions_and_the_deltas_forwards_fit_the_budget(kwargs):
     for mine, theirs in zip(ours if isinstance(ours, tuple) else (ours,),
                             unbounded if isinstance(unbounded, tuple) else (unbounded,)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_refusals_advice_for_one_row_is_enough_for_it():
+    """The least budget a refusal named counted what the walk sets aside (a share of the
+    chunks' room) as fixed, though it grows with the budget: the advised budget was
+    refused again for one row, more than 40 times over (a helper's report)."""
+    import re
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(16 * 8 * 8, 10)).double().eval()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(ArgumentError, match="measured for one path row") as refused:
+        igfast.IntegratedGradients(model).attribute(x, target=1, memory_budget=600_000, method="exact")
+    advised = int(re.search(r"\((\d+) bytes\)", str(refused.value)).group(1))
+    try:
+        igfast.IntegratedGradients(model).attribute(x, target=1, memory_budget=advised, method="exact")
+    except ArgumentError as error:  # the walk's record of pieces may still need more: not one row
+        assert "measured for one path row" not in str(error), (advised, str(error))

@@ -300,14 +300,14 @@ def test_exact_names_the_method_for_mixed_networks_and_arguments_are_checked():
     with pytest.raises(ArgumentError, match="n_steps"):
         ig.attribute(inputs, target=0, method="gausslegendre_pieces", n_steps=0)
     # Refusals of an op's form name the method that refused it.
-    over_two_dims = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Unflatten(1, (3, 4)), AmaxOverTwoDims()).double()
-    with pytest.raises(NotPiecewiseLinearError, match="method='gausslegendre_pieces': amax over several"):
-        igfast.IntegratedGradients(over_two_dims).attribute(inputs, target=0, method="gausslegendre_pieces")
+    unsorted = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), UnsortedTopk()).double()
+    with pytest.raises(NotPiecewiseLinearError, match="method='gausslegendre_pieces': topk with sorted=False"):
+        igfast.IntegratedGradients(unsorted).attribute(inputs, target=0, method="gausslegendre_pieces")
 
 
-class AmaxOverTwoDims(nn.Module):
+class UnsortedTopk(nn.Module):
     def forward(self, x):
-        return x.amax((1, 2)).unsqueeze(1).expand(-1, 2)
+        return x.topk(2, dim=1, sorted=False).values
 
 
 def test_transformer_encoder_layer_with_relu_feed_forward(device):

@@ -235,8 +235,8 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
                 # (The call was refused the budget left to it: the caller's is restated.)
                 raise budget_too_small(
                     "memory_budget", total, needed + held_sums + 2 * noisy_bytes, measured=True,
-                    what=f"the attribution of a batch of {partition.samples} noisy copies of every example beside "
-                         "the copies and the sums of their attributions (give a smaller nt_samples_batch_size)",
+                    what=f"{error.needed_for}, beside a batch of {partition.samples} noisy copies of every example "
+                         "and the sums of their attributions (give a smaller nt_samples_batch_size)",
                     beside_rows=False) from None
             del part
             yield result, [partition]
