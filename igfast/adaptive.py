@@ -190,11 +190,11 @@ def refuse_several_targets(settings: Optional[AdaptiveSettings], many: Optional[
 
 
 def round_row_limit(settings: AdaptiveSettings, internal_batch_size, memory_budget,
-                    inputs: Tuple[torch.Tensor, ...], nodes: PathNodes):
+                    inputs: Tuple[torch.Tensor, ...], nodes: PathNodes, held_bytes: int = 0):
     """The RowLimit of one round: the budget holds the engine's accumulators and the
-    driver's, one per level each."""
+    driver's, one per level each (and ``held_bytes`` the caller holds, see choose_row_limit)."""
     return choose_row_limit(internal_batch_size, memory_budget, inputs, nodes.count,
-                            target_count=2 * len(settings.levels.steps))
+                            target_count=2 * len(settings.levels.steps), held_bytes=held_bytes)
 
 
 @dataclass

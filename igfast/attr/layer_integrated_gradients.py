@@ -204,6 +204,9 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         refuse_several_targets(adaptive, many)
         refuse_several_targets_exactly(exact, many)
 
+        # The layer's activations at the path's ends, held for the whole call.
+        held_activations = sum(t.numel() * t.element_size() for t in (*ends, *starts))
+
         def unused_layer(tensor_index: int) -> None:
             raise self._unused_layer_error(slots, tensor_index, attribute_to_layer_input)
 
@@ -246,7 +249,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             sub_batch = examples.numel()
             # One limit for every round (see IntegratedGradients._exact_parts).
             row_limit = choose_row_limit(internal_batch_size, memory_budget, sub_ends, 1, target_count=3, walk=True,
-                                         batch_dependent=batch_dependent_call())
+                                         batch_dependent=batch_dependent_call(), held_bytes=held_activations)
 
             def run_point_round(rows: torch.Tensor, points, wrap) -> PathIntegral:
                 gradients_at = gradients_at_for(
@@ -280,7 +283,8 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             def run_round(examples: torch.Tensor, nodes) -> PathIntegral:
                 sub_ends = tuple(select_examples(e, examples, batch_size) for e in ends)
                 sub_starts = tuple(select_examples(s, examples, batch_size) for s in starts)
-                row_limit = round_row_limit(adaptive, internal_batch_size, memory_budget, sub_ends, nodes)
+                row_limit = round_row_limit(adaptive, internal_batch_size, memory_budget, sub_ends, nodes,
+                                            held_bytes=held_activations)
                 gradients_at = gradients_at_for(
                     tuple(select_examples(x, examples, batch_size) for x in model_inputs),
                     select_examples(chunk_target, examples, batch_size),
@@ -297,7 +301,7 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             cost_key = RowCosts.key(ends, model_inputs + (args or ()), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
                                          target_count=target_count, result_count=target_count,
-                                         batch_dependent=batch_dependent_call(),
+                                         held_bytes=held_activations, batch_dependent=batch_dependent_call(),
                                          whole_steps=shared_argument(args, ends[0].shape[0]),
                                          known_row_cost=self._row_costs.get(cost_key))
             integral = integrate_gradients(ends, starts, nodes, gradients_at_for(model_inputs, chunk_target, args),
