@@ -381,8 +381,9 @@ class _RecordLedger:
 
     @staticmethod
     def _what(pieces: int, segments: int) -> str:
-        return (f"the walk's record of the {pieces} path pieces found so far (kept to the end for "
-                f"ExactInfo.breakpoints)" + (f" and {segments} segments still to integrate" if segments else ""))
+        return (f"the walk's record of the {pieces} path pieces found so far (kept to the end: the pieces' "
+                "Gauss nodes are placed on it, and ExactInfo.breakpoints is sorted from it)"
+                + (f" and {segments} segments still to integrate" if segments else ""))
 
     def charge(self, nbytes: int, pieces: int, segments: int = 0) -> None:
         """The record now holds ``nbytes``: ``pieces`` pieces found, ``segments`` to go."""
