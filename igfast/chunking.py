@@ -383,7 +383,8 @@ def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
     error.needed_bytes = needed
     error.needed_for = what if what is not None else (
         "one path row of this model (measured)" if measured else "the accumulators, the attributions made from "
-        "them and one path row and its gradient")
+        "them (with LayerIntegratedGradients, the layer's activations at both ends too) and one path row and its "
+        "gradient")
     return error
 
 

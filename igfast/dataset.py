@@ -121,10 +121,11 @@ def _model_identity(forward_func: Any) -> str:
     code: a resumed run with another model, mode or wrapper is refused, not mixed in."""
     modules = root_modules(forward_func)
     state = [value for m in modules for value in m.state_dict().values()]
-    # (A sparse buffer as its dense values; a module's extra state, any object, as its repr.)
+    # (A sparse buffer as its dense values. A module's extra state, any object, is left to
+    # the check of results on resume, _check_shard_results: a repr may hold an address or
+    # a set's hash order, which change between processes.)
     weights = _digest_tensors(t.to_dense() if t.layout != torch.strided else t
                               for t in state if isinstance(t, torch.Tensor))
-    weights += hashlib.sha256(repr([v for v in state if not isinstance(v, torch.Tensor)]).encode()).hexdigest()[:8]
     modes = "".join("t" if m.training else "e" for root in modules for m in root.modules())
     name = type(forward_func).__name__ if isinstance(forward_func, nn.Module) else getattr(
         forward_func, "__qualname__", type(forward_func).__name__)
@@ -616,8 +617,12 @@ def _check_shard_results(output_dir: str, shard: int, work: _ShardWork, begin: i
             continue
         written = np.load(path, mmap_mode="r")[:len(array)].astype(np.float64)
         again = array.astype(np.float64)
-        scale = max(float(np.linalg.norm(written)), np.finfo(np.float64).tiny)
-        moved = float(np.linalg.norm(again - written)) / scale if written.shape == again.shape else math.inf
+        if written.shape != again.shape or not np.array_equal(np.isfinite(written), np.isfinite(again)):
+            moved = math.inf
+        else:  # (NaN and inf where they were before, compared as equal)
+            written, again = (np.where(np.isfinite(written), a, 0.0) for a in (written, again))
+            scale = max(float(np.linalg.norm(written)), np.finfo(np.float64).tiny)
+            moved = float(np.linalg.norm(again - written)) / scale
         if not moved <= allowed:
             raise ArgumentError(
                 f"The model or its arguments differ from the run's in {output_dir!r}: its first examples "

@@ -91,7 +91,7 @@ AFFINE_OPS = frozenset("""
 # Products and quotients are affine only while at most one factor depends on the path
 # (and never in a divisor).
 PRODUCT_OPS = frozenset("matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__ bilinear "
-                        "tensordot kron inner outer dot vdot mv ger cross linalg_cross".split())
+                        "tensordot kron inner outer dot vdot mv ger cross linalg_cross trapezoid".split())
 # lerp(start, end, weight) = start + weight (end - start): a product where the weight moves.
 WEIGHTED_OPS = frozenset("lerp lerp_".split())
 QUOTIENT_OPS = frozenset("div __truediv__ div_ __itruediv__".split())
@@ -1034,7 +1034,7 @@ def _record_overtaking(mode: BreakpointMode, sv: torch.Tensor, sdv: torch.Tensor
 def _max_over_dim(mode: BreakpointMode, func, name, args, kwargs):
     x = args[0]
     dim = kwargs.get("dim", kwargs.get("other", args[1] if len(args) > 1 else None))
-    if dim is None:
+    if dim is None or (isinstance(dim, (tuple, list)) and not dim):  # (amax(dim=()): every dimension)
         raise NotPiecewiseLinearError(
             f"method={mode._method!r}: {name} over the whole tensor mixes the examples of the batch; "
             "give a dimension.")

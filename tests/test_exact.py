@@ -789,6 +789,12 @@ class CummaxAcrossTheBatch(GeluThenRelu):
         return self.b(torch.cummax(torch.relu(self.a(x)), 0).values)
 
 
+class AmaxOfEverything(GeluThenRelu):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h - 0.1 * h.amax(dim=()))
+
+
 class KthOfMany(GeluThenRelu):
     def forward(self, x):
         wide = torch.relu(self.a(x)).repeat(1, 200)
@@ -798,6 +804,7 @@ class KthOfMany(GeluThenRelu):
 @pytest.mark.parametrize("model, words", [(UnsortedTopk, "sorted=False"), (SortAcrossTheBatch, "sort over dim 0"),
                                           (TopkOfMany, "topk over 1200 elements.*719400 per row.*at most 1024"),
                                           (MedianOfAll, "median over the whole tensor mixes the examples"),
+                                          (AmaxOfEverything, "amax over the whole tensor mixes the examples"),
                                           (CummaxAcrossTheBatch, "cummax over dim 0"),
                                           (KthOfMany, "kthvalue over 1200 elements")])
 def test_sorts_that_cannot_be_walked_are_refused_saying_why(model, words):
@@ -1574,6 +1581,7 @@ def test_products_whose_factors_both_move_and_rrelu_in_training_are_refused():
     x = torch.randn(2, 16, dtype=torch.float64)
     for op, words in ((lambda h: torch.lerp(h, -h, torch.sigmoid(h)), "sigmoid"),
                       (lambda h: torch.kron(h[:, :4], h[:, 4:8]), "kron"),
+                      (lambda h: torch.trapezoid(h.view(-1, 4, 4), x=h.view(-1, 4, 4)), "trapezoid"),
                       (lambda h: F.rrelu(h, training=True), "rrelu runs in training mode")):
         with pytest.raises(NotPiecewiseLinearError, match=words):
             igfast.IntegratedGradients(lambda v: torch.relu(op(torch.relu(first(v)))).sum(1, keepdim=True)).attribute(

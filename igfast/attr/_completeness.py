@@ -32,7 +32,8 @@ def attributions_from(
 
 def _per_target(totals: torch.Tensor, end: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """K targets' attributions, written into one tensor as each is made: a stack of the
-    K scaled copies held them twice (ten targets of an MLP: 2.5x a budget)."""
+    K scaled copies held them twice (ten targets of an MLP: 2.5x a budget). One copy is
+    held beside them (the budget reserves it: result_count)."""
     result = None
     for k, total in enumerate(totals):
         scaled = ops.scale_by_difference(total, end, start)

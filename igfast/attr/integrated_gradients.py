@@ -257,7 +257,8 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
             target_count = len(many) if many else 1
             cost_key = RowCosts.key(formatted_inputs, args or (), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, formatted_inputs,
-                                         nodes.count, target_count=target_count, result_count=target_count,
+                                         nodes.count, target_count=target_count,
+                                         result_count=target_count + (target_count > 1),  # (+ _per_target's copy)
                                          batch_dependent=batch_dependent_call(),
                                          whole_steps=shared_argument(args, formatted_inputs[0].shape[0]),
                                          known_row_cost=self._row_costs.get(cost_key))

@@ -300,7 +300,8 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
             target_count = len(many) if many else 1
             cost_key = RowCosts.key(ends, model_inputs + (args or ()), target_count)
             row_limit = choose_row_limit(internal_batch_size, memory_budget, ends, nodes.count,
-                                         target_count=target_count, result_count=target_count,
+                                         target_count=target_count,
+                                         result_count=target_count + (target_count > 1),  # (+ _per_target's copy)
                                          held_bytes=held_activations, batch_dependent=batch_dependent_call(),
                                          whole_steps=shared_argument(args, ends[0].shape[0]),
                                          known_row_cost=self._row_costs.get(cost_key))

@@ -158,38 +158,27 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
 
         drawn = self._draw(formatted, group, nt_samples, stdev_per_input, draw_baseline_from_distrib, kwargs)
         budget = kwargs.get("memory_budget")
+        runs: Optional[Iterator] = None
         if self._streams_all_samples() and budget is None:
             partitions, parts = zip(*drawn)
             noisy = tuple(torch.cat(tensors) if len(tensors) > 1 else tensors[0] for tensors in zip(*parts))
-            runs: Iterator = iter([(self._run(noisy, list(partitions), kwargs, is_tuple), list(partitions))])
-        else:
-            runs = self._run_each(drawn, kwargs, is_tuple, budget, formatted)
+            runs = iter([(self._run(noisy, list(partitions), kwargs, is_tuple), list(partitions))])
 
-        sums: Optional[List[torch.Tensor]] = None
-        squares: Optional[List[torch.Tensor]] = None
+        moments = _Moments()
         deltas = []
-        # (A generator under a budget: each batch of samples is summed, and let go, before
-        # the next is drawn.)
+        if runs is None:  # (under a budget: each batch of samples summed, and let go, before the next is drawn)
+            runs = self._run_each(drawn, kwargs, is_tuple, budget, formatted, moments)
         for result, group_partitions in runs:
             attributions, delta = result if with_delta else (result, None)
             flat, structure = _flatten(attributions)
-            begin = 0
-            for partition in group_partitions:
-                rows = partition.samples * batch_size
-                for index, attribution in enumerate(flat):
-                    # (examples, samples, ...): the noisy copies of an example are adjacent.
-                    part = attribution[begin:begin + rows].reshape(
-                        (batch_size, partition.samples) + tuple(attribution.shape[1:])
-                    )
-                    part_sum, part_squares = part.sum(dim=1), torch.pow(part, 2).sum(dim=1)
-                    if sums is None or squares is None:
-                        sums, squares = [None] * len(flat), [None] * len(flat)
-                    sums[index] = part_sum if sums[index] is None else sums[index].add_(part_sum)
-                    squares[index] = part_squares if squares[index] is None else squares[index].add_(part_squares)
-                begin += rows
+            # (igfast's result is its own, but without multiply_by_inputs it is the integral's
+            # sums, which last_integral keeps)
+            owned = self._streams_all_samples() and self.attribution_method.multiplies_by_inputs
+            moments.add(flat, group_partitions, batch_size, owned=owned)
             if delta is not None:
                 deltas.append(delta)
-            del result, attributions, flat, part  # (before the next batch of samples is drawn)
+            del result, attributions, flat  # (before the next batch of samples is drawn)
+        sums, squares = moments.sums, moments.squares
         means = [total / nt_samples for total in sums]
         mean_squares = [total / nt_samples for total in squares]
         if nt_type == "smoothgrad":
@@ -204,19 +193,21 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
         return output
 
     def _run_each(self, drawn, kwargs: Dict[str, Any], is_tuple: bool, budget: Any,
-                  inputs: Tuple[torch.Tensor, ...]) -> Iterator[Tuple[Any, List[_Partition]]]:
+                  inputs: Tuple[torch.Tensor, ...], moments: "_Moments") -> Iterator[Tuple[Any, List[_Partition]]]:
         """Each batch of samples on its own, drawn after the last one ran (as in Captum).
         Under a memory budget (which merging every sample would break: 40 samples of 16
         CIFAR images at 3.9x 8 MiB), each call gets what the budget leaves beside the
-        running sums and this batch's noisy copies."""
-        held_sums = 2 * sum(x.numel() * dtype_policy(x.dtype).accumulate.itemsize for x in inputs)
+        running sums (before the first call, estimated from the inputs: a layer's are
+        known once its attributions are) and this batch's noisy copies."""
+        estimated_sums = 2 * sum(x.numel() * dtype_policy(x.dtype).accumulate.itemsize for x in inputs)
         for partition, part in drawn:
             if budget is not None:
+                held_sums = moments.nbytes if moments.sums is not None else estimated_sums
                 total = parse_memory_size(budget)
                 noisy_bytes = sum(x.numel() * x.element_size() for x in part)
                 # Drawing a batch of copies holds NOISE_DRAW_COPIES of it at once; the call
-                # runs beside the copies and, after it, their attributions' squares.
-                if held_sums + NOISE_DRAW_COPIES * noisy_bytes >= total:
+                # runs beside the copies and, after it, the new sums of its attributions.
+                if held_sums + NOISE_DRAW_COPIES * noisy_bytes > total:
                     raise budget_too_small(
                         "memory_budget", total, held_sums + NOISE_DRAW_COPIES * noisy_bytes, measured=False,
                         what=f"the sums of the noisy copies' attributions and drawing a batch of {partition.samples} "
@@ -315,6 +306,38 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
     def attribute_future(self) -> None:
         """Not implemented, as in Captum."""
         raise NotImplementedError("attribute_future is not implemented for NoiseTunnel")
+
+
+class _Moments:
+    """The running sums of the noisy copies' attributions and of their squares, one per
+    attribution tensor."""
+
+    def __init__(self) -> None:
+        self.sums: Optional[List[torch.Tensor]] = None
+        self.squares: Optional[List[torch.Tensor]] = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*(self.sums or ()), *(self.squares or ())))
+
+    def add(self, flat: List[torch.Tensor], partitions: List[_Partition], batch_size: int, owned: bool) -> None:
+        """Add the attributions of one call (``flat``, the rows of ``partitions``).
+        ``owned``: igfast's own result, squared in place (no copy of its size)."""
+        if self.sums is None or self.squares is None:
+            self.sums, self.squares = [None] * len(flat), [None] * len(flat)
+        begin = 0
+        for partition in partitions:
+            rows = partition.samples * batch_size
+            for index, attribution in enumerate(flat):
+                # (examples, samples, ...): the noisy copies of an example are adjacent.
+                part = attribution[begin:begin + rows].reshape(
+                    (batch_size, partition.samples) + tuple(attribution.shape[1:]))
+                part_sum = part.sum(dim=1)
+                part_squares = (part.square_() if owned else torch.pow(part, 2)).sum(dim=1)
+                self.sums[index] = part_sum if self.sums[index] is None else self.sums[index].add_(part_sum)
+                self.squares[index] = (part_squares if self.squares[index] is None
+                                       else self.squares[index].add_(part_squares))
+            begin += rows
 
 
 def _check_nt_type(nt_type: Any) -> None:
