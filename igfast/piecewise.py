@@ -92,7 +92,8 @@ AFFINE_OPS = frozenset("""
 # (and never in a divisor).
 PRODUCT_OPS = frozenset("matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__ bilinear "
                         "tensordot kron inner outer dot vdot mv ger cross linalg_cross trapezoid".split())
-# lerp(start, end, weight) = start + weight (end - start): a product where the weight moves.
+# lerp(start, end, weight) = start + weight (end - start): a product where the weight
+# moves beside start or end.
 WEIGHTED_OPS = frozenset("lerp lerp_".split())
 QUOTIENT_OPS = frozenset("div __truediv__ div_ __itruediv__".split())
 # An added term times beta plus a product times alpha (addmm(input, mat1, mat2): Hugging
@@ -676,9 +677,9 @@ def _nonlinear_use(name: str, args, kwargs, moving: Sequence[torch.Tensor]) -> b
     if name in QUOTIENT_OPS:
         divisor = args[1] if len(args) > 1 else kwargs.get("other")
         return isinstance(divisor, torch.Tensor) and _tangent(divisor) is not None
-    if name in WEIGHTED_OPS:
+    if name in WEIGHTED_OPS:  # a product where the weight moves and so does start or end
         weight = args[2] if len(args) > 2 else kwargs.get("weight")
-        return isinstance(weight, torch.Tensor) and _tangent(weight) is not None
+        return isinstance(weight, torch.Tensor) and _tangent(weight) is not None and len(moving) > 1
     return False
 
 

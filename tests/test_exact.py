@@ -1546,6 +1546,7 @@ AFFINE_FORMS = {  # each refused before as an op the walk could not tell
     "index_add": lambda h: torch.zeros(h.shape[0], 8, dtype=h.dtype).index_add(1, torch.tensor([0, 3, 3, 7]), h[:, :4]),
     "scatter_add": lambda h: torch.zeros_like(h).scatter_add(1, torch.arange(16).flip(0).expand(h.shape[0], 16), h),
     "lerp": lambda h: torch.lerp(h, torch.ones_like(h), 0.3),
+    "lerp_by_a_moving_weight": lambda h: torch.lerp(torch.zeros_like(h), torch.ones_like(h), h),
     "triu_rot90_diagonal": lambda h: torch.cat([torch.triu(h.view(-1, 4, 4)).flatten(1),
                                                 torch.rot90(h.view(-1, 4, 4), 1, (1, 2)).flatten(1),
                                                 h.view(-1, 4, 4).diagonal(dim1=1, dim2=2)], 1),
