@@ -873,3 +873,31 @@ def test_layer_ig_counts_the_layers_activations_at_both_ends():
         ours = lig.attribute(x, target=1, n_steps=10, memory_budget=budget)
     assert peak.bytes <= budget, (peak.bytes, budget)
     torch.testing.assert_close(ours, lig.attribute(x, target=1, n_steps=10), rtol=1e-5, atol=1e-6)
+
+
+def test_targets_read_from_the_outputs_keep_the_budget():
+    """target="topk:k" and "all" read the model's outputs first, with one forward over
+    the whole batch before any chunk was sized: an encoder's 128 examples peaked at 2.0x
+    8 MiB (a helper's sweep). Under a budget they are read one example per call."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.head = nn.Linear(8, 64), nn.Linear(64, 4)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 64, dropout=0.0, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.head(self.enc(self.inp(x)).mean(1))
+
+    model = Encoder().eval()
+    x = torch.randn(128, 64, 8)
+    ig = igfast.IntegratedGradients(model)
+    ig.attribute(x[:2], target=0, n_steps=2)
+    budget = 8 * 2**20
+    for target in ("topk:1", "all"):
+        with AllocationPeak("cpu") as peak:
+            ours = ig.attribute(x, target=target, n_steps=4, memory_budget=budget)
+        assert peak.bytes <= budget, (target, peak.bytes, budget)
+        torch.testing.assert_close(ours, ig.attribute(x, target=target, n_steps=4), rtol=1e-4, atol=1e-6)

@@ -232,7 +232,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         device = formatted_inputs[0].device
         many = resolve_targets(
             target, targets, batch_size, device,
-            lambda: _outputs_without_grad(self.forward_func, formatted_inputs, args),
+            lambda: _outputs_without_grad(self.forward_func, formatted_inputs, args, memory_budget),
         )
         if many is not None and self.gradient_func is not compute_gradients:
             raise ArgumentError("Several targets need igfast's own gradient_func (not Captum's LayerIG).")
@@ -523,7 +523,17 @@ def examples_per_forward(integral: Any, memory_budget: Any) -> Optional[int]:
     return max(rows) if rows else None
 
 
-def _outputs_without_grad(forward_func: Callable, inputs, args) -> torch.Tensor:
-    """The model's output at the inputs, for target="all" / "topk:k"."""
+def _outputs_without_grad(forward_func: Callable, inputs, args, memory_budget: Any = None) -> torch.Tensor:
+    """The model's output at the inputs, for target="all" / "topk:k". Under a memory
+    budget, one example per call: nothing is measured yet to size larger calls, and a
+    forward of the whole batch went past the budget (an encoder's 128 examples: 2.0x
+    8 MiB); a forward of one example costs less than the call's n_steps rows of it."""
+    batch_size = inputs[0].shape[0]
     with torch.no_grad():
-        return forward_output(forward_func, inputs, args)
+        if memory_budget is None or batch_size <= 1:
+            return forward_output(forward_func, inputs, args)
+        examples = torch.arange(batch_size, device=inputs[0].device)
+        return torch.cat([
+            forward_output(forward_func, tuple(select_examples(x, one, batch_size) for x in inputs),
+                           select_additional_forward_args(args, one, batch_size))
+            for one in examples.split(1)])
