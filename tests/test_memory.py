@@ -901,3 +901,22 @@ def test_targets_read_from_the_outputs_keep_the_budget():
             ours = ig.attribute(x, target=target, n_steps=4, memory_budget=budget)
         assert peak.bytes <= budget, (target, peak.bytes, budget)
         torch.testing.assert_close(ours, ig.attribute(x, target=target, n_steps=4), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_ig_reads_the_activations_at_the_ends_within_the_budget():
+    """The layer's activations at the inputs and the baselines were read with one forward
+    over the whole batch each, counted in no budget: a model wider after the layer than
+    at it went past the budget there. Under a budget they are read one example per call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.randn(64, 3, 16, 16)
+    lig = igfast.LayerIntegratedGradients(model, model[0])
+    lig.attribute(x[:2], target=1, n_steps=2)
+    budget = 4 * 2**20  # a whole-batch forward holds 4 MiB after the layer alone
+    with AllocationPeak("cpu") as peak:
+        ours, delta = lig.attribute(x, target=1, n_steps=8, memory_budget=budget, return_convergence_delta=True)
+    assert peak.bytes <= budget, (peak.bytes, budget)
+    theirs, their_delta = lig.attribute(x, target=1, n_steps=8, return_convergence_delta=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta, their_delta, rtol=1e-4, atol=1e-5)

@@ -191,9 +191,12 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         batch_size = model_inputs[0].shape[0]
         args = format_additional_forward_args(additional_forward_args)
         device = model_inputs[0].device
-        ends, slots, end_outputs = self._activations_at(model_inputs, args, attribute_to_layer_input)
-        starts, _, start_outputs = self._activations_at(
-            tuple(full_batch(b, batch_size) for b in model_baselines), args, attribute_to_layer_input)
+        # Under a budget, one example per call (see _activations_at), but for a model whose
+        # rows depend on their batch (BatchNorm in training mode), which Captum runs whole.
+        per_example = memory_budget is not None and not batch_dependent_call()
+        ends, slots, end_outputs = self._activations_at(model_inputs, args, attribute_to_layer_input, per_example)
+        starts, _, start_outputs = self._activations_at(model_baselines, args, attribute_to_layer_input, per_example,
+                                                        batch_size)
         many = resolve_targets(target, targets, batch_size, device, lambda: end_outputs)
         chunk_target = None if many is not None else normalize_target(target, batch_size, device)
         per_target = [chunk_target] if many is None else many
@@ -332,10 +335,22 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         model_inputs: Tuple[torch.Tensor, ...],
         args: Optional[Tuple[Any, ...]],
         to_layer_input: bool,
+        per_example: bool = False,
+        batch_size: Optional[int] = None,
     ):
-        """One forward call on a batch of model inputs: the layer's activations (the
-        path's end), their slots, and the model's output there."""
-        batch_size = model_inputs[0].shape[0]
+        """The layer's activations at a batch of model inputs (the path's end; inputs of
+        batch_size rows or 1, a baseline for all), their slots, and the model's output
+        there: from one forward call, or with ``per_example`` (under a memory budget)
+        one call per example. A forward of the whole batch was counted in no budget: a
+        CNN's 64 examples (its first conv, 4 MiB an end) went past it before any chunk."""
+        batch_size = model_inputs[0].shape[0] if batch_size is None else batch_size
+        if per_example and batch_size > 1:
+            parts = [self._activations_at(tuple(full_batch(select_examples(x, one, batch_size), 1) for x in model_inputs),
+                                          select_additional_forward_args(args, one, batch_size), to_layer_input)
+                     for one in torch.arange(batch_size, device=model_inputs[0].device).split(1)]
+            activations = tuple(torch.cat(tensors) for tensors in zip(*(part[0] for part in parts)))
+            return activations, parts[0][1], torch.cat([part[2] for part in parts])
+        model_inputs = tuple(full_batch(x, batch_size) for x in model_inputs)
         with torch.no_grad():
             activations, slots, outputs = record_activations(
                 self._layers, to_layer_input, lambda: forward_output(self._eager_forward, model_inputs, args))
