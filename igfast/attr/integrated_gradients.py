@@ -412,14 +412,10 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
         batch_size = end_points[0].shape[0]
         start_points = format_baselines(baselines, end_points)
         args = format_additional_forward_args(additional_forward_args)
-        parts = torch.arange(batch_size, device=end_points[0].device).split(examples_per_call or max(1, batch_size))
         with torch.no_grad():
             end_values, start_values = (
-                torch.cat([values_per_target(
-                    forward_output(self.forward_func,
-                                   tuple(full_batch(select_examples(p, part, batch_size), part.numel()) for p in points),
-                                   select_additional_forward_args(args, part, batch_size)),
-                    [select_examples(t, part, batch_size) for t in many], many_targets=True) for part in parts], dim=1)
+                values_per_target(_outputs_in_parts(self.forward_func, points, args, batch_size, examples_per_call),
+                                  many, many_targets=True)
                 for points in (end_points, start_points)
             )
         return convergence_delta_per_target(attributions, start_values, end_values)
@@ -523,17 +519,23 @@ def examples_per_forward(integral: Any, memory_budget: Any) -> Optional[int]:
     return max(rows) if rows else None
 
 
+def _outputs_in_parts(forward_func: Callable, points: Tuple[torch.Tensor, ...], args: Optional[Tuple[Any, ...]],
+                      batch_size: int, examples_per_call: Optional[int]) -> torch.Tensor:
+    """The model's output at points of batch_size rows (or 1: a baseline for all,
+    repeated per call), from one call, or from calls of ``examples_per_call`` examples."""
+    if examples_per_call is None or batch_size <= examples_per_call:
+        return forward_output(forward_func, tuple(full_batch(p, batch_size) for p in points), args)
+    return torch.cat([
+        forward_output(forward_func, tuple(full_batch(select_examples(p, part, batch_size), part.numel()) for p in points),
+                       select_additional_forward_args(args, part, batch_size))
+        for part in torch.arange(batch_size, device=points[0].device).split(examples_per_call)])
+
+
 def _outputs_without_grad(forward_func: Callable, inputs, args, memory_budget: Any = None) -> torch.Tensor:
     """The model's output at the inputs, for target="all" / "topk:k". Under a memory
     budget, one example per call: nothing is measured yet to size larger calls, and a
     forward of the whole batch went past the budget (an encoder's 128 examples: 2.0x
     8 MiB); a forward of one example costs less than the call's n_steps rows of it."""
-    batch_size = inputs[0].shape[0]
     with torch.no_grad():
-        if memory_budget is None or batch_size <= 1:
-            return forward_output(forward_func, inputs, args)
-        examples = torch.arange(batch_size, device=inputs[0].device)
-        return torch.cat([
-            forward_output(forward_func, tuple(select_examples(x, one, batch_size) for x in inputs),
-                           select_additional_forward_args(args, one, batch_size))
-            for one in examples.split(1)])
+        return _outputs_in_parts(forward_func, inputs, args, inputs[0].shape[0],
+                                 None if memory_budget is None else 1)
