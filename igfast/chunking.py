@@ -360,6 +360,11 @@ def integral_batch_size(value: Any) -> int:
     return max(0, math.floor(value))
 
 
+# What a budget must hold before the model's first row is measured (choose_row_limit).
+HELD_BEFORE_ANY_ROW = ("the accumulators, the attributions made from them (with LayerIntegratedGradients, the "
+                       "layer's activations at both ends too) and one path row and its gradient")
+
+
 def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
                      what: Optional[str] = None, beside_rows: bool = True) -> ArgumentError:
     if what is not None:
@@ -371,10 +376,8 @@ def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
     else:
         # Known before the model runs: the model's own activations come on top, and a
         # budget of just this much fails again once one row is measured.
-        advice = (f"for the accumulators, the attributions made from them (with LayerIntegratedGradients, the "
-                  f"layer's activations at both ends too) and one path row and its gradient, "
-                  f"before the model's own activations. Give `{argument}` well above {needed}: one row is "
-                  "measured when it runs.")
+        advice = (f"for {HELD_BEFORE_ANY_ROW}, before the model's own activations. Give `{argument}` well above "
+                  f"{needed}: one row is measured when it runs.")
     error = ArgumentError(
         f"`{argument}` of {format_size(budget)} is too small: at least {format_size(needed)} "
         f"({needed} bytes) is needed, {advice}"
@@ -382,9 +385,7 @@ def budget_too_small(argument: str, budget: int, needed: int, measured: bool,
     # (A caller that passed on part of its budget restates it: NoiseTunnel.)
     error.needed_bytes = needed
     error.needed_for = what if what is not None else (
-        "one path row of this model (measured)" if measured else "the accumulators, the attributions made from "
-        "them (with LayerIntegratedGradients, the layer's activations at both ends too) and one path row and its "
-        "gradient")
+        "one path row of this model (measured)" if measured else HELD_BEFORE_ANY_ROW)
     return error
 
 
