@@ -14,7 +14,7 @@ from .attr.generated_tokens import attribute_generated_tokens
 from .dataset import attribute_dataset
 from .errors import (
     ArgumentError, ArgumentTypeError, GradientError, InputTypeError, LayerError, NotPiecewiseLinearError,
-    OutputShapeError, OutputTypeError, RangeError, ShapeError, TargetError, UnusedLayerError,
+    OutputShapeError, OutputTypeError, RangeError, ShapeError, StdevTypeError, TargetError, UnusedLayerError,
 )
 from .shards import open_attributions
 
@@ -44,6 +44,7 @@ __all__ = [
     "OutputTypeError",
     "RangeError",
     "ShapeError",
+    "StdevTypeError",
     "TargetError",
     "UnusedLayerError",
     "__version__",

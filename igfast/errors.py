@@ -36,6 +36,11 @@ class RangeError(ArgumentError, RuntimeError, ZeroDivisionError):
     negative ``stdevs`` (PyTorch's RuntimeError in Captum's torch.normal)."""
 
 
+class StdevTypeError(ArgumentTypeError, RuntimeError):
+    """NoiseTunnel's ``stdevs`` is not a number (Captum: AssertionError for a bare value;
+    PyTorch's RuntimeError, or TypeError, from torch.tensor for one in a tuple)."""
+
+
 class InputTypeError(ArgumentError, TypeError, RuntimeError):
     """An input tensor has a dtype that cannot be differentiated (integer, bool)."""
 

@@ -418,3 +418,32 @@ def test_in_place_ops_after_the_layer_and_inference_mode():
         torch.testing.assert_close(ours.attribute(x, target=1, n_steps=6), theirs)
     with torch.no_grad():
         torch.testing.assert_close(ours.attribute(x, target=1, n_steps=6), theirs)
+
+
+def test_an_unused_tensor_of_one_layers_tuple_is_named():
+    """MultiheadAttention's attention weights, which the model ignores: Captum raises
+    (an unused tensor); igfast's message spoke of "another layer of the list" where no
+    list was given, and did not say which tensor of the tuple went unused."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(self.attention(x, x, x)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    x = torch.randn(2, 5, 6)
+    with pytest.raises(RuntimeError):
+        captum_attr.LayerIntegratedGradients(model, model.attention).attribute(x, target=1, n_steps=5)
+    with pytest.raises(igfast.UnusedLayerError) as raised:
+        igfast.LayerIntegratedGradients(model, model.attention).attribute(x, target=1, n_steps=5)
+    message = str(raised.value)
+    assert "output tensor 1 (of 2) of `layer` (MultiheadAttention)" in message
+    assert "list" not in message
+    listed = r"output tensor 0 \(of 2\) of `layer\[1\]`.*another layer of the list"
+    with pytest.raises(igfast.UnusedLayerError, match=listed):
+        igfast.LayerIntegratedGradients(model, [model.out, model.attention]).attribute(x, target=1, n_steps=5)

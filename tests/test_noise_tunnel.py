@@ -77,6 +77,33 @@ def test_numpy_stdevs_draw_captums_noise(stdevs):
     assert ours.dtype == torch.float32
 
 
+@pytest.mark.parametrize("stdevs", [(torch.tensor(0.3),), (torch.tensor([0.3]),),
+                                    (torch.tensor(0.3, dtype=torch.float64),)])
+@pytest.mark.parametrize("counts", [dict(nt_samples=torch.tensor(4)),
+                                    dict(nt_samples=torch.tensor([5]), nt_samples_batch_size=torch.tensor([2]))])
+def test_tensor_counts_and_stdevs_draw_captums_noise(stdevs, counts):
+    """One-element tensors for the counts and in a stdevs tuple are Captum's numbers (a
+    float64 stdev draws in float64, as a numpy.float64 does); igfast refused them."""
+    torch.manual_seed(0)
+    model = MLP().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    compare(igfast.IntegratedGradients, captum_attr.IntegratedGradients, model, x,
+            stdevs=stdevs, target=1, n_steps=4, **counts)
+
+
+@pytest.mark.parametrize("stdevs", [(0.1, None), (0.1, object()), (0.1, "a"), (0.1, 1 + 2j)])
+def test_stdevs_that_are_not_numbers_raise_captums_classes(stdevs):
+    """Captum fails in torch.tensor (RuntimeError; TypeError for a string) on a value in
+    the tuple, with an AssertionError on a bare one: igfast's error is all three."""
+    tunnel = igfast.NoiseTunnel(igfast.IntegratedGradients(MultiInputModel()))
+    for given in (stdevs, stdevs[1]):
+        with pytest.raises((RuntimeError, TypeError, AssertionError)) as raised:
+            tunnel.attribute((torch.randn(2, 4), torch.randn(2, 6)), stdevs=given, target=0, n_steps=3)
+        assert isinstance(raised.value, (RuntimeError, TypeError, AssertionError)) and all(
+            isinstance(raised.value, c) for c in (RuntimeError, TypeError, AssertionError))
+        assert "stdevs" in str(raised.value)
+
+
 @pytest.mark.parametrize("nt_samples_batch_size", [None, 3])
 def test_baselines_drawn_from_a_distribution(nt_samples_batch_size, device):
     torch.manual_seed(1)

@@ -370,19 +370,28 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         return activations, slots, outputs.detach()
 
     def _unused_layer_error(self, slots: LayerSlots, tensor_index: int, to_layer_input: bool) -> UnusedLayerError:
-        layer_index = next(i for i, end in enumerate(itertools.accumulate(slots.counts)) if tensor_index < end)
+        ends = list(itertools.accumulate(slots.counts))
+        layer_index = next(i for i, end in enumerate(ends) if tensor_index < end)
         name = f"layer[{layer_index}]" if isinstance(self.layer, list) else "layer"
         what = "input" if to_layer_input else "output"
+        causes = ["the model discards it or uses it under torch.no_grad()"]
+        if slots.counts[layer_index] > 1:
+            position = tensor_index - (ends[layer_index] - slots.counts[layer_index])
+            what = f"{what} tensor {position} (of {slots.counts[layer_index]})"
+            causes[0] = ("the model discards it (as it may MultiheadAttention's attention weights: every tensor "
+                         "of a tuple is attributed to) or uses it under torch.no_grad()")
+        if len(self._layers) > 1:
+            causes.insert(0, "another layer of the list computes its activation from it (and that activation is "
+                             "replaced by its own path)")
+        causes.append("the layer runs inside a torch.compile'd submodule (whose graph ignores hooks added after "
+                      "compiling) or inside torch.utils.checkpoint(use_reentrant=True) (whose recomputation runs "
+                      "without the path)")
+        advice = "List layers that do not feed one another, or pass" if len(self._layers) > 1 else "Pass"
         return UnusedLayerError(
             f"The {what} of `{name}` ({type(self._layers[layer_index]).__name__}) does not reach the "
-            "model's output: another layer of the list computes its activation from it (and that "
-            "activation is replaced by its own path), the model discards it or uses it under "
-            "torch.no_grad(), or the layer runs inside a torch.compile'd submodule (whose graph ignores "
-            "hooks added after compiling) or inside torch.utils.checkpoint(use_reentrant=True) (whose "
-            "recomputation runs without the path). "
-            "Its attributions would be zeros that mean nothing (Captum raises here too). List layers "
-            "that do not feed one another, or pass grad_kwargs={'materialize_grads': True} to "
-            "accept zeros."
+            f"model's output: {', '.join(causes[:-1])}, or {causes[-1]}. "
+            "Its attributions would be zeros that mean nothing (Captum raises here too). "
+            f"{advice} grad_kwargs={{'materialize_grads': True}} to accept zeros."
         )
 
     def _format_result(

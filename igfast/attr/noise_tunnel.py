@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..chunking import budget_too_small
-from ..dtypes import dtype_policy
-from ..errors import ArgumentError, ArgumentTypeError, RangeError, ShapeError
+from ..dtypes import dtype_policy, integer_item
+from ..errors import ArgumentError, ArgumentTypeError, RangeError, ShapeError, StdevTypeError
 from ..memory import parse_memory_size
 from ._captum_protocol import CaptumMembers, captum_bases
 from ._forms import format_additional_forward_args, format_baselines, format_inputs
@@ -348,6 +348,7 @@ def _check_nt_type(nt_type: Any) -> None:
 
 
 def _positive_int(value: Any, name: str) -> int:
+    value = integer_item(value, any_shape=True)  # Captum counts with torch.tensor([3]) as with 3
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(f"`{name}` must be an integer >= 1; got {value!r}.")
     if value < 1:
@@ -357,8 +358,13 @@ def _positive_int(value: Any, name: str) -> int:
 
 def _stdevs(stdevs: Any, count: int) -> Tuple[float, ...]:
     def one(value: Any, name: str) -> float:
+        if (isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool
+                and not value.dtype.is_complex):
+            # Captum draws with a one-element tensor as with its number, in the tensor's
+            # dtype: a float64 one as a numpy.float64 (below).
+            value = np.float64(value.item()) if value.dtype == torch.float64 else value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ArgumentTypeError(f"`{name}` must be a number >= 0; got {value!r}.")
+            raise StdevTypeError(f"`{name}` must be a number >= 0 (or a one-element tensor); got {value!r}.")
         if value < 0:
             raise RangeError(f"`{name}` must be a number >= 0; got {value!r}.")
         # A numpy float keeps its type: Captum draws the noise in its dtype (float64 for
