@@ -522,8 +522,9 @@ class BreakpointMode(TorchFunctionMode):
                 "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
         if name in EVAL_ONLY_OPS and _training_flag(name, args, kwargs):
             raise NotPiecewiseLinearError(
-                f"method={self._method!r}: {name} runs in training mode, where it mixes the rows of a batch; "
-                "call model.eval() first.")
+                f"method={self._method!r}: {name} runs in training mode, where it "
+                + ("normalises the rows of a batch together" if name == "batch_norm" else "draws a random mask")
+                + "; call model.eval() first.")
         if name == "scaled_dot_product_attention":
             # PyTorch's fused attention kernels have no forward-mode derivative; the same
             # attention computed by parts has (smooth: the path bends here).

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ComplexOutputError, GradientError, OutputShapeError, OutputTypeError, TargetError
 from ._target import select_targets
+from ._train_mode import random_draws_watched
 
 
 def forward_output(
@@ -26,7 +27,8 @@ def forward_output(
     args = additional_forward_args if additional_forward_args is not None else ()
     if not isinstance(args, tuple):
         args = (args,)
-    output = forward_func(*inputs, *args)
+    with random_draws_watched(inputs):
+        output = forward_func(*inputs, *args)
     if not isinstance(output, torch.Tensor):
         raise OutputTypeError(
             "`forward_func` must return a torch.Tensor (one row per example); "
