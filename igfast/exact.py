@@ -1465,8 +1465,8 @@ def hidden_kinks(integral: "ExactIntegral", ends: Tuple[torch.Tensor, ...], star
             f"attributions = F(inputs) - F(baselines)) by up to {float(gap.max()):.2e} relative, where exact "
             f"pieces meet it to {rounding:.1e}: the network bends the path where the walk cannot see it, as a "
             "piecewise-linear op inside a custom torch.autograd.Function (its forward runs without tangents) "
-            "or one run without autograd, or jumps (a step such as torch.where(x > 0, 1.0, 0.0): across a "
-            "jump the integral of the gradient is not the change of F), or its kinks see the path's rows "
+            "or one run without autograd, or jumps (a step such as torch.where(x > 0, 1.0, 0.0), or a MaxUnpool "
+            "whose indices switch with its max-pool's winners: across a jump the integral of the gradient is not the change of F), or its kinks see the path's rows "
             "elsewhere than in their first dimension (sequence-first layers, as batch_first=False: the walk "
             "reads the first dimension as the rows).")
 

@@ -84,7 +84,7 @@ AFFINE_OPS = frozenset("""
     addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ addcmul addcmul_ addcdiv addcdiv_
     where
     __setitem__ unfold fold diff triu tril diagonal diag diag_embed rot90 rsub narrow_copy as_strided
-    channel_shuffle native_channel_shuffle index_add index_add_ scatter_add scatter_add_ index_put index_put_
+    channel_shuffle native_channel_shuffle max_unpool1d max_unpool2d max_unpool3d index_add index_add_ scatter_add scatter_add_ index_put index_put_
     index_copy index_copy_ masked_scatter select_scatter slice_scatter diagonal_scatter trapezoid lerp lerp_
     tensordot kron inner outer dot vdot mv ger cross linalg_cross
 """.split())
@@ -483,7 +483,13 @@ class BreakpointMode(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None) or str(func)
         if name in NEUTRAL_OPS:  # shapes, dtypes, autograd.grad: nothing to read
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if name == "__get__" and isinstance(result, torch.Tensor) and any(
+                    self._is_curved(t) for t in _tensors_in(args, kwargs)):
+                # A property's view of a curved tensor (.mT, .T, .mH) is curved: unmarked,
+                # a ReLU after it took the smooth op before it for a head (1e-2 off).
+                self._mark_curved(result)
+            return result
         tensors = _tensors_in(args, kwargs)
         moving = [t for t in tensors if _tangent(t) is not None]
         if not moving:
@@ -508,7 +514,7 @@ class BreakpointMode(TorchFunctionMode):
         if name in AFFINE_HANDLERS:
             result = AFFINE_HANDLERS[name](self, func, name, args, kwargs)
             if curved:
-                self._mark_curved(result)
+                self._mark_curved((result, _written(name, args, kwargs)))
             return result
         bends = name in SMOOTH_OPS or _nonlinear_use(name, args, kwargs, moving)
         if not bends and name not in AFFINE_OPS and name not in EVAL_ONLY_OPS:
@@ -548,7 +554,7 @@ class BreakpointMode(TorchFunctionMode):
             if self.slope_jump_op is None and slope_jumps(name, args, kwargs):
                 self.slope_jump_op = name
         if bends or curved:
-            self._mark_curved(result)
+            self._mark_curved((result, _written(name, args, kwargs)))
         return result
 
 
@@ -643,6 +649,14 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
     return mask.to(dtype)
+
+
+def _written(name: str, args, kwargs) -> Any:
+    """The tensors an op writes in place (``h[:] = tanh(z)`` returns None, its result is
+    ``h``; ``add_``, ``+=``; ``out=``), which carry what was written into them."""
+    in_place = name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or (
+        name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__int__", "__invert__"))
+    return (args[0] if in_place and args else None, kwargs.get("out"))
 
 
 def _tensors_in(args, kwargs) -> List[torch.Tensor]:
@@ -1194,8 +1208,7 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
     names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     given = dict(zip(names, args), **kwargs)
     x = given["input"]
-    if given.get("return_indices", False) or name.endswith("with_indices"):
-        raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} with return_indices is not supported.")
+    with_indices = bool(given.get("return_indices", False)) or name.endswith("with_indices")
 
     def per_dim(value, default):
         value = default if value is None or (isinstance(value, (list, tuple)) and not value) else value
@@ -1237,7 +1250,16 @@ def _max_pool(mode: BreakpointMode, func, name, args, kwargs):
         _, index = pool(_side(mode, v, dv), kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
     values = _pooled_winners(mode, batched, v, dv, index, sv, sdv, name)
-    return values.squeeze(1) if unbatched else values
+    return _pooled(values, index, unbatched, with_indices)
+
+
+def _pooled(values: torch.Tensor, index: torch.Tensor, unbatched: bool, with_indices: bool):
+    """A max-pool's result in PyTorch's form; its indices (return_indices) are the
+    winners on the piece after the point, as its values are (constant on the piece: a
+    MaxUnpool after it scatters affinely)."""
+    if unbatched:
+        values, index = values.squeeze(1), index.squeeze(1)
+    return (values, index) if with_indices else values
 
 
 def _pooled_winners(mode: BreakpointMode, batched: torch.Tensor, v: torch.Tensor, dv: torch.Tensor,
@@ -1276,14 +1298,14 @@ def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
     spatial = 1 if "1d" in name else 2 if "2d" in name else 3
     x = args[0]
     output_size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
-    if kwargs.get("return_indices", args[2] if len(args) > 2 else False):
-        raise NotPiecewiseLinearError(f"method={mode._method!r}: {name} with return_indices is not supported.")
+    with_indices = bool(kwargs.get("return_indices", args[2] if len(args) > 2 else False)) or name.endswith(
+        "with_indices")
     sizes = x.shape[-spatial:]
     wanted = tuple(output_size) if isinstance(output_size, (list, tuple)) else (output_size,) * spatial
     wanted = tuple(size if out is None else out for out, size in zip(wanted, sizes))
     if not any(size % out for size, out in zip(sizes, wanted)):
         kernel = tuple(size // out for size, out in zip(sizes, wanted))
-        return _max_pool(mode, func, f"max_pool{spatial}d", (x, kernel, kernel), {})
+        return _max_pool(mode, func, f"max_pool{spatial}d", (x, kernel, kernel), {"return_indices": with_indices})
     batched, unbatched = _pool_rows(x, spatial)
     table = _adaptive_window_table(sizes, wanted).to(x.device)
     v, dv = _primal_and_tangent(batched)
@@ -1300,7 +1322,7 @@ def _adaptive_max_pool(mode: BreakpointMode, func, name, args, kwargs):
 
         sv, sdv = windows_first(v, -math.inf), windows_first(dv, 0.0)
     values = _pooled_winners(mode, batched, v, dv, index, sv, sdv, name)
-    return values.squeeze(1) if unbatched else values
+    return _pooled(values, index, unbatched, with_indices)
 
 
 def _adaptive_window_table(sizes: Sequence[int], wanted: Sequence[int]) -> torch.Tensor:
@@ -1441,7 +1463,8 @@ AFFINE_HANDLERS: Dict[str, Callable] = {
 PLAIN_GRADIENT_OPS = frozenset(
     "relu relu_ leaky_relu leaky_relu_ prelu abs abs_ __abs__ absolute max_pool1d max_pool2d max_pool3d "
     "_max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices "
-    "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split())
+    "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices "
+    "adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices".split())
 
 PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _relu for n in ("relu", "relu_")},
@@ -1463,5 +1486,7 @@ PIECEWISE_OPS: Dict[str, Callable] = {
     **{n: _max_pool for n in ("max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d",
                               "_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
                               "max_pool3d_with_indices")},
-    **{n: _adaptive_max_pool for n in ("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")},
+    **{n: _adaptive_max_pool for n in ("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+                                       "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+                                       "adaptive_max_pool3d_with_indices")},
 }

@@ -1464,13 +1464,17 @@ def test_adaptive_max_pool_is_walked(pool, shape):
     assert float(delta.abs().max()) < 1e-12
 
 
-def test_adaptive_max_pool_with_indices_is_refused():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(4, return_indices=True))
-    model = model.double()
+def test_adaptive_max_pool_with_indices_walks_as_without():
+    """Refused before ("adaptive_max_pool2d_with_indices"); its values are the pool's."""
+    torch.manual_seed(0)
+    with_indices = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(4, return_indices=True))
+    with_indices = with_indices.double()
+    without = nn.Sequential(*with_indices[:2], nn.AdaptiveMaxPool2d(4))
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
-    with pytest.raises(NotPiecewiseLinearError, match="adaptive_max_pool2d_with_indices"):
-        igfast.IntegratedGradients(lambda inputs: model(inputs)[0].flatten(1).sum(1, keepdim=True)).attribute(
-            x, method="exact")
+    ours = igfast.IntegratedGradients(lambda inputs: with_indices(inputs)[0].flatten(1).sum(1, keepdim=True))
+    theirs = igfast.IntegratedGradients(lambda inputs: without(inputs).flatten(1).sum(1, keepdim=True))
+    torch.testing.assert_close(ours.attribute(x, method="exact"), theirs.attribute(x, method="exact"),
+                               rtol=0, atol=0)
 
 
 def test_one_output_column_without_a_target():
@@ -1587,3 +1591,46 @@ def test_products_whose_factors_both_move_and_rrelu_in_training_are_refused():
         with pytest.raises(NotPiecewiseLinearError, match=words):
             igfast.IntegratedGradients(lambda v: torch.relu(op(torch.relu(first(v)))).sum(1, keepdim=True)).attribute(
                 x, target=0, method="exact")
+
+
+class PoolWithIndices(nn.Module):
+    """A max-pool asked for its indices: unused, gathered again, or unpooled (SegNet)."""
+
+    def __init__(self, use, adaptive=False):
+        super().__init__()
+        self.use, self.adaptive = use, adaptive
+        self.conv, self.relu = nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()
+        self.pool = nn.AdaptiveMaxPool2d(3, return_indices=True) if adaptive else nn.MaxPool2d(2, return_indices=True)
+        self.out = nn.Linear(108 if use == "unpool" else 27, 3)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x))
+        pooled, index = self.pool(h)
+        if self.use == "gather":
+            pooled = h.flatten(2).gather(2, index.flatten(2)).view_as(pooled)
+        elif self.use == "unpool":
+            pooled = F.max_unpool2d(pooled, index, 2, output_size=h.shape[-2:])
+        return self.out(pooled.flatten(1))
+
+
+@pytest.mark.parametrize("use,adaptive", [("unused", False), ("gather", False), ("unused", True)])
+def test_max_pool_with_its_indices(use, adaptive):
+    """return_indices=True was refused ("not supported"): the indices are the winners of
+    the piece, as the values are."""
+    torch.manual_seed(0)
+    model = PoolWithIndices(use, adaptive).double().eval()
+    inputs, baselines = torch.randn(2, 1, 6, 6, dtype=torch.float64), torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+    ours = igfast.IntegratedGradients(model).attribute(inputs, target=1, method="exact")
+    expected, _ = oracle(model, inputs, baselines, target=1)
+    _close(ours, expected, rtol=1e-10)
+    _completeness(model, ours, inputs, baselines, 1, rtol=1e-12)
+
+
+def test_max_unpool_after_a_max_pool_jumps_and_is_refused():
+    """A MaxUnpool moves a value where its pool's winner switches: F jumps there, and
+    the walk's completeness check refuses, naming it."""
+    torch.manual_seed(1)
+    model = PoolWithIndices("unpool").double().eval()
+    inputs = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    with pytest.raises(NotPiecewiseLinearError, match="MaxUnpool"):
+        igfast.IntegratedGradients(model).attribute(inputs, baselines=-inputs, target=1, method="exact")
