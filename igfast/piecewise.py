@@ -112,13 +112,14 @@ SMOOTH_OPS = frozenset("""
     softmax log_softmax sigmoid tanh exp log log1p expm1 gelu silu softplus elu selu celu mish
     logsigmoid layer_norm group_norm rms_norm pow __pow__ __rpow__ sqrt rsqrt erf sin cos
     logsumexp normalize square reciprocal __rtruediv__ scaled_dot_product_attention
-    multi_head_attention_forward cross_entropy nll_loss cosine_similarity
+    multi_head_attention_forward cross_entropy nll_loss cosine_similarity tanhshrink softsign instance_norm
+    local_response_norm
 """.split())
 # Smooth ops that are not analytic at 0, so that a rule's error falls algebraically, not
 # geometrically (n_steps="auto" must not extrapolate it): CELU and ELU with alpha 1 have a
 # continuous slope (the integrand has kinks); SELU and ELU with another alpha have a slope
 # that jumps (the integrand jumps, as a ReLU network's does: see slope_jumps).
-NON_ANALYTIC_SMOOTH_OPS = frozenset("elu selu celu".split())
+NON_ANALYTIC_SMOOTH_OPS = frozenset("elu selu celu softsign".split())
 
 
 def slope_jumps(name: str, args, kwargs) -> bool:
@@ -1440,7 +1441,60 @@ def _layer_norm_shortcut(func, args, kwargs):
     return _dual_like(value, direction)
 
 
+def _elementwise_shortcut(slope: Callable[[torch.Tensor], torch.Tensor]):
+    """An elementwise smooth op whose backward has no forward-mode formula (SiLU's, Mish's):
+    its value from the primal (the gradient rows differentiate that), its tangent as the
+    slope at the primal times the input's; refused (None) in place."""
+    def shortcut(func, args, kwargs):
+        if not args or kwargs.get("inplace", args[1] if len(args) > 1 else False):
+            return None
+        primal, tangent = _parts(args[0])
+        value = func(primal, *args[1:], **kwargs)
+        with torch.no_grad():
+            direction = tangent * slope(primal)
+        return _dual_like(value, direction)
+
+    return shortcut
+
+
+def _silu_slope(x: torch.Tensor) -> torch.Tensor:
+    sigmoid = torch.sigmoid(x)
+    return sigmoid * (1 + x * (1 - sigmoid))
+
+
+def _mish_slope(x: torch.Tensor) -> torch.Tensor:
+    squashed = torch.tanh(torch.nn.functional.softplus(x))
+    return squashed + x * (1 - squashed.square()) * torch.sigmoid(x)
+
+
+def _group_norm_shortcut(func, args, kwargs):
+    """group_norm, whose backward has no forward-mode formula: as layer_norm's shortcut,
+    over each example's groups of channels."""
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    bound = {**dict(zip(names, args)), **kwargs}
+    if set(bound) - set(names) or any(_tangent(bound.get(k)) is not None
+                                      for k in ("weight", "bias") if isinstance(bound.get(k), torch.Tensor)):
+        return None
+    x, groups, weight, eps = bound["input"], bound["num_groups"], bound.get("weight"), bound.get("eps", 1e-5)
+    primal, tangent = _parts(x)
+    value = func(primal, groups, weight, bound.get("bias"), eps)
+    with torch.no_grad():
+        grouped, moving = primal.reshape(primal.shape[0], groups, -1), tangent.reshape(primal.shape[0], groups, -1)
+        centred = grouped - grouped.mean(-1, keepdim=True)
+        inverse_std = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+        normalised = centred * inverse_std
+        direction = inverse_std * (moving - moving.mean(-1, keepdim=True)
+                                   - normalised * (normalised * moving).mean(-1, keepdim=True))
+        direction = direction.reshape(primal.shape)
+        if weight is not None:
+            direction = direction * weight.reshape(1, -1, *[1] * (primal.dim() - 2))
+    return _dual_like(value, direction)
+
+
 TANGENT_SHORTCUTS: Dict[str, Callable] = {
+    "silu": _elementwise_shortcut(_silu_slope),
+    "mish": _elementwise_shortcut(_mish_slope),
+    "group_norm": _group_norm_shortcut,
     **{n: _sum_shortcut(subtract=False) for n in ("add", "__add__", "__radd__")},
     **{n: _sum_shortcut(subtract=True) for n in ("sub", "__sub__")},
     "__rsub__": _sum_shortcut(subtract=True, reflected=True),

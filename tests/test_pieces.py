@@ -430,7 +430,12 @@ def test_tangent_shortcuts_match_forward_mode_ad():
              ("__rmul__", torch.Tensor.__rmul__, lambda d: (d, 0.3), {}), ("div", torch.div, lambda d: (d, w), {}),
              ("__truediv__", torch.Tensor.__truediv__, lambda d: (d, 7.0), {}),
              ("layer_norm", F.layer_norm, lambda d: (d, (4,)), {}), ("layer_norm", F.layer_norm, lambda d: (d, (4,), w, b), {}),
-             ("layer_norm", F.layer_norm, lambda d: (d.view(5, 2, 2), (2, 2)), {"eps": 1e-3})]
+             ("layer_norm", F.layer_norm, lambda d: (d.view(5, 2, 2), (2, 2)), {"eps": 1e-3}),
+             # Their backward has no forward-mode formula (the walk's gradient rows failed).
+             ("silu", F.silu, lambda d: (d,), {}), ("mish", F.mish, lambda d: (d,), {}),
+             ("group_norm", F.group_norm, lambda d: (d, 2), {}), ("group_norm", F.group_norm, lambda d: (d, 2, w, b), {}),
+             ("group_norm", F.group_norm, lambda d: (d.view(5, 4, 1), 4, w, b), {"eps": 1e-3}),
+             ("group_norm", F.group_norm, lambda d: (d.view(1, 4, 5), 1), {})]
     with fwAD.dual_level():
         for name, func, operands, kwargs in cases:
             args = operands(fwAD.make_dual(x, t))
@@ -580,3 +585,36 @@ def test_kinks_located_to_their_tolerance_do_not_warn_of_missed_completeness():
     reference = explainer.attribute(x, target=[0, 1, 2, 3], method="gausslegendre_pieces", n_steps=50,
                                     tolerance=1e-10)
     assert float(_relative_l2(attributions, reference).max()) < 1e-9
+
+
+@pytest.mark.parametrize("smooth", ["silu", "mish", "group_norm", "tanhshrink", "softsign", "instance_norm",
+                                    "local_response_norm"])
+def test_ops_whose_backward_has_no_forward_formula_are_walked(smooth):
+    """SiLU, Mish and GroupNorm before a kink (gausslegendre_pieces) and SiLU and Mish as a
+    smooth head (exact) were refused: their backward has no forward-mode formula, and the
+    walk's gradient rows ran it with tangents attached. Tanhshrink, Softsign,
+    InstanceNorm and LocalResponseNorm were not known for smooth."""
+    torch.manual_seed(0)
+    bend = {"silu": nn.SiLU(), "mish": nn.Mish(), "group_norm": nn.GroupNorm(2, 4), "tanhshrink": nn.Tanhshrink(),
+            "softsign": nn.Softsign(), "instance_norm": nn.InstanceNorm2d(4, affine=True),
+            "local_response_norm": nn.LocalResponseNorm(2)}[smooth]
+    mixed = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bend, nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(36, 3)).double().eval()
+    inputs = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(mixed)
+    # (tanhshrink's kinks after it are where z^3 / 3 crosses, which Newton steps locate
+    # slowly: 45 s at 1e-9)
+    tolerance = 1e-6 if smooth == "tanhshrink" else 1e-9
+    ours, delta = ig.attribute(inputs, target=[0, 1], method="gausslegendre_pieces", tolerance=tolerance,
+                               return_convergence_delta=True)
+    dense = ig.attribute(inputs, target=[0, 1], n_steps=20000)
+    assert float(((ours - dense).flatten(1).norm(dim=1) / dense.flatten(1).norm(dim=1)).max()) < 1e-4
+    assert float(delta.abs().max()) < tolerance * float(ours.abs().sum())
+    if smooth not in ("silu", "mish"):
+        return
+    headed = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3),
+                           bend).double().eval()
+    ig = igfast.IntegratedGradients(headed)
+    ours = ig.attribute(inputs, target=[0, 1], method="exact")
+    # (the head's kinks are placed exactly in both; the Gauss sums on its pieces converged)
+    _close(ours, ig.attribute(inputs, target=[0, 1], method="gausslegendre_pieces", tolerance=1e-12), rtol=1e-9)
