@@ -1827,12 +1827,30 @@ def _along_the_path():
             raise  # the model's own (n_steps="auto" took it for a missing jvp, and went on)
         # PyTorch names its own ops "aten::..." (an op without a forward-derivative formula,
         # such as silu's backward inside a gradient row); anything else is a custom Function.
+        if _raised_inside_checkpoint(error):
+            raise NotPiecewiseLinearError(
+                "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to find the path's pieces) "
+                "cannot run a model that uses torch.utils.checkpoint(use_reentrant=True): its autograd Function "
+                "has no forward-mode formula, and autograd cannot take the input gradient Integrated Gradients "
+                "needs through it with any n_steps either (Captum fails too). Run the model without "
+                "checkpointing for attribution (Hugging Face: model.gradient_checkpointing_disable()).") from error
         remedy = ("PyTorch has no forward-mode formula for that op, so use" if "aten::" in str(error) else
                   "Give custom torch.autograd.Functions a jvp (with setup_context), or use")
         raise NotPiecewiseLinearError(
             "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to find the path's pieces) run "
             "the model with forward-mode AD along the path, which a part of it "
             f"does not support ({error}). {remedy} a fixed n_steps or n_steps='auto'.") from error
+
+
+def _raised_inside_checkpoint(error: BaseException) -> bool:
+    """Whether ``error`` came from inside torch.utils.checkpoint (its reentrant form is an
+    autograd Function without a jvp, which the error itself does not name)."""
+    trace = error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py"):
+            return True
+        trace = trace.tb_next
+    return False
 
 
 # The first dual tensor of a process loads PyTorch's forward-mode decompositions, which

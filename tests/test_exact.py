@@ -859,6 +859,19 @@ def test_a_non_reentrant_checkpoint_is_refused_by_name():
     igfast.IntegratedGradients(plain).attribute(x, target=0, method="exact")
 
 
+def test_a_reentrant_checkpoint_is_refused_by_name():
+    """torch.utils.checkpoint(use_reentrant=True) is an autograd Function without a jvp:
+    the refusal blamed the user's custom Functions (there are none) and suggested a fixed
+    n_steps, which fails there too."""
+    torch.manual_seed(3)
+    model = Checkpointed().double().eval()
+    model.forward = lambda x: model.b(torch.relu(torch.utils.checkpoint.checkpoint(model.a, x, use_reentrant=True)))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for method in ("exact", "gausslegendre_pieces"):
+        with pytest.raises(NotPiecewiseLinearError, match=r"checkpoint\(use_reentrant=True\).*without checkpointing"):
+            igfast.IntegratedGradients(model).attribute(x, target=0, method=method)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_steps": "auto"}, "n_steps"),
     ({"tolerance": 0.0}, "tolerance"),

@@ -447,3 +447,13 @@ def test_an_unused_tensor_of_one_layers_tuple_is_named():
     listed = r"output tensor 0 \(of 2\) of `layer\[1\]`.*another layer of the list"
     with pytest.raises(igfast.UnusedLayerError, match=listed):
         igfast.LayerIntegratedGradients(model, [model.out, model.attention]).attribute(x, target=1, n_steps=5)
+
+
+def test_a_layer_of_a_dynamically_quantized_model_names_the_quantized_modules():
+    """Quantized ops have no autograd formula, so no layer reaches the output: the message
+    listed causes that did not apply and never said "quantized" (IG's did)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).eval()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(igfast.UnusedLayerError, match=r"quantized modules, such as 0 \(torch\.ao\.nn\.quantized"):
+        igfast.LayerIntegratedGradients(quantized, quantized[0]).attribute(torch.randn(4, 6), target=1)

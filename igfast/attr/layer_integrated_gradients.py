@@ -32,7 +32,7 @@ from ..errors import ArgumentError, ArgumentTypeError, LayerError, UnusedLayerEr
 from ..dtypes import integer_item
 from ..quadrature import PIECE_METHODS, path_nodes
 from ._captum_protocol import LayerMembers, captum_bases, wrappable_by_captum
-from ._train_mode import batch_dependent_call, depends_on_the_call, guarded
+from ._train_mode import batch_dependent_call, depends_on_the_call, guarded, root_modules
 from ._completeness import attributions_from, convergence_delta, convergence_delta_per_target
 from ._forms import (
     expand_additional_forward_args,
@@ -375,6 +375,12 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         name = f"layer[{layer_index}]" if isinstance(self.layer, list) else "layer"
         what = "input" if to_layer_input else "output"
         causes = ["the model discards it or uses it under torch.no_grad()"]
+        quantized = next((f"{name} ({type(module).__module__}.{type(module).__name__})"
+                          for root in root_modules(self.forward_func) for name, module in root.named_modules()
+                          if type(module).__module__.startswith("torch.ao.nn.quantized")), None)
+        if quantized is not None:
+            causes.insert(0, f"the model runs quantized modules, such as {quantized}, whose ops have no "
+                             "autograd formula (attribute the float model)")
         if slots.counts[layer_index] > 1:
             position = tensor_index - (ends[layer_index] - slots.counts[layer_index])
             what = f"{what} tensor {position} (of {slots.counts[layer_index]})"
