@@ -149,7 +149,7 @@ class RowLimit:
         here: without a budget nothing is promised."""
         return None
 
-    def hold(self, nbytes: int, what: Optional[str] = None) -> None:
+    def hold(self, nbytes: int, what: Optional[str] = None, more_later: int = 0) -> None:
         """Memory the caller holds for the whole call beside the chunks (see
         BudgetRowLimit.hold); nothing here: without a budget nothing is promised."""
 
@@ -256,17 +256,19 @@ class BudgetRowLimit(RowLimit):
             return proportional
         return held + most + nbytes
 
-    def hold(self, nbytes: int, what: Optional[str] = None) -> None:
+    def hold(self, nbytes: int, what: Optional[str] = None, more_later: int = 0) -> None:
         """Count ``nbytes`` more held for the whole call, like the accumulators
         (n_steps="auto" keeps its levels' sums while examples it switched to
         method="exact" walk; a walk's record of pieces grows between its chunks).
         Chunks are sized to what is left from then on; ``what`` names the holder in the
-        error raised when not even one measured row is left room."""
+        error raised when not even one measured row is left room, whose advice counts
+        the ``more_later`` bytes the holder expects to add (a budget that is refused
+        again a little later is no advice)."""
         self.reserved += max(0, int(nbytes))
         row_bytes = self.row_bytes
         if self.available <= (0 if row_bytes is None else row_bytes):
-            raise budget_too_small(self.argument, self.budget, self.needed_beside(int(row_bytes or 0)) + 1,
-                                   measured=row_bytes is not None, what=what)
+            needed = self.needed_beside(int(row_bytes or 0) + max(0, int(more_later))) + 1
+            raise budget_too_small(self.argument, self.budget, needed, measured=row_bytes is not None, what=what)
         if row_bytes is not None:
             self.rows = min(self.rows, self._fitting(row_bytes))
 

@@ -380,15 +380,20 @@ class _RecordLedger:
         self.charged = 0
 
     @staticmethod
-    def _what(pieces: int, segments: int) -> str:
+    def _what(pieces: int, segments: int, more_later: int = 0) -> str:
         return (f"the walk's record of the {pieces} path pieces found so far (kept to the end: the pieces' "
                 "Gauss nodes are placed on it, and ExactInfo.breakpoints is sorted from it)"
-                + (f" and {segments} segments still to integrate" if segments else ""))
+                + (f" and {segments} segments still to integrate" if segments else "")
+                + (f", and the {more_later} bytes more it is expected to take as the walk goes on" if more_later
+                   else ""))
 
-    def charge(self, nbytes: int, pieces: int, segments: int = 0) -> None:
-        """The record now holds ``nbytes``: ``pieces`` pieces found, ``segments`` to go."""
+    def charge(self, nbytes: int, pieces: int, segments: int = 0, expected: int = 0) -> None:
+        """The record now holds ``nbytes``: ``pieces`` pieces found, ``segments`` to go;
+        it is ``expected`` to grow to that many bytes (counted in a refusal's advice)."""
         if nbytes > self.charged:
-            self.row_limit.hold(nbytes - self.charged, what=self._what(pieces, segments))
+            more_later = max(0, expected - nbytes)
+            self.row_limit.hold(nbytes - self.charged, what=self._what(pieces, segments, more_later),
+                                more_later=more_later)
             self.charged = nbytes
 
     def between_chunks(self, nbytes: int, pieces: int) -> None:
@@ -638,6 +643,7 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
         rounds_walked += 1
         later: List[Tuple[torch.Tensor, ...]] = []
         waiting_later = 0
+        found_before = found_pieces
         with_gradients = "smooth_op" not in found
         known = segments[3]
         if bool(known.any()):
@@ -697,9 +703,16 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
                           record.pieces_beyond_the_point[rest_segments]))
             found_pieces += held_segments.numel()
             waiting_later += rest_segments.numel()
-            to_walk = segment_examples.numel() - (part.stop or 0) + waiting_later + deferred[0].numel()
-            ledger.charge((found_pieces + segment_examples.numel() + waiting_later + deferred[0].numel())
-                          * SEGMENT_BYTES + kept, found_pieces, to_walk)
+            in_round, done_in_round = segment_examples.numel(), part.stop or segment_examples.numel()
+            to_walk = in_round - done_in_round + waiting_later + deferred[0].numel()
+            # Where this round is going: each of its segments holds a piece, and the rest of
+            # them wait as this round's first parts' did; the next round then holds those
+            # pieces, its segments and the parts it cuts from them.
+            waiting_at_end = -(-waiting_later * in_round // done_in_round)
+            expected = max(found_before + 2 * in_round + waiting_at_end + deferred[0].numel(),
+                           found_before + in_round + 2 * (waiting_at_end + deferred[0].numel())) * SEGMENT_BYTES + kept
+            ledger.charge((found_pieces + in_round + waiting_later + deferred[0].numel()) * SEGMENT_BYTES + kept,
+                          found_pieces, to_walk, expected)
         # The next round's segments are joined from the waiting ones (twice those), after
         # this round's are let go.
         segments = segment_examples = segment_low = segment_high = None
