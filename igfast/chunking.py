@@ -149,7 +149,7 @@ class RowLimit:
         here: without a budget nothing is promised."""
         return None
 
-    def hold(self, nbytes: int, what: Optional[str] = None, more_later: int = 0) -> None:
+    def hold(self, nbytes: int, what: Optional[str] = None, more_later: int = 0, briefly_later: int = 0) -> None:
         """Memory the caller holds for the whole call beside the chunks (see
         BudgetRowLimit.hold); nothing here: without a budget nothing is promised."""
 
@@ -256,18 +256,20 @@ class BudgetRowLimit(RowLimit):
             return proportional
         return held + most + nbytes
 
-    def hold(self, nbytes: int, what: Optional[str] = None, more_later: int = 0) -> None:
+    def hold(self, nbytes: int, what: Optional[str] = None, more_later: int = 0, briefly_later: int = 0) -> None:
         """Count ``nbytes`` more held for the whole call, like the accumulators
         (n_steps="auto" keeps its levels' sums while examples it switched to
         method="exact" walk; a walk's record of pieces grows between its chunks).
         Chunks are sized to what is left from then on; ``what`` names the holder in the
-        error raised when not even one measured row is left room, whose advice counts
-        the ``more_later`` bytes the holder expects to add (a budget that is refused
-        again a little later is no advice)."""
+        error raised when not even one measured row is left room. Its advice counts the
+        ``more_later`` bytes the holder expects to add beside the chunks and the
+        ``briefly_later`` it expects to hold for a moment between them (the walk's sort
+        of its pieces): a budget that is refused again a little later is no advice."""
         self.reserved += max(0, int(nbytes))
         row_bytes = self.row_bytes
         if self.available <= (0 if row_bytes is None else row_bytes):
-            needed = self.needed_beside(int(row_bytes or 0) + max(0, int(more_later))) + 1
+            needed = max(self.needed_beside(int(row_bytes or 0) + max(0, int(more_later))) + 1,
+                         self.reserved - (self._set_aside or 0) + max(0, int(briefly_later)))
             raise budget_too_small(self.argument, self.budget, needed, measured=row_bytes is not None, what=what)
         if row_bytes is not None:
             self.rows = min(self.rows, self._fitting(row_bytes))

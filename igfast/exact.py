@@ -387,13 +387,14 @@ class _RecordLedger:
                 + (f", and the {more_later} bytes more it is expected to take as the walk goes on" if more_later
                    else ""))
 
-    def charge(self, nbytes: int, pieces: int, segments: int = 0, expected: int = 0) -> None:
+    def charge(self, nbytes: int, pieces: int, segments: int = 0, expected: int = 0, expected_sort: int = 0) -> None:
         """The record now holds ``nbytes``: ``pieces`` pieces found, ``segments`` to go;
-        it is ``expected`` to grow to that many bytes (counted in a refusal's advice)."""
+        it is ``expected`` to grow to that many bytes, and its sort into breakpoints to
+        take ``expected_sort`` (counted in a refusal's advice)."""
         if nbytes > self.charged:
             more_later = max(0, expected - nbytes)
             self.row_limit.hold(nbytes - self.charged, what=self._what(pieces, segments, more_later),
-                                more_later=more_later)
+                                more_later=more_later, briefly_later=expected_sort - nbytes)
             self.charged = nbytes
 
     def between_chunks(self, nbytes: int, pieces: int) -> None:
@@ -643,7 +644,6 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
         rounds_walked += 1
         later: List[Tuple[torch.Tensor, ...]] = []
         waiting_later = 0
-        found_before = found_pieces
         with_gradients = "smooth_op" not in found
         known = segments[3]
         if bool(known.any()):
@@ -661,6 +661,7 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             found_pieces += owners.numel()
             segments = tuple(s[~known] for s in segments)
         segment_examples, segment_low, segment_high, _ = segments
+        found_before = found_pieces
         for part in group.parts(segment_examples.numel()):
             owners, low, high = segment_examples[part], segment_low[part], segment_high[part]
             middle = 0.5 * (low + high)
@@ -708,11 +709,13 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             # Where this round is going: each of its segments holds a piece, and the rest of
             # them wait as this round's first parts' did; the next round then holds those
             # pieces, its segments and the parts it cuts from them.
-            waiting_at_end = -(-waiting_later * in_round // done_in_round)
-            expected = max(found_before + 2 * in_round + waiting_at_end + deferred[0].numel(),
-                           found_before + in_round + 2 * (waiting_at_end + deferred[0].numel())) * SEGMENT_BYTES + kept
+            waiting_at_end = -(-waiting_later * in_round // done_in_round) + deferred[0].numel()
+            expected = max(found_before + 2 * in_round + waiting_at_end,
+                           found_before + in_round + 2 * waiting_at_end) * SEGMENT_BYTES + kept
+            # (and the sort of at least those pieces at the end, as checked after the round)
+            expected_sort = (found_before + in_round + waiting_at_end) * (PIECE_BYTES + BREAKPOINT_SORT_BYTES)
             ledger.charge((found_pieces + in_round + waiting_later + deferred[0].numel()) * SEGMENT_BYTES + kept,
-                          found_pieces, to_walk, expected)
+                          found_pieces, to_walk, expected, expected_sort)
         # The next round's segments are joined from the waiting ones (twice those), after
         # this round's are let go.
         segments = segment_examples = segment_low = segment_high = None
