@@ -1850,7 +1850,8 @@ def _along_the_path():
                 "has no forward-mode formula, and autograd cannot take the input gradient Integrated Gradients "
                 "needs through it with any n_steps either (Captum fails too). Run the model without "
                 "checkpointing for attribution (Hugging Face: model.gradient_checkpointing_disable()).") from error
-        remedy = ("PyTorch has no forward-mode formula for that op, so use" if "aten::" in str(error) else
+        pytorch_op = "aten::" in str(error) or "Trying to use forward AD with" in str(error)
+        remedy = ("PyTorch has no forward-mode formula for that op, so use" if pytorch_op else
                   "Give custom torch.autograd.Functions a jvp (with setup_context), or use")
         raise NotPiecewiseLinearError(
             "method='exact' and 'gausslegendre_pieces' (and n_steps='auto', to find the path's pieces) run "

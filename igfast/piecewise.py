@@ -80,7 +80,7 @@ AFFINE_OPS = frozenset("""
     avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
     to float double half bfloat16 type clone identity pixel_shuffle pixel_unshuffle
     matmul mm bmm __matmul__ __rmatmul__ einsum mul __mul__ __rmul__ mul_ __imul__
-    div __truediv__ div_ __itruediv__ masked_fill interpolate upsample zero_pad2d
+    div __truediv__ div_ __itruediv__ masked_fill masked_fill_ copy_ interpolate upsample zero_pad2d
     addmm addmm_ baddbmm baddbmm_ addbmm addbmm_ addmv addmv_ addr addr_ addcmul addcmul_ addcdiv addcdiv_
     where
     __setitem__ unfold fold diff triu tril diagonal diag diag_embed rot90 rsub narrow_copy as_strided
@@ -112,8 +112,9 @@ SMOOTH_OPS = frozenset("""
     softmax log_softmax sigmoid tanh exp log log1p expm1 gelu silu softplus elu selu celu mish
     logsigmoid layer_norm group_norm rms_norm pow __pow__ __rpow__ sqrt rsqrt erf sin cos
     logsumexp normalize square reciprocal __rtruediv__ scaled_dot_product_attention
-    multi_head_attention_forward cross_entropy nll_loss cosine_similarity tanhshrink softsign instance_norm
-    local_response_norm
+    multi_head_attention_forward cross_entropy nll_loss cosine_similarity tanhshrink softsign instance_norm log_sigmoid
+    local_response_norm std var std_mean var_mean glu softmin atan atan2 asinh sinh cosh tan prod norm vector_norm
+    matrix_norm linalg_vector_norm linalg_norm linalg_matrix_norm cdist dist pdist
 """.split())
 # Smooth ops that are not analytic at 0, so that a rule's error falls algebraically, not
 # geometrically (n_steps="auto" must not extrapolate it): CELU and ELU with alpha 1 have a
@@ -261,6 +262,9 @@ class BreakpointMode(TorchFunctionMode):
         self.back_step: Optional[torch.Tensor] = None
         self.bent: Optional[torch.Tensor] = None
         self._curved: Dict[int, "weakref.ref[torch.Tensor]"] = {}
+        # Storages a curved value was written into through a view (h[:, :4].add_(tanh(z))):
+        # every tensor on them is curved. Held, so that their addresses are not reused.
+        self._curved_storages: Dict[int, Any] = {}
         # With a window: (low, high) float64 (rows,), shrunk op by op to the piece around
         # each row's point, and the exact kinks found inside it (see _record_window).
         self.window = window  # replaced, never written in place
@@ -285,12 +289,25 @@ class BreakpointMode(TorchFunctionMode):
 
     def _is_curved(self, tensor: torch.Tensor) -> bool:
         ref = self._curved.get(id(tensor))
-        return ref is not None and ref() is tensor
+        if ref is not None and ref() is tensor:
+            return True
+        return bool(self._curved_storages) and _storage_of(tensor) is not None and (
+            _storage_of(tensor).data_ptr() in self._curved_storages)
 
     def _mark_curved(self, outputs: Any) -> None:
         for value in tree_flatten(outputs)[0]:
             if isinstance(value, torch.Tensor):
                 self._curved[id(value)] = weakref.ref(value)
+
+    def _mark_written(self, written: Optional[torch.Tensor]) -> None:
+        """A tensor an op wrote a curved value into: a view's whole storage (its base, and
+        every other view of it) holds it."""
+        if written is None:
+            return
+        self._mark_curved(written)
+        storage = _storage_of(written) if written._is_view() else None
+        if storage is not None:
+            self._curved_storages[storage.data_ptr()] = storage
 
     @property
     def _wants_next_step(self) -> bool:
@@ -515,7 +532,8 @@ class BreakpointMode(TorchFunctionMode):
         if name in AFFINE_HANDLERS:
             result = AFFINE_HANDLERS[name](self, func, name, args, kwargs)
             if curved:
-                self._mark_curved((result, _written(name, args, kwargs)))
+                self._mark_curved(result)
+                self._mark_written(_written(name, args, kwargs))
             return result
         bends = name in SMOOTH_OPS or _nonlinear_use(name, args, kwargs, moving)
         if not bends and name not in AFFINE_OPS and name not in EVAL_ONLY_OPS:
@@ -525,8 +543,10 @@ class BreakpointMode(TorchFunctionMode):
                 "BatchNorm, shape ops, addmm and its kin), ReLU, LeakyReLU, PReLU, threshold, "
                 "hardtanh/ReLU6/clamp, hardsigmoid, softshrink, abs, maximum/minimum, comparisons (masks such as x * (x > 0)), "
                 "max-pool, max/min, sort, topk, kthvalue, median, cummax and cummin over a dimension, followed by an optional "
-                "smooth head (softmax, log-softmax, sigmoid, ...), or with method='gausslegendre_pieces' "
-                "smooth ops anywhere. Use a fixed n_steps or n_steps='auto' for this model.")
+                "smooth head (softmax, log-softmax, sigmoid, ...)"
+                + (", and smooth ops anywhere" if self.curved_kinks else
+                   ", or with method='gausslegendre_pieces' smooth ops anywhere")
+                + ". Use a fixed n_steps or n_steps='auto' for this model.")
         if name in EVAL_ONLY_OPS and _training_flag(name, args, kwargs):
             raise NotPiecewiseLinearError(
                 f"method={self._method!r}: {name} runs in training mode, where it "
@@ -555,7 +575,8 @@ class BreakpointMode(TorchFunctionMode):
             if self.slope_jump_op is None and slope_jumps(name, args, kwargs):
                 self.slope_jump_op = name
         if bends or curved:
-            self._mark_curved((result, _written(name, args, kwargs)))
+            self._mark_curved(result)
+            self._mark_written(_written(name, args, kwargs))
         return result
 
 
@@ -652,12 +673,22 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def _written(name: str, args, kwargs) -> Any:
-    """The tensors an op writes in place (``h[:] = tanh(z)`` returns None, its result is
+def _storage_of(tensor: torch.Tensor) -> Any:
+    """The tensor's storage; None for a tensor without one (sparse, nested, a subclass)."""
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _written(name: str, args, kwargs) -> Optional[torch.Tensor]:
+    """The tensor an op writes in place (``h[:] = tanh(z)`` returns None, its result is
     ``h``; ``add_``, ``+=``; ``out=``), which carry what was written into them."""
     in_place = name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or (
         name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__int__", "__invert__"))
-    return (args[0] if in_place and args else None, kwargs.get("out"))
+    written = args[0] if in_place and args and isinstance(args[0], torch.Tensor) else None
+    out = kwargs.get("out")
+    return written if written is not None else out if isinstance(out, torch.Tensor) else None
 
 
 def _tensors_in(args, kwargs) -> List[torch.Tensor]:
@@ -1446,13 +1477,18 @@ def _elementwise_shortcut(slope: Callable[[torch.Tensor], torch.Tensor]):
     its value from the primal (the gradient rows differentiate that), its tangent as the
     slope at the primal times the input's; refused (None) in place."""
     def shortcut(func, args, kwargs):
-        if not args or kwargs.get("inplace", args[1] if len(args) > 1 else False):
+        if not args:
             return None
+        in_place = bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
         primal, tangent = _parts(args[0])
-        value = func(primal, *args[1:], **kwargs)
+        value = func(primal, **{**kwargs, "inplace": False}) if len(args) == 1 else func(primal, False)
         with torch.no_grad():
             direction = tangent * slope(primal)
-        return _dual_like(value, direction)
+        result = _dual_like(value, direction)
+        if in_place:  # (nn.SiLU(inplace=True), as torchvision's blocks use it: the model goes on with its tensor)
+            args[0].copy_(result)
+            return args[0]
+        return result
 
     return shortcut
 

@@ -924,12 +924,26 @@ def test_additional_forward_args_follow_their_examples(device):
         torch.testing.assert_close(attributions[example:example + 1], alone, rtol=1e-12, atol=1e-14)
 
 
+class CdistBeforeRelu(nn.Module):
+    """cdist, which has no forward-mode formula in PyTorch, before a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        distance = torch.cdist(h.unsqueeze(1), torch.ones(1, 1, 16, dtype=h.dtype)).squeeze(1)
+        return self.out(torch.relu(self.second(h * distance)))
+
+
 def test_a_pytorch_op_without_forward_ad_is_not_blamed_on_a_custom_function():
-    """SiLU's backward has no forward-mode formula in PyTorch: the message said to give
-    custom autograd Functions a jvp, though the model has none."""
+    """An op without a forward-mode formula in PyTorch (SiLU's backward, before igfast
+    computed its tangent itself; cdist): the message said to give custom autograd
+    Functions a jvp, though the model has none."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    with pytest.raises(NotPiecewiseLinearError, match="aten::silu_backward") as raised:
+    model = CdistBeforeRelu().eval()
+    with pytest.raises(NotPiecewiseLinearError, match="_cdist_forward") as raised:
         igfast.IntegratedGradients(model).attribute(torch.randn(3, 8), target=1, method="gausslegendre_pieces")
     assert "PyTorch has no forward-mode formula" in str(raised.value) and "custom" not in str(raised.value)
 
@@ -1353,15 +1367,14 @@ def test_repeated_tokens_tie_in_a_max_over_the_sequence():
 
 
 def test_auto_keeps_its_rule_where_the_walk_cannot_follow():
-    """SiLU or GroupNorm before a ReLU: the walk's gradient rounds need forward AD of a
-    backward, which auto raised; a ReLU hidden in a custom Function (with a jvp): auto
-    returned the walk, far off. Both now go on with the rule, and say why."""
+    """An op without forward-mode AD before a ReLU (SiLU or GroupNorm then, whose
+    backward the walk's gradient rounds differentiated forward; cdist now), which auto
+    raised; a ReLU hidden in a custom Function (with a jvp): auto returned the walk, far
+    off. Both now go on with the rule, and say why."""
     torch.manual_seed(0)
     x = torch.randn(4, 8, dtype=torch.float64)
     hidden_relu = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 3)).double()
-    models = [nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)),
-              nn.Sequential(nn.Linear(8, 16), nn.GroupNorm(4, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)),
-              lambda inputs: hidden_relu[1](_ReluWithJvp.apply(hidden_relu[0](inputs)))]
+    models = [CdistBeforeRelu(), lambda inputs: hidden_relu[1](_ReluWithJvp.apply(hidden_relu[0](inputs)))]
     for model in models:
         model = model.double().eval() if isinstance(model, nn.Module) else model
         attributions, info = igfast.IntegratedGradients(model).attribute(

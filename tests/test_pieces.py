@@ -324,6 +324,14 @@ class CurvedByAnotherRoute(nn.Module):
             written = torch.zeros_like(curved)
             written[:, :] = curved
             curved = written
+        elif self.route == "view add_":  # written through a view: the whole storage is curved
+            written = self.first(x).clone()
+            written[:, :4].add_(curved[:, :4])
+            curved = written
+        elif self.route == "narrow copy_":
+            written = self.first(x) * 0.5
+            written.narrow(1, 2, 6).copy_(curved[:, 2:])
+            curved = written
         elif self.route == "index_put_":
             written = torch.zeros_like(curved)
             written.index_put_((torch.arange(x.shape[0]),), curved)
@@ -331,7 +339,7 @@ class CurvedByAnotherRoute(nn.Module):
         return self.out(torch.relu(self.second(curved)))
 
 
-@pytest.mark.parametrize("route", ["mT", "T", "setitem", "index_put_"])
+@pytest.mark.parametrize("route", ["mT", "T", "setitem", "view add_", "narrow copy_", "index_put_"])
 def test_a_smooth_op_before_a_kink_is_seen_through_views_and_writes(route):
     """Through .mT or h[:, :] = tanh(z) the smooth op's mark was lost: exact took tanh
     for a smooth head after the last kink and returned attributions 1e-2 off, without a
@@ -587,15 +595,16 @@ def test_kinks_located_to_their_tolerance_do_not_warn_of_missed_completeness():
     assert float(_relative_l2(attributions, reference).max()) < 1e-9
 
 
-@pytest.mark.parametrize("smooth", ["silu", "mish", "group_norm", "tanhshrink", "softsign", "instance_norm",
-                                    "local_response_norm"])
+@pytest.mark.parametrize("smooth", ["silu", "silu_inplace", "mish", "mish_inplace", "group_norm", "tanhshrink",
+                                    "softsign", "instance_norm", "local_response_norm"])
 def test_ops_whose_backward_has_no_forward_formula_are_walked(smooth):
     """SiLU, Mish and GroupNorm before a kink (gausslegendre_pieces) and SiLU and Mish as a
     smooth head (exact) were refused: their backward has no forward-mode formula, and the
     walk's gradient rows ran it with tangents attached. Tanhshrink, Softsign,
     InstanceNorm and LocalResponseNorm were not known for smooth."""
     torch.manual_seed(0)
-    bend = {"silu": nn.SiLU(), "mish": nn.Mish(), "group_norm": nn.GroupNorm(2, 4), "tanhshrink": nn.Tanhshrink(),
+    bend = {"silu": nn.SiLU(), "mish": nn.Mish(), "silu_inplace": nn.SiLU(inplace=True),
+            "mish_inplace": nn.Mish(inplace=True), "group_norm": nn.GroupNorm(2, 4), "tanhshrink": nn.Tanhshrink(),
             "softsign": nn.Softsign(), "instance_norm": nn.InstanceNorm2d(4, affine=True),
             "local_response_norm": nn.LocalResponseNorm(2)}[smooth]
     mixed = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bend, nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
@@ -610,7 +619,7 @@ def test_ops_whose_backward_has_no_forward_formula_are_walked(smooth):
     dense = ig.attribute(inputs, target=[0, 1], n_steps=20000)
     assert float(((ours - dense).flatten(1).norm(dim=1) / dense.flatten(1).norm(dim=1)).max()) < 1e-4
     assert float(delta.abs().max()) < tolerance * float(ours.abs().sum())
-    if smooth not in ("silu", "mish"):
+    if smooth not in ("silu", "mish", "silu_inplace", "mish_inplace"):
         return
     headed = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3),
                            bend).double().eval()
@@ -618,3 +627,42 @@ def test_ops_whose_backward_has_no_forward_formula_are_walked(smooth):
     ours = ig.attribute(inputs, target=[0, 1], method="exact")
     # (the head's kinks are placed exactly in both; the Gauss sums on its pieces converged)
     _close(ours, ig.attribute(inputs, target=[0, 1], method="gausslegendre_pieces", tolerance=1e-12), rtol=1e-9)
+
+
+SMOOTH_FORMS = {
+    "std (a hand-written layer norm)": lambda h: (h - h.mean(-1, keepdim=True)) / h.std(-1, keepdim=True),
+    "var": lambda h: h / (h.var(-1, keepdim=True) + 1).sqrt(),
+    "glu": lambda h: torch.cat([nn.functional.glu(h, -1)] * 2, -1),
+    "softmin": lambda h: nn.functional.softmin(h, -1),
+    "atan": torch.atan,
+    "norm": lambda h: h / h.norm(dim=-1, keepdim=True),
+    "linalg.vector_norm": lambda h: h * torch.linalg.vector_norm(h, dim=-1, keepdim=True),
+    "prod": lambda h: h * h[:, :2].prod(-1, keepdim=True),
+    "log_sigmoid": nn.functional.logsigmoid,
+    "masked_fill_": lambda h: h.clone().masked_fill_(torch.arange(16) < 3, 0.5),
+}
+
+
+class SmoothThenRelu(nn.Module):
+    def __init__(self, smooth):
+        super().__init__()
+        self.smooth = smooth
+        self.first, self.second, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.second(self.smooth(self.first(x)))))
+
+
+@pytest.mark.parametrize("form", list(SMOOTH_FORMS))
+def test_more_smooth_ops_before_kinks(form):
+    """gausslegendre_pieces refused these with "cannot tell whether ... is piecewise
+    linear" (and named itself as the method to use)."""
+    torch.manual_seed(0)
+    model = SmoothThenRelu(SMOOTH_FORMS[form]).double().eval()
+    inputs = torch.randn(3, 8, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    ours, delta = ig.attribute(inputs, target=1, method="gausslegendre_pieces", tolerance=1e-9,
+                               return_convergence_delta=True)
+    dense = ig.attribute(inputs, target=1, n_steps=20000)
+    assert float(((ours - dense).norm(dim=1) / dense.norm(dim=1)).max()) < 2e-4
+    assert float(delta.abs().max()) < 1e-9 * float(ours.abs().sum())
