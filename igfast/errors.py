@@ -37,8 +37,9 @@ class RangeError(ArgumentError, RuntimeError, ZeroDivisionError):
 
 
 class StdevTypeError(ArgumentTypeError, RuntimeError):
-    """NoiseTunnel's ``stdevs`` is not a number (Captum: AssertionError for a bare value;
-    PyTorch's RuntimeError, or TypeError, from torch.tensor for one in a tuple)."""
+    """NoiseTunnel's ``stdevs`` is not a number or a one-element tensor (Captum:
+    AssertionError for a bare value other than a float; PyTorch's RuntimeError, or
+    TypeError, from torch.tensor for one in a tuple)."""
 
 
 class InputTypeError(ArgumentError, TypeError, RuntimeError):

@@ -1860,14 +1860,17 @@ def _along_the_path():
 
 
 def _raised_inside_checkpoint(error: BaseException) -> bool:
-    """Whether ``error`` came from inside torch.utils.checkpoint (its reentrant form is an
-    autograd Function without a jvp, which the error itself does not name)."""
+    """Whether ``error`` came from reentrant torch.utils.checkpoint's own autograd Function
+    (it has no jvp; the error does not name it): the innermost frames are checkpoint.py's
+    call of a Function's apply, with no frame of the model's between them (a Function of
+    the model's inside a non-reentrant checkpoint has the model's frames there)."""
+    files = []
     trace = error.__traceback__
     while trace is not None:
-        if trace.tb_frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py"):
-            return True
+        files.append(trace.tb_frame.f_code.co_filename.replace("\\", "/"))
         trace = trace.tb_next
-    return False
+    inside = [i for i, name in enumerate(files) if name.endswith("torch/utils/checkpoint.py")]
+    return bool(inside) and all(name.endswith("torch/autograd/function.py") for name in files[inside[-1] + 1:])
 
 
 # The first dual tensor of a process loads PyTorch's forward-mode decompositions, which

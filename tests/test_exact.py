@@ -870,6 +870,12 @@ def test_a_reentrant_checkpoint_is_refused_by_name():
     for method in ("exact", "gausslegendre_pieces"):
         with pytest.raises(NotPiecewiseLinearError, match=r"checkpoint\(use_reentrant=True\).*without checkpointing"):
             igfast.IntegratedGradients(model).attribute(x, target=0, method=method)
+    # A Function of the model's own inside a non-reentrant checkpoint is that Function's.
+    model.forward = lambda x: model.b(torch.utils.checkpoint.checkpoint(
+        lambda h: IdentityFunction.apply(torch.relu(model.a(h))), x, use_reentrant=False))
+    with pytest.raises(NotPiecewiseLinearError, match="jvp") as raised:
+        igfast.IntegratedGradients(model).attribute(x, target=0, method="exact")
+    assert "use_reentrant=True" not in str(raised.value)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -78,12 +78,14 @@ def test_numpy_stdevs_draw_captums_noise(stdevs):
 
 
 @pytest.mark.parametrize("stdevs", [(torch.tensor(0.3),), (torch.tensor([0.3]),),
-                                    (torch.tensor(0.3, dtype=torch.float64),)])
+                                    (torch.tensor(0.3, dtype=torch.float64),),
+                                    (torch.tensor(0.3, dtype=torch.float16),),
+                                    (torch.tensor(0.3, dtype=torch.bfloat16),)])
 @pytest.mark.parametrize("counts", [dict(nt_samples=torch.tensor(4)),
                                     dict(nt_samples=torch.tensor([5]), nt_samples_batch_size=torch.tensor([2]))])
 def test_tensor_counts_and_stdevs_draw_captums_noise(stdevs, counts):
     """One-element tensors for the counts and in a stdevs tuple are Captum's numbers (a
-    float64 stdev draws in float64, as a numpy.float64 does); igfast refused them."""
+    float64, float16 or bfloat16 stdev draws in its dtype); igfast refused them."""
     torch.manual_seed(0)
     model = MLP().double().eval()
     x = torch.randn(4, 6, dtype=torch.float64)

@@ -173,6 +173,10 @@ def test_random_draws_no_module_names_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         igfast.IntegratedGradients(_FunctionalNoise(False)).attribute(x, target=0, n_steps=5)
+        # Draws that make nothing random: RReLU with one slope, a lazy module's first call.
+        one_slope = nn.Sequential(nn.Linear(6, 8), nn.RReLU(0.1, 0.1), nn.Linear(8, 3)).train()
+        igfast.IntegratedGradients(one_slope).attribute(x, target=0, n_steps=5)
+        igfast.IntegratedGradients(nn.Sequential(nn.LazyLinear(3))).attribute(x, target=0, n_steps=5)
 
 
 def test_observing_fake_quantization_warns_and_keeps_its_ranges():

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, List, Tuple
 import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 
@@ -143,7 +144,7 @@ def _may_depend_on_the_call(module_type: type) -> bool:
     """Whether modules of this class can be batch-dependent, random or stateful: the
     other checks (some against abstract base classes, slow) run for these only."""
     return issubclass(module_type, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd,
-                                    FakeQuantizeBase, ObserverBase, _SpectralNorm, nn.RReLU))
+                                    FakeQuantizeBase, ObserverBase, _SpectralNorm, nn.RReLU, LazyModuleMixin))
 
 
 def _may_depend_on_its_call(module: nn.Module) -> bool:
@@ -226,13 +227,25 @@ def batch_dependence_guard(forward_func: Callable) -> Iterator[None]:
             BatchDependenceWarning,
         )
     token = _BATCH_DEPENDENT.set(bool(batch_statistics or power_iterations))
-    watch = _DRAW_WATCH.set(_DrawWatch(warned=bool(random_masks)))
+    watch = _DRAW_WATCH.set(_DrawWatch(warned=bool(random_masks) or _draws_for_nothing(modules)))
     try:
         with _state_kept(modules):
             yield
     finally:
         _DRAW_WATCH.reset(watch)
         _BATCH_DEPENDENT.reset(token)
+
+
+def _draws_for_nothing(modules: List[Tuple[str, nn.Module]]) -> bool:
+    """Modules that advance the generator without making the output random: RReLU in
+    training with one slope (lower == upper), a lazy module initialising its weights
+    at its first call. The watch would take them for randomness."""
+    for _, module in modules:
+        if isinstance(module, nn.RReLU) and module.training:
+            return True
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            return True
+    return False
 
 
 class _DrawWatch:
@@ -257,7 +270,8 @@ def _generator_states(tensors: Tuple[Any, ...]) -> List[torch.Tensor]:
 def random_draws_watched(tensors: Tuple[Any, ...]) -> Iterator[None]:
     """Around a forward call: on an attribution call's first, warn where the model drew
     random numbers (from the CPU generator or that of an input's GPU) that no module
-    named (functional dropout, a noise layer): its attributions are random."""
+    named (functional dropout, a noise layer): its attributions are random. (Another
+    thread drawing from the same generator meanwhile would be taken for the model.)"""
     watch = _DRAW_WATCH.get()
     if watch is None or watch.done:
         yield

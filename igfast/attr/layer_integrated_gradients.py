@@ -374,18 +374,19 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
         layer_index = next(i for i, end in enumerate(ends) if tensor_index < end)
         name = f"layer[{layer_index}]" if isinstance(self.layer, list) else "layer"
         what = "input" if to_layer_input else "output"
-        causes = ["the model discards it or uses it under torch.no_grad()"]
-        quantized = next((f"{name} ({type(module).__module__}.{type(module).__name__})"
-                          for root in root_modules(self.forward_func) for name, module in root.named_modules()
+        discarded = "the model discards it or uses it under torch.no_grad()"
+        if slots.counts[layer_index] > 1:
+            position = tensor_index - (ends[layer_index] - slots.counts[layer_index])
+            what = f"{what} tensor {position} (of {slots.counts[layer_index]})"
+            discarded = ("the model discards it (as it may MultiheadAttention's attention weights: every tensor "
+                         "of a tuple is attributed to) or uses it under torch.no_grad()")
+        causes = [discarded]
+        quantized = next((f"{module_name or 'the model'} ({type(module).__module__}.{type(module).__name__})"
+                          for root in root_modules(self.forward_func) for module_name, module in root.named_modules()
                           if type(module).__module__.startswith("torch.ao.nn.quantized")), None)
         if quantized is not None:
             causes.insert(0, f"the model runs quantized modules, such as {quantized}, whose ops have no "
                              "autograd formula (attribute the float model)")
-        if slots.counts[layer_index] > 1:
-            position = tensor_index - (ends[layer_index] - slots.counts[layer_index])
-            what = f"{what} tensor {position} (of {slots.counts[layer_index]})"
-            causes[0] = ("the model discards it (as it may MultiheadAttention's attention weights: every tensor "
-                         "of a tuple is attributed to) or uses it under torch.no_grad()")
         if len(self._layers) > 1:
             causes.insert(0, "another layer of the list computes its activation from it (and that activation is "
                              "replaced by its own path)")

@@ -242,7 +242,7 @@ class NoiseTunnel(CaptumMembers, *captum_bases("NoiseTunnel")):
         inputs: Tuple[torch.Tensor, ...],
         group: int,
         nt_samples: int,
-        stdevs: Tuple[float, ...],
+        stdevs: Tuple[Union[float, torch.Tensor], ...],
         draw_baseline: bool,
         kwargs: Dict[str, Any],
     ) -> Iterator[Tuple[_Partition, Tuple[torch.Tensor, ...]]]:
@@ -356,13 +356,17 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _stdevs(stdevs: Any, count: int) -> Tuple[float, ...]:
+def _stdevs(stdevs: Any, count: int) -> Tuple[Union[float, torch.Tensor], ...]:
     def one(value: Any, name: str) -> float:
         if (isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool
                 and not value.dtype.is_complex):
-            # Captum draws with a one-element tensor as with its number, in the tensor's
-            # dtype: a float64 one as a numpy.float64 (below).
-            value = np.float64(value.item()) if value.dtype == torch.float64 else value.item()
+            if value.dtype.is_floating_point:
+                # Captum draws with a one-element tensor in the tensor's dtype (float16,
+                # float64: other random streams than a Python float's): kept as it is.
+                if float(value) < 0:
+                    raise RangeError(f"`{name}` must be a number >= 0; got {value!r}.")
+                return value.detach().reshape(())
+            value = value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise StdevTypeError(f"`{name}` must be a number >= 0 (or a one-element tensor); got {value!r}.")
         if value < 0:
@@ -380,14 +384,14 @@ def _stdevs(stdevs: Any, count: int) -> Tuple[float, ...]:
     return (one(stdevs, "stdevs"),) * count
 
 
-def _add_noise(x: torch.Tensor, stdev: float, samples: int) -> torch.Tensor:
+def _add_noise(x: torch.Tensor, stdev: Union[float, torch.Tensor], samples: int) -> torch.Tensor:
     """``samples`` noisy copies of each row, adjacent; the draw is Captum's (a
     normal with a tensor of standard deviations: the default dtype for a Python
     float, a numpy float's own dtype). The copies have the dtype x plus noise of the
     default dtype has: a numpy.float64 does not turn float32 inputs into float64 ones
     (Captum's do, and then a float32 model fails)."""
     size = (x.shape[0] * samples,) + tuple(x.shape[1:])
-    spread = torch.tensor(stdev, device=x.device).repeat(size)
+    spread = torch.as_tensor(stdev, device=x.device).repeat(size)
     noisy = x.repeat_interleave(samples, dim=0) + torch.normal(0, spread)
     return noisy.to(torch.promote_types(x.dtype, torch.get_default_dtype()))
 
