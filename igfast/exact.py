@@ -368,6 +368,13 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
     return ExactIntegral(results, info, rounds)
 
 
+def _record_bytes(pieces: int, segments: int, waiting: int, kept: int) -> int:
+    """What _follow_pieces' record holds: the pieces found, the round's segments, those
+    waiting for the next round (at a round's end, the next round's segments are joined
+    from them: twice those), and what the gap fill keeps."""
+    return (pieces + segments + waiting) * SEGMENT_BYTES + kept
+
+
 class _RecordLedger:
     """Charges the walk's record (see PIECE_BYTES) to the row limit as it grows: chunks
     get what is left, and a budget too small for the record raises the budget's error,
@@ -710,18 +717,19 @@ def _split_into_pieces(run_round: RunRound, forward_at: ForwardAt, starts, direc
             # them wait as this round's first parts' did; the next round then holds those
             # pieces, its segments and the parts it cuts from them.
             waiting_at_end = -(-waiting_later * in_round // done_in_round) + deferred[0].numel()
-            expected = max(found_before + 2 * in_round + waiting_at_end,
-                           found_before + in_round + 2 * waiting_at_end) * SEGMENT_BYTES + kept
+            found_at_end = found_before + in_round
+            expected = max(_record_bytes(found_at_end, in_round, waiting_at_end, kept),
+                           _record_bytes(found_at_end, waiting_at_end, waiting_at_end, kept))
             # (and the sort of at least those pieces at the end, as checked after the round)
-            expected_sort = (found_before + in_round + waiting_at_end) * (PIECE_BYTES + BREAKPOINT_SORT_BYTES)
-            ledger.charge((found_pieces + in_round + waiting_later + deferred[0].numel()) * SEGMENT_BYTES + kept,
+            expected_sort = (found_at_end + waiting_at_end) * (PIECE_BYTES + BREAKPOINT_SORT_BYTES)
+            ledger.charge(_record_bytes(found_pieces, in_round, waiting_later + deferred[0].numel(), kept),
                           found_pieces, to_walk, expected, expected_sort)
         # The next round's segments are joined from the waiting ones (twice those), after
         # this round's are let go.
         segments = segment_examples = segment_low = segment_high = None
         kept = gap_fill.nbytes if gap_fill is not None else 0
         waiting_later += deferred[0].numel()
-        ledger.charge((found_pieces + 2 * waiting_later) * SEGMENT_BYTES + kept, found_pieces, waiting_later)
+        ledger.charge(_record_bytes(found_pieces, waiting_later, waiting_later, kept), found_pieces, waiting_later)
         segments = tuple(torch.cat(parts) for parts in zip(*later, deferred))
         later.clear()
         deferred = tuple(s[:0] for s in segments)

@@ -291,8 +291,8 @@ class BreakpointMode(TorchFunctionMode):
         ref = self._curved.get(id(tensor))
         if ref is not None and ref() is tensor:
             return True
-        return bool(self._curved_storages) and _storage_of(tensor) is not None and (
-            _storage_of(tensor).data_ptr() in self._curved_storages)
+        storage = _storage_of(tensor) if self._curved_storages else None
+        return storage is not None and storage.data_ptr() in self._curved_storages
 
     def _mark_curved(self, outputs: Any) -> None:
         for value in tree_flatten(outputs)[0]:
