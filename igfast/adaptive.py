@@ -693,9 +693,12 @@ class _ExactSwitch:
                                             stop_within=None if self.route.curved else self.settings.tolerance)
         except NotPiecewiseLinearError as error:
             # The walk's gradient rounds need more than the probe's forward (forward-mode AD
-            # through a backward: SiLU, GroupNorm): the rule goes on, strictly judged (the
-            # probe found kinks).
+            # through a backward: SiLU, GroupNorm), or its layout check refused (a
+            # sequence-first layer): the rule goes on, strictly judged (the probe found kinks).
             self.unavailable, self.unreadable = str(error), True
+            checked = self.route.refused_check_rows
+            if checked is not None:  # (the check's two rows ran)
+                self.evaluations.index_add_(0, checked, torch.ones_like(checked))
             return taken
         rounds.append(integral)
         if self._hidden_kinks(chosen, integral):

@@ -190,7 +190,8 @@ class ExactInfo:
     # (B,) int64: model evaluations: one forward+backward row per piece (the one that
     # found it gives its gradient); with a smooth head GAUSS_NODES_PER_PIECE rows more,
     # the rows that found the pieces being forwards with tangents after the first round;
-    # with gausslegendre_pieces the curved walk's forwards and the Gauss rows
+    # with gausslegendre_pieces the curved walk's forwards and the Gauss rows; and
+    # rows_check's
     evaluations: torch.Tensor
     walk_forwards: int  # of those, forwards with tangents only, over the batch
     # Rounds of the walk: passes that wait on the one before (method="exact": about the
@@ -215,6 +216,10 @@ class ExactInfo:
     # stretches of its path left unreached (0 where the walk reached every piece; then
     # pieces and breakpoints are all of them, else those reached). None without.
     gap_error_estimate: Optional[torch.Tensor] = None
+    # (B,) int64, of the evaluations: check_rows_kept's two forward rows with a tangent,
+    # both of the example with the longest path, once per call (zeros where n_steps="auto"
+    # had checked before, or with one row per forward). Its pass is not in walk_rounds.
+    rows_check: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -288,24 +293,27 @@ def refuse_several_targets(settings: Optional[ExactSettings], many: Optional[lis
 @outside_inference_mode
 def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor, ...],
                       settings: ExactSettings, run_round: RunRound, forward_at: ForwardAt,
-                      row_limit: RowLimit) -> ExactIntegral:
+                      row_limit: RowLimit, rows_checked: bool = False) -> ExactIntegral:
     """sum over pieces of (piece length) x (gradient on the piece), per example and input
     (with settings.curved_kinks: Gauss nodes on every piece, see _follow_curved_pieces).
 
     ends / starts are the path's ends (inputs and baselines, or a layer's activations),
     starts with batch size B or 1. row_limit is the engine's (the walk takes its
-    chunks from it too).
+    chunks from it too). ``rows_checked``: the caller ran check_rows_kept on this model.
     """
     batch_size = ends[0].shape[0]
     device = ends[0].device
     if batch_size == 0:  # no path to walk: empty attributions, as the fixed rules give
         none = torch.zeros(0, dtype=torch.long, device=device)
-        info = ExactInfo(none, none.clone(), 0, 0, [], None, 1, curved_kinks=settings.curved_kinks)
+        info = ExactInfo(none, none.clone(), 0, 0, [], None, 1, curved_kinks=settings.curved_kinks,
+                         rows_check=none.clone())
         return ExactIntegral(tuple(torch.zeros_like(e, dtype=dtype_policy(e.dtype).accumulate) for e in ends),
                              info, [])
     starts = tuple(s.expand_as(e) if s.shape[0] != batch_size else s for s, e in zip(starts, ends))
     directions = tuple(e - s for e, s in zip(ends, starts))
     margin = max(kink_margin(d.dtype) for d in directions)
+    checked = torch.zeros(0, dtype=torch.long, device=device) if rows_checked else rows_check_pair(directions, row_limit)
+    check_rows_kept(forward_at, starts, directions, margin, checked, settings.curved_kinks)
     # Summed in float64: a path of thousands of pieces would otherwise lose the last
     # digits of float32 completeness to the order of the sum.
     sums = tuple(torch.zeros_like(d, dtype=torch.float64) for d in directions)
@@ -356,14 +364,17 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
             estimate = None if midpoint_sums is None else _relative_difference(midpoint_sums, sums, directions)
             _warn_of_a_coarse_head(estimate, smooth_head, settings)
     # (Without Gauss nodes the partition has summed each piece's constant gradient.)
-    evaluations = gradient_rows + pieces.walk_rows  # + the walk's forwards and the first engine pass
+    # + the walk's forwards and the first engine pass, and check_rows_kept's two rows
+    rows_check = torch.bincount(checked, minlength=batch_size).to(gradient_rows)
+    evaluations = gradient_rows + pieces.walk_rows + rows_check
     ledger.between_chunks(pieces.examples.numel() * BREAKPOINT_SORT_BYTES, pieces.examples.numel())
     breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
-    info = ExactInfo(pieces.count, evaluations, pieces.walk_forwards, pieces.rounds, breakpoints,
+    info = ExactInfo(pieces.count, evaluations, pieces.walk_forwards + checked.numel(), pieces.rounds, breakpoints,
                      smooth_head, GAUSS_NODES_PER_PIECE if gauss else 1, estimate,
                      curved_kinks=settings.curved_kinks,
                      kink_position_tolerance=kink_position_tolerance(settings, margin) if settings.curved_kinks else None,
-                     gap_error_estimate=None if gap_fill is None or gauss else gap_fill.estimate)
+                     gap_error_estimate=None if gap_fill is None or gauss else gap_fill.estimate,
+                     rows_check=rows_check)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
     return ExactIntegral(results, info, rounds)
 
@@ -1535,6 +1546,9 @@ class ExactRoute:
         self.kink_ops = 0  # the piecewise-linear ops a probe met
         self.plain_past_the_last_op = False  # (BreakpointMode.plain_past_the_last_op)
         self.sub_paths = MAX_SUB_PATHS  # the rows a curved walk may split a path into (from a probe)
+        self.rows_checked = False  # a walk's check_rows_kept passed: the later ones need not check
+        # The examples of the check's rows where a walk was refused (the caller counts them)
+        self.refused_check_rows: Optional[torch.Tensor] = None
         # Bytes the caller holds while a walk runs (auto's sums of every level), which
         # the walk's memory budget must leave room for.
         self.held_beside = 0
@@ -1606,7 +1620,15 @@ class ExactRoute:
             settings = dataclasses.replace(settings, curved_kinks=True)
         run_round, forward_at, row_limit = self.make_parts(examples)
         row_limit.hold(self.held_beside)
-        return integrate_exactly(ends, starts, settings, run_round, forward_at, row_limit)
+        try:
+            integral = integrate_exactly(ends, starts, settings, run_round, forward_at, row_limit, self.rows_checked)
+        except NotPiecewiseLinearError:
+            if not self.rows_checked:  # (the layout check ran, and maybe refused: its rows count)
+                self.refused_check_rows = examples[rows_check_pair(tuple(e - s for e, s in zip(ends, starts)),
+                                                                   row_limit)]
+            raise
+        self.rows_checked = True  # (its first walk checked the layout: check_rows_kept)
+        return integral
 
 
 class _GradientGroup:
@@ -1781,6 +1803,48 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
         record.take(rows, mode, found)
         begin = rows.stop
     return record
+
+
+def rows_check_pair(directions: Tuple[torch.Tensor, ...], row_limit: RowLimit) -> torch.Tensor:
+    """The examples of check_rows_kept's two rows (int64): twice the one with the longest
+    path, so that its cost falls on one example whatever the batch. Empty where no path
+    moves (nothing to walk), or where the walk's forwards take one row at a time
+    (internal_batch_size=1: its rows cannot mix, and a model that takes one row only,
+    as x.view(1, ...), would fail on two)."""
+    lengths = sum(d.detach().flatten(1).abs().sum(1).double() for d in directions)
+    if row_limit.forward_rows < 2 or not bool((lengths > 0).any()):
+        return torch.zeros(0, dtype=torch.long, device=lengths.device)
+    return lengths.argmax().repeat(2)
+
+
+# check_rows_kept's tangent is drawn, not the path's direction: where the direction
+# moves only part of an input (one token; a tuple input held fixed), a mixing layer
+# could leave it inside the first row's part and pass (1.3e-3 off without a word). A
+# generator of its own leaves the caller's random state alone.
+ROWS_CHECK_SEED = 20171
+
+
+def check_rows_kept(forward_at: ForwardAt, starts: Tuple[torch.Tensor, ...], directions: Tuple[torch.Tensor, ...],
+                    margin: float, pair: torch.Tensor, curved_kinks: bool) -> None:
+    """One forward of two rows halfway along the path of ``pair`` (rows_check_pair), only
+    the first with a tangent (random, dense: see ROWS_CHECK_SEED) (BreakpointMode's
+    rows_probe): raises NotPiecewiseLinearError where a piecewise-linear op sees that
+    tangent in the second row's part of its first dimension. A check of the first
+    dimension's size alone misses a sequence-first layer whose sequence length is a
+    multiple of the walk's rows, and the walk then reads one row's kinks for another's.
+    ``curved_kinks``: as the walk (method="exact" names a smooth op before a kink first)."""
+    if not pair.numel():
+        return
+    halfway = torch.full((2,), 0.5, dtype=torch.float64, device=pair.device)
+    points = _points(starts, directions, pair, halfway)
+    generator = torch.Generator(device=pair.device).manual_seed(ROWS_CHECK_SEED)
+    tangents = tuple(torch.cat((torch.randn(d[:1].shape, generator=generator, device=d.device).to(d.dtype),
+                                torch.zeros_like(d[:1]))) for d in directions)
+    mode = BreakpointMode(2, margin, curved_kinks=curved_kinks, rows_probe=True)
+    with torch.no_grad(), _along_the_path():
+        duals = tuple(fwAD.make_dual(p, t) for p, t in zip(points, tangents))
+        with mode:
+            forward_at(pair, duals)
 
 
 def _points(starts, directions, active: torch.Tensor, t: torch.Tensor,

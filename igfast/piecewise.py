@@ -226,6 +226,10 @@ class BreakpointMode(TorchFunctionMode):
     too much between them to be sure it did not cross its kink and come back
     (_bent_across): the step was too long to tell.
 
+    With ``rows_probe``, only the first row carries a tangent (the others' are 0), and
+    every piecewise-linear op checks that its input's tangent stays in that row's part
+    of dim 0 (see _check_rows_kept).
+
     With ``window`` = (low, high), per row steps low <= 0 <= high bounding a segment of
     the path around the row's point, the mode finds the piece that holds the point and
     every kink it can place exactly (see _record_window): ``window`` ends as the piece
@@ -239,9 +243,11 @@ class BreakpointMode(TorchFunctionMode):
     def __init__(self, rows: int, margin: float, horizon: Optional[torch.Tensor] = None, *,
                  curved_kinks: bool = False, reference: Optional["PathState"] = None,
                  reference_step: Optional[torch.Tensor] = None,
-                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, placed_ops: int = 0) -> None:
+                 window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, placed_ops: int = 0,
+                 rows_probe: bool = False) -> None:
         super().__init__()
         self.rows = rows
+        self.rows_probe = rows_probe
         self.margin = margin
         self.horizon = horizon
         self.curved_kinks = curved_kinks
@@ -336,6 +342,25 @@ class BreakpointMode(TorchFunctionMode):
                 "piecewise-linear op to keep examples along dim 0.")
         self.kink_ops += 1
         self.kink_op_names.add(op)
+
+    def _check_rows_kept(self, moving: Sequence[torch.Tensor], op: str) -> None:
+        """Raise where the first row's tangent reached another row's part of dim 0: the op
+        sees the path's rows elsewhere, and the walk would give one row's kinks to
+        another without a word (a sequence-first layer whose sequence length is a
+        multiple of the rows: 2.9e-4 off on nn.TransformerEncoderLayer(batch_first=False),
+        1.3e-3 on a flattened transpose), or the model mixes its examples."""
+        for tensor in moving:
+            tangent = _tangent(tensor)
+            if tangent is None or tangent.dim() == 0 or tangent.shape[0] % self.rows:
+                continue  # (_count_kink_op names a first dimension that is not the rows')
+            if bool(tangent.detach().reshape(self.rows, -1)[1:].abs().gt(0).any()):
+                raise NotPiecewiseLinearError(
+                    f"method={self._method!r}: {op} sees a tensor of shape {tuple(tangent.shape)} whose first "
+                    "dimension mixes the path's rows (one example's path moves units of another's): its "
+                    "examples are not along dim 0, as in a sequence-first layer (nn.TransformerEncoderLayer, "
+                    "nn.MultiheadAttention or nn.LSTM with batch_first=False, x.transpose(0, 1)), or the model "
+                    "mixes the examples of a batch. The walk needs every piecewise-linear op to keep each "
+                    "example in its own rows along dim 0: use batch_first=True, or a fixed n_steps.")
 
     def _record_window(self, signed: torch.Tensor, op: str) -> None:
         """With a window: fold in one op's signed steps to its kinks (float64; inf, -inf
@@ -521,6 +546,8 @@ class BreakpointMode(TorchFunctionMode):
                     f"piecewise-linear op, but {self.smooth_op} is applied to the path before "
                     f"{name}. Use method='gausslegendre_pieces', a fixed n_steps or n_steps='auto' "
                 "for this model.")
+            if self.rows_probe:
+                self._check_rows_kept(moving, name)
             result = handler(self, func, name, args, kwargs)
             if (name.endswith("_") and not name.startswith("__")) or kwargs.get("inplace") is True:
                 # In place (relu_, or F.relu(h, inplace=True) as nn.ReLU(inplace=True) calls
