@@ -216,6 +216,9 @@ class ExactInfo:
     # stretches of its path left unreached (0 where the walk reached every piece; then
     # pieces and breakpoints are all of them, else those reached). None without.
     gap_error_estimate: Optional[torch.Tensor] = None
+    # The relative error Gauss nodes on the pieces were refined to (ExactSettings.tolerance;
+    # None: one fixed rule per piece, head_error_estimate the midpoint rule's distance).
+    refined_to: Optional[float] = None
     # (B,) int64, of the evaluations: check_rows_kept's two forward rows with a tangent,
     # both of the example with the longest path, once per call (zeros where n_steps="auto"
     # had checked before, or with one row per forward). Its pass is not in walk_rounds.
@@ -374,7 +377,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
                      curved_kinks=settings.curved_kinks,
                      kink_position_tolerance=kink_position_tolerance(settings, margin) if settings.curved_kinks else None,
                      gap_error_estimate=None if gap_fill is None or gauss else gap_fill.estimate,
-                     rows_check=rows_check)
+                     refined_to=settings.tolerance if gauss else None, rows_check=rows_check)
     results = tuple(total.to(dtype_policy(d.dtype).accumulate) for total, d in zip(sums, directions))
     return ExactIntegral(results, info, rounds)
 
@@ -1453,6 +1456,8 @@ def _warn_of_gauss_sums_off_completeness(integral: "ExactIntegral", ends, starts
         # completeness, 23 kinks located to 1e-10, where the linear pieces' sums are exact).
         allowed = torch.maximum(allowed, info.pieces.to(gap) * info.kink_position_tolerance)
     missed = (gap > allowed) & finite.to(gap.device)
+    if info.curved_kinks and info.refined_to is None:
+        _warn_of_coarse_gauss_pieces(gap, finite.to(gap.device) & ~missed, rounding)
     if not bool(missed.any()):
         return
     warn_to_caller(
@@ -1461,6 +1466,31 @@ def _warn_of_gauss_sums_off_completeness(integral: "ExactIntegral", ends, starts
         f"{float(gap[missed].max()):.2e} relative, more than {GAUSS_COMPLETENESS_FACTOR:g} times their error "
         "estimate: the Gauss sums on the pieces missed part of the integrand (a stretch that saturates or "
         "turns sharply). Use n_steps='auto', or a fixed n_steps with a check of the convergence delta.",
+        ToleranceNotReachedWarning)
+
+
+# gausslegendre_pieces without a tolerance (3 fixed Gauss nodes per piece, n_steps of
+# them spread over the smooth stretches) is held to no error, and its estimate (the
+# midpoint rule's) overstates the Gauss rule's by orders of magnitude, so missing
+# completeness by less than 4 times it says little. A miss above this is an error of at
+# least its size: a LayerNorm of a ReLU layer without bias, from a zero baseline (its
+# input grows from 0, and the norm turns within 1e-3 of the start), missed by 2e-2 to
+# 4.9e-2 (attributions 1.7e-3 to 2e-2 off) with no word; bench_exact's mixed workloads
+# (tanh-then-ReLU MLP, ReLU-FFN encoder) stay below it at n_steps 1 to 200, float32 too.
+COARSE_GAUSS_PIECES_GAP = 1e-3
+
+
+def _warn_of_coarse_gauss_pieces(gap: torch.Tensor, unwarned: torch.Tensor, rounding: float) -> None:
+    # (In bfloat16 or under autocast, rounding alone misses by more: no nodes would help.)
+    missed = (gap > max(COARSE_GAUSS_PIECES_GAP, rounding)) & unwarned
+    if not bool(missed.any()):
+        return
+    warn_to_caller(
+        f"igfast: method='gausslegendre_pieces': the attributions of {int(missed.sum())} of {gap.numel()} "
+        f"examples miss completeness (sum of attributions = F(inputs) - F(baselines)) by up to "
+        f"{float(gap[missed].max()):.2e} relative, so they are off by at least that much: the fixed Gauss nodes on "
+        "the pieces missed part of the integrand (a stretch that turns sharply, as a normalisation of an input "
+        "that starts near zero). Give `tolerance` to refine them to a relative error, or use n_steps='auto'.",
         ToleranceNotReachedWarning)
 
 

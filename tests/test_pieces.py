@@ -696,6 +696,41 @@ def test_sums_that_miss_completeness_or_an_infinite_end_warn():
                 x, baselines=-0.5 * x, target=0, method="gausslegendre_pieces", **kwargs)
 
 
+def test_fixed_gauss_nodes_that_miss_completeness_warn():
+    """Without a tolerance, gausslegendre_pieces' estimate (the midpoint rule's) is far
+    above its error, and a miss below 4 times it passed: a LayerNorm of a bias-free ReLU
+    layer from a zero baseline (the norm turns within 1e-3 of the start) gave
+    attributions 2e-2 off without a word. A miss above COARSE_GAUSS_PIECES_GAP now
+    warns; with a tolerance the nodes find the turn, and nothing warns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16, bias=False), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 3)).double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    with pytest.warns(igfast.ToleranceNotReachedWarning, match="examples miss completeness.*Give `tolerance`"):
+        coarse = ig.attribute(x, target=0, method="gausslegendre_pieces")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        refined = ig.attribute(x, target=0, method="gausslegendre_pieces", tolerance=1e-8)
+        # (n_steps spread over the path reaches the turn too: 2e-5 here, below the gap)
+        ig.attribute(x, target=0, method="gausslegendre_pieces", n_steps=500)
+    with torch.no_grad():
+        change = model(x)[:, 0] - model(torch.zeros_like(x))[:, 0]
+    torch.testing.assert_close(refined.sum(1), change, rtol=1e-7, atol=0)
+    assert float(_relative_l2(coarse, refined).max()) > 1e-2  # (the miss is real)
+    # In bfloat16 (or under autocast) rounding alone misses completeness by more than
+    # the gap: no nodes would help, and nothing warns.
+    torch.manual_seed(0)
+    benign = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x, baselines = torch.randn(4, 6), 0.3 * torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", igfast.ToleranceNotReachedWarning)
+        igfast.IntegratedGradients(benign.bfloat16()).attribute(x.bfloat16(), baselines.bfloat16(), target=0,
+                                                                 method="gausslegendre_pieces")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            igfast.IntegratedGradients(benign.float()).attribute(x, baselines, target=0, method="gausslegendre_pieces")
+
+
 class _Square(nn.Module):
     def forward(self, z):
         return 0.3 * z * z
