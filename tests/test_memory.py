@@ -862,6 +862,26 @@ def test_a_refusals_advice_for_one_row_is_enough_for_it():
         igfast.IntegratedGradients(model).attribute(x, target=1, memory_budget=advised, method="exact")
 
 
+def test_a_refusal_for_the_walks_record_advises_the_whole_walk():
+    """The record's advice extrapolated only the round under way: a 64-example ReLU MLP
+    was refused five times (56, 64, 1,792, 10,243 and 11,371 pieces) before its advice
+    sufficed. A refusal now predicts the whole walk's pieces from one forward (the
+    n_steps="auto" probe's count), and its advice runs."""
+    import re
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128),
+                          nn.ReLU(), nn.Linear(128, 10)).double().eval()
+    x = 2 * torch.randn(64, 32, dtype=torch.float64)
+    ig = igfast.IntegratedGradients(model)
+    with pytest.raises(ArgumentError, match=r"walk's record.*pieces in all, predicted from one forward") as refused:
+        ig.attribute(x, target=1, memory_budget=200_000, method="exact")
+    advised = int(re.search(r"\((\d+) bytes\)", str(refused.value)).group(1))
+    ours, info = ig.attribute(x, target=1, memory_budget=advised, method="exact", return_adaptive_info=True)
+    assert int(info.pieces.sum()) > 10_000  # (the rounds after the first found most of them)
+    torch.testing.assert_close(ours, ig.attribute(x, target=1, method="exact"), rtol=1e-12, atol=1e-14)
+
+
 def test_layer_ig_counts_the_layers_activations_at_both_ends():
     """LayerIG holds the layer's activations at the inputs and the baselines for the
     whole call: not counted, a CNN's first conv of 64 examples peaked at 1.05x 16 MiB
