@@ -42,7 +42,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ from .memory import add_to_estimate
 from .errors import (
     ArgumentError, ArgumentTypeError, NotPiecewiseLinearError, ToleranceNotReachedWarning, warn_to_caller,
 )
-from .piecewise import BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin
+from .piecewise import ROWS_MIXED, BreakpointMode, CurvedBeforeKinkError, PathState, kink_margin, rows_mixed
 from .quadrature import PIECE_METHODS, PathNodes
 
 # The most pieces an example's path may have before the call stops (each costs one
@@ -113,9 +113,10 @@ POINT_NODES = PathNodes(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype
 # tensors); wrap, when given, wraps the engine's gradients_at.
 RunRound = Callable[[torch.Tensor, Tuple[torch.Tensor, ...], Optional[Callable[[GradientsAt], GradientsAt]]],
                     PathIntegral]
-# forward_at(examples, points): the model's forward (output unused) for those
-# examples at those points (one row each); called under the walk's mode and tangents.
-ForwardAt = Callable[[torch.Tensor, Tuple[torch.Tensor, ...]], None]
+# forward_at(examples, points): the model's forward for those examples at those points
+# (one row each), returning its output (check_rows_kept reads it; the walk does not);
+# called under the walk's mode and tangents.
+ForwardAt = Callable[[torch.Tensor, Tuple[torch.Tensor, ...]], Any]
 # Gradient points handed to the engine per pass, in units of its row limit: enough
 # for full chunks of small models, whose per-pass overhead would show; but the points
 # (and the rows of the inputs they go with) beyond one chunk's may hold at most
@@ -219,9 +220,10 @@ class ExactInfo:
     # The relative error Gauss nodes on the pieces were refined to (ExactSettings.tolerance;
     # None: one fixed rule per piece, head_error_estimate the midpoint rule's distance).
     refined_to: Optional[float] = None
-    # (B,) int64, of the evaluations: check_rows_kept's two forward rows with a tangent,
-    # both of the example with the longest path, once per call (zeros where n_steps="auto"
-    # had checked before, or with one row per forward). Its pass is not in walk_rounds.
+    # (B,) int64, of the evaluations: check_rows_kept's forward rows with a tangent (two
+    # forwards of two), all of the example with the longest path, once per call (zeros
+    # where n_steps="auto" had checked before, or with one row per forward). Its passes
+    # are not in walk_rounds.
     rows_check: Optional[torch.Tensor] = None
 
 
@@ -369,11 +371,12 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
             _warn_of_a_coarse_head(estimate, smooth_head, settings)
     # (Without Gauss nodes the partition has summed each piece's constant gradient.)
     # + the walk's forwards and the first engine pass, and check_rows_kept's two rows
-    rows_check = torch.bincount(checked, minlength=batch_size).to(gradient_rows)
+    rows_check = torch.bincount(rows_check_rows(checked), minlength=batch_size).to(gradient_rows)
     evaluations = gradient_rows + pieces.walk_rows + rows_check
     ledger.between_chunks(pieces.examples.numel() * BREAKPOINT_SORT_BYTES, pieces.examples.numel())
     breakpoints = _breakpoints(pieces.examples, pieces.starts, batch_size)
-    info = ExactInfo(pieces.count, evaluations, pieces.walk_forwards + checked.numel(), pieces.rounds, breakpoints,
+    info = ExactInfo(pieces.count, evaluations, pieces.walk_forwards + int(rows_check.sum()), pieces.rounds,
+                     breakpoints,
                      smooth_head, GAUSS_NODES_PER_PIECE if gauss else 1, estimate,
                      curved_kinks=settings.curved_kinks,
                      kink_position_tolerance=kink_position_tolerance(settings, margin) if settings.curved_kinks else None,
@@ -1711,10 +1714,11 @@ class ExactRoute:
         row_limit.hold(self.held_beside)
         try:
             integral = integrate_exactly(ends, starts, settings, run_round, forward_at, row_limit, self.rows_checked)
-        except NotPiecewiseLinearError:
+        except NotPiecewiseLinearError as error:
             if not self.rows_checked:  # (the layout check ran, and maybe refused: its rows count)
-                self.refused_check_rows = examples[rows_check_pair(tuple(e - s for e, s in zip(ends, starts)),
-                                                                   row_limit)]
+                pair = rows_check_pair(tuple(e - s for e, s in zip(ends, starts)), row_limit)
+                forwards = getattr(error, "rows_check_forwards", ROWS_CHECK_FORWARDS)
+                self.refused_check_rows = examples[pair.repeat(forwards)]
             raise
         self.rows_checked = True  # (its first walk checked the layout: check_rows_kept)
         return integral
@@ -1911,29 +1915,53 @@ def rows_check_pair(directions: Tuple[torch.Tensor, ...], row_limit: RowLimit) -
 # could leave it inside the first row's part and pass (1.3e-3 off without a word). A
 # generator of its own leaves the caller's random state alone.
 ROWS_CHECK_SEED = 20171
+# Its forwards (of two rows each): the tangent on the first row, then on the second. With
+# one, a sequence-first layer whose second half of tokens was masked to zero left the
+# first row's tangent in its part and passed (1.1e-2 off): each row's part must stay
+# free of the other's tangent.
+ROWS_CHECK_FORWARDS = 2
 
 
 def check_rows_kept(forward_at: ForwardAt, starts: Tuple[torch.Tensor, ...], directions: Tuple[torch.Tensor, ...],
                     margin: float, pair: torch.Tensor, curved_kinks: bool) -> None:
-    """One forward of two rows halfway along the path of ``pair`` (rows_check_pair), only
-    the first with a tangent (random, dense: see ROWS_CHECK_SEED) (BreakpointMode's
-    rows_probe): raises NotPiecewiseLinearError where a piecewise-linear op sees that
-    tangent in the second row's part of its first dimension. A check of the first
-    dimension's size alone misses a sequence-first layer whose sequence length is a
-    multiple of the walk's rows, and the walk then reads one row's kinks for another's.
+    """ROWS_CHECK_FORWARDS forwards of two rows halfway along the path of ``pair``
+    (rows_check_pair), one row with a tangent (random, dense: see ROWS_CHECK_SEED),
+    BreakpointMode's rows_probe: raises NotPiecewiseLinearError where a piecewise-linear
+    op, or the model's output, carries that tangent in the other row's part of dim 0. A
+    check of the first dimension's size alone misses a sequence-first layer whose
+    sequence length is a multiple of the walk's rows, and the walk then reads one row's
+    kinks for another's; an output that mixes the examples after the last kink
+    (logits centred over the batch, z @ z.T) makes each row's integrand another's.
     ``curved_kinks``: as the walk (method="exact" names a smooth op before a kink first)."""
     if not pair.numel():
         return
     halfway = torch.full((2,), 0.5, dtype=torch.float64, device=pair.device)
     points = _points(starts, directions, pair, halfway)
     generator = torch.Generator(device=pair.device).manual_seed(ROWS_CHECK_SEED)
-    tangents = tuple(torch.cat((torch.randn(d[:1].shape, generator=generator, device=d.device).to(d.dtype),
-                                torch.zeros_like(d[:1]))) for d in directions)
-    mode = BreakpointMode(2, margin, curved_kinks=curved_kinks, rows_probe=True)
-    with torch.no_grad(), _along_the_path():
-        duals = tuple(fwAD.make_dual(p, t) for p, t in zip(points, tangents))
-        with mode:
-            forward_at(pair, duals)
+    for carrier in range(ROWS_CHECK_FORWARDS):
+        drawn = tuple(torch.randn(d[:1].shape, generator=generator, device=d.device).to(d.dtype) for d in directions)
+        tangents = tuple(torch.cat((t, torch.zeros_like(t)) if carrier == 0 else (torch.zeros_like(t), t))
+                         for t in drawn)
+        mode = BreakpointMode(2, margin, curved_kinks=curved_kinks, rows_probe=carrier)
+        try:
+            with torch.no_grad(), _along_the_path():
+                duals = tuple(fwAD.make_dual(p, t) for p, t in zip(points, tangents))
+                with mode:
+                    output = forward_at(pair, duals)
+                tangent = fwAD.unpack_dual(output).tangent if isinstance(output, torch.Tensor) else None
+                if tangent is not None and rows_mixed(tangent, 2, carrier):
+                    raise NotPiecewiseLinearError(
+                        f"method={'gausslegendre_pieces' if curved_kinks else 'exact'!r}: the model's output, of "
+                        f"shape {tuple(output.shape)}, {ROWS_MIXED}")
+        except NotPiecewiseLinearError as error:
+            error.rows_check_forwards = carrier + 1  # (the forwards that ran, for the caller's count)
+            raise
+
+
+def rows_check_rows(pair: torch.Tensor) -> torch.Tensor:
+    """The examples of every row check_rows_kept runs where it passes (for the count of
+    evaluations; a refusal names the forwards that ran: rows_check_forwards)."""
+    return pair.repeat(ROWS_CHECK_FORWARDS)
 
 
 def _points(starts, directions, active: torch.Tensor, t: torch.Tensor,

@@ -198,6 +198,26 @@ def _bent_across(gap0, rate0, gap1, rate1, step) -> torch.Tensor:
     return ((dips & (curvature != 0)) | off_tangent) & torch.isfinite(gap0) & torch.isfinite(gap1)
 
 
+# What a layout the walk cannot read does, and what to do (see rows_mixed).
+ROWS_MIXED = ("mixes the path's rows (one example's path moves units of another's): its examples are not "
+              "along dim 0, as in a sequence-first layer (nn.TransformerEncoderLayer, nn.MultiheadAttention or "
+              "nn.LSTM with batch_first=False, x.transpose(0, 1)), or the model mixes the examples of a batch. "
+              "The walk needs each example in its own rows along dim 0, through every piecewise-linear op and "
+              "into the output: use batch_first=True, or a fixed n_steps.")
+
+
+def rows_mixed(tangent: torch.Tensor, rows: int, carrier: int) -> bool:
+    """Whether a tangent that only row ``carrier`` of ``rows`` path rows was given reaches
+    another row's part of dim 0 (False where dim 0 does not hold the rows: a size that is
+    not a multiple of them is refused by its own check)."""
+    if tangent.dim() == 0 or tangent.shape[0] % rows:
+        return False
+    parts = tangent.detach().reshape(rows, -1)
+    others = torch.ones(rows, dtype=torch.bool, device=parts.device)
+    others[carrier] = False
+    return bool(parts[others].abs().gt(0).any())
+
+
 class BreakpointMode(TorchFunctionMode):
     """Run a model on path rows that carry forward-AD tangents (dz/dt), taking at every
     kink the side the path moves into and recording the distance to the next kink.
@@ -226,7 +246,7 @@ class BreakpointMode(TorchFunctionMode):
     too much between them to be sure it did not cross its kink and come back
     (_bent_across): the step was too long to tell.
 
-    With ``rows_probe``, only the first row carries a tangent (the others' are 0), and
+    With ``rows_probe`` (a row), only that row carries a tangent (the others' are 0), and
     every piecewise-linear op checks that its input's tangent stays in that row's part
     of dim 0 (see _check_rows_kept).
 
@@ -244,7 +264,7 @@ class BreakpointMode(TorchFunctionMode):
                  curved_kinks: bool = False, reference: Optional["PathState"] = None,
                  reference_step: Optional[torch.Tensor] = None,
                  window: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, placed_ops: int = 0,
-                 rows_probe: bool = False) -> None:
+                 rows_probe: Optional[int] = None) -> None:
         super().__init__()
         self.rows = rows
         self.rows_probe = rows_probe
@@ -344,23 +364,17 @@ class BreakpointMode(TorchFunctionMode):
         self.kink_op_names.add(op)
 
     def _check_rows_kept(self, moving: Sequence[torch.Tensor], op: str) -> None:
-        """Raise where the first row's tangent reached another row's part of dim 0: the op
+        """Raise where the probe row's tangent reached another row's part of dim 0: the op
         sees the path's rows elsewhere, and the walk would give one row's kinks to
         another without a word (a sequence-first layer whose sequence length is a
         multiple of the rows: 2.9e-4 off on nn.TransformerEncoderLayer(batch_first=False),
         1.3e-3 on a flattened transpose), or the model mixes its examples."""
         for tensor in moving:
             tangent = _tangent(tensor)
-            if tangent is None or tangent.dim() == 0 or tangent.shape[0] % self.rows:
-                continue  # (_count_kink_op names a first dimension that is not the rows')
-            if bool(tangent.detach().reshape(self.rows, -1)[1:].abs().gt(0).any()):
+            if tangent is not None and rows_mixed(tangent, self.rows, self.rows_probe):
                 raise NotPiecewiseLinearError(
                     f"method={self._method!r}: {op} sees a tensor of shape {tuple(tangent.shape)} whose first "
-                    "dimension mixes the path's rows (one example's path moves units of another's): its "
-                    "examples are not along dim 0, as in a sequence-first layer (nn.TransformerEncoderLayer, "
-                    "nn.MultiheadAttention or nn.LSTM with batch_first=False, x.transpose(0, 1)), or the model "
-                    "mixes the examples of a batch. The walk needs every piecewise-linear op to keep each "
-                    "example in its own rows along dim 0: use batch_first=True, or a fixed n_steps.")
+                    f"dimension {ROWS_MIXED}")
 
     def _record_window(self, signed: torch.Tensor, op: str) -> None:
         """With a window: fold in one op's signed steps to its kinks (float64; inf, -inf
@@ -546,7 +560,7 @@ class BreakpointMode(TorchFunctionMode):
                     f"piecewise-linear op, but {self.smooth_op} is applied to the path before "
                     f"{name}. Use method='gausslegendre_pieces', a fixed n_steps or n_steps='auto' "
                 "for this model.")
-            if self.rows_probe:
+            if self.rows_probe is not None:
                 self._check_rows_kept(moving, name)
             result = handler(self, func, name, args, kwargs)
             if (name.endswith("_") and not name.startswith("__")) or kwargs.get("inplace") is True:

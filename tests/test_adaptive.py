@@ -826,7 +826,7 @@ def test_the_probe_predicts_the_rows_the_walk_reads(activation, plain, monkeypat
         assert predicted_walk < 0.8 * predicted_pieces and abs(predicted_walk - sum(walked)) <= 0.3 * sum(walked)
         assert routes[-1].walk_rounds(int(info.pieces.max())) == info.walk_rounds == routes[-1].kink_ops + 1 == 3
     else:
-        assert predicted_walk == predicted_pieces and sum(walked) == int(info.pieces.sum()) + 2  # (+ layout check)
+        assert predicted_walk == predicted_pieces and sum(walked) == int(info.pieces.sum()) + 4  # (+ layout check)
         assert routes[-1].walk_rounds(int(info.pieces.max())) == routes[-1].kink_ops + 2  # (two per clamp)
 
 

@@ -429,10 +429,10 @@ def test_exact_equals_independent_partition_float64(name, device):
     assert info.pieces.cpu().tolist() == pieces.tolist()
     assert (pieces >= 2).all() and pieces.sum() >= 4 * examples, "the workload must have breakpoints to find"
     # One row per piece: the row that found the piece gives its gradient.
-    # One row per piece, and the layout check's two rows (exact.check_rows_kept) for one example.
+    # One row per piece, and the layout check's four rows (exact.check_rows_kept) for one example.
     assert (info.evaluations - info.rows_check).tolist() == info.pieces.tolist() and info.smooth_head is None
-    assert int(info.rows_check.max()) == 2 == int(info.rows_check.sum())
-    assert info.walk_forwards == 2  # (only the layout check's rows run forward alone)
+    assert int(info.rows_check.max()) == 4 == int(info.rows_check.sum())
+    assert info.walk_forwards == 4  # (only the layout check's rows run forward alone)
     # In rounds, about one per piecewise-linear op (at most 6 here), not one per piece.
     assert info.walk_rounds <= 8 < int(info.pieces.max())
     assert info.head_error_estimate is None
@@ -455,11 +455,11 @@ def test_each_walk_round_is_one_chunk_without_a_budget(device):
     baselines = 0.3 * torch.randn(16, 6, dtype=torch.float64, device=device)
     _, info = igfast.IntegratedGradients(model).attribute(inputs, baselines, target=1, method="exact",
                                                           return_adaptive_info=True)
-    # First the layout check's two rows (exact.check_rows_kept).
-    assert rows[0] == 2 == int(info.rows_check.sum())
-    assert rows[2] > 16 * 4, "the second round must have many segments to show the chunking"
+    # First the layout check's two forwards of two rows (exact.check_rows_kept).
+    assert rows[:2] == [2, 2] and int(info.rows_check.sum()) == 4
+    assert rows[3] > 16 * 4, "the second round must have many segments to show the chunking"
     # The walk's rounds, then the forwards at the baselines and at the inputs.
-    assert len(rows) == 1 + info.walk_rounds + 2 and rows[-2:] == [16, 16]
+    assert len(rows) == 2 + info.walk_rounds + 2 and rows[-2:] == [16, 16]
     assert sum(rows[:-2]) == int(info.evaluations.sum())
 
 
@@ -479,12 +479,12 @@ def test_parts_cut_by_the_last_ops_kinks_take_a_plain_row(name, plain, device, m
     expected, pieces = oracle(model, inputs, baselines, 1)
     _close(ours, expected, 1e-10)
     assert info.pieces.cpu().tolist() == pieces.tolist()
-    # one row a piece, walked or plain, and the layout check's two
-    assert int(info.evaluations.sum()) == int(info.pieces.sum()) + 2
+    # one row a piece, walked or plain, and the layout check's four
+    assert int(info.evaluations.sum()) == int(info.pieces.sum()) + 4
     if plain:
         assert sum(walked) < int(info.pieces.sum()) and info.walk_rounds == 3
     else:
-        assert sum(walked) == int(info.pieces.sum()) + 2  # (and the layout check's rows)
+        assert sum(walked) == int(info.pieces.sum()) + 4  # (and the layout check's rows)
 
 
 def test_a_unit_that_stays_on_its_kink_cuts_no_piece(device):
@@ -554,7 +554,7 @@ def test_smooth_head_is_integrated_per_piece(device):
     # which need none
     walked = info.evaluations - 3 * info.pieces - info.rows_check
     assert ((walked >= 1) & (walked <= info.pieces)).all()
-    assert info.walk_forwards == int(walked.sum()) - inputs.shape[0] + 2  # (and the layout check's)
+    assert info.walk_forwards == int(walked.sum()) - inputs.shape[0] + 4  # (and the layout check's)
     assert info.walk_forwards < int(info.pieces.sum()) - inputs.shape[0]
 
 
@@ -689,7 +689,7 @@ def test_kinks_at_the_evaluated_point_take_the_side_the_path_moves_into(relu_at_
     torch.testing.assert_close(attributions, expected, rtol=0, atol=1e-12)
     kinks = [0.0, 0.25, 0.5, 0.75] if relu_at_middle else [0.0, 0.25, 0.5, 0.625, 0.75]
     torch.testing.assert_close(info.breakpoints[0], torch.tensor(kinks, dtype=torch.float64), rtol=0, atol=1e-12)
-    assert info.evaluations.tolist() == [len(kinks) + 2]  # (and the layout check's two rows)
+    assert info.evaluations.tolist() == [len(kinks) + 4]  # (and the layout check's four rows)
 
 
 def test_ties_units_crossing_at_the_same_point(device):

@@ -470,6 +470,50 @@ def test_the_rows_probe_moves_every_unit_and_its_rows_are_counted():
     assert sum(rows) == int(info.evaluations.sum())
 
 
+class MaskedSequenceFirst(nn.Module):
+    """Tokens past each example's length masked to zero, then a ReLU on (tokens, rows,
+    units): a sequence-first layer whose last tokens carry nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.out = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x, lengths):
+        h = self.first(x).transpose(0, 1)  # (tokens, rows, units)
+        mask = torch.arange(x.shape[1]).view(-1, 1) < lengths.view(1, -1)
+        return self.out((torch.relu(h * mask.unsqueeze(-1).to(h))).sum(0))
+
+
+class CentredOverTheBatch(nn.Module):
+    """A ReLU MLP whose logits are centred over the batch: rows mixed after the last kink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        z = self.body(x)
+        return z - z.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("method", ["exact", "gausslegendre_pieces"])
+def test_the_rows_probe_checks_both_rows_and_the_output(method):
+    """Two holes of a one-way check on the first row (a helper's sweep): a sequence-first
+    layer whose second half of tokens is masked to zero kept that row's tangent in its
+    own part (1.1e-2 off without a word); logits centred over the batch mix the rows
+    after the last kink (3.5e-2 to 9.5e-2 off). Each row's part is now checked against
+    the other's tangent, and the output too."""
+    torch.manual_seed(0)
+    inputs, lengths = torch.randn(2, 8, 4, dtype=torch.float64), torch.tensor([4, 3])
+    model = MaskedSequenceFirst().double().eval()
+    with pytest.raises(NotPiecewiseLinearError, match="relu sees .* mixes the path's rows"):
+        igfast.IntegratedGradients(model).attribute(inputs, target=0, additional_forward_args=(lengths,),
+                                                    method=method, internal_batch_size=2)
+    with pytest.raises(NotPiecewiseLinearError, match="the model's output, of shape .* mixes the path's rows"):
+        igfast.IntegratedGradients(CentredOverTheBatch().double().eval()).attribute(
+            torch.randn(3, 6, dtype=torch.float64), target=1, method=method)
+
+
 def test_a_model_that_takes_one_row_is_walked_one_row_at_a_time():
     """With internal_batch_size=1 every walk forward holds one row, whose units cannot
     mix with another's: the layout check (two rows) is skipped, and a model with a

@@ -359,8 +359,8 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
             return integrate_gradients(sub_inputs, points, POINT_NODES,
                                        wrap(gradients_at) if wrap else gradients_at, row_limit)
 
-        def forward_at(examples: torch.Tensor, points) -> None:
-            eager(*points, *(select_additional_forward_args(args, examples, batch_size) or ()))
+        def forward_at(examples: torch.Tensor, points) -> Any:
+            return eager(*points, *(select_additional_forward_args(args, examples, batch_size) or ()))
 
         return run_round, forward_at, row_limit
 

@@ -263,10 +263,10 @@ class LayerIntegratedGradients(LayerMembers, *captum_bases("LayerIntegratedGradi
                 return integrate_gradients(row_ends, points, POINT_NODES,
                                            wrap(gradients_at) if wrap else gradients_at, row_limit)
 
-            def forward_at(rows: torch.Tensor, points) -> None:
+            def forward_at(rows: torch.Tensor, points) -> Any:
                 with activations_replaced(self._layers, attribute_to_layer_input, slots, points):
-                    self._eager_forward(*(select_examples(x, rows, sub_batch) for x in sub_inputs),
-                                        *(select_additional_forward_args(sub_args, rows, sub_batch) or ()))
+                    return self._eager_forward(*(select_examples(x, rows, sub_batch) for x in sub_inputs),
+                                               *(select_additional_forward_args(sub_args, rows, sub_batch) or ()))
 
             return run_point_round, forward_at, row_limit
 
