@@ -209,7 +209,7 @@ class IntegratedGradients(CaptumMembers, *captum_bases("IntegratedGradients")):
                 ``completeness_error``, ``converged`` and ``exact`` (switched), and
                 ``exact_unavailable`` (why none could switch); with "exact", an
                 ``ExactInfo`` with per example ``pieces``, ``evaluations`` (with
-                ``rows_check``: the two rows that check the model keeps examples
+                ``rows_check``: the four rows that check the model keeps examples
                 along dim 0) and ``breakpoints`` (t of each piece's start), ``smooth_head`` and, with
                 Gauss nodes, ``head_error_estimate`` (relative; the midpoint rule's
                 distance, or with ``tolerance`` the Gauss pairs' estimate).
