@@ -514,6 +514,17 @@ def test_the_rows_probe_checks_both_rows_and_the_output(method):
             torch.randn(3, 6, dtype=torch.float64), target=1, method=method)
 
 
+@pytest.mark.parametrize("method", ["exact", "gausslegendre_pieces"])
+def test_an_empty_batch_reports_no_rows_check(method):
+    """ExactInfo.rows_check is a tensor like evaluations for every batch (it was None for
+    an empty one, where every other batch has one)."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    attributions, info = igfast.IntegratedGradients(model).attribute(
+        torch.zeros(0, 6, dtype=torch.float64), target=0, method=method, return_adaptive_info=True)
+    assert attributions.shape == (0, 6)
+    assert info.rows_check.shape == info.evaluations.shape == (0,) and info.rows_check.dtype == torch.int64
+
+
 def test_a_model_that_takes_one_row_is_walked_one_row_at_a_time():
     """With internal_batch_size=1 every walk forward holds one row, whose units cannot
     mix with another's: the layout check (two rows) is skipped, and a model with a
