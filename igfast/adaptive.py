@@ -697,7 +697,7 @@ class _ExactSwitch:
             # sequence-first layer): the rule goes on, strictly judged (the probe found kinks).
             self.unavailable, self.unreadable = str(error), True
             checked = self.route.refused_check_rows
-            if checked is not None:  # (the check's two rows ran)
+            if checked is not None:  # (the rows of the check's forwards that ran)
                 self.evaluations.index_add_(0, checked, torch.ones_like(checked))
             return taken
         rounds.append(integral)

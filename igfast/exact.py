@@ -370,7 +370,7 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
             estimate = None if midpoint_sums is None else _relative_difference(midpoint_sums, sums, directions)
             _warn_of_a_coarse_head(estimate, smooth_head, settings)
     # (Without Gauss nodes the partition has summed each piece's constant gradient.)
-    # + the walk's forwards and the first engine pass, and check_rows_kept's two rows
+    # + the walk's forwards and the first engine pass, and check_rows_kept's rows
     rows_check = torch.bincount(rows_check_rows(checked), minlength=batch_size).to(gradient_rows)
     evaluations = gradient_rows + pieces.walk_rows + rows_check
     ledger.between_chunks(pieces.examples.numel() * BREAKPOINT_SORT_BYTES, pieces.examples.numel())
@@ -392,14 +392,21 @@ def integrate_exactly(ends: Tuple[torch.Tensor, ...], starts: Tuple[torch.Tensor
 PREDICTED_PIECES_MARGIN = 1.25
 
 
-def _predicted_pieces(forward_at: ForwardAt, starts, directions, margin: float, row_limit: RowLimit) -> int:
-    """The pieces of every example's path, predicted from one forward with tangents at
-    its start (as ExactRoute.estimate_pieces predicts them for n_steps="auto")."""
+def _walk_from_the_start(forward_at: ForwardAt, starts, directions, margin: float, found: dict,
+                         row_limit: RowLimit, curved_kinks: bool = False) -> "_WalkRecord":
+    """One forward with tangents at every path's start, counting the kinks each unit
+    would reach along the whole path if it stayed affine (BreakpointMode's horizon):
+    exact for the first piecewise-linear op, linearised after it."""
     examples = torch.arange(directions[0].shape[0], device=directions[0].device)
     at_start = torch.zeros(examples.numel(), dtype=torch.float64, device=examples.device)
-    record = _walk(forward_at, examples, _points(starts, directions, examples, at_start), directions, margin, {},
-                   row_limit, horizon=1 - at_start)
-    return int((1 + record.crossings).sum())
+    return _walk(forward_at, examples, _points(starts, directions, examples, at_start), directions, margin, found,
+                 row_limit, horizon=1 - at_start, curved_kinks=curved_kinks)
+
+
+def _predicted_pieces(forward_at: ForwardAt, starts, directions, margin: float, row_limit: RowLimit) -> int:
+    """The pieces of every example's path, predicted as ExactRoute.estimate_pieces predicts
+    them for n_steps="auto"."""
+    return int((1 + _walk_from_the_start(forward_at, starts, directions, margin, {}, row_limit).crossings).sum())
 
 
 def _record_bytes(pieces: int, segments: int, waiting: int, kept: int) -> int:
@@ -1692,11 +1699,8 @@ class ExactRoute:
         _, forward_at, row_limit = self.make_parts(examples)
         directions = tuple(e - s for e, s in zip(ends, starts))
         margin = max(kink_margin(d.dtype) for d in directions)
-        local = torch.arange(examples.numel(), device=examples.device)
         found: dict = {}
-        at_start = torch.zeros(local.numel(), dtype=torch.float64, device=local.device)
-        record = _walk(forward_at, local, _points(starts, directions, local, at_start), directions, margin,
-                       found, row_limit, horizon=1 - at_start, curved_kinks=self.curved)
+        record = _walk_from_the_start(forward_at, starts, directions, margin, found, row_limit, self.curved)
         return record, found
 
     def integrate(self, examples: torch.Tensor, tolerance: Optional[float] = None,
@@ -1899,11 +1903,11 @@ def _walk(forward_at: ForwardAt, examples: torch.Tensor, points: Tuple[torch.Ten
 
 
 def rows_check_pair(directions: Tuple[torch.Tensor, ...], row_limit: RowLimit) -> torch.Tensor:
-    """The examples of check_rows_kept's two rows (int64): twice the one with the longest
-    path, so that its cost falls on one example whatever the batch. Empty where no path
-    moves (nothing to walk), or where the walk's forwards take one row at a time
-    (internal_batch_size=1: its rows cannot mix, and a model that takes one row only,
-    as x.view(1, ...), would fail on two)."""
+    """The examples of the two rows of each of check_rows_kept's forwards (int64): twice
+    the one with the longest path, so that its cost falls on one example whatever the
+    batch. Empty where no path moves (nothing to walk), or where the walk's forwards
+    take one row at a time (internal_batch_size=1: its rows cannot mix, and a model
+    that takes one row only, as x.view(1, ...), would fail on two)."""
     lengths = sum(d.detach().flatten(1).abs().sum(1).double() for d in directions)
     if row_limit.forward_rows < 2 or not bool((lengths > 0).any()):
         return torch.zeros(0, dtype=torch.long, device=lengths.device)
