@@ -5,8 +5,8 @@ falls as 1/n: GL needs 62, 624 and 6272 nodes for tol 1e-2, 1e-3 and 1e-4, and a
 which doubles nested Clenshaw-Curtis levels and takes the change at the last doubling
 as its error, stops one level later than the first that meets tol (130, 2050 and
 16386 evaluations: 0.48x, 0.30x and 0.38x of the GL oracle; since this study, auto
-divides the change on such paths by a steady factor, adaptive.MANY_PIECES, and stops
-at 1026 for 1e-3). Two ways to be sharper
+divides the change on such paths by a steady factor (adaptive.MANY_PIECES and
+MANY_PIECES_CHANGE_OVER_ERROR) and stops at 1026 for 1e-3). Two ways to be sharper
 would work if the errors of consecutive levels were one vector shrinking as 1/n, as a
 smooth integrand's are:
 

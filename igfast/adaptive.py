@@ -55,14 +55,16 @@ per example has predicted each path's pieces:
   change counts PRE_ASYMPTOTIC_FACTOR times, and it never falls below half the last
   level's change (on these networks, calibrated on 800 random ones: no example converges
   at round 0, the factor holds below PIECEWISE_ASYMPTOTIC_STEPS nodes, and the
-  completeness error counts twice), except on a path the probe predicts to cross
-  thousands of kinks, where the change overstates the error by a steady factor and is
-  divided by it (MANY_PIECES). So does every network whose integrand may jump and
+  completeness error counts twice). So does every network whose integrand may jump and
   that cannot be walked, without those three: SELU; one the probe cannot read (a ReLU
   inside an autograd Function) and a compiled model (no probe runs), with a floor that
   does not compound (half the last change measured), since such a model may as well be
   smooth (where its changes fall as 1/n it is judged as a mixed network is, at every
   level: UNREAD_JUMPS_FACTOR); and a mixed network (below), with that floor too.
+  One exception on walked networks: on a path the probe predicts to cross thousands of
+  kinks, from 33 nodes on, the change (floored as above) overstates the error by a
+  steady factor, so it is divided by it and not multiplied below ASYMPTOTIC_STEPS; the
+  completeness error still counts twice (MANY_PIECES).
 
 A mixed network (smooth ops before kinks: tanh then ReLU, a transformer's ReLU
 feed-forward block) cannot take the exact walk, but its pieces can be followed as
@@ -925,7 +927,7 @@ def _change_cosine(sums, level: int, differences, active: torch.Tensor) -> torch
         before = ((s[level - 1] - s[level - 2]) * d).flatten(1).double()
         dot = dot + (last * before).sum(1)
         squared_last, squared_before = squared_last + last.square().sum(1), squared_before + before.square().sum(1)
-    norms = torch.as_tensor(squared_last * squared_before).sqrt()
+    norms = torch.as_tensor(squared_last).sqrt() * torch.as_tensor(squared_before).sqrt()
     return torch.where(norms > 0, torch.as_tensor(dot) / norms.clamp_min(torch.finfo(norms.dtype).tiny),
                        torch.zeros_like(norms))
 
