@@ -1280,6 +1280,15 @@ def _many_kinks_cnn(seed):
     return model, x, baseline, target
 
 
+def _converged_rule(ig, x, baseline, target, reference, tolerance):
+    """auto's relative errors against ``reference`` and its evaluations, per example, where
+    every example converged and the switch was open (the caller keeps the walk out)."""
+    ours, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=tolerance, max_steps=4097,
+                              return_adaptive_info=True)
+    assert info.exact_unavailable is None and bool(info.converged.all())
+    return relative_errors(ours, reference), info.evaluations
+
+
 def test_a_path_across_thousands_of_kinks_takes_the_sharper_estimate_and_stays_within_tolerance(monkeypatch):
     """Where a probe predicts at least MANY_PIECES pieces on a path that moves at least
     MANY_PIECES_FEATURES features, the rule's change at a doubling is divided by
@@ -1292,17 +1301,10 @@ def test_a_path_across_thousands_of_kinks_takes_the_sharper_estimate_and_stays_w
     reference, exact_info = ig.attribute(x, baseline, target=target, method="exact", return_adaptive_info=True)
     assert int(exact_info.pieces.min()) >= igfast.adaptive.MANY_PIECES
     keep_the_switch_out(monkeypatch)
-
-    def auto():
-        ours, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=1e-3, max_steps=4097,
-                                  return_adaptive_info=True)
-        assert info.exact_unavailable is None and bool(info.converged.all())
-        return relative_errors(ours, reference), info.evaluations
-
-    errors, evaluations = auto()
+    errors, evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-3)
     assert float(errors.max()) <= 1e-3, errors.max()
     monkeypatch.setattr(igfast.adaptive, "MANY_PIECES_FEATURES", 1729)
-    plain_errors, plain_evaluations = auto()
+    plain_errors, plain_evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-3)
     assert bool((evaluations <= plain_evaluations).all()) and int(evaluations.sum()) < int(plain_evaluations.sum())
     assert float(plain_errors.max()) <= float(errors.max())
 
@@ -1339,17 +1341,10 @@ def test_a_few_dominant_jumps_keep_the_plain_estimate(monkeypatch):
     ig = igfast.IntegratedGradients(model)
     reference = ig.attribute(x, baseline, target=target, method="exact")
     keep_the_switch_out(monkeypatch)
-
-    def auto():
-        ours, info = ig.attribute(x, baseline, target=target, n_steps="auto", tolerance=1e-2, max_steps=4097,
-                                  return_adaptive_info=True)
-        assert info.exact_unavailable is None and bool(info.converged.all())
-        return relative_errors(ours, reference), info.evaluations
-
-    errors, evaluations = auto()
+    errors, evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-2)
     assert float(errors.max()) <= 1e-2, errors.max()
     monkeypatch.setattr(igfast.adaptive, "MANY_PIECES_CHANGE_COSINE", float("inf"))
-    unguarded_errors, unguarded_evaluations = auto()
+    unguarded_errors, unguarded_evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-2)
     assert bool((unguarded_evaluations <= evaluations).all())
     assert int((unguarded_evaluations < evaluations).sum()) >= 2
     assert float(unguarded_errors.max()) > float(errors.max())
