@@ -3,6 +3,8 @@
 easy examples, every evaluation reused), chunk and batch invariance, LayerIG,
 NoiseTunnel, and bad input."""
 
+import math
+
 import numpy as np
 import warnings
 
@@ -1280,6 +1282,28 @@ def _many_kinks_cnn(seed):
     return model, x, baseline, target
 
 
+def _heavy_tailed_cnn(seed):
+    """A ReLU CNN of a helper's sweep (about 3,800 pieces per path over 2,352 features)
+    whose second conv has Student-t weights (1.5 degrees of freedom) and whose head has
+    Cauchy weights: a few units' jumps weigh far more than the rest."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)).double().eval()
+    with torch.no_grad():
+        conv, head = model[2], model[-1]
+        normal = torch.randn(conv.weight.shape, generator=generator, dtype=torch.float64)
+        chi2 = torch.distributions.Chi2(torch.tensor(1.5, dtype=torch.float64)).sample(conv.weight.shape)
+        conv.weight.copy_(normal / (chi2 / 1.5).sqrt() / 6.0)  # Student-t, over sqrt(fan-in 36)
+        uniform = torch.rand(head.weight.shape, generator=generator, dtype=torch.float64)
+        head.weight.copy_(torch.tan(math.pi * (uniform - 0.5)) / head.in_features ** 0.5)  # Cauchy
+    x = torch.randn(4, 3, 28, 28, dtype=torch.float64)
+    baseline = 0.1 * torch.randn_like(x)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    return model, x, baseline, target
+
+
 def _converged_rule(ig, x, baseline, target, reference, tolerance):
     """auto's relative errors against ``reference`` and its evaluations, per example, where
     every example converged and the switch was open (the caller keeps the walk out)."""
@@ -1292,7 +1316,7 @@ def _converged_rule(ig, x, baseline, target, reference, tolerance):
 def test_a_path_across_thousands_of_kinks_takes_the_sharper_estimate_and_stays_within_tolerance(monkeypatch):
     """Where a probe predicts at least MANY_PIECES pieces on a path that moves at least
     MANY_PIECES_FEATURES features, the rule's change at a doubling is divided by
-    MANY_PIECES_CHANGE_OVER_ERROR (and not doubled below 129 nodes): on this CNN three
+    MANY_PIECES_CHANGE_OVER_ERROR from 129 nodes on: on this CNN three
     of four examples stop at 1025 nodes, not 2049, and every converged one is still
     within tolerance of exact IG. The walk is kept out so that the rule's estimate is
     judged; a path of many pieces that moves few features keeps the plain estimate."""
@@ -1309,45 +1333,46 @@ def test_a_path_across_thousands_of_kinks_takes_the_sharper_estimate_and_stays_w
     assert float(plain_errors.max()) <= float(errors.max())
 
 
-class _BigKinks(nn.Module):
-    """base(x) + relu(U x + c) A: one unit per example whose kink lies mid-path (t in 0.2
-    to 0.8) and whose jump dominates the thousands of the base's: the errors of
-    consecutive levels then share its direction."""
+def test_the_sharper_estimate_waits_for_the_levels_the_plain_rule_trusts(monkeypatch):
+    """On a path of thousands of kinks the change is divided by
+    MANY_PIECES_CHANGE_OVER_ERROR only from PIECEWISE_ASYMPTOTIC_STEPS (129) nodes on;
+    below, it counts PRE_ASYMPTOTIC_FACTOR times as on any walked network. On this CNN
+    one example's error stayed at 4.7e-3 and 4.3e-3 at 33 and 65 nodes while the levels
+    changed by 2.5e-3 (change / error 0.65): with the sharper estimate from 33 nodes on,
+    as first built, auto reported it converged at 3e-3 with 1.44 times that error."""
+    model, x, baseline, target = _heavy_tailed_cnn(123)
+    ig = igfast.IntegratedGradients(model)
+    reference, exact_info = ig.attribute(x, baseline, target=target, method="exact", return_adaptive_info=True)
+    assert int(exact_info.pieces.min()) >= igfast.adaptive.MANY_PIECES
+    keep_the_switch_out(monkeypatch)
+    errors, _ = _converged_rule(ig, x, baseline, target, reference, 3e-3)
+    assert float(errors.max()) <= 3e-3, errors.max()
+    monkeypatch.setattr(igfast.adaptive, "MANY_PIECES_STEPS", 33)
+    monkeypatch.setattr(igfast.adaptive, "PIECEWISE_ASYMPTOTIC_STEPS", 33)
+    early_errors, _ = _converged_rule(ig, x, baseline, target, reference, 3e-3)
+    assert float(early_errors.max()) > 3e-3, early_errors.max()
 
-    def __init__(self, base, x, baseline, weight, seed):
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.base, features = base, x[0].numel()
-        self.register_buffer("u", torch.randn(x.shape[0], features, generator=generator, dtype=x.dtype)
-                             / features ** 0.5)
-        t = 0.2 + 0.6 * torch.rand(x.shape[0], generator=generator, dtype=x.dtype)
-        points = baseline.flatten(1) + t[:, None] * (x - baseline).flatten(1)
-        self.register_buffer("c", -(self.u * points).sum(1))
-        self.register_buffer("a", weight * torch.randn(10, x.shape[0], generator=generator, dtype=x.dtype))
 
-    def forward(self, x):
-        return self.base(x) + torch.relu(x.flatten(1) @ self.u.T + self.c) @ self.a.T
-
-
-def test_a_few_dominant_jumps_keep_the_plain_estimate(monkeypatch):
-    """Where a few jumps dominate a path of thousands of kinks, the change is not a steady
-    multiple of the error (down to 1.00 on a helper's CNNs of 19,000 pieces with two big
-    units), and the last two changes share a direction (|cosine| 0.57 to 1.0, against at
-    most 0.22 on plain CNNs): beyond MANY_PIECES_CHANGE_COSINE the change is not divided.
-    Without that test three of four examples here stop earlier, with errors of up to
-    0.64 of the tolerance, against 0.26 with it."""
-    base, x, baseline, target = _many_kinks_cnn(1)
-    model = _BigKinks(base, x, baseline, 0.3, 1).eval()
+def test_a_few_dominant_jumps_count_the_change_more(monkeypatch):
+    """Where a few jumps dominate a path of thousands of kinks (heavy-tailed weights), the
+    last two changes share a direction and the change can understate the finer level's
+    error (0.80 to 0.91 of it on a helper's sweeps): beyond MANY_PIECES_CHANGE_COSINE
+    the change counts MANY_PIECES_ALIGNED_FACTOR times. On this CNN one example's error
+    fell only from 6.6e-3 to 4.5e-3 between 129 and 257 nodes, where the floored change
+    was 4.1e-3: taken as it is, or divided as on a plain path, auto reported that example
+    converged at 4.3e-3 with 1.035 times that error."""
+    model, x, baseline, target = _heavy_tailed_cnn(157)
     ig = igfast.IntegratedGradients(model)
     reference = ig.attribute(x, baseline, target=target, method="exact")
     keep_the_switch_out(monkeypatch)
-    errors, evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-2)
-    assert float(errors.max()) <= 1e-2, errors.max()
-    monkeypatch.setattr(igfast.adaptive, "MANY_PIECES_CHANGE_COSINE", float("inf"))
-    unguarded_errors, unguarded_evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-2)
-    assert bool((unguarded_evaluations <= evaluations).all())
-    assert int((unguarded_evaluations < evaluations).sum()) >= 2
-    assert float(unguarded_errors.max()) > float(errors.max())
+    errors, evaluations = _converged_rule(ig, x, baseline, target, reference, 4.3e-3)
+    assert float(errors.max()) <= 4.3e-3, errors.max()
+    for constant, value in (("MANY_PIECES_ALIGNED_FACTOR", 1.0), ("MANY_PIECES_CHANGE_COSINE", float("inf"))):
+        with monkeypatch.context() as patch:
+            patch.setattr(igfast.adaptive, constant, value)
+            taken_errors, taken_evaluations = _converged_rule(ig, x, baseline, target, reference, 4.3e-3)
+        assert float(taken_errors.max()) > 4.3e-3, (constant, taken_errors.max())
+        assert bool((taken_evaluations <= evaluations).all())
 
 
 @pytest.mark.parametrize("seed", [3169, 3239])
