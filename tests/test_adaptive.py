@@ -1313,6 +1313,23 @@ def _converged_rule(ig, x, baseline, target, reference, tolerance):
     return relative_errors(ours, reference), info.evaluations
 
 
+def _rule_on_many_pieces(monkeypatch, model, x, baseline, target, tolerance):
+    """auto's rule alone (the walk kept out) on paths of at least MANY_PIECES pieces,
+    checked within ``tolerance`` of exact IG as it stands: (a function that runs it again,
+    giving its errors and evaluations per example; those of this run)."""
+    ig = igfast.IntegratedGradients(model)
+    reference, exact_info = ig.attribute(x, baseline, target=target, method="exact", return_adaptive_info=True)
+    assert int(exact_info.pieces.min()) >= igfast.adaptive.MANY_PIECES
+    keep_the_switch_out(monkeypatch)
+
+    def run():
+        return _converged_rule(ig, x, baseline, target, reference, tolerance)
+
+    errors, evaluations = run()
+    assert float(errors.max()) <= tolerance, errors.max()
+    return run, errors, evaluations
+
+
 def test_a_path_across_thousands_of_kinks_takes_the_sharper_estimate_and_stays_within_tolerance(monkeypatch):
     """Where a probe predicts at least MANY_PIECES pieces on a path that moves at least
     MANY_PIECES_FEATURES features, the rule's change at a doubling is divided by
@@ -1320,15 +1337,9 @@ def test_a_path_across_thousands_of_kinks_takes_the_sharper_estimate_and_stays_w
     of four examples stop at 1025 nodes, not 2049, and every converged one is still
     within tolerance of exact IG. The walk is kept out so that the rule's estimate is
     judged; a path of many pieces that moves few features keeps the plain estimate."""
-    model, x, baseline, target = _many_kinks_cnn(1)
-    ig = igfast.IntegratedGradients(model)
-    reference, exact_info = ig.attribute(x, baseline, target=target, method="exact", return_adaptive_info=True)
-    assert int(exact_info.pieces.min()) >= igfast.adaptive.MANY_PIECES
-    keep_the_switch_out(monkeypatch)
-    errors, evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-3)
-    assert float(errors.max()) <= 1e-3, errors.max()
+    run, errors, evaluations = _rule_on_many_pieces(monkeypatch, *_many_kinks_cnn(1), 1e-3)
     monkeypatch.setattr(igfast.adaptive, "MANY_PIECES_FEATURES", 1729)
-    plain_errors, plain_evaluations = _converged_rule(ig, x, baseline, target, reference, 1e-3)
+    plain_errors, plain_evaluations = run()
     assert bool((evaluations <= plain_evaluations).all()) and int(evaluations.sum()) < int(plain_evaluations.sum())
     assert float(plain_errors.max()) <= float(errors.max())
 
@@ -1340,16 +1351,10 @@ def test_the_sharper_estimate_waits_for_the_levels_the_plain_rule_trusts(monkeyp
     one example's error stayed at 4.7e-3 and 4.3e-3 at 33 and 65 nodes while the levels
     changed by 2.5e-3 (change / error 0.65): with the sharper estimate from 33 nodes on,
     as first built, auto reported it converged at 3e-3 with 1.44 times that error."""
-    model, x, baseline, target = _heavy_tailed_cnn(123)
-    ig = igfast.IntegratedGradients(model)
-    reference, exact_info = ig.attribute(x, baseline, target=target, method="exact", return_adaptive_info=True)
-    assert int(exact_info.pieces.min()) >= igfast.adaptive.MANY_PIECES
-    keep_the_switch_out(monkeypatch)
-    errors, _ = _converged_rule(ig, x, baseline, target, reference, 3e-3)
-    assert float(errors.max()) <= 3e-3, errors.max()
+    run, _, _ = _rule_on_many_pieces(monkeypatch, *_heavy_tailed_cnn(123), 3e-3)
     monkeypatch.setattr(igfast.adaptive, "MANY_PIECES_STEPS", 33)
     monkeypatch.setattr(igfast.adaptive, "PIECEWISE_ASYMPTOTIC_STEPS", 33)
-    early_errors, _ = _converged_rule(ig, x, baseline, target, reference, 3e-3)
+    early_errors, _ = run()
     assert float(early_errors.max()) > 3e-3, early_errors.max()
 
 
@@ -1361,16 +1366,11 @@ def test_a_few_dominant_jumps_count_the_change_more(monkeypatch):
     fell only from 6.6e-3 to 4.5e-3 between 129 and 257 nodes, where the floored change
     was 4.1e-3: taken as it is, or divided as on a plain path, auto reported that example
     converged at 4.3e-3 with 1.035 times that error."""
-    model, x, baseline, target = _heavy_tailed_cnn(157)
-    ig = igfast.IntegratedGradients(model)
-    reference = ig.attribute(x, baseline, target=target, method="exact")
-    keep_the_switch_out(monkeypatch)
-    errors, evaluations = _converged_rule(ig, x, baseline, target, reference, 4.3e-3)
-    assert float(errors.max()) <= 4.3e-3, errors.max()
+    run, _, evaluations = _rule_on_many_pieces(monkeypatch, *_heavy_tailed_cnn(157), 4.3e-3)
     for constant, value in (("MANY_PIECES_ALIGNED_FACTOR", 1.0), ("MANY_PIECES_CHANGE_COSINE", float("inf"))):
         with monkeypatch.context() as patch:
             patch.setattr(igfast.adaptive, constant, value)
-            taken_errors, taken_evaluations = _converged_rule(ig, x, baseline, target, reference, 4.3e-3)
+            taken_errors, taken_evaluations = run()
         assert float(taken_errors.max()) > 4.3e-3, (constant, taken_errors.max())
         assert bool((taken_evaluations <= evaluations).all())
 
