@@ -1,4 +1,4 @@
-"""The `igfast` command (also `python -m igfast`): demo, bench and info.
+"""The `igfast` command (also `python -m igfast`): demo, llm, bench, dataset and info.
 
 Exit codes: 0 success; 2 a usage error (unknown command or option, a bad value:
 argparse's convention); 1 an environment problem the message explains (a missing
@@ -8,13 +8,15 @@ a traceback.
 
 import argparse
 import json
+import logging
 import os
 import sys
+import zipfile
 from typing import List, Optional
 
 from .errors import ArgumentError
 from .demo import TEST_EXAMPLES, TEXT_STEPS_AT_MOST
-from .quadrature import SUPPORTED_METHODS
+from .quadrature import PIECE_METHODS, SUPPORTED_METHODS
 
 
 class UserError(Exception):
@@ -53,6 +55,18 @@ def _names(choices):
     return parse
 
 
+def _int_or(words: dict, expected: str):
+    """A parser of an integer or one of ``words`` (a word's value is words[word])."""
+    def parse(text: str):
+        if text in words:
+            return words[text]
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    return parse
+
+
 def _writable_dir(path: str) -> str:
     """Create the output folder if needed; a UserError when it cannot be written."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -80,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="igfast", description="Fast Integrated Gradients for PyTorch, side by side with Captum.")
     parser.add_argument("--version", action="version", version=f"igfast {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,llm,bench,info}")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,llm,bench,dataset,info}")
     commands.required = True
     parser.set_defaults(command_parsers=commands.choices)  # so a value error shows its command's usage
 
@@ -120,6 +134,34 @@ def _parser() -> argparse.ArgumentParser:
                        help="torch threads (default 1: it keeps CPU timings stable)")
     bench.add_argument("--out", default=".", help="folder for the JSON and PNG (default: here)")
     bench.add_argument("--no-captum", action="store_true", help="igfast and the floor only")
+
+    dataset = commands.add_parser(
+        "dataset", help="attribute every example of a data set into resumable shards (torchrun: several processes)")
+    dataset.add_argument("model", help="package.module:name (a model, or a function or class that makes one "
+                                       "with no arguments; the current folder is importable), a torch.export "
+                                       "file (.pt2) or a TorchScript file. It runs in eval mode")
+    dataset.add_argument("data", help="package.module:name (a map-style Dataset, a DataLoader with shuffle=False, "
+                                      "or a function that makes one), or a file saved with torch.save: a tensor "
+                                      "of inputs, (inputs, labels) or {'inputs': ..., 'labels': ...}")
+    dataset.add_argument("--out", required=True, help="folder for the shards and the manifest")
+    dataset.add_argument("--target", default="predicted",
+                         type=_int_or({"predicted": "predicted", "label": "label", "none": None},
+                                      "predicted, label, none or a class index"),
+                         help="predicted (default: the model's argmax), label, none (one output per "
+                              "example) or a class index")
+    dataset.add_argument("--baseline", type=float, default=None, help="one number for every feature (default 0)")
+    dataset.add_argument("--n-steps", type=_int_or({"auto": "auto"}, "an integer or auto"), default=50,
+                         help="quadrature nodes, or auto (default 50)")
+    dataset.add_argument("--method", choices=(*SUPPORTED_METHODS, *PIECE_METHODS), default="gausslegendre",
+                         help="default gausslegendre")
+    dataset.add_argument("--tolerance", type=float, default=None, help="with --n-steps auto (default 1e-3)")
+    dataset.add_argument("--max-steps", type=int, default=None, help="with --n-steps auto")
+    dataset.add_argument("--batch-size", type=int, default=None, help="examples per call (default 32)")
+    dataset.add_argument("--shard-size", type=int, default=1024, help="examples per shard file (default 1024)")
+    dataset.add_argument("--memory-budget", type=_memory_size, default=None, help="e.g. 2GB (default: automatic)")
+    dataset.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the model's")
+    dataset.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    dataset.add_argument("--quiet", action="store_true", help="no progress line or summary")
 
     information = commands.add_parser("info", help="versions, kernels in use, which path runs and why")
     information.add_argument("--json", action="store_true", help="print the dict as JSON")
@@ -216,6 +258,136 @@ def _bench(args) -> int:
     return 0
 
 
+def _import_object(spec: str, what: str):
+    """The object ``package.module:name`` names (a dotted name reaches attributes), with the
+    current folder importable as `python -m` makes it."""
+    import importlib
+
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UserError(f"{what} {spec!r}: expected package.module:name")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        value = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"{what} {spec!r}: cannot import {module_name!r}: {error}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    for part in name.split("."):
+        if not hasattr(value, part):
+            raise UserError(f"{what} {spec!r}: {module_name!r} has no {name!r}")
+        value = getattr(value, part)
+    return value
+
+
+def _load_model(spec: str):
+    """A model from ``package.module:name``, a torch.export file (.pt2) or a TorchScript
+    file, in eval mode (an exported program keeps the mode it was exported in). (A whole
+    module saved with torch.save is a pickle, which runs code as it loads: it is not
+    read here; a function of the user's can load it.)"""
+    import torch
+    from torch import nn
+
+    if os.path.isfile(spec):
+        export_log = logging.getLogger("torch.export")  # (it logs a traceback of its own on a bad file)
+        quiet_level, export_log.level = export_log.level, logging.ERROR
+        try:
+            if spec.endswith(".pt2"):
+                return torch.export.load(spec).module()
+            model = torch.jit.load(spec, map_location="cpu")
+        except (RuntimeError, ValueError, zipfile.BadZipFile):
+            raise UserError(f"model {spec!r} is not a torch.export (.pt2) or TorchScript file; for a model "
+                            "saved with torch.save or built in Python, give package.module:name of a "
+                            "function that returns it") from None
+        finally:
+            export_log.level = quiet_level
+    else:
+        if ":" not in spec:
+            raise UserError(f"model {spec!r}: no such file, and not package.module:name")
+        model = _import_object(spec, "model")
+        if not isinstance(model, nn.Module) and callable(model):
+            model = model()
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {spec!r} is a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+class _SavedExamples:
+    """A map-style data set over saved tensors: item i is inputs[i], or (inputs[i],
+    labels[i])."""
+
+    def __init__(self, inputs, labels) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int):
+        return self.inputs[index] if self.labels is None else (self.inputs[index], self.labels[index])
+
+
+def _load_data(spec: str):
+    """A data set from ``package.module:name`` or a file of tensors (read with
+    weights_only=True: tensors, tuples and dicts, no code)."""
+    import pickle
+
+    import torch
+
+    if not os.path.isfile(spec):
+        if ":" not in spec:
+            raise UserError(f"data {spec!r}: no such file, and not package.module:name")
+        data = _import_object(spec, "data")
+        if isinstance(data, type) or (callable(data) and not hasattr(data, "__getitem__")):
+            data = data()  # (a Dataset class, or a function that makes one)
+        return data
+    try:
+        saved = torch.load(spec, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise UserError(f"data {spec!r} is not a file of tensors saved with torch.save: "
+                        f"{str(error).splitlines()[0]}") from None
+    if isinstance(saved, dict):
+        inputs, labels = saved.get("inputs"), saved.get("labels")
+    elif isinstance(saved, (tuple, list)) and len(saved) == 2:
+        inputs, labels = saved
+    else:
+        inputs, labels = saved, None
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or (
+            labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != inputs.shape[:1])):
+        raise UserError(f"data {spec!r}: expected a tensor of inputs, (inputs, labels) or "
+                        "{'inputs': ..., 'labels': ...}, with one label per input")
+    return _SavedExamples(inputs, labels)
+
+
+def _dataset(args) -> int:
+    import torch
+
+    from .dataset import attribute_dataset
+
+    out = _writable_dir(args.out)
+    if args.device == "cuda":
+        _check_device("cuda")
+    model = _load_model(args.model)
+    data = _load_data(args.data)
+    if args.device is not None:
+        model = model.to(args.device)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        attribute_dataset(model, data, out, target=args.target, baselines=args.baseline, n_steps=args.n_steps,
+                          method=args.method, batch_size=args.batch_size, shard_size=args.shard_size,
+                          memory_budget=args.memory_budget, tolerance=args.tolerance, max_steps=args.max_steps,
+                          device=args.device, progress=not args.quiet)
+    except ArgumentError as error:  # a wrong form of the data, target or options, a refused resume
+        raise UserError(str(error)) from None
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
 def _info(args) -> int:
     from ._info import info
 
@@ -240,7 +412,8 @@ def _info(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     command_parser = args.command_parsers[args.command]  # its .error() prints its usage and exits with 2
-    for name in ("images", "n_steps", "repeats", "threads", "max_new_tokens"):
+    for name in ("images", "n_steps", "repeats", "threads", "max_new_tokens", "max_steps", "batch_size",
+                 "shard_size"):
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             command_parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -251,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     stdout = sys.stdout
     sys.stdout = _ReaderMayLeave(stdout)
     try:
-        return {"demo": _demo, "llm": _llm, "bench": _bench, "info": _info}[args.command](args)
+        return {"demo": _demo, "llm": _llm, "bench": _bench, "dataset": _dataset, "info": _info}[args.command](args)
     except UserError as error:
         print(f"igfast {args.command}: {error}", file=sys.stderr)
         return 1
