@@ -9,12 +9,14 @@ a traceback.
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import warnings
 import zipfile
 from typing import List, Optional
 
-from .errors import ArgumentError
+from .errors import ArgumentError, ToleranceNotReachedWarning
 from .demo import TEST_EXAMPLES, TEXT_STEPS_AT_MOST
 from .quadrature import PIECE_METHODS, SUPPORTED_METHODS
 
@@ -65,6 +67,16 @@ def _int_or(words: dict, expected: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _writable_dir(path: str) -> str:
@@ -149,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "predicted, label, none or a class index"),
                          help="predicted (default: the model's argmax), label, none (one output per "
                               "example) or a class index")
-    dataset.add_argument("--baseline", type=float, default=None, help="one number for every feature (default 0)")
+    dataset.add_argument("--baseline", type=_finite, default=None, help="one number for every feature (default 0)")
     dataset.add_argument("--n-steps", type=_int_or({"auto": "auto"}, "an integer or auto"), default=50,
                          help="quadrature nodes, or auto (default 50)")
     dataset.add_argument("--method", choices=(*SUPPORTED_METHODS, *PIECE_METHODS), default="gausslegendre",
@@ -296,7 +308,7 @@ def _load_model(spec: str):
         quiet_level, export_log.level = export_log.level, logging.ERROR
         try:
             if spec.endswith(".pt2"):
-                return torch.export.load(spec).module()
+                return _exported_module(spec, torch.export.load(spec))
             model = torch.jit.load(spec, map_location="cpu")
         except (RuntimeError, ValueError, zipfile.BadZipFile):
             raise UserError(f"model {spec!r} is not a torch.export (.pt2) or TorchScript file; for a model "
@@ -311,8 +323,23 @@ def _load_model(spec: str):
         if not isinstance(model, nn.Module) and callable(model):
             model = model()
     if not isinstance(model, nn.Module):
-        raise UserError(f"model {spec!r} is a {type(model).__name__}, not a torch.nn.Module")
+        raise UserError(f"model {spec!r} is of type {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
+
+
+def _exported_module(spec: str, program):
+    """The module of an exported program whose inputs' first dimension may vary: IG
+    evaluates many path points per call, so a batch size fixed at export cannot run."""
+    import torch
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in user_inputs else None
+        if isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[0], int):
+            raise UserError(f"model {spec!r} was exported with a fixed batch size ({value.shape[0]}): IG runs "
+                            "many path points per call; export it with a dynamic first dimension, "
+                            "dynamic_shapes={0: torch.export.Dim('batch')} for each input")
+    return program.module()
 
 
 class _SavedExamples:
@@ -343,21 +370,26 @@ def _load_data(spec: str):
         if isinstance(data, type) or (callable(data) and not hasattr(data, "__getitem__")):
             data = data()  # (a Dataset class, or a function that makes one)
         return data
+    expected = "a tensor of inputs, (inputs, labels) or {'inputs': ..., 'labels': ...}"
     try:
         saved = torch.load(spec, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise UserError(f"data {spec!r} is not a file of tensors saved with torch.save: "
-                        f"{str(error).splitlines()[0]}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        # (not torch's words: they advise weights_only=False, which would run the file's code)
+        raise UserError(f"data {spec!r} is not a file of tensors saved with torch.save ({expected}); "
+                        "for other data give package.module:name of a Dataset") from None
     if isinstance(saved, dict):
-        inputs, labels = saved.get("inputs"), saved.get("labels")
+        inputs, labels = saved.get("inputs"), saved.get("labels", saved.get("label"))
     elif isinstance(saved, (tuple, list)) and len(saved) == 2:
         inputs, labels = saved
     else:
         inputs, labels = saved, None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or (
-            labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != inputs.shape[:1])):
-        raise UserError(f"data {spec!r}: expected a tensor of inputs, (inputs, labels) or "
-                        "{'inputs': ..., 'labels': ...}, with one label per input")
+            labels is not None and not isinstance(labels, torch.Tensor)):
+        found = f"keys {', '.join(map(repr, saved))}" if isinstance(saved, dict) else f"a {type(saved).__name__}"
+        raise UserError(f"data {spec!r} holds {found}: expected {expected}")
+    if labels is not None and labels.shape[:1] != inputs.shape[:1]:
+        raise UserError(f"data {spec!r} holds {inputs.shape[0]} inputs but {labels.shape[0] if labels.dim() else 1} "
+                        "labels: one label per input")
     return _SavedExamples(inputs, labels)
 
 
@@ -366,26 +398,42 @@ def _dataset(args) -> int:
 
     from .dataset import attribute_dataset
 
-    out = _writable_dir(args.out)
     if args.device == "cuda":
         _check_device("cuda")
     model = _load_model(args.model)
     data = _load_data(args.data)
+    out = _writable_dir(args.out)  # (after the reading: a model or data refused leaves no folder)
     if args.device is not None:
         model = model.to(args.device)
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        attribute_dataset(model, data, out, target=args.target, baselines=args.baseline, n_steps=args.n_steps,
-                          method=args.method, batch_size=args.batch_size, shard_size=args.shard_size,
-                          memory_budget=args.memory_budget, tolerance=args.tolerance, max_steps=args.max_steps,
-                          device=args.device, progress=not args.quiet)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ToleranceNotReachedWarning)
+            attribute_dataset(model, data, out, target=args.target, baselines=args.baseline, n_steps=args.n_steps,
+                              method=args.method, batch_size=args.batch_size, shard_size=args.shard_size,
+                              memory_budget=args.memory_budget, tolerance=args.tolerance, max_steps=args.max_steps,
+                              device=args.device, progress=not args.quiet)
     except ArgumentError as error:  # a wrong form of the data, target or options, a refused resume
         raise UserError(str(error)) from None
     finally:
         torch.set_num_threads(threads)
+        _summarise_warnings(caught if "caught" in locals() else [])
     return 0
+
+
+def _summarise_warnings(caught) -> None:
+    """Show the run's warnings, those of a tolerance not reached (one per batch) as one
+    line for the whole run, in the command's words."""
+    missed = [w for w in caught if issubclass(w.category, ToleranceNotReachedWarning)]
+    for w in caught:
+        if not issubclass(w.category, ToleranceNotReachedWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if missed:
+        print(f"igfast dataset: warning: in {len(missed)} batches some examples did not reach the tolerance "
+              "(--n-steps auto: raise --max-steps or loosen --tolerance; fixed steps: raise --n-steps or use "
+              "auto)", file=sys.stderr)
 
 
 def _info(args) -> int:

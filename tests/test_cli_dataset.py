@@ -135,13 +135,16 @@ def test_auto_steps_from_the_command_line_meet_their_tolerance(project, capsys):
 @pytest.mark.parametrize("model, data, words", [
     ("missing_module:build", "inputs.pt", "cannot import 'missing_module'"),
     ("cli_dataset_user:nothing", "inputs.pt", "has no 'nothing'"),
-    ("cli_dataset_user:not_a_model", "inputs.pt", "is a int, not a torch.nn.Module"),
+    ("cli_dataset_user:not_a_model", "inputs.pt", "is of type int, not a torch.nn.Module"),
     ("no-such-file.pt", "inputs.pt", "no such file, and not package.module:name"),
     ("pickled.pt", "inputs.pt", "is not a torch.export (.pt2) or TorchScript file"),
     ("pickled.pt2", "inputs.pt", "is not a torch.export (.pt2) or TorchScript file"),
     ("junk.pt2", "inputs.pt", "is not a torch.export (.pt2) or TorchScript file"),
     ("cli_dataset_user:build", "pickled.pt", "is not a file of tensors saved with torch.save"),
-    ("cli_dataset_user:build", "wrong.pt", "expected a tensor of inputs"),
+    ("cli_dataset_user:build", "wrong.pt", "holds keys 'x': expected a tensor of inputs"),
+    ("cli_dataset_user:build", "short_labels.pt", "holds 3 inputs but 2 labels"),
+    ("cli_dataset_user:build", "cli_dataset_user.py", "is not a file of tensors saved with torch.save"),
+    ("static.pt2", "inputs.pt", "was exported with a fixed batch size (2)"),
     ("cli_dataset_user:build", "unlabelled.pt", "label"),  # --target label without labels: igfast's own error
 ])
 def test_what_cannot_be_read_is_one_line_and_exit_1(project, capsys, model, data, words):
@@ -151,10 +154,33 @@ def test_what_cannot_be_read_is_one_line_and_exit_1(project, capsys, model, data
     (project / "junk.pt2").write_bytes(b"not an archive")
     torch.save({"x": torch.randn(3, 6)}, project / "wrong.pt")
     torch.save(torch.randn(3, 6), project / "unlabelled.pt")
+    torch.save((torch.randn(3, 6), torch.zeros(2)), project / "short_labels.pt")
+    torch.export.save(torch.export.export(model_of_the_module(), (torch.randn(2, 6),)), str(project / "static.pt2"))
     arguments = ["dataset", model, data, "--out", "out"] + (["--target", "label"] if data == "unlabelled.pt" else [])
     assert cli.main(arguments) == 1
     error = capsys.readouterr().err
     assert error.startswith("igfast dataset: ") and words in error and len(error.strip().splitlines()) == 1
+    assert "weights_only=False" not in error  # (torch's advice, which would run the file's code)
+    if data != "unlabelled.pt":  # (read before the folder is made: a refused model or data leaves none)
+        assert not os.path.exists(project / "out")
+
+
+def test_labels_named_as_dataset_items_name_them(project, capsys):
+    """A file dict may name its labels 'label', as Dataset items do, or 'labels'."""
+    x, labels = torch.randn(4, 6), torch.tensor([2, 0, 1, 2])
+    torch.save({"inputs": x, "label": labels}, project / "singular.pt")
+    assert cli.main(["dataset", "cli_dataset_user:build", "singular.pt", "--out", "singular", "--target", "label",
+                     "--quiet"]) == 0, capsys.readouterr().err
+    assert igfast.open_attributions(str(project / "singular")).targets[0:4].tolist() == labels.tolist()
+
+
+def test_a_tolerance_not_reached_is_one_line_for_the_whole_run(project, capsys):
+    torch.save(torch.randn(9, 6), project / "inputs.pt")
+    assert cli.main(["dataset", "cli_dataset_user:build", "inputs.pt", "--out", "short", "--n-steps", "auto",
+                     "--tolerance", "1e-12", "--max-steps", "9", "--batch-size", "3", "--quiet"]) == 0
+    error = capsys.readouterr().err
+    assert error.count("did not reach the tolerance") == 1 and "in 3 batches" in error, error
+    assert "return_adaptive_info" not in error  # (an argument of the Python call, not of the command)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -163,6 +189,7 @@ def test_what_cannot_be_read_is_one_line_and_exit_1(project, capsys, model, data
     (["--shard-size", "0"], "--shard-size must be >= 1"),
     (["--method", "simpson"], "invalid choice"),
     (["--memory-budget", "lots"], "--memory-budget"),
+    (["--baseline", "nan"], "expected a finite number"),
 ])
 def test_bad_values_exit_2_with_the_commands_usage(project, args, message):
     result = run_command("dataset", "cli_dataset_user:build", "inputs.pt", "--out", "out", *args, cwd=project)
