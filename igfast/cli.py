@@ -305,7 +305,8 @@ def _load_model(spec: str):
 
     if os.path.isfile(spec):
         export_log = logging.getLogger("torch.export")  # (it logs a traceback of its own on a bad file)
-        quiet_level, export_log.level = export_log.level, logging.ERROR
+        quiet_level = export_log.level
+        export_log.setLevel(logging.ERROR)  # (setLevel, not .level: it clears the loggers' cached answers)
         try:
             if spec.endswith(".pt2"):
                 return _exported_module(spec, torch.export.load(spec))
@@ -315,7 +316,7 @@ def _load_model(spec: str):
                             "saved with torch.save or built in Python, give package.module:name of a "
                             "function that returns it") from None
         finally:
-            export_log.level = quiet_level
+            export_log.setLevel(quiet_level)
     else:
         if ":" not in spec:
             raise UserError(f"model {spec!r}: no such file, and not package.module:name")
@@ -408,6 +409,7 @@ def _dataset(args) -> int:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ToleranceNotReachedWarning)
@@ -419,7 +421,7 @@ def _dataset(args) -> int:
         raise UserError(str(error)) from None
     finally:
         torch.set_num_threads(threads)
-        _summarise_warnings(caught if "caught" in locals() else [])
+        _summarise_warnings(caught)
     return 0
 
 
